@@ -1,0 +1,1 @@
+"""Pure data about hardware and models. No torch imports."""

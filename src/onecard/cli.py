@@ -1,0 +1,60 @@
+"""The ``onecard`` command line: one module per verb under ``onecard.commands``.
+
+Each verb module exposes ``register(app)``; this file only assembles them and turns
+:class:`~onecard.errors.UserError` into a short message and exit code 2. Verb modules import torch
+lazily, inside the command, so ``onecard plan`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from onecard.errors import EXIT_USER_ERROR, UserError
+
+VERBS = ["demo", "train", "plan", "scope", "lint", "eval", "export", "report", "bench", "models", "gpus"]
+
+app = typer.Typer(
+    name="onecard",
+    help="Plan, check, run, evaluate and export LLM fine-tunes on one GPU, with numbers that hold.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for _verb in VERBS:
+    importlib.import_module(f"onecard.commands.{_verb}").register(app)
+
+
+def print_user_error(err: UserError) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    console.print(f"[bold red]error[/bold red] {err.render()}", soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as err:
+        print_user_error(err)
+        sys.exit(EXIT_USER_ERROR)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The recipe: one YAML file, one pydantic schema (``extra="forbid"`` everywhere).
+
+Every command that takes a recipe goes through :func:`load_recipe`, which applies ``--set a.b=value``
+overrides *before* validation, so overrides are checked exactly like the file. Validation errors are
+turned into a :class:`~onecard.errors.UserError` naming the file, line, field path and allowed values.
+
+No torch import here: ``onecard plan`` must answer in well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from onecard.errors import UserError
+
+Method = Literal["lora", "qlora", "dora", "full"]
+Task = Literal["sft", "pretrain", "dpo", "kto"]
+Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adamw_cpu_offload"]
+Kernels = Literal["auto", "none", "liger", "onecard"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Strict):
+    name_or_path: str = Field(description="Local HF directory, hub id, .gguf file, or a shape preset (llama-3-8b, ...).")
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", description="auto = bfloat16 on GPU, float32 on CPU. float16 is refused for the Llama 3 family."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="Allow loading .bin/.pt pickled weights (can run arbitrary code).")
+    revision: str | None = None
+
+
+class AdapterSection(_Strict):
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 x rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["auto"] | list[str] = "auto"
+    init_adapter: str | None = Field(None, description="Run directory or adapter dir to continue from (e.g. SFT -> DPO).")
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+class QuantSection(_Strict):
+    """QLoRA settings (bitsandbytes 4-bit)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+
+
+class DataSection(_Strict):
+    path: str | None = Field(None, description="JSONL/JSON/Parquet/CSV file. May be omitted only for planning.")
+    format: Literal["auto", "chat", "alpaca", "text", "dpo", "kto"] = "auto"
+    chat_template: Literal["auto", "chatml", "llama-3", "alpaca"] = Field(
+        "auto", description="auto = the tokenizer's own template, else chatml."
+    )
+    seq_len: int = Field(2048, ge=8, le=1_048_576)
+    packing: bool = False
+    eval_path: str | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    shuffle: bool = True
+    # For planning when no data file is given (time and cost estimates).
+    num_examples: int | None = Field(None, ge=1)
+    mean_tokens_per_example: float | None = Field(None, gt=0)
+
+
+class TrainingSection(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(8, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate; must be positive.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    warmup_steps: int | None = Field(None, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: Optimizer = "adamw_torch_fused"
+    grad_ckpt: bool = True
+    offload_activations: bool = False
+    kernels: Kernels = Field("auto", description="auto = onecard's fused kernels on CUDA, none on CPU.")
+    fused_ce: Literal["auto"] | bool = Field("auto", description="Chunked cross-entropy fused with the LM head.")
+    seed: int = 42
+    save_every_steps: int = Field(0, ge=0, description="0 = only at the end.")
+    log_every_steps: int = Field(1, ge=1)
+    num_gpus: int = Field(1, ge=1, description="GPUs to train on (and to plan for).")
+
+
+class PreferenceSection(_Strict):
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    reference: Literal["auto", "adapter-disabled", "copy"] = "auto"
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    max_prompt_len: int | None = Field(None, ge=1)
+
+
+class EvalSection(_Strict):
+    path: str | None = None
+    every_steps: int = Field(0, ge=0)
+    at_end: bool = False
+    max_new_tokens: int = Field(64, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+
+
+class PlanSection(_Strict):
+    """What the recipe is planned against (not the machine running onecard)."""
+
+    gpu: str = Field("rtx4090", description="Catalog id of the card to plan for (onecard gpus).")
+    deadline_hours: float | None = Field(None, gt=0)
+
+
+class Recipe(_Strict):
+    name: str = "run"
+    model: ModelSection
+    method: Method = "lora"
+    task: Task = "sft"
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    quant: QuantSection = Field(default_factory=QuantSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    plan: PlanSection = Field(default_factory=PlanSection)
+    output_dir: str = "runs/{name}"
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "Recipe":
+        if self.task in ("dpo", "kto") and self.data.format not in ("auto", self.task):
+            raise ValueError(f"task {self.task!r} needs data.format {self.task!r} or 'auto', not {self.data.format!r}")
+        if self.method == "full" and self.adapter.init_adapter:
+            raise ValueError("adapter.init_adapter continues an adapter; it cannot be combined with method 'full'")
+        return self
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method in ("lora", "qlora", "dora")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def set_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``1e-4``, ``true``, ``[q_proj]``)."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r} has no '='", where="--set", fix="write --set section.field=value")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"--set {assignment!r} names no field", where="--set", fix="write --set section.field=value")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{'.'.join(parts)}: {part!r} is a value, not a section", where="--set")
+        node = child
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)  # YAML 1.1 reads "1e-4" as a string
+    node[parts[-1]] = value
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return raw.strip().lower() not in ("inf", "-inf", "nan")
+
+
+def _yaml_line(path: Path | None, text: str | None, loc: tuple) -> int | None:
+    """Line (1-based) of the YAML key at ``loc``, or of its deepest existing parent."""
+    if text is None:
+        return None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    line, node = key_node.start_mark.line + 1, value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _explain(err: dict) -> tuple[str, str | None]:
+    kind, ctx = err.get("type", ""), err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown field", None
+    if kind == "literal_error":
+        return f"invalid value {err.get('input')!r}", f"use one of {ctx.get('expected')}"
+    if kind == "missing":
+        return "required field is missing", "add it to the recipe"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{err.get('msg', 'out of range')} (got {err.get('input')!r})", "change the value to lie in that range"
+    return f"{err.get('msg', 'invalid')} (got {err.get('input')!r})", None
+
+
+def validate_recipe(tree: dict[str, Any], *, source: Path | None = None, text: str | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(p for p in first["loc"] if not str(p).startswith("function-"))
+        field = ".".join(str(p) for p in loc) or "recipe"
+        what, fix = _explain(first)
+        if first.get("type") == "extra_forbidden":
+            fix = _did_you_mean(loc)
+        line = _yaml_line(source, text, loc)
+        where = f"{source}:{line}" if source and line else (str(source) if source else None)
+        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+        raise UserError(f"{field}: {what}{more}", where=where, fix=fix) from None
+
+
+def _did_you_mean(loc: tuple) -> str:
+    import difflib
+
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}allowed fields here: {', '.join(allowed)}"
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> Recipe:
+    """Read a recipe file (or start from ``base``), apply ``--set`` overrides, validate."""
+    tree: dict[str, Any] = dict(base or {})
+    text = None
+    source = Path(path) if path else None
+    if source is not None:
+        if not source.is_file():
+            raise UserError("recipe file not found", where=str(source), fix="check the path")
+        try:
+            text = source.read_text(encoding="utf-8")
+            loaded = yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise UserError("recipe is not UTF-8 text", where=str(source), fix="save it as UTF-8") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else str(source)
+            raise UserError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError("a recipe must be a YAML mapping (field: value)", where=str(source))
+        tree.update(loaded)
+    for assignment in overrides or []:
+        set_override(tree, assignment)
+    return validate_recipe(tree, source=source, text=text)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
