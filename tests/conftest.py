@@ -1,0 +1,46 @@
+"""Shared fixtures. GPU tests carry the ``gpu`` marker and skip without CUDA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # torch missing or broken: no GPU tests either way
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """``tiny_model_factory(arch)`` -> path of a saved 2-layer random model + tokenizer (cached per arch)."""
+    from onecard.tiny import save_tiny_model
+
+    cache: dict[str, str] = {}
+
+    def make(arch: str = "llama"):
+        if arch not in cache:
+            cache[arch] = str(save_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch))
+        return cache[arch]
+
+    return make
+
+
+@pytest.fixture()
+def tiny_llama_dir(tiny_model_factory):
+    return tiny_model_factory("llama")
