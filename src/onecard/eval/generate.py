@@ -15,27 +15,38 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 
-def render_prompts(tokenizer, conversations: Sequence[list[dict]]) -> list[str]:
-    """Each conversation through the tokenizer's chat template, ending with the assistant header."""
+def render_prompts(tokenizer, conversations: Sequence[list[dict]], chat_template: str | None = None) -> list[str]:
+    """Each conversation through the chat template, ending with the assistant header.
+
+    ``chat_template``: the jinja string training used (``onecard.data.templates.resolve_template``); None = the
+    tokenizer's own.
+    """
     from onecard.errors import UserError
 
-    if not getattr(tokenizer, "chat_template", None):
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "the tokenizer has no chat template, so prompts cannot be rendered for generation",
             where=str(getattr(tokenizer, "name_or_path", "tokenizer")),
             fix="use a model whose tokenizer_config.json has a chat_template, or set data.chat_template",
         )
     return [
-        tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(list(conv), chat_template=chat_template, tokenize=False, add_generation_prompt=True)
         for conv in conversations
     ]
 
 
+# End-of-turn markers of the common templates (ChatML, Llama 3, Gemma, Llama 2/Mistral): a chat template's turn end
+# is often not the tokenizer's EOS (Llama 3 base: EOS <|end_of_text|>, turn end <|eot_id|>).
+_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "</s>")
+
+
 def _stop_token_ids(model, tokenizer) -> list[int]:
-    """Stop on the tokenizer's EOS (e.g. ChatML's <|im_end|>) *and* the model's configured EOS ids."""
+    """Stop on the tokenizer's EOS, the model's configured EOS ids and any known end-of-turn token it has."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.extend(int(vocab[t]) for t in _TURN_ENDS if t in vocab and int(vocab[t]) not in ids)
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
         configured = [configured]
@@ -53,17 +64,19 @@ def generate_answers(
     batch_size: int = 8,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    chat_template: str | None = None,
 ) -> list[str]:
     """Greedy answers (decoded, special tokens dropped, stripped) for each conversation, in input order.
 
     ``conversations``: lists of ``{"role", "content"}`` messages; the answer continues after an assistant
     header. ``progress``: called with the number of conversations finished after each batch.
+    ``chat_template``: override the tokenizer's template (pass the one training used).
     """
     import torch
 
     if not conversations:
         return []
-    prompts = render_prompts(tokenizer, conversations)
+    prompts = render_prompts(tokenizer, conversations, chat_template)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = _stop_token_ids(model, tokenizer)
