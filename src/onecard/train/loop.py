@@ -1,0 +1,239 @@
+"""The SFT / continued pre-training recipe: seed -> model -> data -> optimizer -> loop -> save.
+
+An own loop rather than ``transformers.Trainer``, for two properties the tests pin down:
+- the loss under gradient accumulation is the summed token cross-entropy of the whole accumulation window
+  divided by the window's count of trained tokens, so micro-batch 1 x accumulation 4 gives the same gradient
+  as micro-batch 4 x accumulation 1 (averaging per-micro-batch means does not, see tests/test_train_accum.py);
+- mid-epoch resume is exact: the data order is a pure function of (seed, epoch), the position inside the
+  epoch and every RNG state are checkpointed, so a killed-and-resumed run ends with the same weights.
+Both are hard to guarantee through Trainer's callbacks and data-loader state across its versions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onecard.errors import UserError
+from onecard.recipe import Recipe
+
+CRASH_ENV = "ONECARD_TEST_CRASH_AT_STEP"  # test hook: os._exit right after the checkpoint of this step
+
+
+def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> dict[str, Any]:
+    """Run the recipe; returns the summary also written to ``summary.json``."""
+    from onecard.data import build_dataset
+    from onecard.train.checkpoint import TrainState
+    from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer, resolve_device
+    from onecard.train.optim import build_optimizer
+    from onecard.train.rundir import check_run_dir, prepare_run_dir
+
+    run_dir = recipe.run_dir
+    check_run_dir(run_dir, resume, overwrite)
+    lint_or_stop(recipe)
+    device = resolve_device(None)
+    seed_everything(recipe.training.seed)
+    model, tokenizer = load_model_and_tokenizer(recipe, device)
+    dataset = build_dataset(recipe, tokenizer, split="train")
+    schedule = Schedule.from_recipe(recipe, len(dataset.examples))
+    prepare_run_dir(run_dir, recipe, overwrite)  # only now: bad input leaves nothing half-written
+    if recipe.training.grad_ckpt:
+        enable_grad_ckpt(model, recipe)
+    optimizer = build_optimizer(model, recipe, device, console)
+    state = restore(run_dir, model, optimizer) if resume else TrainState()
+    started = state.global_step
+    state, timing = run_steps(model, tokenizer, optimizer, dataset, schedule, state, recipe, device, console)
+    return finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started)
+
+
+# --------------------------------------------------------------------------- the pieces, in order
+
+
+def lint_or_stop(recipe: Recipe) -> None:
+    """Stop on pre-flight errors from ``onecard.lint`` when that module exists (it is built separately)."""
+    try:
+        from onecard.lint import lint_recipe
+    except ImportError:
+        return
+    errors = [f for f in lint_recipe(recipe) if getattr(f, "severity", None) == "error"]
+    if errors:
+        first = errors[0]
+        what = getattr(first, "message", None) or getattr(first, "why", None) or str(first)
+        more = f" (and {len(errors) - 1} more lint error(s); run onecard lint)" if len(errors) > 1 else ""
+        raise UserError(f"lint {getattr(first, 'id', '')}: {what}{more}".replace("lint : ", "lint: "),
+                        where=getattr(first, "where", None), fix=getattr(first, "fix", None))
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)  # python, numpy, torch CPU and CUDA
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How examples map to optimizer steps: each step consumes ``examples_per_step`` examples in epoch order."""
+
+    n_examples: int
+    micro_batch_size: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, n_examples: int) -> "Schedule":
+        t = recipe.training
+        if n_examples == 0:
+            raise UserError("no training examples left after loading", where=f"data.path: {recipe.data.path}")
+        per_step = t.micro_batch_size * t.grad_accum
+        steps_per_epoch = math.ceil(n_examples / per_step)
+        total = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+        return cls(n_examples, t.micro_batch_size, t.grad_accum, steps_per_epoch, total)
+
+    def window(self, order: list[int], step_in_epoch: int) -> list[list[int]]:
+        """Example indices of one optimizer step, split into micro-batches (the epoch's last may be short)."""
+        per_step = self.micro_batch_size * self.grad_accum
+        chosen = order[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
+        return [chosen[i:i + self.micro_batch_size] for i in range(0, len(chosen), self.micro_batch_size)]
+
+
+def restore(run_dir: Path, model, optimizer):
+    from onecard.train.checkpoint import load_latest, load_trainable, set_rng_state
+
+    ckpt = load_latest(run_dir)
+    if ckpt is None:  # check_run_dir already verified one exists; a race with deletion lands here
+        raise UserError("no checkpoint to resume from", where=str(run_dir))
+    load_trainable(model, ckpt["trainable"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])  # last: nothing after this may draw random numbers before the next step
+    return ckpt["state"]
+
+
+def token_ce_sum(logits, labels):
+    """Summed next-token cross-entropy over trained positions (labels -100 are skipped), and their count."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    return loss_sum, int((shift_labels != -100).sum())
+
+
+def trained_tokens(batch) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def accumulate_gradients(model, micro_batches: list[dict[str, Any]], device: str) -> tuple[float, int]:
+    """Backward over one accumulation window, each micro-batch's summed loss divided by the window's token count.
+
+    Returns (window loss = summed CE / trained tokens, trained tokens). The gradient equals that of one
+    big batch holding every example of the window, whatever the micro-batch split.
+    """
+    window_tokens = max(1, sum(trained_tokens(b) for b in micro_batches))
+    total = 0.0
+    for batch in micro_batches:
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        logits = model(**inputs, use_cache=False).logits
+        loss_sum, _ = token_ce_sum(logits, batch["labels"])
+        (loss_sum / window_tokens).backward()
+        total += float(loss_sum.detach())
+    return total / window_tokens, window_tokens
+
+
+def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, recipe: Recipe, device: str, console):
+    """The optimisation loop; checkpoints every ``training.save_every_steps``; returns (state, timing)."""
+    import torch
+
+    from onecard.data import collate, epoch_order, pad_token_id
+    from onecard.train.checkpoint import save_checkpoint
+    from onecard.train.metrics import MetricsLogger, TrainProgress, peak_memory_bytes
+    from onecard.train.optim import set_lr
+
+    t = recipe.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    logger = MetricsLogger(recipe.run_dir, state.metrics)
+    progress = TrainProgress(console, schedule.total_steps, state.global_step)
+    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+    orders: dict[int, list[int]] = {}
+    pad_id = pad_token_id(tokenizer)
+    tokens_here, start = 0, time.perf_counter()
+    model.train()
+    try:
+        while state.global_step < schedule.total_steps:
+            state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
+            if state.epoch not in orders:
+                orders = {state.epoch: epoch_order(schedule.n_examples, t.seed, state.epoch, shuffle=recipe.data.shuffle)}
+            micro = [collate([dataset.examples[i] for i in idx], pad_id)
+                     for idx in schedule.window(orders[state.epoch], state.step_in_epoch)]
+            lr = set_lr(optimizer, recipe, state.global_step, schedule.total_steps)
+            loss, n_trained = accumulate_gradients(model, micro, device)
+            grad_norm = _clip(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            state.global_step += 1
+            state.tokens_seen += n_tokens
+            state.trained_tokens += n_trained
+            tokens_here += n_tokens
+            tokens_per_s = tokens_here / max(time.perf_counter() - start, 1e-9)
+            peak, _ = peak_memory_bytes(device)
+            if state.global_step % t.log_every_steps == 0 or state.global_step == schedule.total_steps:
+                logger.log({"step": state.global_step, "epoch": round(state.global_step / schedule.steps_per_epoch, 4),
+                            "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+                            "trained_tokens": n_trained, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak})
+            progress.update(state.global_step, loss, tokens_per_s, peak)
+            if t.save_every_steps and state.global_step % t.save_every_steps == 0:
+                state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
+                state.metrics = list(logger.records)
+                save_checkpoint(recipe.run_dir, model, optimizer, state, {"kind": t.lr_scheduler,
+                                                                          "step": state.global_step})
+                if crash_at == state.global_step:
+                    os._exit(17)  # simulate a killed process (tests only): no cleanup, no flush
+    finally:
+        progress.close()
+        logger.close()
+    state.metrics = list(logger.records)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return state, {"seconds": time.perf_counter() - start, "tokens": tokens_here}
+
+
+def _clip(params, max_grad_norm: float | None) -> float | None:
+    import torch
+
+    if max_grad_norm is None:
+        return None
+    return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+
+
+def finish(run_dir: Path, recipe: Recipe, model, tokenizer, state, timing, dataset, device: str, started: int):
+    """Save the adapter or model, then ``summary.json`` last: its presence marks a finished run."""
+    import torch
+
+    from onecard.train.metrics import peak_memory_bytes
+    from onecard.train.rundir import save_result, write_json_atomic
+
+    output = save_result(run_dir, model, tokenizer, recipe.is_adapter)
+    losses = [r["loss"] for r in state.metrics if "loss" in r]
+    peak, peak_kind = peak_memory_bytes(device)
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir), "output": str(output), "method": recipe.method, "task": recipe.task,
+        "device": device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "steps": state.global_step, "resumed_from_step": started or None,
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "tokens": state.tokens_seen, "trained_tokens": state.trained_tokens,
+        "train_seconds_measured": timing["seconds"],
+        "tokens_per_s_measured": timing["tokens"] / max(timing["seconds"], 1e-9),
+        "peak_memory_bytes_measured": peak, "peak_memory_kind": peak_kind,
+        "data": dataset.stats.as_dict(),
+    }
+    if device.startswith("cuda"):
+        summary["cuda_peak_reserved_bytes_measured"] = int(torch.cuda.max_memory_reserved())
+        summary["cuda_peak_allocated_bytes_measured"] = int(torch.cuda.max_memory_allocated())
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary

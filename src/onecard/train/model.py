@@ -1,0 +1,239 @@
+"""Load the base model and tokenizer the recipe names, and put the adapter on it.
+
+Everything a user can get wrong here (a missing directory, pickled weights, fp16 on a family that
+overflows in fp16, LoRA targets the model lacks) becomes a :class:`~onecard.errors.UserError` *before*
+anything is written to the run directory. The dtype is always passed explicitly: transformers 5 keeps a
+checkpoint's stored dtype unless told otherwise, which silently trains bf16 checkpoints in bf16 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from onecard.catalog.families import family_for, is_llama3
+from onecard.errors import UserError
+from onecard.recipe import Recipe
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(recipe: Recipe, device: str, config: dict[str, Any]):
+    """auto = bf16 on CUDA, fp32 on CPU; fp16 refused where the family's activations overflow it."""
+    import torch
+
+    name = recipe.model.dtype
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    if name == "float16":
+        family = family_for(str(config.get("model_type", "")))
+        if is_llama3(config) or (family is not None and not family.fp16_safe):
+            why = "Llama 3 was trained in bf16 and its activations exceed fp16's range (65504)"
+            if family is not None and family.note and not is_llama3(config):
+                why = family.note
+            raise UserError(f"model.dtype float16 is refused for this model: {why}; training would diverge",
+                            where="model.dtype", fix="use bfloat16 (any Ampere or newer GPU) or float32")
+    return getattr(torch, name)
+
+
+def resolve_attn(recipe: Recipe, device: str) -> str:
+    """auto = SDPA, or FlashAttention 2 when the ``flash_attn`` package is importable and we are on CUDA."""
+    import importlib.util
+
+    if recipe.model.attn_implementation != "auto":
+        return recipe.model.attn_implementation
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_source(recipe: Recipe) -> str:
+    """A local directory, a cached safetensors dir for a ``.gguf`` file, or a hub id (checked when loaded)."""
+    name = recipe.model.name_or_path
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError("GGUF file not found", where=f"model.name_or_path: {name}", fix="check the path")
+        try:
+            from onecard.train.gguf_import import materialize_gguf
+        except ImportError:
+            raise UserError("loading .gguf files is not available in this install",
+                            where="model.name_or_path", fix="use a Hugging Face directory") from None
+        return str(materialize_gguf(path))
+    if path.is_dir():
+        _check_weight_files(path, recipe.model.allow_pickle)
+        return str(path)
+    looks_local = name.startswith(("/", ".", "~")) or path.exists() or name.count("/") != 1
+    if looks_local:
+        raise UserError("model directory not found", where=f"model.name_or_path: {name}",
+                        fix="point model.name_or_path at a Hugging Face model directory (config.json + *.safetensors)")
+    return name  # "owner/name": a hub id, tried when loading
+
+
+def _check_weight_files(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise UserError("no config.json: not a Hugging Face model directory", where=str(path),
+                        fix="point model.name_or_path at the directory holding config.json and the weights")
+    files = [p.name for p in path.iterdir()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickled = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if pickled and not allow_pickle:
+        raise UserError(f"only pickled weights found ({', '.join(sorted(pickled)[:3])}); loading pickles can run "
+                        "arbitrary code", where=str(path),
+                        fix="convert them to safetensors, or set model.allow_pickle: true if you trust the source")
+    if not pickled:
+        raise UserError("no weight files (*.safetensors) in the model directory", where=str(path))
+
+
+def _read_config(source: str, recipe: Recipe) -> dict[str, Any]:
+    local = Path(source) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text(encoding="utf-8"))
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(source, revision=recipe.model.revision,
+                                         trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as exc:  # offline, unknown id, private repo: all user-fixable
+        raise UserError(f"could not load model {source!r}: neither a local directory nor a reachable hub id "
+                        f"({type(exc).__name__})", where="model.name_or_path",
+                        fix="download the model to a local directory and point model.name_or_path at it") from None
+    return cfg.to_dict()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def quant_config(recipe: Recipe):
+    """QLoRA (Dettmers et al. 2023): 4-bit NF4 base, double quantisation, compute in recipe.quant.compute_dtype."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=recipe.quant.quant_type,
+                              bnb_4bit_use_double_quant=recipe.quant.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, recipe.quant.compute_dtype))
+
+
+def load_base(recipe: Recipe, device: str | None = None):
+    """The base model (no adapter) exactly as training sees it: (model, tokenizer, source)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    source = resolve_source(recipe)
+    config = _read_config(source, recipe)
+    dtype = resolve_dtype(recipe, device, config)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=resolve_attn(recipe, device),
+                                  trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision,
+                                  use_safetensors=None if recipe.model.allow_pickle else True)
+    if recipe.method == "qlora":
+        _require_bitsandbytes()
+        kwargs.update(quantization_config=quant_config(recipe), device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if recipe.method != "qlora":
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code,
+                                              revision=recipe.model.revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss, any id works
+    return model, tokenizer, source
+
+
+def _require_bitsandbytes() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("method qlora needs the bitsandbytes package", where="method",
+                        fix="pip install bitsandbytes, or use method lora")
+
+
+def load_model_and_tokenizer(recipe: Recipe, device: str | None = None):
+    """Base model + tokenizer with the recipe's adapter applied (or all weights trainable for full)."""
+    from transformers import set_seed
+
+    model, tokenizer, _ = load_base(recipe, device)
+    if recipe.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Gradient checkpointing is switched on by the training loop (non-reentrant), not here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    set_seed(recipe.training.seed)  # adapter init draws random numbers: same seed, same adapter
+    if recipe.is_adapter:
+        model = apply_adapter(model, recipe)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    return model, tokenizer
+
+
+def apply_adapter(model, recipe: Recipe):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if recipe.adapter.init_adapter:
+        path = adapter_dir(recipe.adapter.init_adapter)
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    config = LoraConfig(r=recipe.adapter.rank, lora_alpha=recipe.adapter.lora_alpha,
+                        lora_dropout=recipe.adapter.dropout, target_modules=target_modules(model, recipe),
+                        use_dora=recipe.method == "dora", bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def adapter_dir(path_text: str) -> Path:
+    """Accept an adapter directory or a run directory holding ``adapter/``."""
+    path = Path(path_text).expanduser()
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise UserError("no PEFT adapter (adapter_config.json) found", where=f"adapter.init_adapter: {path_text}",
+                    fix="point it at a run directory of an adapter method or at its adapter/ folder")
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the linear layers inside the decoder (the lm_head is left out: LoRA does not target it)."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")
+        if is_linear and "lm_head" not in full_name and "." in full_name:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def target_modules(model, recipe: Recipe) -> list[str]:
+    found = linear_module_names(model)
+    wanted = recipe.adapter.target_modules
+    if wanted == "auto":
+        model_type = str(getattr(model.config, "model_type", ""))
+        family = family_for(model_type)
+        if family is None:
+            raise UserError(f"no published LoRA targets for architecture {model_type!r}; linear modules found: "
+                            f"{', '.join(found)}", where="adapter.target_modules",
+                            fix="list the ones to adapt, e.g. --set 'adapter.target_modules=[...]'")
+        return list(family.lora_targets)
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        raise UserError(f"the model has no linear module named {', '.join(missing)}; it has: {', '.join(found)}",
+                        where="adapter.target_modules", fix="use names from that list, or 'auto'")
+    return list(wanted)
+
+
+def enable_grad_ckpt(model, recipe: Recipe) -> None:
+    """Non-reentrant checkpointing: works with frozen inputs and keeps dropout's RNG state on recompute."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.is_adapter and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if hasattr(model, "config"):
+        model.config.use_cache = False

@@ -1,0 +1,74 @@
+"""The run directory: refuse to clobber, create only after inputs are validated, write results atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from onecard.errors import UserError
+from onecard.recipe import Recipe, dump_recipe
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Fail before any work if the run directory's state contradicts the flags (nothing is written here)."""
+    from onecard.train.checkpoint import latest_checkpoint
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other", fix="pass one of them")
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise UserError("no checkpoint to resume from", where=str(run_dir),
+                            fix="set training.save_every_steps so checkpoints are written, or drop --resume")
+        return
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        finished = (run_dir / "summary.json").is_file()
+        state = "a finished run" if finished else "an unfinished run"
+        raise UserError(f"the run directory already holds {state}", where=str(run_dir),
+                        fix="pass --resume to continue it, --overwrite to start over, or change name/output_dir")
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> None:
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run is unfinished until it ends again
+    write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def save_result(run_dir: Path, model, tokenizer, is_adapter: bool) -> Path:
+    """``adapter/`` (PEFT, safetensors) or ``model/`` (transformers format), tokenizer beside the weights.
+
+    Written to a temp directory and renamed, so a crash here never leaves a half-written result.
+    """
+    name = "adapter" if is_adapter else "model"
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = True  # switched off for gradient checkpointing; generation wants it back
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    old = run_dir / f".{name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
