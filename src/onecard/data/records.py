@@ -121,11 +121,11 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
             line = text.count("\n", 0, pos) + 1
             obj, pos = decoder.raw_decode(text, pos)
             records.append(_as_record(obj, path, line))
-            pos = _skip_ws(text, pos)
+            end, pos = pos, _skip_ws(text, pos)
             if text[pos] == ",":
                 pos += 1
-            elif text[pos] != "]":
-                raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+            elif text[pos] != "]":  # report where the comma is missing, not where the next element starts
+                raise json.JSONDecodeError("expected ',' or ']' after this element", text, end)
     except json.JSONDecodeError as exc:
         raise UserError(
             f"malformed JSON at column {exc.colno}: {exc.msg}",
