@@ -26,6 +26,11 @@ CRASH_ENV = "ONECARD_TEST_CRASH_AT_STEP"  # test hook: os._exit right after the 
 
 def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> dict[str, Any]:
     """Run the recipe; returns the summary also written to ``summary.json``."""
+    return train_model(recipe, resume=resume, console=console, overwrite=overwrite)[2]
+
+
+def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False):
+    """:func:`train`, also handing back the trained model and tokenizer in memory: (model, tokenizer, summary)."""
     from onecard.data import build_dataset
     from onecard.train.checkpoint import TrainState
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer, resolve_device
@@ -47,7 +52,9 @@ def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
     state = restore(run_dir, model, optimizer) if resume else TrainState()
     started = state.global_step
     state, timing = run_steps(model, tokenizer, optimizer, dataset, schedule, state, recipe, device, console)
-    return finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started)
+    summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started)
+    model.eval()
+    return model, tokenizer, summary
 
 
 # --------------------------------------------------------------------------- the pieces, in order
