@@ -166,12 +166,17 @@ def _read_table(path: Path, suffix: str) -> list[Record]:
             return _read_csv_stdlib(path)
         raise UserError("reading Parquet needs the `datasets` package", where=str(path), fix="pip install datasets, or convert the file to JSONL") from None
     builder = datasets.Dataset.from_parquet if suffix == ".parquet" else datasets.Dataset.from_csv
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a one-file read needs no "Generating train split" bar in the CLI output
     try:
         table = builder(str(path), keep_in_memory=True)
     except UnicodeDecodeError:
         return _read_csv_stdlib(path)  # the stdlib reader names the offending line
     except Exception as exc:  # pyarrow/pandas parse errors carry no stable type
         raise UserError(f"could not read {suffix[1:]} file: {exc}", where=str(path), fix=f"check that it is a valid {suffix[1:]} file") from None
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
     offset, unit = (2, "line") if suffix == ".csv" else (1, "row")
     return [_as_record(_decode_json_cells(row), path, i + offset, unit) for i, row in enumerate(table)]
 
