@@ -1,0 +1,108 @@
+"""Exports reproduce the trained model: merged == adapter (LoRA, DoRA) within 1e-4 in fp32; adapter reloads with peft."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from onecard_run_fixtures import make_run
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_factory, tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs"), tiny_model_factory("llama"), "lora")
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def _adapter_and_base_logits(run, ids):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import yaml
+
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    base = AutoModelForCausalLM.from_pretrained(recipe["model"]["name_or_path"], dtype=torch.float32)
+    base_logits = _logits(base, ids)
+    model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    return _logits(model, ids), base_logits
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_fp32_equals_adapter_model(method, tiny_model_factory, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onecard.export import export_run
+
+    run = make_run(tmp_path, tiny_model_factory("llama"), method)
+    result = export_run(run, "merged", tmp_path / "merged", dtype="float32", device="cpu", log=lambda *_: None)
+    ids = [5, 17, 42, 99, 3, 250, 7]
+    adapter_logits, base_logits = _adapter_and_base_logits(run, ids)
+    assert (adapter_logits - base_logits).abs().max() > 1e-2  # the adapter matters: the test can fail
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert (_logits(merged, ids) - adapter_logits).abs().max() <= 1e-4
+    v = result["verification"]
+    assert v["passed"] and v["max_abs_err"] <= 1e-4 and v["adapter_effect_mean_abs"] > 100 * v["tolerance"]
+    stored = json.loads((tmp_path / "merged" / "export.json").read_text())
+    assert stored["verification"]["max_abs_err"] == v["max_abs_err"]
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+
+
+def test_merged_bf16_is_sharded_and_bf16(lora_run, tmp_path):
+    from safetensors import safe_open
+
+    from onecard.export import export_run
+
+    result = export_run(lora_run, "merged", tmp_path / "m", max_shard_size="100KB", device="cpu", log=lambda *_: None)
+    shards = sorted((tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    with safe_open(str(shards[0]), "pt") as f:
+        assert str(f.get_tensor(next(iter(f.keys()))).dtype) == "torch.bfloat16"
+    assert result["stored_dtype"] == "bfloat16" and result["verification"]["passed"]
+
+
+def test_adapter_export_reloads_with_plain_peft(lora_run, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from onecard.export import export_run
+
+    out = tmp_path / "adapter"
+    result = export_run(lora_run, "adapter", out, device="cpu", log=lambda *_: None)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert result["verification"]["max_abs_err"] == 0.0
+    ids = [1, 2, 3, 40, 50]
+    expected, _ = _adapter_and_base_logits(lora_run, ids)
+    base_dir = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), str(out))
+    assert torch.equal(_logits(model.eval(), ids), expected)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_mismatch_fails_the_export(lora_run, tmp_path, monkeypatch):
+    import torch
+
+    from onecard.export import ExportMismatch, export_run
+    from onecard.export import merged as merged_mod
+
+    original = merged_mod.write_merged
+
+    def corrupt(model, tokenizer, out, dtype="bfloat16", max_shard_size="5GB"):
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight.mul_(3.0)
+        return original(model, tokenizer, out, dtype, max_shard_size)
+
+    monkeypatch.setattr(merged_mod, "write_merged", corrupt)
+    with pytest.raises(ExportMismatch) as err:
+        export_run(lora_run, "merged", tmp_path / "bad", dtype="float32", device="cpu", log=lambda *_: None)
+    assert not err.value.result["verification"]["passed"]
+    assert json.loads((tmp_path / "bad" / "export.json").read_text())["verification"]["passed"] is False
