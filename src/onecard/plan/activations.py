@@ -1,0 +1,128 @@
+"""Activation, logits/cross-entropy and workspace terms: documented formulas, to be calibrated by measurement.
+
+Unlike plan/static.py these are *estimates*. Each function derives its bytes from what autograd saves for the
+backward pass (the approach of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", sec. 4.1, redone for Llama-style blocks: RMSNorm, RoPE, GQA, SwiGLU, frozen base weights with LoRA).
+Assumptions, stated so measurements can correct them:
+- no padding mask (packed or equal-length batches): SDPA takes its flash / memory-efficient path with
+  ``enable_gqa`` (transformers' use_gqa_in_sdpa), so K/V are saved at their GQA size and no seq^2 term exists;
+- LoRA dropout 0 (peft uses nn.Identity: no mask, no copy); no autocast (onecard trains a bf16 model directly);
+- a frozen nn.Linear saves nothing (grad wrt input needs only its weight); a trainable one saves its input.
+Units: bytes per token per decoder layer unless the name says otherwise.
+"""
+
+from __future__ import annotations
+
+from onecard.catalog.models import ModelShape
+
+BF16 = 2
+FP32 = 4
+
+
+def _lora_inputs(shape: ModelShape, targets, *, shared: bool, elem_bytes: int) -> int:
+    """Inputs the adapter matmuls save (lora_A's grad needs its input x).
+
+    Plain peft with fp32 adapters on a bf16 base casts x to fp32 *per target* (LoraLayer._cast_input_dtype), so
+    q, k and v each save their own fp32 copy of the same normed hidden state. A fused LoRA kernel saves the bf16
+    input once per distinct input (qkv share one, gate/up share one).
+    """
+    layers = {name: n_in for name, n_in, _ in shape.linear_layers_per_block()}
+    if not shared:
+        return elem_bytes * sum(layers[t] for t in targets if t in layers)
+    groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+    return elem_bytes * sum(layers[g[0]] for g in groups if any(t in targets for t in g))
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets, rank: int, kernels: str,
+                                     attn: str, seq_len: int) -> int:
+    """Bytes one decoder block saves for backward, per token of the micro-batch.
+
+    Plain transformers (kernels none), per block:
+    - RMSNorm x2: ``hidden.to(float32)`` is saved by ``pow`` and by the ``* rsqrt`` multiply: 4h each (+2h for the
+      bf16 normed output when the norm weight trains, i.e. full fine-tuning);
+    - attention (SDPA flash/efficient or FlashAttention 2): rotated q, k, v and the output in bf16, plus the fp32
+      log-sum-exp per head; eager attention instead saves q, GQA-repeated k and v, and the seq x seq scores twice
+      (fp32 softmax output and its bf16 copy): heads * seq * 6 bytes per token -- the seq^2 term;
+    - SwiGLU MLP: silu saves gate, the product saves silu(gate) and up: 3 x i bf16;
+    - trainable linears: full fine-tuning saves each distinct input in bf16; LoRA saves its inputs (see
+      _lora_inputs) and the rank-r output of lora_A (fp32) for lora_B's grad; DoRA also saves the base output and
+      the lora_B output per target (bf16 + fp32) for the magnitude rescale.
+    onecard / liger kernels: fused RMSNorm saves the bf16 input and an fp32 rstd; fused SwiGLU saves gate and up and
+    recomputes silu. onecard's LoRA projections save each distinct bf16 input once; liger leaves LoRA to peft.
+    """
+    h, i, heads = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads
+    q, kv = shape.q_dim, shape.kv_dim
+    full = method == "full"
+    fused_norm = kernels in ("onecard", "liger")
+    norms = 2 * ((BF16 * h + FP32) if fused_norm else (FP32 * h + (BF16 * h if full else 0)))
+    if attn == "eager":
+        attention = BF16 * 3 * q + 6 * heads * seq_len
+    else:
+        attention = BF16 * (q + 2 * kv) + BF16 * q + FP32 * heads
+    mlp = BF16 * (2 if fused_norm else 3) * i
+    if full:
+        trainable = _lora_inputs(shape, ("q_proj", "o_proj", "gate_proj", "down_proj"), shared=True, elem_bytes=BF16)
+    else:
+        fused_lora = kernels == "onecard"
+        trainable = _lora_inputs(shape, targets, shared=fused_lora, elem_bytes=BF16 if fused_lora else FP32)
+        trainable += FP32 * rank * sum(1 for name, _, _ in shape.linear_layers_per_block() if name in targets)
+        if method == "dora":
+            outs = sum(n_out for name, _, n_out in shape.linear_layers_per_block() if name in targets)
+            trainable += (BF16 + FP32) * outs
+    return norms + attention + mlp + trainable
+
+
+def checkpoint_bytes_per_token(shape: ModelShape) -> int:
+    """With gradient checkpointing each block keeps only its input hidden state (bf16) until its backward."""
+    return BF16 * shape.hidden_size
+
+
+def backward_transient_bytes_per_token(shape: ModelShape) -> int:
+    """Gradient tensors alive at once inside one block's backward: the residual-stream grad (h) and, at the MLP,
+    the grads of gate, up and their product (3 x i), all bf16. A rough upper envelope; calibrate against traces."""
+    return BF16 * (2 * shape.hidden_size + 3 * shape.intermediate_size)
+
+
+def head_activation_bytes_per_token(shape: ModelShape, kernels: str) -> int:
+    """Outside the blocks: the final RMSNorm (fp32 input, or bf16 + rstd fused) and the lm_head input (bf16)."""
+    h = shape.hidden_size
+    return (BF16 * h + FP32 if kernels in ("onecard", "liger") else FP32 * h) + BF16 * h
+
+
+def ce_chunk_tokens(tokens: int, shape: ModelShape) -> int:
+    """Chunk size of a fused linear cross-entropy: liger-kernel's heuristic (ops/fused_linear_cross_entropy.py),
+    next_power_of_2(tokens / ceil(vocab / hidden)), which keeps a logits chunk about the size of the hidden states."""
+    inc = -(-shape.vocab_size // shape.hidden_size)
+    chunk = max(1, -(-tokens // inc))
+    return 1 << (chunk - 1).bit_length()
+
+
+def logits_ce_bytes(shape: ModelShape, tokens: int, *, fused_ce: bool, logits_bytes: int = BF16,
+                    hold_logits: bool = True) -> int:
+    """Peak bytes of the LM head + cross-entropy for ``tokens`` tokens, at its worst moment (start of backward).
+
+    Unfused (transformers' ForCausalLMLoss): the lm_head writes logits (T x V, model dtype); the loss upcasts them
+    with ``logits.float()`` and ``cross_entropy`` saves its fp32 log_softmax (T x V x 4). In backward, nll_loss's
+    grad is a dense fp32 T x V tensor and log_softmax's grad another: at that moment the fp32 log_softmax, both
+    grads and the held logits coexist -> 12 T V + logits. (When logits are already fp32, as after
+    prepare_model_for_kbit_training upcasts lm_head, ``.float()`` is free but the logits themselves are fp32.)
+    Fused/chunked: one chunk of logits (bf16) and its fp32 grad at a time, plus the T x h grad of the hidden
+    states the kernel accumulates and fp32 per-token lse and loss.
+    """
+    v = shape.vocab_size
+    if fused_ce:
+        chunk = min(tokens, ce_chunk_tokens(tokens, shape))
+        return chunk * v * (BF16 + FP32) + tokens * (BF16 * shape.hidden_size + 2 * FP32)
+    held = logits_bytes * tokens * v if hold_logits else 0
+    return held + 3 * FP32 * tokens * v
+
+
+def workspace_bytes(shape: ModelShape, method: str, targets) -> int:
+    """cuBLAS/cuBLASLt workspace (torch allocates it from its caching allocator: 32 MiB on Hopper, less elsewhere)
+    plus matmul temporaries; DoRA also materialises W + s*B@A (fp32, out x in) of the largest target in forward to
+    take its column norm (peft lora/dora.py get_weight_norm), a transient the size of that weight."""
+    ws = 64 * 2**20
+    if method == "dora":
+        ws += max((FP32 * n_in * n_out for name, n_in, n_out in shape.linear_layers_per_block() if name in targets),
+                  default=0) * 2
+    return ws

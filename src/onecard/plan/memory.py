@@ -1,0 +1,202 @@
+"""The memory plan: every component of peak GPU memory for one training step, in bytes.
+
+Peak memory is not a plain sum: a training step passes through phases, and the peak is the worst of them --
+(a) start of backward, when the logits and cross-entropy buffers are largest; (b) inside one checkpointed block's
+backward, when that block's recomputed activations and its gradients are alive; (c) for DPO/KTO, the no-grad
+reference pass. Static memory (weights, adapters, gradients, optimizer state) and the saved activations are alive in
+all phases. Each :class:`Component` says whether it is part of the peak phase, so the peak rows sum to the total.
+
+Exact terms live in plan/static.py (tested to the byte); estimated ones in plan/activations.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from onecard.plan import activations as act
+from onecard.plan import static
+from onecard.plan.inputs import PlanInputs
+
+GIB = 2**30
+# PyTorch's caching allocator reserves more than it allocates (block rounding, split blocks it cannot reuse).
+# Prior, to be replaced by measured reserved/allocated ratios (bench issue): 5% of the allocated peak.
+ALLOCATOR_SLACK_FRACTION = 0.05
+# CUDA context + cuBLAS/cuDNN handles + loaded kernels: outside torch's allocator (nvidia-smi sees it,
+# max_memory_reserved does not). ~0.5 GiB with CUDA 12 lazy module loading; calibrate per card.
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)
+TIGHT_FRACTION = 0.05
+
+
+@dataclass
+class Component:
+    key: str
+    label: str
+    bytes: int
+    where: str = "device"           # device | host
+    in_allocator: bool = True       # False: outside torch's caching allocator (context, paged optimizer state)
+    at_peak: bool = True            # part of the peak phase (rows with at_peak sum to the total)
+    kind: str = "exact"             # exact | estimated
+    note: str = ""
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+@dataclass
+class MemoryPlan:
+    inputs: PlanInputs
+    components: list[Component]
+    peak_phase: str
+    capacity_bytes: int
+    allocator_bytes: int = 0       # what torch.cuda.max_memory_reserved would report
+    required_bytes: int = 0        # must fit on the card: allocator + context
+    spillable_bytes: int = 0       # paged optimizer state: on the card when there is room, else on the host
+    host_bytes: int = 0
+    verdict: str = ""              # fits | tight | does not fit
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.required_bytes + self.spillable_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict != "does not fit"
+
+    def component(self, key: str) -> Component | None:
+        return next((c for c in self.components if c.key == key), None)
+
+    def to_dict(self) -> dict:
+        inp = self.inputs
+        return {
+            "model": inp.shape.id, "gpu": inp.gpu.id, "method": inp.method, "task": inp.task,
+            "seq_len": inp.seq_len, "micro_batch": inp.micro_batch, "grad_accum": inp.grad_accum,
+            "rank": inp.rank if inp.is_adapter else None, "optimizer": inp.optimizer, "grad_ckpt": inp.grad_ckpt,
+            "offload_activations": inp.offload_activations, "kernels": inp.kernels, "fused_ce": inp.fused_ce,
+            "attn": inp.attn, "num_gpus": inp.num_gpus,
+            "components": [{**asdict(c), "gib": round(c.gib, 3)} for c in self.components],
+            "peak_phase": self.peak_phase, "allocator_bytes": self.allocator_bytes,
+            "required_bytes": self.required_bytes, "spillable_bytes": self.spillable_bytes,
+            "host_bytes": self.host_bytes, "total_bytes": self.total_bytes, "total_gib": round(self.total_bytes / GIB, 3),
+            "capacity_bytes": self.capacity_bytes, "capacity_gib": round(self.capacity_bytes / GIB, 3),
+            "verdict": self.verdict, "notes": self.notes, "label": "estimated",
+        }
+
+
+def _static_components(p: PlanInputs) -> list[Component]:
+    shape, n = p.shape, p.num_gpus
+    out = [Component("weights", _weights_label(p), static.base_weight_bytes(
+        shape, p.method, p.dtype_bytes, double_quant=p.double_quant, kbit_upcast=p.kbit_upcast) // n)]
+    if p.task in ("dpo", "kto") and p.reference == "copy":
+        out.append(Component("reference", "reference model (frozen copy)",
+                             static.base_weight_bytes(shape, "full", p.dtype_bytes) // n))
+    tensors = static.trainable_tensors(shape, p.method, p.rank, p.targets)
+    tbytes = static.trainable_dtype_bytes(p.method, p.dtype_bytes)
+    if p.is_adapter:
+        out.append(Component("adapter", f"{p.method} adapter weights (r={p.rank}, fp32)", sum(tensors) * tbytes // n))
+    out.append(Component("gradients", "gradients (trainable params)", sum(tensors) * tbytes // n))
+    opt = static.optimizer_state_bytes(tensors, p.optimizer, tbytes) // n
+    if p.optimizer == "paged_adamw_8bit":
+        out.append(Component("optimizer", "optimizer state (paged, spillable to host)", opt, in_allocator=False,
+                             note="CUDA unified memory: outside torch's allocator, migrates to host under pressure"))
+    elif p.optimizer == "adamw_cpu_offload":
+        out.append(Component("optimizer", "optimizer state (on host)", opt, where="host"))
+    else:
+        out.append(Component("optimizer", f"optimizer state ({p.optimizer})", opt))
+    return out
+
+
+def _weights_label(p: PlanInputs) -> str:
+    if p.method == "qlora":
+        dq = " + double quant" if p.double_quant else ""
+        rest = "fp32" if p.kbit_upcast else "bf16"
+        return f"base weights (NF4{dq}; embeddings/norms {rest})"
+    return f"base weights ({'bf16' if p.dtype_bytes == 2 else 'fp32'})"
+
+
+def plan_memory(p: PlanInputs) -> MemoryPlan:
+    """Plan peak memory for one GPU of the run described by ``p`` (see module docstring for the phases)."""
+    shape = p.shape
+    comps = _static_components(p)
+    tokens = p.tokens_per_micro_batch
+    layer_tok = act.layer_activation_bytes_per_token(shape, method=p.method, targets=p.targets, rank=p.rank,
+                                                     kernels=p.kernels, attn=p.attn, seq_len=p.seq_len)
+    layers = shape.num_hidden_layers
+    per_layer_saved = act.checkpoint_bytes_per_token(shape) if p.grad_ckpt else layer_tok
+    saved = layers * per_layer_saved * tokens + act.head_activation_bytes_per_token(shape, p.kernels) * tokens
+    what = "block inputs (checkpoints)" if p.grad_ckpt else "all block activations"
+    if p.offload_activations:
+        in_flight = 2 * per_layer_saved * tokens
+        comps.append(Component("activations", f"saved activations: 2 {what} in flight", in_flight, kind="estimated"))
+        comps.append(Component("activations_host", f"saved activations: {what} offloaded", saved - in_flight,
+                               where="host", kind="estimated"))
+    else:
+        comps.append(Component("activations", f"saved activations: {what}", saved, kind="estimated"))
+
+    logits_bytes = static.FP32 if (p.method == "qlora" and p.kbit_upcast) else p.dtype_bytes
+    ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits)
+    held = 0 if p.fused_ce or not p.hold_logits else logits_bytes * tokens * shape.vocab_size
+    recompute = (layer_tok if p.grad_ckpt else 0) * tokens
+    block = recompute + act.backward_transient_bytes_per_token(shape) * tokens + held
+    phases = {"logits + cross-entropy": ce, "block backward": block}
+    if p.task in ("dpo", "kto"):
+        phases["reference pass"] = _reference_pass_bytes(p, layer_tok, logits_bytes)
+    peak_phase = max(phases, key=phases.get)
+    ce_label = "logits + cross-entropy " + ("(fused, chunked)" if p.fused_ce else "(fp32 upcast, full vocab)")
+    comps.append(Component("logits", ce_label, ce, at_peak=peak_phase == "logits + cross-entropy", kind="estimated"))
+    blabel = ("one block recomputed + its gradients" if p.grad_ckpt else "gradients inside one block")
+    comps.append(Component("block_backward", blabel + (" (+ held logits)" if held else ""), block,
+                           at_peak=peak_phase == "block backward", kind="estimated"))
+    if "reference pass" in phases:
+        comps.append(Component("reference_pass", "reference forward (no grad)", phases["reference pass"],
+                               at_peak=peak_phase == "reference pass", kind="estimated"))
+    comps.append(Component("workspace", "cuBLAS workspace + temporaries", _workspace(p), kind="estimated"))
+    allocated = sum(c.bytes for c in comps if c.at_peak and c.where == "device" and c.in_allocator)
+    slack = int(allocated * ALLOCATOR_SLACK_FRACTION)
+    comps.append(Component("slack", f"allocator slack ({ALLOCATOR_SLACK_FRACTION:.0%})", slack, kind="estimated"))
+    comps.append(Component("cuda_context", "CUDA context (outside torch allocator)", CUDA_CONTEXT_BYTES,
+                           in_allocator=False, kind="estimated"))
+    return _finish(p, comps, peak_phase)
+
+
+def _reference_pass_bytes(p: PlanInputs, layer_tok: int, logits_bytes: int) -> int:
+    """DPO/KTO reference log-probs under no_grad: nothing is saved, so the pass holds one block's activations
+    (freed as it goes) and the logits plus their fp32 log-softmax for the gathered log-probs (or one chunk, fused).
+    KTO also runs its KL pass (mismatched completions) under no_grad; it is no larger. A LoRA reference is the base
+    with adapters disabled -- no second copy of the weights."""
+    tokens = p.tokens_per_micro_batch
+    v = p.shape.vocab_size
+    if p.fused_ce:
+        logits = act.ce_chunk_tokens(tokens, p.shape) * v * (static.FP32 + 2)
+    else:
+        logits = tokens * v * (logits_bytes + static.FP32)
+    return layer_tok * tokens + logits
+
+
+def _workspace(p: PlanInputs) -> int:
+    ws = act.workspace_bytes(p.shape, p.method, p.targets)
+    if p.num_gpus > 1:  # FSDP all-gathers one block's full bf16 parameters, with one block prefetched
+        ws += 2 * p.shape.params_per_layer() * p.dtype_bytes
+    return ws
+
+
+def _finish(p: PlanInputs, comps: list[Component], peak_phase: str) -> MemoryPlan:
+    peak = [c for c in comps if c.at_peak and c.where == "device"]
+    allocator = sum(c.bytes for c in peak if c.in_allocator)
+    context = sum(c.bytes for c in peak if not c.in_allocator and c.key == "cuda_context")
+    spillable = sum(c.bytes for c in peak if not c.in_allocator and c.key != "cuda_context")
+    host = sum(c.bytes for c in comps if c.where == "host")
+    cap = p.gpu.memory_bytes
+    required = allocator + context
+    if required > cap:
+        verdict = "does not fit"
+    elif required + spillable > (1 - TIGHT_FRACTION) * cap:
+        verdict = "tight"
+    else:
+        verdict = "fits"
+    plan = MemoryPlan(p, comps, peak_phase, cap, allocator, required, spillable, host, verdict)
+    if spillable and required <= cap < required + spillable:
+        plan.notes.append("paged optimizer state does not all fit beside the rest: part of it will live on the "
+                          "host and each optimizer step pages it over the host link (slower)")
+    return plan
