@@ -1,0 +1,179 @@
+"""Build the model a bench configuration trains: random preset weights made on the GPU, or a real local model.
+
+Why random weights: speed and memory do not depend on the values (one caveat measured on the H200 here: a bf16
+matmul on all-zero inputs runs ~13% faster than on random data, KINDS.md, so weights are filled with N(0, 0.02),
+never left zero), and a random 70B shape needs no 140 GB download.
+
+Why layer by layer for QLoRA: a 70B model in bf16 is 141 GB, more than the H200 holds. The skeleton is made on the
+``meta`` device (no memory), then each decoder layer is materialised in bf16 on the GPU, filled, and its linears are
+replaced by bitsandbytes ``Linear4bit`` with NF4 ``Params4bit`` weights (quantised on the GPU), so at most one bf16
+layer exists at a time. This is what ``transformers``' bitsandbytes loader does per tensor; we do it per layer
+because there is no checkpoint to stream from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onecard.bench.config import BenchConfig
+
+
+def is_preset(name: str) -> bool:
+    from onecard.catalog.models import find_preset
+
+    return find_preset(name) is not None
+
+
+def hf_config(cfg: BenchConfig):
+    """A transformers config for the preset (or the tiny CPU model when ``cfg.model == "tiny"``)."""
+    from transformers import AutoConfig
+
+    if cfg.model == "tiny":
+        from onecard.tiny import tiny_config
+
+        return tiny_config("llama", vocab_size=320, max_position_embeddings=max(512, cfg.seq))
+    from onecard.catalog.models import find_preset
+
+    s = find_preset(cfg.model)
+    kwargs = dict(hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                  num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+                  num_key_value_heads=s.num_key_value_heads, vocab_size=s.vocab_size,
+                  max_position_embeddings=max(s.max_position_embeddings, cfg.seq),
+                  tie_word_embeddings=s.tie_word_embeddings, use_cache=False)
+    if s.head_dim:
+        kwargs["head_dim"] = s.head_dim
+    if s.model_type == "llama":
+        kwargs["attention_bias"] = s.attention_bias
+    if s.model_type == "mistral":
+        kwargs["sliding_window"] = None  # Mistral v0.3 has none; a window would change the attention path
+    return AutoConfig.for_model(s.model_type, **kwargs)
+
+
+def fill_random_(module, std: float = 0.02) -> None:
+    """In-place N(0, std) for matrices and biases, 1 for norm scales (as a trained RMSNorm is near 1)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.is_meta:
+                continue
+            if param.ndim == 1 and "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std)
+
+
+def build_base(cfg: BenchConfig, device: str):
+    """The base model (no adapter), random weights, in bf16 on CUDA (fp32 on CPU); NF4 linears for qlora."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = hf_config(cfg)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if cfg.method == "qlora":
+        if not device.startswith("cuda") and cfg.model != "tiny":
+            from onecard.errors import UserError
+
+            raise UserError("qlora (bitsandbytes NF4) benchmarks of presets need a CUDA GPU", where="--method")
+        return _build_nf4(config, device)
+    # no_init_weights: skip transformers' per-module init (we overwrite every tensor with fill_random_ anyway).
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    fill_random_(model)
+    return model
+
+
+def _build_nf4(config, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    decoder = model.get_decoder()
+    for name, child in list(decoder.named_children()):
+        if name == "layers":
+            continue
+        if name == "rotary_emb":  # buffers computed in __init__: rebuild on the GPU rather than to_empty
+            with torch.device(device):
+                setattr(decoder, name, type(child)(config=config))
+        else:
+            child.to_empty(device=device)
+            fill_random_(child)
+    for layer in decoder.layers:
+        layer.to_empty(device=device)
+        fill_random_(layer)
+        quantize_linears_(layer, device)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    else:
+        model.lm_head.to_empty(device=device)
+        fill_random_(model.lm_head)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"NF4 build left tensors on meta: {left[:5]}")
+    model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit (peft/tuners/lora/model.py)
+    return model
+
+
+def quantize_linears_(module, device: str, compute_dtype=None) -> None:
+    """Replace every ``nn.Linear`` under ``module`` by an NF4 ``bnb.nn.Linear4bit`` (double quant, bf16 compute),
+    the QLoRA settings of ``onecard.train.model.quant_config``."""
+    import bitsandbytes as bnb
+    import torch
+
+    compute_dtype = compute_dtype or torch.bfloat16
+    targets = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name, lin in targets:
+        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", module=q).to(device)  # .to() quantises on the GPU
+        if lin.bias is not None:
+            q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
+        setattr(parent, name.rsplit(".", 1)[-1], q)
+        del lin
+
+
+def build_model(cfg: BenchConfig, device: str):
+    """Base + adapter (or all weights trainable) + checkpointing, the way ``onecard train`` sets it up.
+
+    Returns ``(model, vocab_size)``. Local directories go through the training spine's loader unchanged.
+    """
+    from transformers import set_seed
+
+    from onecard.train.model import apply_adapter, enable_grad_ckpt, load_model_and_tokenizer
+
+    recipe = cfg.to_recipe() if cfg.model != "tiny" else _tiny_recipe(cfg)
+    if cfg.model != "tiny" and not is_preset(cfg.model) and Path(cfg.model).expanduser().is_dir():
+        model, _tok = load_model_and_tokenizer(recipe, device)
+    else:
+        model = build_base(cfg, device)
+        if cfg.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        set_seed(0)
+        if recipe.is_adapter:
+            model = apply_adapter(model, recipe)
+        else:
+            for param in model.parameters():
+                param.requires_grad_(True)
+    if cfg.grad_ckpt:
+        enable_grad_ckpt(model, recipe)
+    model.train()
+    return model, int(model.config.vocab_size)
+
+
+def _tiny_recipe(cfg: BenchConfig):
+    from onecard.recipe import validate_recipe
+
+    tree = cfg.recipe_tree()
+    tree["model"] = {"name_or_path": "tiny", "dtype": "float32"}
+    return validate_recipe(tree)

@@ -1,0 +1,107 @@
+"""One benchmark configuration, and the recipe it stands for.
+
+A configuration is the handful of knobs that move memory and speed (model, method, sequence, micro-batch, rank,
+checkpointing, kernels); everything else is the recipe schema's default. ``to_recipe`` goes through the same
+validation as a recipe file, so a bench row measures exactly what ``onecard train`` would run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from onecard.errors import UserError
+
+METHODS = ("lora", "qlora", "dora", "full")
+KERNELS = ("none", "onecard", "liger", "auto")
+
+
+@dataclass
+class BenchConfig:
+    model: str                      # preset id (llama-3-8b), local model directory, or "tiny" (CPU tests)
+    method: str = "lora"
+    seq: int = 2048
+    micro_batch: int = 1
+    rank: int = 16
+    grad_ckpt: bool = True
+    kernels: str = "none"
+    steps: int = 4                  # timed optimizer steps
+    warmup: int = 2                 # untimed steps first (allocator, autotuning, optimizer state)
+    baseline: bool = False          # also run plain transformers + peft, same process
+    memory_cap_gib: float | None = None
+    gpu: str = "h200"               # catalog id the prediction is made for (the card measured on)
+    group: str = ""                 # suite bookkeeping: matrix / throughput / claims
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}", where="--method", fix=f"use one of {METHODS}")
+        if self.kernels not in KERNELS:
+            raise UserError(f"unknown kernels {self.kernels!r}", where="--kernels", fix=f"use one of {KERNELS}")
+        for key in ("seq", "micro_batch", "rank", "steps"):
+            if int(getattr(self, key)) < 1:
+                raise UserError(f"{key} must be at least 1", where=f"--{key.replace('_', '-')}")
+        if self.warmup < 0:
+            raise UserError("warmup must be >= 0", where="--warmup")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], defaults: dict[str, Any] | None = None) -> "BenchConfig":
+        merged = {**(defaults or {}), **data}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise UserError(f"unknown bench field(s) {', '.join(unknown)}", where="suite",
+                            fix=f"use: {', '.join(sorted(known))}")
+        return cls(**merged)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq * self.micro_batch
+
+    def label(self) -> str:
+        ck = "ckpt" if self.grad_ckpt else "no-ckpt"
+        return self.name or f"{self.model} {self.method} r{self.rank} seq{self.seq} b{self.micro_batch} {ck} {self.kernels}"
+
+    def command(self) -> str:
+        """The single-configuration command line that reproduces this row."""
+        parts = ["onecard bench", f"--model {self.model}", f"--method {self.method}", f"--seq {self.seq}",
+                 f"--batch {self.micro_batch}", f"--rank {self.rank}",
+                 "--grad-ckpt" if self.grad_ckpt else "--no-grad-ckpt", f"--kernels {self.kernels}",
+                 f"--steps {self.steps}", f"--warmup {self.warmup}"]
+        if self.baseline:
+            parts.append("--baseline")
+        if self.memory_cap_gib:
+            parts.append(f"--memory-cap-gib {self.memory_cap_gib:g}")
+        return " ".join(parts) + " --json"
+
+    def recipe_tree(self) -> dict[str, Any]:
+        fused = self.kernels in ("onecard", "liger", "auto")
+        return {
+            "name": "bench",
+            "model": {"name_or_path": self.model, "dtype": "bfloat16"},
+            "method": self.method,
+            "adapter": {"rank": self.rank},
+            "data": {"seq_len": self.seq},
+            "training": {"micro_batch_size": self.micro_batch, "grad_accum": 1, "grad_ckpt": self.grad_ckpt,
+                         "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused"},
+            "plan": {"gpu": self.gpu},
+        }
+
+    def to_recipe(self):
+        from onecard.recipe import validate_recipe
+
+        return validate_recipe(self.recipe_tree())
+
+
+def config_from_recipe(recipe, **overrides) -> BenchConfig:
+    """A bench configuration measuring what a recipe would train (one micro-batch at the recipe's seq_len)."""
+    t = recipe.training
+    kernels = t.kernels if t.kernels != "auto" else "onecard"
+    base = dict(model=recipe.model.name_or_path, method=recipe.method, seq=recipe.data.seq_len,
+                micro_batch=t.micro_batch_size, rank=recipe.adapter.rank, grad_ckpt=t.grad_ckpt, kernels=kernels,
+                gpu=recipe.plan.gpu)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchConfig(**base)

@@ -1,0 +1,106 @@
+"""What the planner says for a bench configuration: peak memory, tokens/s, FLOPs per token.
+
+Each planner piece is imported lazily and independently: a missing or failing piece gives ``None`` with a note,
+never a crash, so a benchmark still measures when the planner is incomplete (and the note says why a column is
+empty). MFU follows PaLM (Chowdhery et al. 2022, appendix B) as nanoGPT does: *model* FLOPs per token (no
+gradient-checkpointing recompute) x tokens/s / peak dense bf16 FLOP/s; HFU counts the recompute too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 2**30
+
+
+def _shape(cfg):
+    from onecard.catalog.models import resolve_shape
+
+    return resolve_shape(cfg.model)
+
+
+def flops(cfg) -> dict[str, Any]:
+    """Model and hardware FLOPs per token from onecard.plan.flops (6N-style fallback, labelled, if absent)."""
+    if cfg.model == "tiny":
+        return {"model_flops_per_token": None, "hardware_flops_per_token": None, "flops_source": "tiny model: n/a"}
+    recipe = cfg.to_recipe()
+    try:
+        from onecard.plan.flops import flops_for_recipe
+
+        with_ckpt = flops_for_recipe(recipe)
+        no_ckpt = flops_for_recipe(recipe, grad_ckpt=False)
+        return {"model_flops_per_token": no_ckpt.matmul_per_token,
+                "hardware_flops_per_token": with_ckpt.matmul_per_token, "flops_source": "onecard.plan.flops"}
+    except ImportError:
+        shape = _shape(cfg)
+        n = shape.non_embedding_params() + shape.vocab_size * shape.hidden_size
+        k = 6.0 if cfg.method == "full" else 4.0  # adapters: no weight gradients for the frozen base
+        model = k * n
+        hw = model + (2.0 * shape.non_embedding_params() if cfg.grad_ckpt else 0.0)
+        return {"model_flops_per_token": model, "hardware_flops_per_token": hw,
+                "flops_source": f"{k:g}N fallback (plan.flops missing), attention FLOPs left out"}
+
+
+def peak_memory(cfg) -> dict[str, Any]:
+    """The memory planner's predicted peak for this configuration on ``cfg.gpu``, in GiB."""
+    if cfg.model == "tiny":
+        return {"predicted_peak_gib": None, "predicted_note": "tiny model: not planned"}
+    try:
+        from onecard.plan.memory import plan_for_recipe
+    except ImportError as exc:
+        return {"predicted_peak_gib": None, "predicted_note": f"memory planner unavailable: {exc}"}
+    try:
+        plan = plan_for_recipe(cfg.to_recipe())
+    except Exception as exc:  # a planner bug must not lose a measurement
+        return {"predicted_peak_gib": None, "predicted_note": f"memory planner failed: {type(exc).__name__}: {exc}"}
+    total = _total_bytes(plan)
+    return {"predicted_peak_gib": None if total is None else total / GIB}
+
+
+def _total_bytes(plan) -> float | None:
+    for key in ("peak_bytes", "total_bytes", "peak_reserved_bytes"):
+        value = plan.get(key) if isinstance(plan, dict) else getattr(plan, key, None)
+        if value is not None:
+            return float(value() if callable(value) else value)
+    return None
+
+
+def speed(cfg) -> dict[str, Any]:
+    """The speed planner's tokens/s for this configuration on ``cfg.gpu``."""
+    if cfg.model == "tiny":
+        return {"predicted_tokens_per_s": None}
+    try:
+        from onecard.plan.speed import plan_speed_for_recipe
+    except ImportError as exc:
+        return {"predicted_tokens_per_s": None, "predicted_speed_note": f"speed planner unavailable: {exc}"}
+    try:
+        out = plan_speed_for_recipe(cfg.to_recipe())
+    except Exception as exc:
+        return {"predicted_tokens_per_s": None,
+                "predicted_speed_note": f"speed planner failed: {type(exc).__name__}: {exc}"}
+    value = out.get("tokens_per_s") if isinstance(out, dict) else getattr(out, "tokens_per_s", None)
+    return {"predicted_tokens_per_s": value}
+
+
+def predict(cfg) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in (flops, peak_memory, speed):
+        try:
+            out.update(part(cfg))
+        except Exception as exc:  # noqa: BLE001 -- never lose a measurement to a prediction
+            out[f"{part.__name__}_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def utilisation(tokens_per_s: float | None, flops_info: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
+    if not tokens_per_s or not peak_tflops or not flops_info.get("model_flops_per_token"):
+        return {"mfu": None, "hfu": None}
+    peak = peak_tflops * 1e12
+    return {"mfu": tokens_per_s * flops_info["model_flops_per_token"] / peak,
+            "hfu": tokens_per_s * flops_info["hardware_flops_per_token"] / peak}
+
+
+def error_pct(predicted: float | None, measured: float | None) -> float | None:
+    if predicted is None or not measured:
+        return None
+    return 100.0 * (predicted - measured) / measured

@@ -1,0 +1,138 @@
+"""Timed optimizer steps on random tokens, and the memory they took.
+
+A step is the real thing: forward with labels (the loss), backward, optimizer step, zero_grad -- no shortcuts, so
+peak memory includes gradients, optimizer state and the logits. Warm-up steps run first and are not timed (the
+first step allocates AdamW state, and cuBLAS/SDPA pick their kernels); peak memory covers warm-up and timed steps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+GIB = 2**30
+
+
+def random_batch(vocab_size: int, micro_batch: int, seq: int, device: str, seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (micro_batch, seq), generator=gen).to(device)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def build_optimizer(model, device: str, lr: float = 1e-5):
+    """The training spine's optimizer (fused AdamW on CUDA) when available; plain torch otherwise."""
+    import torch
+
+    try:
+        from onecard.train.optim import param_groups
+
+        groups = param_groups(model, 0.0)
+    except ImportError:  # the training spine is optional for bench
+        groups = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(groups, lr=lr, fused=True if device.startswith("cuda") else None)
+
+
+def train_step(model, optimizer, batch, loss_path: str = "hf") -> float:
+    """One optimizer step. ``loss_path``: "hf" = ``model(labels=...)`` (transformers' loss, or a patched fused
+    loss); "spine" = logits then ``onecard.train.loop.token_ce_sum`` / token count, as ``onecard train`` does."""
+    if loss_path == "spine":
+        from onecard.train.loop import token_ce_sum
+
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+        loss_sum, n_tokens = token_ce_sum(logits, batch["labels"])
+        loss = loss_sum / max(n_tokens, 1)
+        del logits
+    else:
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_steps(model, batch, *, steps: int, warmup: int, device: str, loss_path: str = "hf") -> dict[str, Any]:
+    """Run ``warmup`` then ``steps`` optimizer steps; seconds per timed step, loss, peak memory."""
+    import torch
+
+    optimizer = build_optimizer(model, device)
+    losses = []
+    for _ in range(warmup):
+        losses.append(train_step(model, optimizer, batch, loss_path))
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses.append(train_step(model, optimizer, batch, loss_path))  # float() syncs: the step is finished
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    tokens = batch["input_ids"].numel()
+    s_per_step = sum(times) / len(times)
+    result = {"s_per_step": s_per_step, "step_s_min": min(times), "step_s_max": max(times),
+              "tokens_per_s": tokens / s_per_step, "loss_first": losses[0], "loss_last": losses[-1]}
+    result.update(peak_memory(device))
+    del optimizer
+    return result
+
+
+def peak_memory(device: str) -> dict[str, Any]:
+    import torch
+
+    if not device.startswith("cuda"):
+        import resource
+
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None,
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+
+
+def free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def non_allocator_bytes() -> int:
+    """Device memory this process holds outside PyTorch's caching allocator: CUDA context, cuBLAS/cuDNN handles,
+    loaded kernels (lazy module loading grows this as new kernels run). Assumes no other process on the GPU."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return int((total - free) - torch.cuda.memory_reserved())
+
+
+def apply_memory_cap(cap_gib: float) -> dict[str, Any]:
+    """Emulate a card of ``cap_gib`` total memory: the allocator's fraction is the cap minus what this process
+    already holds outside the allocator (``set_per_process_memory_fraction`` only limits the allocator)."""
+    import torch
+
+    torch.ones(64, 64, device="cuda") @ torch.ones(64, 64, device="cuda")  # create the cuBLAS handle first
+    torch.cuda.synchronize()
+    outside = non_allocator_bytes()
+    total = torch.cuda.mem_get_info()[1]
+    allowed = cap_gib * GIB - outside
+    torch.cuda.set_per_process_memory_fraction(max(allowed, 0) / total)
+    return {"memory_cap_gib": cap_gib, "non_allocator_gib_at_cap": outside / GIB,
+            "allocator_limit_gib": allowed / GIB}
+
+
+def clear_memory_cap() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(1.0)
