@@ -160,3 +160,38 @@ def test_resolve_template_choices(tok, llama_tok):
     assert resolve_template(llama_tok, "llama-3") == LLAMA_3
     with pytest.raises(UserError, match="<\\|eot_id\\|>"):
         resolve_template(tok, "llama-3")
+
+
+# Published templates, abbreviated only where they handle tools: Gemma (google/gemma-2b-it) rejects
+# system messages and renames assistant -> model; Mistral (mistralai/Mistral-7B-Instruct-v0.1) has
+# no generation prompt and ends answers with eos_token directly after ' [/INST]'.
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, specials, end",
+    [(GEMMA, ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"), (MISTRAL, ["<s>"], "<|im_end|>")],
+    ids=["gemma", "mistral"],
+)
+def test_published_templates_without_generation_markers(template, specials, end):
+    tok = build_tiny_tokenizer(chat_template=template)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.bos_token = specials[0]
+    ids, labels = tokenize_chat(tok, template, CHAT[1:])
+    assert trained_runs(tok, labels) == [m["content"] + end for m in CHAT[1:] if m["role"] == "assistant"]
+    assert labels.count(IGNORE_INDEX) == len(ids) - sum(len(tok.encode(r, add_special_tokens=False)) for r in trained_runs(tok, labels))
+    # both published templates raise on a system message; that is reported, and masking is otherwise fine
+    assert check_template_masking(tok, template) == ["the chat template rejects a 'system' message; records that have one will fail"]
