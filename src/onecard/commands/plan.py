@@ -1,14 +1,145 @@
-"""`onecard plan` (not built yet)."""
+"""`onecard plan (RECIPE | --model M --method ...)`: will it fit, and what does each part cost.
+
+Structure, so other sections (time and cost) can be added without touching the memory part: :func:`build_report`
+returns a ``payload`` dict (the --json output) and a list of rich renderables (the human output); each entry of
+``SECTIONS`` is a function ``section(recipe, inputs, memory_plan) -> (key, payload_part, renderables)`` appended
+in order. Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable, Optional
+
 import typer
 
-from onecard.errors import UserError
+from onecard.commands.common import JsonOption, SetOption, print_json
+
+Section = Callable[..., tuple[str, dict, list]]
+SECTIONS: list[Section] = []   # extra sections after the memory budget (e.g. time and cost)
+
+VERDICT_STYLE = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
+
+
+def direct_overrides(model=None, method=None, task=None, seq=None, batch=None, grad_accum=None, rank=None, gpu=None,
+                     num_gpus=None, optimizer=None, grad_ckpt=None, offload_activations=None, kernels=None,
+                     attn=None) -> list[str]:
+    """Direct flags as ``--set`` assignments, so they are validated exactly like the recipe file."""
+    pairs = [("model.name_or_path", model), ("method", method), ("task", task), ("data.seq_len", seq),
+             ("training.micro_batch_size", batch), ("training.grad_accum", grad_accum), ("adapter.rank", rank),
+             ("plan.gpu", gpu), ("training.num_gpus", num_gpus), ("training.optimizer", optimizer),
+             ("training.grad_ckpt", grad_ckpt), ("training.offload_activations", offload_activations),
+             ("training.kernels", kernels), ("model.attn_implementation", attn)]
+    out = []
+    for key, value in pairs:
+        if value is not None:
+            out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+def load_plan_recipe(recipe_path: Path | None, overrides: list[str]):
+    """The recipe to plan: a file, or just the flags (then --model is required)."""
+    from onecard.errors import UserError
+    from onecard.recipe import load_recipe
+
+    if recipe_path is None and not any(o.startswith("model.name_or_path=") for o in overrides):
+        raise UserError("nothing to plan", where="onecard plan",
+                        fix="give a recipe file, or --model PRESET_OR_DIR (see onecard models)")
+    return load_recipe(recipe_path, overrides)
+
+
+def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import plan_memory
+    from onecard.plan.suggest import suggest_fixes
+
+    inputs = inputs_from_recipe(recipe, gpu=gpu)
+    plan = plan_memory(inputs)
+    fixes = suggest_fixes(plan)
+    payload = {"memory": plan.to_dict(), "suggestions": [s.to_dict() for s in fixes]}
+    renderables = memory_renderables(plan, fixes)
+    for section in SECTIONS:
+        key, part, extra = section(recipe, inputs, plan)
+        payload[key] = part
+        renderables.extend(extra)
+    return payload, renderables
+
+
+def memory_renderables(plan, fixes) -> list:
+    from rich.table import Table
+    from rich.text import Text
+
+    from onecard.plan.memory import GIB
+
+    p = plan.inputs
+    cap = plan.capacity_bytes
+    what = (f"{p.shape.id} {p.method} {p.task}" + (f" r={p.rank}" if p.is_adapter else "")
+            + f", seq {p.seq_len} x micro-batch {p.micro_batch}" + (" (x2: chosen+rejected)" if p.task == "dpo" else "")
+            + f", {p.optimizer}, checkpointing {'on' if p.grad_ckpt else 'off'}, kernels {p.kernels}, attn {p.attn}")
+    gpus = f"{p.num_gpus} x " if p.num_gpus > 1 else ""
+    table = Table(title=f"Memory plan (estimated) on {gpus}{p.gpu.name}, {cap / GIB:.1f} GiB", caption=what)
+    for col, justify in (("component", "left"), ("GiB", "right"), ("of card", "right"), ("", "left")):
+        table.add_column(col, justify=justify)
+    for c in plan.components:
+        tags = [t for t in (c.kind if c.kind == "estimated" else "", "host" if c.where == "host" else "",
+                            "outside allocator" if not c.in_allocator else "") if t]
+        if c.at_peak and c.where == "device":
+            table.add_row(c.label, f"{c.gib:.2f}", f"{c.bytes / cap:.0%}", ", ".join(tags))
+        else:
+            why = "host" if c.where == "host" else "not at the peak phase"
+            table.add_row(Text(c.label, style="dim"), Text(f"({c.gib:.2f})", style="dim"), "", Text(why, style="dim"))
+    table.add_section()
+    table.add_row("torch max_memory_reserved (predicted)", f"{plan.allocator_bytes / GIB:.2f}",
+                  f"{plan.allocator_bytes / cap:.0%}", "")
+    table.add_row(Text("total on the card", style="bold"), Text(f"{plan.total_bytes / GIB:.2f}", style="bold"),
+                  Text(f"{plan.total_bytes / cap:.0%}", style="bold"), f"peak phase: {plan.peak_phase}")
+    verdict = Text(f"verdict: {plan.verdict}", style=VERDICT_STYLE[plan.verdict])
+    verdict.append(f"  ({plan.total_bytes / GIB:.1f} of {cap / GIB:.1f} GiB)", style="")
+    out: list = [table, verdict]
+    out += [Text(f"note: {n}", style="yellow") for n in plan.notes]
+    if fixes:
+        fix_table = Table(title="Changes that make it fit (cheapest first)")
+        for col in ("change", "--set", "new total GiB", "verdict"):
+            fix_table.add_column(col)
+        for s in fixes:
+            sets = " ".join(f"{k}={v}" for k, v in s.set.items())
+            fix_table.add_row(s.change, sets, f"{s.total_bytes / GIB:.2f}", s.verdict)
+        out.append(fix_table)
+    return out
 
 
 def register(app: typer.Typer) -> None:
     @app.command("plan")
-    def plan(ctx: typer.Context) -> None:
-        """Not built yet."""
-        raise UserError("'onecard plan' is not built yet")
+    def plan(
+        recipe_path: Optional[Path] = typer.Argument(None, metavar="[RECIPE]", help="Recipe YAML (or use the flags)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Preset (onecard models) or local model dir."),
+        method: Optional[str] = typer.Option(None, "--method", help="lora | qlora | dora | full"),
+        task: Optional[str] = typer.Option(None, "--task", help="sft | pretrain | dpo | kto"),
+        seq: Optional[int] = typer.Option(None, "--seq", help="Sequence length (tokens)."),
+        batch: Optional[int] = typer.Option(None, "--batch", help="Micro-batch per GPU."),
+        grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+        rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank."),
+        gpu: Optional[str] = typer.Option(None, "--gpu", help="Target card (onecard gpus), e.g. rtx4090."),
+        num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="GPUs (FSDP shards weights/grads/optimizer)."),
+        optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw_torch_fused | adamw_8bit | ..."),
+        grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing."),
+        offload_activations: Optional[bool] = typer.Option(None, "--offload-activations",
+                                                           help="Keep activation checkpoints in host memory."),
+        kernels: Optional[str] = typer.Option(None, "--kernels", help="auto | none | onecard | liger"),
+        attn: Optional[str] = typer.Option(None, "--attn", help="auto | sdpa | eager | flash_attention_2"),
+        overrides: list[str] = SetOption,
+        as_json: bool = JsonOption,
+    ) -> None:
+        """Predict peak GPU memory, component by component, and say whether the run fits the card."""
+        flags = direct_overrides(model, method, task, seq, batch, grad_accum, rank, gpu, num_gpus, optimizer,
+                                 grad_ckpt, offload_activations, kernels, attn)
+        recipe = load_plan_recipe(recipe_path, flags + list(overrides or []))
+        payload, renderables = build_report(recipe)
+        if as_json:
+            print_json(payload)
+            return
+        from rich.console import Console
+
+        console = Console(highlight=False)
+        for item in renderables:
+            console.print(item)

@@ -1,0 +1,117 @@
+"""When a plan does not fit: the cheapest changes that make it fit, each re-planned with its new total.
+
+Order is the cost to the user (speed, quality, money), cheapest first: a smaller micro-batch with more
+accumulation keeps the effective batch and the maths; checkpointing and fused CE cost a little speed; an 8-bit or
+paged optimizer and activation offload cost a little more; QLoRA changes the model's numerics; a bigger card or more
+GPUs cost money. Each suggestion is a real :func:`plan_memory` call, never a rule of thumb.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onecard.catalog.gpus import GPUS
+from onecard.plan.inputs import PlanInputs
+from onecard.plan.memory import GIB, MemoryPlan, plan_memory
+
+
+@dataclass
+class Suggestion:
+    change: str          # what to do, in words
+    set: dict            # recipe overrides (--set keys) that do it
+    total_bytes: int
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return {"change": self.change, "set": self.set, "total_bytes": self.total_bytes,
+                "total_gib": round(self.total_bytes / GIB, 3), "verdict": self.verdict}
+
+
+def _candidates(p: PlanInputs) -> list[tuple[str, dict, PlanInputs]]:
+    out: list[tuple[str, dict, PlanInputs]] = []
+    for mb in range(p.micro_batch - 1, 0, -1):
+        accum = max(1, round(p.micro_batch * p.grad_accum / mb))
+        if plan_memory(p.with_(micro_batch=mb, grad_accum=accum)).fits or mb == 1:
+            out.append((f"micro-batch {mb} x grad-accum {accum} (same effective batch)",
+                        {"training.micro_batch_size": mb, "training.grad_accum": accum},
+                        p.with_(micro_batch=mb, grad_accum=accum)))
+            break
+    if not p.grad_ckpt:
+        out.append(("gradient checkpointing on", {"training.grad_ckpt": True}, p.with_(grad_ckpt=True)))
+    if not p.fused_ce:
+        out.append(("onecard kernels (fused chunked cross-entropy)", {"training.kernels": "onecard"},
+                    p.with_(kernels="onecard", fused_ce=True)))
+    if p.optimizer in ("adamw_torch", "adamw_torch_fused"):
+        out.append(("8-bit AdamW (bitsandbytes)", {"training.optimizer": "adamw_8bit"}, p.with_(optimizer="adamw_8bit")))
+        out.append(("paged 8-bit AdamW", {"training.optimizer": "paged_adamw_8bit"},
+                    p.with_(optimizer="paged_adamw_8bit")))
+    if p.method == "full" and p.optimizer != "adamw_cpu_offload":
+        out.append(("optimizer state offloaded to CPU", {"training.optimizer": "adamw_cpu_offload"},
+                    p.with_(optimizer="adamw_cpu_offload")))
+    if not p.offload_activations:
+        out.append(("offload activation checkpoints to host", {"training.offload_activations": True,
+                                                               "training.grad_ckpt": True},
+                    p.with_(offload_activations=True, grad_ckpt=True)))
+    if p.method in ("lora", "dora"):
+        out.append(("QLoRA (NF4 base weights)", {"method": "qlora"}, p.with_(method="qlora")))
+    return out
+
+
+def _combined(p: PlanInputs, singles: list[tuple[str, dict, PlanInputs]]) -> tuple[str, dict, PlanInputs] | None:
+    """Apply the non-hardware changes cumulatively, cheapest first, until the plan fits (micro-batch last: it is
+    re-derived at the end as the largest that then fits)."""
+    names, sets, cur = [], {}, p
+    for change, overrides, _ in singles:
+        if change.startswith("micro-batch") or "paged" in change:
+            continue
+        cur = _apply(cur, overrides)
+        names.append(change)
+        sets.update(overrides)
+        for mb in range(p.micro_batch, 0, -1):
+            trial = cur.with_(micro_batch=mb, grad_accum=max(1, round(p.micro_batch * p.grad_accum / mb)))
+            if plan_memory(trial).fits:
+                if mb != p.micro_batch:
+                    names.append(f"micro-batch {mb} x grad-accum {trial.grad_accum}")
+                    sets.update({"training.micro_batch_size": mb, "training.grad_accum": trial.grad_accum})
+                return " + ".join(names), sets, trial
+    return None
+
+
+def _apply(p: PlanInputs, overrides: dict) -> PlanInputs:
+    keys = {"training.grad_ckpt": "grad_ckpt", "training.optimizer": "optimizer", "method": "method",
+            "training.offload_activations": "offload_activations"}
+    changes = {keys[k]: v for k, v in overrides.items() if k in keys}
+    if overrides.get("training.kernels") == "onecard":
+        changes.update(kernels="onecard", fused_ce=True)
+    return p.with_(**changes)
+
+
+def suggest_fixes(plan: MemoryPlan, max_gpus: int = 8) -> list[Suggestion]:
+    """Changes that make ``plan`` fit, cheapest first. Empty when it already fits."""
+    if plan.fits:
+        return []
+    p = plan.inputs
+    out: list[Suggestion] = []
+    singles = _candidates(p)
+    for change, overrides, trial in singles:
+        new = plan_memory(trial)
+        if new.fits:
+            out.append(Suggestion(change, overrides, new.total_bytes, new.verdict))
+    combo = _combined(p, singles)
+    if combo is not None and " + " in combo[0]:  # a multi-step recipe change, useful beside (or instead of) singles
+        new = plan_memory(combo[2])
+        out.append(Suggestion(combo[0], combo[1], new.total_bytes, new.verdict))
+    for gpu in sorted(GPUS.values(), key=lambda g: g.memory_gib):
+        if gpu.memory_gib > p.gpu.memory_gib:
+            new = plan_memory(p.with_(gpu=gpu))
+            if new.fits:
+                out.append(Suggestion(f"a larger card: {gpu.id} ({gpu.memory_gib:.0f} GiB)", {"plan.gpu": gpu.id},
+                                      new.total_bytes, new.verdict))
+                break
+    for n in range(max(2, p.num_gpus + 1), max_gpus + 1):
+        new = plan_memory(p.with_(num_gpus=n))
+        if new.fits:
+            out.append(Suggestion(f"{n} x {p.gpu.id} with FSDP (per-GPU total)", {"training.num_gpus": n},
+                                  new.total_bytes, new.verdict))
+            break
+    return out
