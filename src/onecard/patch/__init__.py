@@ -1,0 +1,94 @@
+"""Thin patching layer: put onecard's kernels into a transformers model instance, and take them out.
+
+    handle = apply_kernels(model, kernels="onecard")   # model: HF CausalLM or a peft model around one
+    ...train...
+    handle.revert()
+
+Only the instance is touched (see handle.py). Families: llama, mistral, qwen2, gemma, gemma2
+(families.py). Anything else keeps plain transformers and ``handle.notice`` says so in one line.
+``kernels="liger"`` hands the model to liger-kernel's ``_apply_liger_kernel_to_instance``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .families import FAMILY_KERNELS, GEGLU_ACTS, SWIGLU_ACTS
+from .handle import PatchHandle
+
+log = logging.getLogger("onecard.patch")
+KERNEL_CHOICES = ("onecard", "liger", "none")
+
+
+def base_causal_lm(model):
+    """The transformers CausalLM inside a peft wrapper (or the model itself)."""
+    inner = model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def supports(model_type: str | None) -> bool:
+    return model_type in FAMILY_KERNELS
+
+
+def apply_kernels(model, kernels: str = "onecard", *, rope: bool = True, fused_loss: bool = True) -> PatchHandle:
+    """Patch ``model``'s modules in place; returns the handle whose ``revert()`` undoes it."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    base = base_causal_lm(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    handle = PatchHandle(kernels=kernels, model_type=model_type)
+    if kernels == "none":
+        return handle
+    if kernels == "liger":
+        return _apply_liger(base, handle)
+    spec = FAMILY_KERNELS.get(model_type)
+    if spec is None:
+        return _notice(handle, f"no onecard kernels for model_type {model_type!r}: plain transformers")
+    _apply_onecard(base, spec, handle, rope=rope, fused_loss=fused_loss)
+    return handle
+
+
+def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: bool) -> None:
+    from .causal_lm import causal_lm_forward
+    from .modules import gemma_rms_norm_forward, make_attention_forward, make_mlp_forward, rms_norm_forward
+
+    act = getattr(base.config, spec.act_key, None)
+    mlp_fn = None
+    if act in SWIGLU_ACTS or act in GEGLU_ACTS:
+        mlp_fn = make_mlp_forward(gelu=act in GEGLU_ACTS)
+    else:
+        _notice(handle, f"MLP activation {act!r} has no fused kernel: transformers' MLP kept")
+    attn_fn = make_attention_forward(spec.sliding_window) if (rope and spec.attention_class) else None
+    norm_fn = gemma_rms_norm_forward if spec.gemma_norm else rms_norm_forward
+    for module in base.modules():
+        name = type(module).__name__
+        if name in spec.norm_classes:
+            handle.set_forward(module, norm_fn, "rms_norm")
+        elif name == spec.mlp_class and mlp_fn is not None:
+            handle.set_forward(module, mlp_fn, "mlp")
+        elif attn_fn is not None and name == spec.attention_class:
+            handle.set_forward(module, attn_fn, "rope")
+    if fused_loss and hasattr(base, "lm_head") and hasattr(base, "model"):
+        handle.set_forward(base, causal_lm_forward, "fused_linear_ce")
+
+
+def _apply_liger(base, handle: PatchHandle) -> PatchHandle:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return _notice(handle, "kernels: liger asked but liger-kernel is not installed: plain transformers")
+    from .liger import apply_liger_revertibly
+
+    apply_liger_revertibly(base, handle, _apply_liger_kernel_to_instance)
+    return handle
+
+
+def _notice(handle: PatchHandle, line: str) -> PatchHandle:
+    handle.notice = line if handle.notice is None else f"{handle.notice}; {line}"
+    log.warning(line)
+    return handle
+
+
+__all__ = ["PatchHandle", "apply_kernels", "base_causal_lm", "supports", "KERNEL_CHOICES", "FAMILY_KERNELS"]

@@ -1,0 +1,111 @@
+"""Replacement forwards for transformers modules, bound per instance by ``apply_kernels``.
+
+Each function has the signature of the forward it replaces (transformers 5.17) and calls the pure
+ops in ``onecard.kernels``. Anything the fused op does not model (LoRA dropout > 0, DoRA, biases,
+quantised base weights, several active adapters, merged adapters) takes the original forward.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from onecard.kernels.lora_mlp import lora_mlp
+from onecard.kernels.rms_norm import rms_norm
+from onecard.kernels.rope import apply_rope
+
+
+def rms_norm_forward(self, hidden_states):
+    """LlamaRMSNorm / Qwen2RMSNorm / MistralRMSNorm.forward."""
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon, gemma=False)
+
+
+def gemma_rms_norm_forward(self, x):
+    """GemmaRMSNorm / Gemma2RMSNorm.forward: (1 + weight), output cast after the multiply."""
+    return rms_norm(x, self.weight, self.eps, gemma=True)
+
+
+def _plain_weight(linear) -> torch.Tensor | None:
+    """The weight of a bias-free, unquantised nn.Linear-like base layer, else None."""
+    if getattr(linear, "bias", None) is not None:
+        return None
+    w = getattr(linear, "weight", None)
+    if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point or type(w) not in (torch.nn.Parameter, torch.Tensor):
+        return None
+    return w
+
+
+def projection_parts(proj, dtype):
+    """(W, A, B, scale) of a projection for the fused MLP, or None when it cannot be fused.
+
+    Plain nn.Linear -> (W, None, None, 1). peft LoRA Linear with one active vanilla adapter,
+    dropout 0, not merged, not disabled -> (W_base, A, B, scaling), A/B cast to the compute dtype
+    (peft keeps adapters in fp32 on bf16 models; autograd casts their grads back).
+    """
+    if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
+        w = _plain_weight(proj)
+        return None if w is None else (w, None, None, 1.0)
+    base = getattr(proj, "base_layer", None)
+    if base is None or not hasattr(proj, "lora_A"):
+        return None
+    if proj.disable_adapters or proj.merged or len(proj.active_adapters) != 1:
+        return None
+    name = proj.active_adapters[0]
+    w = _plain_weight(base)
+    if w is None:
+        return None
+    if name not in proj.lora_A:  # adapter not on this projection: frozen matmul only
+        return (w, None, None, 1.0)
+    if name in getattr(proj, "lora_variant", {}) or not isinstance(proj.lora_dropout[name], torch.nn.Identity):
+        return None
+    a, b = proj.lora_A[name], proj.lora_B[name]
+    if getattr(b, "bias", None) is not None:
+        return None
+    return (w, a.weight.to(dtype), b.weight.to(dtype), float(proj.scaling[name]))
+
+
+def make_mlp_forward(gelu: bool):
+    """A gated-MLP forward (LlamaMLP / GemmaMLP shape) using the fused LoRA-aware op when it can."""
+
+    def mlp_forward(self, x):
+        parts = [projection_parts(p, x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        if any(p is None for p in parts) or any(p[0].dtype != x.dtype for p in parts):
+            return type(self).forward(self, x)
+        return lora_mlp(x, *parts, gelu=gelu)
+
+    return mlp_forward
+
+
+def make_attention_forward(sliding_window: str | None):
+    """LlamaAttention.forward (5.17) with the fused RoPE kernel; ``sliding_window``: where to read it.
+
+    Qwen2 and Mistral differ from Llama only by passing ``sliding_window`` to the attention function
+    (``self.sliding_window`` resp. ``config.sliding_window``); Gemma's forward is Llama's.
+    """
+
+    def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                          past_key_values=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        eager = sys.modules[type(self).__module__].eager_attention_forward
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+        if sliding_window == "attr":
+            kwargs["sliding_window"] = self.sliding_window
+        elif sliding_window == "config":
+            kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
+        out, weights = attn(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+                            scaling=self.scaling, **kwargs)
+        out = out.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), weights
+
+    return attention_forward
