@@ -1,14 +1,66 @@
-"""`onecard export` (not built yet)."""
+"""`onecard export RUN_DIR --format adapter|merged|gguf --out DIR`: ship the tune, verified as it is written."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from onecard.errors import UserError
+from onecard.commands.common import JsonOption, print_json
 
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
-    def export(ctx: typer.Context) -> None:
-        """Not built yet."""
-        raise UserError("'onecard export' is not built yet")
+    def export(
+        run_dir: Path = typer.Argument(..., help="Run directory written by onecard train (recipe.yaml + adapter/ or model/)."),
+        fmt: str = typer.Option(..., "--format", "-f", help="adapter (PEFT, safetensors) | merged (transformers dir) | gguf (llama.cpp)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output directory (must be new or empty)."),
+        dtype: str = typer.Option("bfloat16", "--dtype", help="merged: stored dtype (bfloat16, float16, float32)."),
+        gguf_type: str = typer.Option("f16", "--gguf-type", help="gguf: f16, bf16 or f32."),
+        max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="merged: largest safetensors shard."),
+        device: str = typer.Option(None, "--device", help="Where to run the verification (default: cuda if available)."),
+        json_out: bool = JsonOption,
+    ) -> None:
+        """Export a run and check the exported model's logits against the trained model's (exit 1 on mismatch)."""
+        from rich.console import Console
+
+        from onecard.export import ExportMismatch, export_run
+
+        _quiet_transformers()
+        console = Console(stderr=json_out, highlight=False)
+        log = (lambda text: console.print(f"[dim]{text}[/dim]"))
+        try:
+            with console.status(f"exporting {run_dir} as {fmt} and verifying ..."):
+                result = export_run(run_dir, fmt, out, dtype=dtype, gguf_type=gguf_type,
+                                    max_shard_size=max_shard_size, device=device, log=log)
+        except ExportMismatch as err:
+            if json_out:
+                print_json(err.result)
+            console.print(f"[bold red]export failed verification[/bold red] {err}\n"
+                          f"  details: {Path(out) / 'export.json'}")
+            raise typer.Exit(1)
+        if json_out:
+            print_json(result)
+            return
+        _print_result(console, result)
+
+
+def _print_result(console, result: dict) -> None:
+    v = result["verification"]
+    console.print(f"[bold green]exported[/bold green] {result['format']} -> {result['out']} "
+                  f"({', '.join(result['files'])})")
+    for note in result["notes"]:
+        console.print(f"  {note}")
+    effect = v.get("adapter_effect_mean_abs")
+    effect_text = f"; adapter changes logits by {effect:.3g} mean |Δ|" if effect is not None else ""
+    console.print(f"  verified ({v['stored_dtype']}, {v['positions']} positions): max |Δlogit| {v['max_abs_err']:.3g}, "
+                  f"mean {v['mean_abs_err']:.3g}; {v['metric']} = {v['value']:.3g} <= {v['tolerance']:.3g}; "
+                  f"top-1 agreement {v['top1_agreement']:.1%}{effect_text}")
+
+
+def _quiet_transformers() -> None:
+    """Our own status line replaces transformers' per-load progress bars and info logs."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
