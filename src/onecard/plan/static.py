@@ -8,6 +8,7 @@ state, 8-bit optimizer state).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from math import ceil
 
 from onecard.catalog.models import ModelShape
@@ -19,7 +20,8 @@ BNB_8BIT_BLOCK = 256      # bitsandbytes 0.50 Optimizer2State.init_state: blocks
 BNB_MIN_8BIT_SIZE = 4096  # tensors with fewer elements keep fp32 state (Optimizer8bit min_8bit_size default)
 
 
-def param_tensors(shape: ModelShape) -> list[tuple[str, int]]:
+@lru_cache(maxsize=512)
+def param_tensors(shape: ModelShape) -> tuple[tuple[str, int], ...]:
     """``(kind, numel)`` for every parameter tensor of the transformers model (tied lm_head counted once)."""
     h = shape.hidden_size
     out: list[tuple[str, int]] = [("embed", shape.embedding_params())]
@@ -32,7 +34,7 @@ def param_tensors(shape: ModelShape) -> list[tuple[str, int]]:
     out.append(("norm", h))
     if not shape.tie_word_embeddings:
         out.append(("lm_head", shape.lm_head_params()))
-    return out
+    return tuple(out)
 
 
 def nf4_tensor_bytes(numel: int, double_quant: bool = True) -> int:
@@ -68,14 +70,15 @@ def base_weight_bytes(shape: ModelShape, method: str, dtype_bytes: int = 2, *, d
     return total
 
 
-def adapter_tensors(shape: ModelShape, method: str, rank: int, targets) -> list[int]:
+@lru_cache(maxsize=512)
+def adapter_tensors(shape: ModelShape, method: str, rank: int, targets: tuple[str, ...]) -> tuple[int, ...]:
     """numel of each trainable adapter tensor: LoRA A (r x in), B (out x r); DoRA adds a magnitude vector (out)."""
     out: list[int] = []
     for _ in range(shape.num_hidden_layers):
         for name, n_in, n_out in shape.linear_layers_per_block():
             if name in targets:
                 out += [rank * n_in, n_out * rank] + ([n_out] if method == "dora" else [])
-    return out
+    return tuple(out)
 
 
 def adapter_dtype_bytes(dtype_bytes: int) -> int:
@@ -84,10 +87,15 @@ def adapter_dtype_bytes(dtype_bytes: int) -> int:
     return FP32
 
 
-def trainable_tensors(shape: ModelShape, method: str, rank: int, targets) -> list[int]:
+def trainable_tensors(shape: ModelShape, method: str, rank: int, targets) -> tuple[int, ...]:
     if method == "full":
-        return [n for _, n in param_tensors(shape)]
-    return adapter_tensors(shape, method, rank, targets)
+        return tuple(n for _, n in param_tensors(shape))
+    return adapter_tensors(shape, method, rank, tuple(targets))
+
+
+def nf4_linear_bytes(shape: ModelShape, double_quant: bool = True) -> int:
+    """The NF4 part of a QLoRA base alone: every block linear, packed, with its quantisation constants."""
+    return sum(nf4_tensor_bytes(n, double_quant) for kind, n in param_tensors(shape) if kind == "linear")
 
 
 def trainable_dtype_bytes(method: str, dtype_bytes: int) -> int:
@@ -95,7 +103,8 @@ def trainable_dtype_bytes(method: str, dtype_bytes: int) -> int:
     return dtype_bytes if method == "full" else adapter_dtype_bytes(dtype_bytes)
 
 
-def optimizer_state_bytes(numels: list[int], optimizer: str, param_bytes: int) -> int:
+@lru_cache(maxsize=1024)
+def optimizer_state_bytes(numels: tuple[int, ...], optimizer: str, param_bytes: int) -> int:
     """Optimizer state for the trainable tensors.
 
     torch AdamW (adamw_torch, adamw_torch_fused): exp_avg and exp_avg_sq created with ``zeros_like(p)`` (the
