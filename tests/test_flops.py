@@ -1,0 +1,131 @@
+"""Each FLOPs term of onecard.plan.flops against PyTorch's own count (torch.utils.flop_counter.FlopCounterMode).
+
+The tiny model runs with eager attention: FlopCounterMode counts its QK^T / AV as ``aten.bmm`` (the full square,
+masked afterwards), the linears as ``aten.mm`` / ``aten.addmm``. Forward and backward are counted separately, so
+the forward terms, the backward terms and (with checkpointing) the recompute terms are each checked on their own.
+The only matmul the planner leaves out is the rotary table (inv_freq @ positions, 2 x head_dim/2 x seq FLOPs per
+forward, once per model call): the test adds it explicitly.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from onecard.catalog.models import ModelShape
+from onecard.plan.flops import ELEMENTWISE, MATMUL, attention_forward_per_token, flops_per_token
+
+torch = pytest.importorskip("torch")
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH, SEQ, RANK = 2, 24, 4
+
+
+def _count(arch: str, method: str, grad_ckpt: bool, targets=ALL7):
+    import peft
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from onecard.tiny import tiny_config
+
+    cfg = tiny_config(arch, vocab_size=320)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    if method != "full":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, target_modules=targets, use_dora=method == "dora"))
+    model.train()
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 320, (BATCH, SEQ))
+    with FlopCounterMode(display=False) as fwd:
+        loss = model(input_ids=ids, labels=ids).loss
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+
+    def split(counter):
+        ops = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+        linear = ops.pop("aten.mm", 0) + ops.pop("aten.addmm", 0)
+        attention = ops.pop("aten.bmm", 0)
+        assert not ops, f"unexpected matmul ops {ops}"
+        return linear, attention
+
+    shape = ModelShape.from_config(cfg.to_dict(), id=f"tiny-{arch}")
+    return shape, split(fwd), split(bwd)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "full"])
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_each_term_matches_flop_counter(method, grad_ckpt):
+    shape, (fwd_linear, fwd_attn), (bwd_linear, bwd_attn) = _count("llama", method, grad_ckpt)
+    est = flops_per_token(shape, method=method, seq_len=SEQ, micro_batch=BATCH, rank=RANK, targets=ALL7,
+                          grad_ckpt=grad_ckpt, attention="eager")
+    tokens = BATCH * SEQ
+    rotary = 2 * (shape.head_dim_ // 2) * SEQ
+
+    def n(*names):
+        return sum(est.term(x) for x in names) * tokens
+
+    assert fwd_linear == pytest.approx(n("forward_matmul", "lora_forward", "dora_lora_weight"), rel=1e-9)
+    assert fwd_attn == pytest.approx(n("forward_attention") + rotary, rel=1e-9)
+    assert bwd_linear == pytest.approx(
+        n("backward_input_grads", "backward_weight_grads", "lora_backward", "recompute_forward"), rel=1e-9)
+    assert bwd_attn == pytest.approx(n("backward_attention", "recompute_attention"), rel=1e-9)
+    # every matmul PyTorch ran is in some term, and the terms hold nothing PyTorch did not run
+    assert fwd_linear + fwd_attn + bwd_linear + bwd_attn == pytest.approx(est.matmul_per_token * tokens + rotary)
+    assert (est.term("recompute_forward") > 0) == grad_ckpt
+    if method == "full":
+        assert est.term("backward_weight_grads") == est.term("forward_matmul")
+
+
+def test_qwen2_bias_and_gqa_lora():
+    """Qwen2 (q/k/v bias -> addmm, 2 KV heads) with LoRA on attention only and checkpointing."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    shape, (fl, fa), (bl, ba) = _count("qwen2", "lora", True, targets)
+    est = flops_per_token(shape, method="lora", seq_len=SEQ, micro_batch=BATCH, rank=RANK, targets=targets,
+                          attention="eager")
+    rotary = 2 * (shape.head_dim_ // 2) * SEQ
+    assert fl + fa + bl + ba == pytest.approx(est.matmul_per_token * BATCH * SEQ + rotary, rel=1e-9)
+
+
+def test_frozen_embeddings_skip_first_block_input_grads():
+    """Without checkpointing nothing makes the embedding output require grad: autograd skips layer 0's q/k/v dx."""
+    shape, _, (bwd_linear, _) = _count("llama", "lora", False)
+    est = flops_per_token(shape, method="lora", seq_len=SEQ, micro_batch=BATCH, rank=RANK, targets=ALL7,
+                          grad_ckpt=False, attention="eager")
+    assert est.assumptions["embeddings_need_grad"] is False
+    with_emb = flops_per_token(shape, method="lora", seq_len=SEQ, micro_batch=BATCH, rank=RANK, targets=ALL7,
+                               grad_ckpt=False, attention="eager", embeddings_need_grad=True)
+    assert with_emb.term("backward_input_grads") > est.term("backward_input_grads")
+    assert bwd_linear == pytest.approx((est.term("backward_input_grads") + est.term("lora_backward")) * BATCH * SEQ)
+
+
+def test_qlora_matmuls_equal_lora_and_dequant_is_separate():
+    from onecard.catalog.models import PRESETS
+
+    shape = PRESETS["llama-3-8b"]
+    lora = flops_per_token(shape, method="lora", seq_len=2048, micro_batch=1)
+    qlora = flops_per_token(shape, method="qlora", seq_len=2048, micro_batch=1)
+    assert qlora.matmul_per_token == lora.matmul_per_token
+    dq = [t for t in qlora.terms if t.name == "qlora_dequant"][0]
+    assert dq.kind == ELEMENTWISE
+    # three dequantisations (forward, backward, recompute) of every base linear per micro-batch
+    assert dq.flops_per_token * 2048 == pytest.approx(3 * 2.0 * 32 * shape.linear_params_per_layer())
+
+
+def test_six_n_rule_and_causal_attention_on_a_real_shape():
+    """Full fine-tuning without recompute is Kaplan's 6N (+ attention); causal flash attention is ~half of eager."""
+    from onecard.catalog.models import PRESETS
+
+    shape = PRESETS["llama-3-8b"]
+    full = flops_per_token(shape, method="full", seq_len=2048, grad_ckpt=False)
+    p_matmul = full.assumptions["p_matmul"]
+    assert full.term("forward_matmul") + full.term("backward_input_grads") + full.term("backward_weight_grads") \
+        == pytest.approx(6 * p_matmul)
+    assert 7.4e9 < p_matmul < 7.6e9  # Llama 3 8B: 6.98B in the blocks + 0.53B LM head
+    flash, eager = attention_forward_per_token(shape, 2048, "flash"), attention_forward_per_token(shape, 2048, "eager")
+    assert flash / eager == pytest.approx(2049 / 4096)
+    lora = flops_per_token(shape, method="lora", seq_len=2048, grad_ckpt=True)
+    assert all(t.kind in (MATMUL, ELEMENTWISE) for t in lora.terms)
+    # LoRA with recompute: roughly 6 P_layers (fwd, dx, recompute), well under full's 8N
+    assert 4 * p_matmul < lora.total_per_token < 8 * p_matmul
+    assert set(lora.as_dict()["terms"]) >= {"forward_matmul", "backward_input_grads", "recompute_forward",
+                                            "forward_attention", "lora_forward", "lora_backward"}
