@@ -42,27 +42,24 @@ def flops(cfg) -> dict[str, Any]:
 
 
 def peak_memory(cfg) -> dict[str, Any]:
-    """The memory planner's predicted peak for this configuration on ``cfg.gpu``, in GiB."""
+    """The memory planner's predicted peak for this configuration on ``cfg.gpu``, in GiB.
+
+    ``predicted_peak_gib`` is the planner's allocator figure (what ``max_memory_reserved`` reports);
+    ``predicted_required_gib`` adds the CUDA context it budgets outside the allocator.
+    """
     if cfg.model == "tiny":
         return {"predicted_peak_gib": None, "predicted_note": "tiny model: not planned"}
     try:
-        from onecard.plan.memory import plan_for_recipe
+        from onecard.plan.inputs import inputs_from_recipe
+        from onecard.plan.memory import plan_memory
     except ImportError as exc:
         return {"predicted_peak_gib": None, "predicted_note": f"memory planner unavailable: {exc}"}
     try:
-        plan = plan_for_recipe(cfg.to_recipe())
+        plan = plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=cfg.gpu))
     except Exception as exc:  # a planner bug must not lose a measurement
         return {"predicted_peak_gib": None, "predicted_note": f"memory planner failed: {type(exc).__name__}: {exc}"}
-    total = _total_bytes(plan)
-    return {"predicted_peak_gib": None if total is None else total / GIB}
-
-
-def _total_bytes(plan) -> float | None:
-    for key in ("peak_bytes", "total_bytes", "peak_reserved_bytes"):
-        value = plan.get(key) if isinstance(plan, dict) else getattr(plan, key, None)
-        if value is not None:
-            return float(value() if callable(value) else value)
-    return None
+    return {"predicted_peak_gib": plan.allocator_bytes / GIB, "predicted_required_gib": plan.required_bytes / GIB,
+            "predicted_peak_phase": plan.peak_phase}
 
 
 def speed(cfg) -> dict[str, Any]:
