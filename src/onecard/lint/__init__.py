@@ -1,0 +1,112 @@
+"""Pre-flight lint: one rule per known fine-tuning mistake, each with an id, a severity, why it matters and the fix.
+
+``lint_recipe`` reads the recipe, the model's config (preset or local config.json), the memory plan and -- only
+where they are cheap and local -- the tokenizer, the installed flash_attn version and the card's NVML power limit.
+It never imports torch; the tokenizer checks import transformers only when a local tokenizer exists.
+``onecard train`` runs it first and stops on errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from onecard.catalog.families import FAMILIES, family_for, is_llama3
+
+FLASH_ATTN_MIN = (2, 6, 3)   # first release with the fixes onecard relies on (softcapping, varlen fixes)
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    severity: str        # error | warning | info
+    message: str
+    why: str
+    fix: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def installed_version(dist: str) -> str | None:
+    """Installed distribution version via importlib.metadata (no import of the package itself)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def read_power_limits() -> list[tuple[str, float, float]]:
+    """``(device name, current limit W, default limit W)`` per GPU through NVML; [] when NVML is unavailable."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            out.append((name, pynvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000,
+                        pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle) / 1000))
+        pynvml.nvmlShutdown()
+        return out
+    except Exception:  # no driver / no GPU: the rule does not apply
+        return []
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _load_config(recipe) -> dict | None:
+    from onecard.catalog.models import find_preset, read_config
+
+    name = recipe.model.name_or_path
+    if Path(name).expanduser().is_dir():
+        return read_config(Path(name).expanduser())
+    preset = find_preset(name)
+    if preset is None:
+        return None
+    return {"model_type": preset.model_type, "vocab_size": preset.vocab_size,
+            "max_position_embeddings": preset.max_position_embeddings}
+
+
+def _load_tokenizer(recipe):
+    path = Path(recipe.model.name_or_path).expanduser()
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception:  # an unloadable tokenizer is reported by the data loader, not here
+        return None
+
+
+def lint_recipe(recipe, *, tokenizer=None, model_config: dict | None = None,
+                power_reader: Callable[[], list] | None = None,
+                version_reader: Callable[[str], str | None] | None = None) -> list[Finding]:
+    """All findings for ``recipe`` (errors first). Readers are injectable for tests."""
+    from onecard.lint.rules import RULES, LintContext
+
+    config = model_config if model_config is not None else _load_config(recipe)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(recipe)
+    ctx = LintContext(recipe, config, tokenizer, power_reader or read_power_limits,
+                      version_reader or installed_version)
+    findings = [f for rule in RULES for f in rule(ctx)]
+    order = {"error": 0, "warning": 1, "info": 2}
+    return sorted(findings, key=lambda f: order[f.severity])
+
+
+__all__ = ["Finding", "lint_recipe", "FAMILIES", "family_for", "is_llama3", "FLASH_ATTN_MIN"]

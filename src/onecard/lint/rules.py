@@ -1,0 +1,221 @@
+"""The lint rules. Each is ``rule(ctx) -> list[Finding]`` and says why in one line and how to fix it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+from onecard.catalog.families import FAMILIES, family_for, is_llama3
+from onecard.lint import FLASH_ATTN_MIN, Finding, _version_tuple
+
+
+@dataclass
+class LintContext:
+    recipe: object
+    config: dict | None
+    tokenizer: object
+    power_reader: Callable[[], list]
+    version_reader: Callable[[str], str | None]
+
+    @cached_property
+    def inputs(self):
+        from onecard.catalog.models import ModelShape, resolve_shape
+        from onecard.errors import UserError
+        from onecard.plan.inputs import inputs_from_recipe
+
+        try:
+            shape = None
+            if self.config is not None and "hidden_size" in self.config:
+                shape = ModelShape.from_config(self.config, id=str(self.recipe.model.name_or_path))
+            return inputs_from_recipe(self.recipe, shape=shape or resolve_shape(self.recipe.model.name_or_path))
+        except UserError:
+            return None
+
+    def plan(self, **changes):
+        from onecard.plan.memory import plan_memory
+
+        return None if self.inputs is None else plan_memory(self.inputs.with_(**changes))
+
+
+def does_not_fit(ctx: LintContext) -> list[Finding]:
+    plan = ctx.plan()
+    if plan is None or plan.verdict == "fits":
+        return []
+    from onecard.plan.memory import GIB
+    from onecard.plan.suggest import suggest_fixes
+
+    fixes = suggest_fixes(plan)
+    fix = "; or ".join(f"{s.change} ({s.total_bytes / GIB:.1f} GiB)" for s in fixes[:2]) or "a larger card"
+    total = f"{plan.total_bytes / GIB:.1f} of {plan.capacity_bytes / GIB:.1f} GiB on {plan.inputs.gpu.id}"
+    if plan.verdict == "tight":
+        return [Finding("tight-fit", "warning", f"predicted peak memory is within 5% of the card ({total})",
+                        "estimates carry error; a run this close may OOM at step 1 or mid-run on a long batch",
+                        fix="see onecard plan; a smaller micro-batch with more accumulation gives headroom")]
+    return [Finding("does-not-fit", "error", f"predicted not to fit: {total}",
+                    "the run would stop with CUDA out-of-memory", fix=fix)]
+
+
+def qlora_optimizer(ctx: LintContext) -> list[Finding]:
+    r = ctx.recipe
+    if r.method != "qlora" or r.training.optimizer not in ("adamw_torch", "adamw_torch_fused"):
+        return []
+    plan, paged = ctx.plan(), ctx.plan(optimizer="paged_adamw_8bit")
+    if plan is None or plan.fits or not paged.fits:
+        return []
+    return [Finding("qlora-optimizer", "warning", f"QLoRA with {r.training.optimizer}: optimizer state does not fit",
+                    "fp32 Adam state is 8 bytes per trainable parameter; QLoRA's recipe pages 8-bit state to host",
+                    "set training.optimizer: paged_adamw_8bit")]
+
+
+def grad_ckpt_off(ctx: LintContext) -> list[Finding]:
+    r = ctx.recipe
+    if r.training.grad_ckpt or r.data.seq_len <= 1024:
+        return []
+    plan, on = ctx.plan(), ctx.plan(grad_ckpt=True)
+    if plan is None or plan.fits:
+        return []
+    return [Finding("grad-ckpt-off", "warning" if not on.fits else "error",
+                    f"gradient checkpointing is off at seq {r.data.seq_len} and the plan does not fit without it",
+                    "without checkpointing every block keeps all its activations: memory grows with layers x tokens",
+                    "set training.grad_ckpt: true")]
+
+
+def fp16(ctx: LintContext) -> list[Finding]:
+    r = ctx.recipe
+    if r.model.dtype != "float16":
+        return []
+    cfg = ctx.config or {}
+    if is_llama3(cfg) or (family_for(cfg.get("model_type", "")) and not family_for(cfg["model_type"]).fp16_safe):
+        return [Finding("fp16-unsafe-model", "error", "fp16 on a model trained in bf16 (Llama 3 / Gemma 2)",
+                        "its activations exceed fp16's 65504 range: losses go inf/NaN",
+                        "set model.dtype: bfloat16 (or auto)")]
+    from onecard.catalog.gpus import get_gpu
+    from onecard.errors import UserError
+
+    try:
+        bf16 = get_gpu(r.plan.gpu).bf16
+    except UserError:
+        bf16 = True
+    if not bf16:
+        return []
+    return [Finding("fp16-on-bf16-card", "warning", f"fp16 on a bf16-capable card ({r.plan.gpu})",
+                    "bf16 has fp32's range at the same speed: no loss scaling, no overflow",
+                    "set model.dtype: bfloat16 (or auto)")]
+
+
+def lora_targets(ctx: LintContext) -> list[Finding]:
+    r = ctx.recipe
+    targets = r.adapter.target_modules
+    if not r.is_adapter or targets == "auto" or not ctx.config:
+        return []
+    model_type = ctx.config.get("model_type", "")
+    family = family_for(model_type)
+    if family is None:
+        return []
+    missing = [t for t in targets if t not in family.lora_targets]
+    if not missing:
+        return []
+    source = next((f.model_type for f in FAMILIES.values() if set(missing) <= set(f.lora_targets)), None)
+    copied = f" (module names of {source})" if source else ""
+    return [Finding("lora-targets", "error",
+                    f"target_modules names modules {model_type} lacks: {', '.join(missing)}{copied}",
+                    "peft fails or adapts fewer layers than intended when names don't match the architecture",
+                    f"use target_modules: auto, or names from {', '.join(family.lora_targets)}")]
+
+
+def flash_attn(ctx: LintContext) -> list[Finding]:
+    if ctx.recipe.model.attn_implementation != "flash_attention_2":
+        return []
+    version = ctx.version_reader("flash-attn") or ctx.version_reader("flash_attn")
+    if version is None:
+        return [Finding("flash-attn-missing", "error", "attn_implementation flash_attention_2 but flash-attn is not "
+                        "installed", "transformers refuses to load the model", "install flash-attn >= 2.6.3, or "
+                        "use attn_implementation: sdpa")]
+    if _version_tuple(version) >= FLASH_ATTN_MIN:
+        return []
+    return [Finding("flash-attn-old", "error", f"flash-attn {version} is older than 2.6.3",
+                    "older releases lack softcapping (Gemma 2) and have varlen backward bugs transformers works around",
+                    "pip install -U 'flash-attn>=2.6.3', or use attn_implementation: sdpa")]
+
+
+def lr_and_rank(ctx: LintContext) -> list[Finding]:
+    r, out = ctx.recipe, []
+    lr = r.training.learning_rate
+    if r.is_adapter and not 1e-6 <= lr <= 1e-3:
+        out.append(Finding("lr-range", "warning", f"learning rate {lr:g} is outside 1e-6..1e-3 for {r.method}",
+                           "adapters diverge above ~1e-3 and barely move below 1e-6",
+                           "LoRA/QLoRA typically use 1e-4..3e-4"))
+    if r.method == "full" and lr > 1e-4:
+        out.append(Finding("lr-range", "warning", f"learning rate {lr:g} is above 1e-4 for full fine-tuning",
+                           "full fine-tunes at adapter learning rates destroy pretrained knowledge",
+                           "full SFT typically uses 1e-5..5e-5"))
+    rank = r.adapter.rank
+    if r.is_adapter and not 4 <= rank <= 256:
+        out.append(Finding("rank-range", "warning", f"adapter rank {rank} is outside 4..256",
+                           "below 4 the adapter has too little capacity; above 256 it costs memory for no gain",
+                           "use a rank between 8 and 64 (16 is a sound default)"))
+    return out
+
+
+def qlora_grad_norm(ctx: LintContext) -> list[Finding]:
+    r = ctx.recipe
+    if r.method != "qlora" or r.training.max_grad_norm is not None:
+        return []
+    return [Finding("qlora-max-grad-norm", "warning", "QLoRA without gradient clipping (max_grad_norm unset)",
+                    "4-bit quantisation noise makes occasional gradient spikes; the QLoRA paper clips at 0.3",
+                    "set training.max_grad_norm: 0.3 (or 1.0)")]
+
+
+def seq_above_context(ctx: LintContext) -> list[Finding]:
+    limit = (ctx.config or {}).get("max_position_embeddings")
+    seq = ctx.recipe.data.seq_len
+    if not limit or seq <= int(limit):
+        return []
+    return [Finding("seq-above-context", "error", f"seq_len {seq} exceeds the model's context {limit}",
+                    "positions beyond the trained range are out of distribution for RoPE: quality collapses",
+                    f"set data.seq_len <= {limit}")]
+
+
+def template_masking(ctx: LintContext) -> list[Finding]:
+    r = ctx.recipe
+    if ctx.tokenizer is None or r.data.format not in ("auto", "chat") or r.task not in ("sft",):
+        return []
+    from onecard.data.masking import check_template_masking
+    from onecard.data.templates import resolve_template
+    from onecard.errors import UserError
+
+    try:
+        template = resolve_template(ctx.tokenizer, r.data.chat_template)
+    except UserError as exc:
+        return [Finding("chat-template", "error", exc.what, "training cannot render the conversations",
+                        exc.fix or "use data.chat_template: auto")]
+    return [Finding("template-masking", "error", problem,
+                    "loss masking needs the assistant turns and their end-of-turn token located in the template",
+                    "use the model's own template (data.chat_template: auto) or one that marks assistant turns")
+            for problem in check_template_masking(ctx.tokenizer, template)]
+
+
+def template_mismatch(ctx: LintContext) -> list[Finding]:
+    r = ctx.recipe
+    own = getattr(ctx.tokenizer, "chat_template", None) if ctx.tokenizer is not None else None
+    if not own or r.data.chat_template == "auto":
+        return []
+    return [Finding("template-mismatch", "warning",
+                    f"training with the built-in {r.data.chat_template!r} template while the tokenizer has its own",
+                    "at inference apply_chat_template uses the tokenizer's template: the model sees a format it "
+                    "was not tuned on", "use data.chat_template: auto, or save the training template with the model")]
+
+
+def power_limit(ctx: LintContext) -> list[Finding]:
+    out = []
+    for name, limit_w, default_w in ctx.power_reader():
+        if default_w and limit_w < 0.95 * default_w:
+            out.append(Finding("power-limit", "warning", f"{name}: power limit {limit_w:.0f} W is below its default "
+                               f"{default_w:.0f} W", "a capped card clocks lower: training throughput drops",
+                               "nvidia-smi -pl <default> (needs root), or expect slower steps than planned"))
+    return out
+
+
+RULES = [does_not_fit, qlora_optimizer, grad_ckpt_off, fp16, lora_targets, flash_attn, lr_and_rank, qlora_grad_norm,
+         seq_above_context, template_masking, template_mismatch, power_limit]
