@@ -39,7 +39,7 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
 
     run_dir = recipe.run_dir
     check_run_dir(run_dir, resume, overwrite)
-    lint_or_stop(recipe)
+    lint_or_stop(recipe, console)
     device = resolve_device(None)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, device)
@@ -60,13 +60,24 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
 # --------------------------------------------------------------------------- the pieces, in order
 
 
-def lint_or_stop(recipe: Recipe) -> None:
-    """Stop on pre-flight errors from ``onecard.lint`` when that module exists (it is built separately)."""
+def lint_or_stop(recipe: Recipe, console=None) -> None:
+    """Stop on pre-flight errors from ``onecard.lint`` when that module exists (it is built separately).
+
+    A crash *inside* lint (a bug there, not the user's) is reported and training goes on: lint is advice.
+    """
     try:
         from onecard.lint import lint_recipe
     except ImportError:
         return
-    errors = [f for f in lint_recipe(recipe) if getattr(f, "severity", None) == "error"]
+    try:
+        findings = lint_recipe(recipe)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        if console is not None:
+            console.print(f"[yellow]lint skipped: it failed with {type(exc).__name__}: {exc}[/yellow]")
+        return
+    errors = [f for f in findings if getattr(f, "severity", None) == "error"]
     if errors:
         first = errors[0]
         what = getattr(first, "message", None) or getattr(first, "why", None) or str(first)
