@@ -1,0 +1,250 @@
+"""Throughput: the physical ceiling, and an estimate under it (pure Python; no torch).
+
+ceiling (tokens/s) = min(peak tensor FLOP/s / matmul FLOPs per token,  DRAM bandwidth / weight bytes per token).
+No schedule beats it: every matmul FLOP runs on the tensor cores at best at the datasheet peak, and every weight
+is read at least once per pass. (Elementwise work is left out of the ceiling on purpose: a fused kernel may hide it.)
+
+estimate: one micro-batch takes
+  max(matmul FLOPs / (peak x efficiency),  weight bytes / bandwidth,  overlappable host traffic)
+  + QLoRA dequantisation bytes / bandwidth      (separate kernels: bitsandbytes writes a bf16 copy, the matmul reads it)
+  + DoRA column-norm bytes / bandwidth          (reads W once per forward pass)
+  + optimizer-step bytes / bandwidth / grad_accum  (full fine-tuning; negligible for adapters)
+  + host-link traffic that cannot overlap (CPU-offloaded optimizer: grads down, params up, per optimizer step;
+    paged optimizer state that did not fit)
+so the estimate is at or below the ceiling by construction (efficiency <= 1, the other terms only add time).
+
+efficiency = achieved matmul FLOP/s / peak, from the calibration profile (onecard/calibration/measurements.json),
+looked up in this order, and the label says which:
+  measured      the exact configuration was measured on this card: the estimate *is* the measurement;
+  calibrated    same card, same method and kernels, another configuration: that row's efficiency;
+  extrapolated  a measurement on another card: its efficiency moved to this card with the profile's
+                memory-bound share m: e_card = e_ref / ((1 - m) + m x (bw_ref / bw_card) x (peak_card / peak_ref));
+  estimated     no usable row: DEFAULT_EFFICIENCY, or a LoRA row's matmul efficiency for qlora/dora/full
+                (their extra work is then added from bytes, as above).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from onecard.calibration import Measurement, Profile, load_profile
+from onecard.catalog.gpus import GPU
+from onecard.plan.flops import FlopsBreakdown, flops_per_token
+
+# Prior for a method/kernel with no measurement anywhere: about the MFU plain HF + PEFT LoRA reaches on H200
+# (6,517 tokens/s x 46.6 GFLOP/token / 989.4 TFLOP/s = 0.31), rounded down.
+DEFAULT_EFFICIENCY = 0.30
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 * 1.0 + 4 / (64 * 256)  # 4-bit codes + int8 absmax per 64 (double quant) + fp32/256
+DEQUANT_BYTES_PER_PARAM = NF4_BYTES_PER_PARAM + 2.0       # read NF4, write the bf16 copy (the matmul's read is below)
+ADAM_STEP_BYTES_PER_PARAM = {"adamw_torch_fused": 28, "adamw_torch": 28, "adamw_cpu_offload": 0,
+                             "adamw_8bit": 16, "paged_adamw_8bit": 16}  # bf16 p r/w, grad r, m/v r/w (+fp32 master)
+KERNEL_CLASS = {"none": "none", "onecard": "none", "liger": "liger", "unsloth": "unsloth"}
+
+
+@dataclass
+class Throughput:
+    gpu: str
+    method: str
+    flops: FlopsBreakdown
+    ceiling_tokens_per_s: float
+    compute_ceiling_tokens_per_s: float
+    memory_ceiling_tokens_per_s: float
+    estimate_tokens_per_s: float
+    label: str                       # measured | calibrated | extrapolated | estimated
+    efficiency: float
+    efficiency_source: str
+    step_s: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation of the estimate: all counted matmul FLOPs (recompute included) / peak."""
+        return self.estimate_tokens_per_s / self.compute_ceiling_tokens_per_s
+
+    def to_dict(self) -> dict:
+        return {
+            "gpu": self.gpu, "method": self.method,
+            "ceiling_tokens_per_s": round(self.ceiling_tokens_per_s, 1),
+            "compute_ceiling_tokens_per_s": round(self.compute_ceiling_tokens_per_s, 1),
+            "memory_ceiling_tokens_per_s": round(self.memory_ceiling_tokens_per_s, 1),
+            "estimate_tokens_per_s": round(self.estimate_tokens_per_s, 1), "label": self.label,
+            "ceiling_label": "physical ceiling (datasheet peak, FLOPs model)",
+            "efficiency": round(self.efficiency, 4), "efficiency_source": self.efficiency_source,
+            "mfu": round(self.mfu, 4), "step_s": {k: round(v, 6) for k, v in self.step_s.items()},
+            "flops": self.flops.as_dict(), "notes": list(self.notes),
+        }
+
+
+def weight_bytes_per_pass(shape, method: str) -> float:
+    """Base weights one pass must read: bf16 everywhere, NF4 for QLoRA's block linears (the LM head stays bf16)."""
+    p_layers = shape.num_hidden_layers * shape.linear_params_per_layer()
+    p_head = shape.vocab_size * shape.hidden_size
+    return (NF4_BYTES_PER_PARAM if method == "qlora" else 2.0) * p_layers + 2.0 * p_head
+
+
+def ceilings(flops: FlopsBreakdown, gpu: GPU, shape, method: str, grad_ckpt: bool) -> tuple[float, float]:
+    """(compute ceiling, memory ceiling) in tokens/s."""
+    compute = gpu.bf16_dense_tflops * 1e12 / flops.matmul_per_token
+    passes = 3 if grad_ckpt else 2  # forward, backward (input grads), recompute
+    per_token = passes * weight_bytes_per_pass(shape, method) / flops.tokens_per_microbatch
+    return compute, gpu.bandwidth_gb_s * 1e9 / per_token
+
+
+# --------------------------------------------------------------------------- efficiency lookup
+
+
+def measurement_efficiency(m: Measurement, gpu: GPU) -> float:
+    """Achieved matmul FLOP/s / peak of a measured row, with the FLOPs of its own configuration."""
+    from onecard.catalog.models import resolve_shape
+
+    shape = resolve_shape(m.model)
+    fl = flops_per_token(shape, method=m.method, seq_len=m.seq_len, micro_batch=m.micro_batch, rank=m.rank,
+                         targets=None if m.targets == "all-linear" else m.targets.split(","), grad_ckpt=m.grad_ckpt)
+    return m.tokens_per_s * fl.matmul_per_token / (gpu.bf16_dense_tflops * 1e12)
+
+
+def extrapolate(eff: float, ref: GPU, card: GPU, memory_bound_share: float) -> float:
+    """Move an efficiency measured on ``ref`` to ``card`` (see module docstring)."""
+    m = memory_bound_share
+    ratio = (ref.bandwidth_gb_s / card.bandwidth_gb_s) * (card.bf16_dense_tflops / ref.bf16_dense_tflops)
+    return min(1.0, eff / ((1 - m) + m * ratio))
+
+
+def _score(m: Measurement, cfg: dict) -> tuple:
+    """Closer configurations sort first: same micro-batch, same model, same checkpointing, same seq."""
+    import math
+
+    return (abs(math.log(m.micro_batch / cfg["micro_batch"])), m.model != cfg["model"],
+            m.grad_ckpt != cfg["grad_ckpt"], abs(math.log(m.seq_len / cfg["seq_len"])))
+
+
+def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str, str, Measurement | None]:
+    """(efficiency, label, source text, exact row or None) for ``cfg`` (model, method, rank, seq_len, micro_batch,
+    grad_ckpt, kernels) on ``gpu``."""
+    from onecard.catalog.gpus import get_gpu
+
+    kclass = KERNEL_CLASS.get(cfg["kernels"], "none")
+    rows = [m for m in profile.measurements if KERNEL_CLASS.get(m.kernels, m.kernels) == kclass]
+    same_method = [m for m in rows if m.method == cfg["method"]]
+    for m in same_method:
+        if (m.gpu == gpu.id and m.kernels == cfg["kernels"] and m.model == cfg["model"] and m.rank == cfg["rank"]
+                and m.seq_len == cfg["seq_len"] and m.micro_batch == cfg["micro_batch"]
+                and m.grad_ckpt == cfg["grad_ckpt"] and cfg.get("all_linear", True)):
+            return measurement_efficiency(m, gpu), "measured", f"measured: {m.id} ({m.date})", m
+    here = sorted((m for m in same_method if m.gpu == gpu.id), key=lambda m: _score(m, cfg))
+    if here:
+        return measurement_efficiency(here[0], gpu), "calibrated", f"efficiency of {here[0].id} ({here[0].date})", None
+    lora_rows = [m for m in rows if m.method == "lora"]
+    pool = same_method or lora_rows
+    if pool:
+        best = sorted(pool, key=lambda m: (m.gpu != gpu.id, _score(m, cfg)))[0]
+        ref = get_gpu(best.gpu)
+        eff = measurement_efficiency(best, ref)
+        borrowed = "" if same_method else f" (matmul efficiency of a {best.method} row; {cfg['method']}'s extra work added from bytes)"
+        if best.gpu != gpu.id:
+            eff = extrapolate(eff, ref, gpu, profile.memory_bound_share)
+        label = "extrapolated" if same_method else "estimated"
+        how = f"from {best.id} on {best.gpu}, moved to {gpu.id} (memory-bound share {profile.memory_bound_share:g})" \
+            if best.gpu != gpu.id else f"from {best.id}"
+        return eff, label, how + borrowed, None
+    return DEFAULT_EFFICIENCY, "estimated", f"default efficiency {DEFAULT_EFFICIENCY:g} (no measurement)", None
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, profile: Profile | None = None,
+                        lora_dropout: float = 0.0, grad_ckpt: bool | None = None) -> Throughput:
+    """Ceiling and estimate for :class:`onecard.plan.inputs.PlanInputs` ``inp`` (``seq_len``: the effective
+    sequence length when it differs from inp.seq_len, e.g. unpacked short examples)."""
+    profile = profile or load_profile()
+    gpu, shape, method = inp.gpu, inp.shape, inp.method
+    ckpt = inp.grad_ckpt if grad_ckpt is None else grad_ckpt
+    seq = seq_len or inp.seq_len
+    fl = flops_per_token(shape, method=method, seq_len=seq, micro_batch=inp.micro_batch, rank=inp.rank,
+                         targets=inp.targets, grad_ckpt=ckpt, attention="eager" if inp.attn == "eager" else "flash",
+                         lora_dropout=lora_dropout)
+    compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt)
+    ceiling = min(compute_ceiling, memory_ceiling)
+    cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
+           "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7}
+    eff, label, source, exact = lookup_efficiency(cfg, gpu, profile)
+    notes: list[str] = []
+    if inp.kernels == "onecard":
+        notes.append("onecard's fused kernels have no measurement yet: the plain (unfused) efficiency is used")
+    if inp.task in ("dpo", "kto"):
+        notes.append(f"{inp.task}: the reference forward pass is not in the FLOPs; expect it slower")
+
+    tokens = fl.tokens_per_microbatch
+    bw = gpu.bandwidth_gb_s * 1e9
+    steps = {"matmul_s": fl.matmul_per_token * tokens / (gpu.bf16_dense_tflops * 1e12 * eff),
+             "weights_read_s": tokens / memory_ceiling}
+    if method == "qlora":
+        dequants = 3 if ckpt else 2
+        p_layers = shape.num_hidden_layers * shape.linear_params_per_layer()
+        steps["qlora_dequant_s"] = dequants * p_layers * DEQUANT_BYTES_PER_PARAM / bw
+    if method == "dora":
+        p_tgt = shape.num_hidden_layers * sum(i * o for n, i, o in shape.linear_layers_per_block() if n in inp.targets)
+        steps["dora_norm_s"] = (2 if ckpt else 1) * p_tgt * 2.0 / bw  # read W (bf16) per forward pass
+    steps.update(_optimizer_and_host_s(inp, memory_plan, bw))
+    step = (max(steps["matmul_s"], steps["weights_read_s"], steps.get("host_overlapped_s", 0.0))
+            + sum(v for k, v in steps.items() if k not in ("matmul_s", "weights_read_s", "host_overlapped_s")))
+    estimate = min(ceiling, tokens / step)
+    if exact is not None:
+        estimate = min(ceiling, float(exact.tokens_per_s))
+    if steps.get("host_serial_s", 0) > 0.1 * step:
+        notes.append(f"host-link traffic ({gpu.host_link_gb_s:g} GB/s) is {steps['host_serial_s'] / step:.0%} of a step")
+    bound = "memory" if steps["weights_read_s"] > steps["matmul_s"] else "compute"
+    notes.append(f"{bound}-bound at micro-batch {inp.micro_batch} x {seq} tokens")
+    return Throughput(gpu.id, method, fl, ceiling, compute_ceiling, memory_ceiling, estimate, label, eff, source,
+                      {**steps, "step_s": step}, notes)
+
+
+def _optimizer_and_host_s(inp, memory_plan, bw: float) -> dict:
+    """Per micro-batch: the optimizer step's DRAM traffic and host-link traffic (amortised over grad_accum)."""
+    from onecard.plan import static
+
+    tensors = static.trainable_tensors(inp.shape, inp.method, inp.rank, inp.targets)
+    trainable = sum(tensors)
+    link = inp.gpu.host_link_gb_s * 1e9
+    out = {"optimizer_s": trainable * ADAM_STEP_BYTES_PER_PARAM.get(inp.optimizer, 28) / bw / inp.grad_accum}
+    serial = 0.0
+    if inp.optimizer == "adamw_cpu_offload":  # grads down, updated params up; not overlapped with compute
+        serial += trainable * (static.trainable_dtype_bytes(inp.method, inp.dtype_bytes) + inp.dtype_bytes) / link
+    if memory_plan is not None and inp.optimizer == "paged_adamw_8bit":
+        spilled = max(0, memory_plan.required_bytes + memory_plan.spillable_bytes - memory_plan.capacity_bytes)
+        serial += 2 * spilled / link  # paged out and back in at each optimizer step
+    if serial:
+        out["host_serial_s"] = serial / inp.grad_accum
+    if inp.offload_activations:  # checkpoints out in forward, back in backward; copies run on a side stream
+        ckpt_bytes = inp.shape.num_hidden_layers * inp.shape.hidden_size * 2 * inp.tokens_per_micro_batch
+        out["host_overlapped_s"] = 2 * ckpt_bytes / link
+    return out
+
+
+def claim_check(inp, claim_tokens_per_s: float, *, seq_len: int | None = None) -> dict:
+    """Is ``claim_tokens_per_s`` physically possible for this model/method/sequence on this card?
+
+    Judged against the most lenient ceiling for the method: no gradient checkpointing (recompute is a choice),
+    causal attention kernels, datasheet peak. The recipe's own ceiling (with its checkpointing) is given as well.
+    """
+    seq = seq_len or inp.seq_len
+    fl = flops_per_token(inp.shape, method=inp.method, seq_len=seq, micro_batch=inp.micro_batch, rank=inp.rank,
+                         targets=inp.targets, grad_ckpt=False)
+    best = min(ceilings(fl, inp.gpu, inp.shape, inp.method, False))
+    own_fl = flops_per_token(inp.shape, method=inp.method, seq_len=seq, micro_batch=inp.micro_batch, rank=inp.rank,
+                             targets=inp.targets, grad_ckpt=inp.grad_ckpt,
+                             attention="eager" if inp.attn == "eager" else "flash")
+    own = min(ceilings(own_fl, inp.gpu, inp.shape, inp.method, inp.grad_ckpt))
+    factor = claim_tokens_per_s / best
+    needed_tflops = claim_tokens_per_s * fl.matmul_per_token / 1e12
+    possible = factor <= 1.0
+    verdict = (f"possible: {claim_tokens_per_s:,.0f} tokens/s is {factor:.0%} of the ceiling" if possible else
+               f"physically impossible: {claim_tokens_per_s:,.0f} tokens/s is {factor:.2f}x the ceiling of "
+               f"{best:,.0f} tokens/s (it needs {needed_tflops:,.0f} TFLOP/s of matmuls; the card peaks at "
+               f"{inp.gpu.bf16_dense_tflops:g})")
+    return {"claim_tokens_per_s": claim_tokens_per_s, "ceiling_tokens_per_s": round(best, 1),
+            "ceiling_config": "no gradient checkpointing, causal attention, datasheet bf16 peak",
+            "recipe_ceiling_tokens_per_s": round(own, 1), "factor_over_ceiling": round(factor, 3),
+            "physically_possible": possible, "needed_tflops": round(needed_tflops, 1),
+            "peak_tflops": inp.gpu.bf16_dense_tflops, "verdict": verdict, "label": "ceiling (physics)"}
