@@ -200,3 +200,33 @@ def test_read_records_keeps_lines_across_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a"}\n\n{"text": "b"}\n')
     assert [(r.data["text"], r.line) for r in read_records(path)] == [("a", 1), ("b", 3)]
+
+
+def test_packing_matches_padding_on_a_tiny_model(tmp_path, tok):
+    """Invariant: the logits of a packed row equal each example run alone (no cross-contamination)."""
+    import torch
+    import transformers
+
+    from onecard.data import model_inputs
+    from onecard.tiny import tiny_config
+
+    rows = [chat(s, SENTENCES[(i + 1) % 4]) for i, s in enumerate(SENTENCES)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    plain = build_dataset(recipe(path, seq_len=256), tok)
+    packed = build_dataset(recipe(path, seq_len=256, packing=True), tok)
+    assert len(packed) == 1
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", len(tok)), dtype=torch.float32).eval()
+    with torch.no_grad():
+        batch = collate(packed.examples + [plain.examples[0]], pad_id=tok.pad_token_id)  # mixed with a shorter row
+        packed_logits = model(**model_inputs(collate(packed.examples, tok.pad_token_id))).logits[0]
+        start = 0
+        for ex in plain.examples:
+            alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            n = len(ex["input_ids"])
+            torch.testing.assert_close(packed_logits[start : start + n], alone, atol=1e-5, rtol=1e-5)
+            start += n
+        # control: passing the 2-D attention mask as well lets packed examples see each other
+        leaky = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1]).logits[0]
+        n0 = len(plain.examples[0]["input_ids"])
+        assert not torch.allclose(leaky[n0 : n0 + 5], model(input_ids=torch.tensor([plain.examples[1]["input_ids"]])).logits[0][:5], atol=1e-3)

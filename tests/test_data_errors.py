@@ -131,3 +131,11 @@ def test_error_message_renders_where_what_fix(tmp_path, tok):
     rendered = str(build_error(path, tok))
     head, fix = rendered.split("\n")
     assert head.startswith(f"{path}:1: malformed JSON") and fix.strip().startswith("fix: ")
+
+
+def test_non_utf8_csv_names_the_line(tmp_path, tok):
+    pytest.importorskip("datasets")
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"instruction,output\nhello,yes\ncaf\xe9,x\n")
+    err = build_error(path, tok)
+    assert err.where == f"{path}:3" and "UTF-8" in err.what

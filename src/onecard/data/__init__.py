@@ -2,13 +2,13 @@
 
 Public API (the trainer and the preference-data code build on these):
 ``build_dataset(recipe, tokenizer, split)``, ``collate(examples, pad_id)``, ``epoch_order(n, seed, epoch)``,
-``read_records(path)``, ``check_template_masking(tokenizer, template)``, ``pad_token_id(tokenizer)``.
+``model_inputs(batch)``, ``read_records(path)``, ``check_template_masking(tokenizer, template)``, ``pad_token_id(tokenizer)``.
 No torch import at module level: torch is imported inside the functions that build tensors.
 """
 
 from __future__ import annotations
 
-from onecard.data.collate import collate, epoch_order
+from onecard.data.collate import collate, epoch_order, model_inputs
 from onecard.data.dataset import DataStats, TokenizedDataset, build_dataset, select_records
 from onecard.data.formats import detect_format, to_messages
 from onecard.data.masking import IGNORE_INDEX, check_template_masking, tokenize_chat
@@ -26,6 +26,7 @@ __all__ = [
     "collate",
     "detect_format",
     "epoch_order",
+    "model_inputs",
     "pad_token_id",
     "read_records",
     "render",

@@ -52,3 +52,18 @@ def collate(examples: list[dict], pad_id: int) -> dict:
             start = positions[-1] + 1 if positions else 0
             batch["position_ids"].append(positions + list(range(start, start + pad)))
     return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments to hand a Hugging Face causal LM for a collated batch.
+
+    Packed rows (``position_ids`` present) go *without* ``attention_mask``: transformers builds a
+    block-diagonal mask from ``position_ids`` restarts only when no 2-D mask is given
+    (``masking_utils.find_packed_sequence_indices``); with the mask it would let packed examples
+    attend to each other. Right padding is harmless then: causal attention never lets a real token
+    see the pads after it, and pads carry labels -100. ``use_cache=False`` because that detection is
+    also skipped whenever a KV cache exists (eval-mode models create one by default).
+    """
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -165,13 +165,13 @@ def _read_table(path: Path, suffix: str) -> list[Record]:
         if suffix == ".csv":
             return _read_csv_stdlib(path)
         raise UserError("reading Parquet needs the `datasets` package", where=str(path), fix="pip install datasets, or convert the file to JSONL") from None
+    if suffix == ".csv":
+        _decode_lines(path)  # datasets buries bad bytes in a DatasetGenerationError; this names the line
     builder = datasets.Dataset.from_parquet if suffix == ".parquet" else datasets.Dataset.from_csv
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a one-file read needs no "Generating train split" bar in the CLI output
     try:
         table = builder(str(path), keep_in_memory=True)
-    except UnicodeDecodeError:
-        return _read_csv_stdlib(path)  # the stdlib reader names the offending line
     except Exception as exc:  # pyarrow/pandas parse errors carry no stable type
         raise UserError(f"could not read {suffix[1:]} file: {exc}", where=str(path), fix=f"check that it is a valid {suffix[1:]} file") from None
     finally:
