@@ -139,3 +139,14 @@ def test_non_utf8_csv_names_the_line(tmp_path, tok):
     path.write_bytes(b"instruction,output\nhello,yes\ncaf\xe9,x\n")
     err = build_error(path, tok)
     assert err.where == f"{path}:3" and "UTF-8" in err.what
+
+
+def test_template_refusing_a_record_names_its_line(tmp_path, tok):
+    gemma_like = build_tiny_tokenizer(
+        chat_template="{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+    )
+    bad = {"messages": [{"role": "system", "content": "be brief"}] + GOOD["messages"]}
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD), json.dumps(bad)])
+    err = build_error(path, gemma_like)
+    assert err.where == f"{path}:2" and "System role not supported" in err.what and "system" in err.fix

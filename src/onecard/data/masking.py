@@ -23,7 +23,12 @@ Span = tuple[int, int]
 
 def tokenize_chat(tokenizer, template: str, messages: list[dict], where: str | None = None) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one conversation; labels are IGNORE_INDEX outside assistant spans."""
-    full, spans = assistant_spans(tokenizer, template, messages, where=where)
+    try:
+        full, spans = assistant_spans(tokenizer, template, messages, where=where)
+    except UserError as exc:  # a template refusing *this* conversation: point at the record
+        if where and exc.where == "data.chat_template":
+            raise UserError(exc.what, where=where, fix=exc.fix) from None
+        raise
     if getattr(tokenizer, "is_fast", False):
         ids, trained = _label_by_offsets(tokenizer, full, spans)
     else:  # slow tokenizers give no offsets: tokenize span by span instead

@@ -34,9 +34,8 @@ def pack_pretrain(token_docs: list[list[int]], seq_len: int, eos_id: int | None)
 def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
     """Greedy in-order packing of SFT examples (each already <= ``seq_len``) into rows of at most ``seq_len``.
 
-    In order rather than best-fit so the packed rows are a pure function of the data file; the
-    epoch shuffle then permutes rows. Costs some padding versus bin-packing (measured on the demo
-    set: see tests); acceptable for a first version.
+    In order rather than best-fit so the packed rows are a pure function of the data file and the
+    epoch shuffle then permutes rows; best-fit would waste less of each row (not measured yet).
     """
     rows: list[Example] = []
     row: Example = _empty_row()
