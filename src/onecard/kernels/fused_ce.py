@@ -135,7 +135,7 @@ def reference_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, re
     logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
     if bias is not None:
         logits = logits + bias
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # .float(), but keeps float64
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     y = labels.reshape(-1)
