@@ -195,3 +195,11 @@ def test_published_templates_without_generation_markers(template, specials, end)
     assert labels.count(IGNORE_INDEX) == len(ids) - sum(len(tok.encode(r, add_special_tokens=False)) for r in trained_runs(tok, labels))
     # both published templates raise on a system message; that is reported, and masking is otherwise fine
     assert check_template_masking(tok, template) == ["the chat template rejects a 'system' message; records that have one will fail"]
+
+
+def test_slow_tokenizer_path_agrees_with_offsets_when_pieces_align(tok):
+    """Slow tokenizers have no offsets: the piecewise fallback must give the same labels on ChatML."""
+    from onecard.data.masking import _label_by_offsets, _label_by_pieces, assistant_spans
+
+    full, spans = assistant_spans(tok, CHATML, CHAT)
+    assert _label_by_pieces(tok, full, spans) == _label_by_offsets(tok, full, spans)
