@@ -1,0 +1,135 @@
+"""evaluate() / onecard eval: loss on the training masking, baseline == the base model, improvement is seen."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from onecard_run_fixtures import make_run
+
+QA = [("what is two plus two", "four"), ("name a colour", "blue"), ("say yes", "yes"), ("count to three", "1 2 3")]
+
+
+def _write_data(path: Path) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for q, a in QA:
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    return path
+
+
+def _train_adapter(run: Path, data: Path, steps: int = 40) -> None:
+    """Memorise the four answers with plain torch (the real loop is another component): a tune that helps."""
+    import torch
+
+    from onecard.data import build_dataset, collate, model_inputs
+    from onecard.eval.runs import load_run
+
+    loaded = load_run(run, "cpu")
+    model = loaded.model
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    recipe = loaded.recipe.model_copy(update={"data": loaded.recipe.data.model_copy(update={"path": str(data)})})
+    batch = collate(build_dataset(recipe, loaded.tokenizer, "train").examples, loaded.tokenizer.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(steps):
+        loss = model(**model_inputs(batch), labels=batch["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(run / "adapter")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from onecard.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("eval")
+    data = _write_data(root / "qa.jsonl")
+    # initializer_range 0.3: with the default 0.02 the frozen lm_head caps logits near 1, so no adapter could
+    # memorise anything; B = 0 (scale 0) so the adapter starts as the base model.
+    base = save_tiny_model(root / "base", "llama", initializer_range=0.3)
+    run = make_run(root, str(base), "lora", scale=0.0)
+    _train_adapter(run, data)
+    return run, data, str(base)
+
+
+def test_baseline_is_the_base_model_and_tune_improves(trained):
+    from onecard.eval import evaluate
+    from onecard.eval.runs import load_model_dirs, load_run
+
+    run, data, base_dir = trained
+    loaded = load_run(run, "cpu")
+    result = evaluate(loaded.model, loaded.tokenizer, loaded.recipe, str(data), baseline=True, max_new_tokens=8)
+    base_only = load_model_dirs(base_dir, None, "cpu", dtype="float32")
+    plain = evaluate(base_only.model, base_only.tokenizer, base_only.recipe, str(data), max_new_tokens=8)
+    assert result["baseline"]["loss"] == pytest.approx(plain["tuned"]["loss"], rel=1e-5)
+    assert [s["baseline"] for s in result["samples"]] == [s["tuned"] for s in plain["samples"]]
+    assert result["tuned"]["loss"] < 0.5 * result["baseline"]["loss"]
+    assert result["tuned"]["exact_match"] >= 0.75 > result["baseline"]["exact_match"]
+    assert result["delta"]["token_f1"] > 0 and result["delta"]["loss"] < 0
+    assert result["examples"] == {"loss": 4, "generation": 4}
+    assert result["tuned"]["tokens"] > 0 and result["decoding"]["strategy"] == "greedy"
+
+
+def test_loss_matches_hf_loss_on_the_training_masking(trained):
+    import torch
+
+    from onecard.data import build_dataset, collate, model_inputs
+    from onecard.eval.loss import heldout_loss
+    from onecard.eval.runs import load_run
+
+    run, data, base_dir = trained
+    loaded = load_run(run, "cpu")
+    recipe = loaded.recipe.model_copy(update={"data": loaded.recipe.data.model_copy(update={"path": str(data)})})
+    examples = build_dataset(recipe, loaded.tokenizer, "train").examples
+    ours = heldout_loss(loaded.model, examples, loaded.tokenizer.pad_token_id, batch_size=3)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    with torch.no_grad():  # HF's loss: token-weighted mean over the whole batch
+        hf = loaded.model(**model_inputs(batch), labels=batch["labels"]).loss
+    assert ours["loss"] == pytest.approx(float(hf), rel=1e-5)
+    assert ours["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _cli(args: list[str]) -> int:
+    from onecard.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_cli_eval_baseline_writes_eval_json(trained, capsys):
+    run, data, base_dir = trained
+    assert _cli(["eval", str(run), "--data", str(data), "--baseline", "--json", "--max-new-tokens", "6",
+                 "--max-examples", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((run / "eval.json").read_text())
+    assert stored["delta"] == printed["delta"] and printed["examples"]["generation"] == 3
+    assert _cli(["eval", str(run), "--model", "x", "--data", str(data)]) == 2
+
+
+def test_cli_eval_table(trained, capsys):
+    run, data, base_dir = trained
+    assert _cli(["eval", str(run), "--data", str(data), "--baseline", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss" in out and "base" in out and "ROUGE-L" in out
+
+
+@pytest.mark.skipif(not os.environ.get("ONECARD_DEMO_RUN_DIR"), reason="set ONECARD_DEMO_RUN_DIR to a finished demo run")
+def test_demo_run_improves_over_base():
+    """Acceptance 3: the demo's tune beats its base on the demo's eval data (loss and token F1)."""
+    from onecard.eval import evaluate
+    from onecard.eval.runs import load_run
+
+    loaded = load_run(os.environ["ONECARD_DEMO_RUN_DIR"])
+    result = evaluate(loaded.model, loaded.tokenizer, loaded.recipe, os.environ.get("ONECARD_DEMO_EVAL_DATA"),
+                      baseline=True, max_examples=32)
+    assert result["delta"]["loss"] < 0
+    if "token_f1" in result["delta"]:
+        assert result["delta"]["token_f1"] > 0
