@@ -18,6 +18,15 @@ from onecard.commands.common import JsonOption, SetOption, print_json
 Section = Callable[..., tuple[str, dict, list]]
 SECTIONS: list[Section] = []   # extra sections after the memory budget (e.g. time and cost)
 
+
+def _time_cost_section(recipe, inputs, memory_plan):
+    from onecard.plan.timecost import time_cost_section  # speed, time to train, deadline, claim check, cost
+
+    return time_cost_section(recipe, inputs, memory_plan)
+
+
+SECTIONS.append(_time_cost_section)
+
 VERDICT_STYLE = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
 
 
@@ -127,12 +136,25 @@ def register(app: typer.Typer) -> None:
                                                            help="Keep activation checkpoints in host memory."),
         kernels: Optional[str] = typer.Option(None, "--kernels", help="auto | none | onecard | liger"),
         attn: Optional[str] = typer.Option(None, "--attn", help="auto | sdpa | eager | flash_attention_2"),
+        claim: Optional[float] = typer.Option(None, "--claim-tokens-per-s",
+                                              help="Check a published tokens/s figure against this card's ceiling."),
+        deadline_hours: Optional[float] = typer.Option(None, "--deadline-hours",
+                                                       help="Does the job finish in H hours (4: daily, 12: overnight, 60: weekend)?"),
+        epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs (training.epochs)."),
+        examples: Optional[int] = typer.Option(None, "--examples", help="Training examples (data.num_examples)."),
+        mean_tokens: Optional[float] = typer.Option(None, "--mean-tokens",
+                                                    help="Mean tokens per example (data.mean_tokens_per_example)."),
+        prices: Optional[Path] = typer.Option(None, "--prices", help="Your price file (default: the shipped prices.yaml)."),
         overrides: list[str] = SetOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Predict peak GPU memory, component by component, and say whether the run fits the card."""
         flags = direct_overrides(model, method, task, seq, batch, grad_accum, rank, gpu, num_gpus, optimizer,
                                  grad_ckpt, offload_activations, kernels, attn)
+        from onecard.plan.timecost import cli_overrides, set_cli_options
+
+        flags += cli_overrides(epochs=epochs, examples=examples, mean_tokens=mean_tokens, deadline_hours=deadline_hours)
+        set_cli_options(claim_tokens_per_s=claim, prices_path=str(prices) if prices else None)
         recipe = load_plan_recipe(recipe_path, flags + list(overrides or []))
         payload, renderables = build_report(recipe)
         if as_json:
