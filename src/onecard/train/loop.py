@@ -167,51 +167,30 @@ def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, r
     """The optimisation loop; checkpoints every ``training.save_every_steps``; returns (state, timing)."""
     import torch
 
-    from onecard.data import collate, epoch_order, pad_token_id
-    from onecard.train.checkpoint import save_checkpoint
+    from onecard.data import pad_token_id
     from onecard.train.metrics import MetricsLogger, TrainProgress, peak_memory_bytes
-    from onecard.train.optim import set_lr
 
     t = recipe.training
-    params = [p for p in model.parameters() if p.requires_grad]
     logger = MetricsLogger(recipe.run_dir, state.metrics)
     progress = TrainProgress(console, schedule.total_steps, state.global_step)
-    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
-    orders: dict[int, list[int]] = {}
-    pad_id = pad_token_id(tokenizer)
+    batches = _Batches(dataset, schedule, recipe, pad_token_id(tokenizer))
     tokens_here, start = 0, time.perf_counter()
     model.train()
     try:
         while state.global_step < schedule.total_steps:
-            state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
-            if state.epoch not in orders:
-                orders = {state.epoch: epoch_order(schedule.n_examples, t.seed, state.epoch, shuffle=recipe.data.shuffle)}
-            micro = [collate([dataset.examples[i] for i in idx], pad_id)
-                     for idx in schedule.window(orders[state.epoch], state.step_in_epoch)]
-            lr = set_lr(optimizer, recipe, state.global_step, schedule.total_steps)
-            loss, n_trained = accumulate_gradients(model, micro, device)
-            grad_norm = _clip(params, t.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            micro = batches.window(state.global_step)
+            record = optimizer_step(model, optimizer, micro, recipe, state.global_step, schedule.total_steps, device)
             state.global_step += 1
-            state.tokens_seen += n_tokens
-            state.trained_tokens += n_trained
-            tokens_here += n_tokens
-            tokens_per_s = tokens_here / max(time.perf_counter() - start, 1e-9)
-            peak, _ = peak_memory_bytes(device)
+            state.tokens_seen += record["tokens"]
+            state.trained_tokens += record["trained_tokens"]
+            tokens_here += record["tokens"]
+            record["tokens_per_s"] = tokens_here / max(time.perf_counter() - start, 1e-9)
+            record["peak_memory_bytes"], _ = peak_memory_bytes(device)
             if state.global_step % t.log_every_steps == 0 or state.global_step == schedule.total_steps:
-                logger.log({"step": state.global_step, "epoch": round(state.global_step / schedule.steps_per_epoch, 4),
-                            "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
-                            "trained_tokens": n_trained, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak})
-            progress.update(state.global_step, loss, tokens_per_s, peak)
-            if t.save_every_steps and state.global_step % t.save_every_steps == 0:
-                state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
-                state.metrics = list(logger.records)
-                save_checkpoint(recipe.run_dir, model, optimizer, state, {"kind": t.lr_scheduler,
-                                                                          "step": state.global_step})
-                if crash_at == state.global_step:
-                    os._exit(17)  # simulate a killed process (tests only): no cleanup, no flush
+                logger.log({"step": state.global_step,
+                            "epoch": round(state.global_step / schedule.steps_per_epoch, 4), **record})
+            progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"])
+            _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger)
     finally:
         progress.close()
         logger.close()
@@ -219,6 +198,52 @@ def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, r
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return state, {"seconds": time.perf_counter() - start, "tokens": tokens_here}
+
+
+class _Batches:
+    """Micro-batches of a global step: epoch order from (seed, epoch), position from the step (resume-exact)."""
+
+    def __init__(self, dataset, schedule: Schedule, recipe: Recipe, pad_id: int):
+        self.dataset, self.schedule, self.recipe, self.pad_id = dataset, schedule, recipe, pad_id
+        self._order: tuple[int, list[int]] | None = None
+
+    def window(self, global_step: int) -> list[dict[str, Any]]:
+        from onecard.data import collate, epoch_order
+
+        epoch, position = divmod(global_step, self.schedule.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            order = epoch_order(self.schedule.n_examples, self.recipe.training.seed, epoch,
+                                shuffle=self.recipe.data.shuffle)
+            self._order = (epoch, order)
+        return [collate([self.dataset.examples[i] for i in idx], self.pad_id)
+                for idx in self.schedule.window(self._order[1], position)]
+
+
+def optimizer_step(model, optimizer, micro, recipe: Recipe, step: int, total_steps: int, device: str) -> dict:
+    """Set the LR, accumulate over the window, clip, step. Returns the step's metrics."""
+    from onecard.train.optim import set_lr
+
+    lr = set_lr(optimizer, recipe, step, total_steps)
+    loss, n_trained = accumulate_gradients(model, micro, device)
+    grad_norm = _clip([p for p in model.parameters() if p.requires_grad], recipe.training.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "trained_tokens": n_trained}
+
+
+def _checkpoint_if_due(model, optimizer, state, schedule: Schedule, recipe: Recipe, logger) -> None:
+    from onecard.train.checkpoint import save_checkpoint
+
+    every = recipe.training.save_every_steps
+    if not every or state.global_step % every:
+        return
+    state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
+    state.metrics = list(logger.records)
+    save_checkpoint(recipe.run_dir, model, optimizer, state, {"kind": recipe.training.lr_scheduler,
+                                                              "step": state.global_step})
+    if int(os.environ.get(CRASH_ENV, "0") or 0) == state.global_step:
+        os._exit(17)  # simulate a killed process (tests only): no cleanup, no flush
 
 
 def _clip(params, max_grad_norm: float | None) -> float | None:
