@@ -106,3 +106,12 @@ def test_mismatch_fails_the_export(lora_run, tmp_path, monkeypatch):
         export_run(lora_run, "merged", tmp_path / "bad", dtype="float32", device="cpu", log=lambda *_: None)
     assert not err.value.result["verification"]["passed"]
     assert json.loads((tmp_path / "bad" / "export.json").read_text())["verification"]["passed"] is False
+
+
+def test_qlora_merge_uses_the_unquantised_base_and_says_so(tiny_model_factory, tmp_path):
+    from onecard.export import export_run
+
+    run = make_run(tmp_path, tiny_model_factory("llama"), "qlora")
+    result = export_run(run, "merged", tmp_path / "m", dtype="float32", device="cpu", log=lambda *_: None)
+    assert any("QLoRA" in n and "unquantised" in n for n in result["notes"])
+    assert result["verification"]["passed"] and result["method"] == "qlora"

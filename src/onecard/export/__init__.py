@@ -51,8 +51,6 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
     effect = adapter_effect(ref, inputs, ref_logits)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(ref.notes)
-    for note in notes:
-        log(note)
 
     if fmt == "adapter":
         from onecard.export.adapter import load_exported_adapter, write_adapter
@@ -78,6 +76,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
         notes.append(f"GGUF: llama architecture, {info['tensors']} tensors, pre-tokenizer {info['tokenizer_pre']}"
                      + (", tied embeddings (no output.weight)" if info["tied_embeddings"] else ""))
         candidate = load_gguf_back(out, gguf_path.name, config, ref.device)
+    log(f"wrote {', '.join(files)} to {out}; comparing logits with the trained model")
     errors = compare(ref_logits, logits_on(candidate, inputs))
     verification = judge(errors, stored)
     verification["adapter_effect_mean_abs"] = effect
