@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
 
         device = detect_device(cpu)
         gpu_id = gpu_catalog_id() if device == "cuda" else "h200"
-        command = "onecard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        args = [a for a in sys.argv[1:] if a != "bench"]
+        command = "onecard bench " + " ".join(shlex.quote(a) for a in args)
         if suite is not None:
             configs = load_suite(suite, part)
         elif recipe is not None:
