@@ -36,8 +36,10 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def _fmt(value: float) -> str:
     if value == 0:
         return "0"
-    if abs(value) >= 1e4 or abs(value) < 1e-2:
+    if abs(value) >= 1e6 or abs(value) < 1e-2:
         return f"{value:.2g}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
     return f"{value:.3g}"
 
 
@@ -76,9 +78,9 @@ def line_chart(name: str, title: str, series: dict[str, list[tuple[float, float]
         parts.append(f'<path class="series" data-series="{escape(label)}" d="{d}" fill="none" stroke="{color}" stroke-width="2"/>')
         if len(pts) <= 40:
             parts.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts)
-        lx = PAD_LEFT + 8 + 150 * i
-        parts.append(f'<rect x="{lx}" y="{PAD_TOP - 2}" width="10" height="3" fill="{color}"/>'
-                     f'<text class="legend" x="{lx + 14}" y="{PAD_TOP + 2}">{escape(label)}</text>')
+        lx = WIDTH - PAD_RIGHT - 130 * (len(series) - i)
+        parts.append(f'<rect x="{lx}" y="10" width="10" height="3" fill="{color}"/>'
+                     f'<text class="legend" x="{lx + 14}" y="15">{escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
