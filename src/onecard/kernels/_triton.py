@@ -8,6 +8,7 @@ Everywhere else the PyTorch references run, so the ops work on any machine, trit
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 try:  # triton is optional: CPU-only installs (CI) may lack it
@@ -21,11 +22,23 @@ except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FORCE_REFERENCE = [False]
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run the PyTorch references inside this block (slow interpreter avoided in model-level tests)."""
+    old = _FORCE_REFERENCE[0]
+    _FORCE_REFERENCE[0] = True
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE[0] = old
 
 
 def use_triton(*tensors) -> bool:
     """True when the Triton kernel can run on these tensors (all CUDA, or CPU under the interpreter)."""
-    if not HAS_TRITON:
+    if not HAS_TRITON or _FORCE_REFERENCE[0]:
         return False
     if all(t.is_cuda for t in tensors):
         return not INTERPRET
