@@ -44,6 +44,8 @@ def _print_summary(console, summary: dict) -> None:
         ("loss first -> final", f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
          if summary["final_loss"] is not None else "-"),
         ("tokens (trained)", f"{summary['tokens']:,} ({summary['trained_tokens']:,})"),
+        ("examples (truncated, dropped)", "{records} ({truncated}, {dropped})".format(**summary["data"])
+         if {"records", "truncated", "dropped"} <= set(summary.get("data", {})) else "-"),
         ("tokens/s", f"{summary['tokens_per_s_measured']:,.0f}"),
         ("peak memory", f"{summary['peak_memory_bytes_measured'] / 2**30:.2f} GiB ({summary['peak_memory_kind']})"),
     ]

@@ -35,7 +35,7 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     from onecard.train.checkpoint import TrainState
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer, resolve_device
     from onecard.train.optim import build_optimizer
-    from onecard.train.rundir import check_run_dir, prepare_run_dir
+    from onecard.train.rundir import check_run_dir, prepare_run_dir, recipe_changes
 
     run_dir = recipe.run_dir
     check_run_dir(run_dir, resume, overwrite)
@@ -45,6 +45,8 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     model, tokenizer = load_model_and_tokenizer(recipe, device)
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
+    if resume and console is not None and (changed := recipe_changes(run_dir, recipe)):
+        console.print(f"[yellow]resuming with a recipe that differs from the run's in: {', '.join(changed)}[/yellow]")
     prepare_run_dir(run_dir, recipe, overwrite)  # only now: bad input leaves nothing half-written
     if recipe.training.grad_ckpt:
         enable_grad_ckpt(model, recipe)

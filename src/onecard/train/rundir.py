@@ -30,6 +30,27 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                         fix="pass --resume to continue it, --overwrite to start over, or change name/output_dir")
 
 
+def recipe_changes(run_dir: Path, recipe: Recipe) -> list[str]:
+    """Dotted fields whose value differs from the recipe stored in the run directory (resume sanity check)."""
+    import yaml
+
+    stored_path = run_dir / "recipe.yaml"
+    if not stored_path.is_file():
+        return []
+    stored = yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {}
+    current = yaml.safe_load(dump_recipe(recipe))
+    return sorted(_diff(stored, current, ""))
+
+
+def _diff(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in set(old) | set(new):
+            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
 def prepare_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> None:
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
