@@ -23,11 +23,14 @@ N_SAMPLES = 8  # generations kept in the result for the report
 def eval_recipe(recipe, data_path: str | None):
     """The recipe whose ``eval`` split is the data to evaluate on (no packing: exact per-example loss)."""
     path = data_path or recipe.eval.path or recipe.data.eval_path
-    data = recipe.data.model_copy(update={"eval_path": path, "packing": False})
+    fmt = "auto" if recipe.data.format in ("dpo", "kto") else recipe.data.format
+    data = recipe.data.model_copy(update={"eval_path": path, "packing": False, "format": fmt})
     if not path and not recipe.data.eval_fraction:
         raise UserError("no evaluation data", where="onecard eval",
                         fix="pass --data FILE, or set eval.path / data.eval_path / data.eval_fraction in the recipe")
-    return recipe.model_copy(update={"data": data})
+    # A preference-tuned model is still scored on chat references: loss and generation as for SFT.
+    task = "sft" if recipe.task in ("dpo", "kto") else recipe.task
+    return recipe.model_copy(update={"data": data, "task": task})
 
 
 def reference_pairs(recipe, max_examples: int | None) -> list[tuple[list[dict], str]]:

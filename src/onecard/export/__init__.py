@@ -43,9 +43,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
     started = time.time()
     ref = load_reference(run_dir, device)
     if fmt == "gguf":  # fail before any work on architectures we cannot write
-        from onecard.export.gguf_writer import check_supported
+        from onecard.export.gguf_writer import check_supported, tokenizer_pre
 
         check_supported(ref.model.config)
+        tokenizer_pre(ref.tokenizer)
     inputs = fixed_inputs(ref.tokenizer)
     ref_logits = logits_on(ref.model, inputs)
     effect = adapter_effect(ref, inputs, ref_logits)
