@@ -31,6 +31,10 @@ def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
 
 def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False):
     """:func:`train`, also handing back the trained model and tokenizer in memory: (model, tokenizer, summary)."""
+    if recipe.task in ("dpo", "kto"):  # preference tuning: own step and reference policy, same spine
+        from onecard.train.preference import train_preference_model
+
+        return train_preference_model(recipe, resume=resume, console=console, overwrite=overwrite)
     from onecard.data import build_dataset
     from onecard.train.checkpoint import TrainState
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer, resolve_device

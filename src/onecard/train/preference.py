@@ -1,0 +1,200 @@
+"""The DPO / KTO recipe: seed -> model -> reference -> data -> optimizer -> loop -> eval -> save.
+
+Own loop rather than trl's ``DPOTrainer`` / ``KTOTrainer`` (trl 1.16.0 read for this choice):
+- the GPU image has no trl (nor ``datasets``, which both trainers build their data with);
+- the SFT spine (train/loop.py, checkpoint.py) already gives atomic checkpoints with every RNG state and the
+  position inside the epoch, so a killed run resumes bit-identically; trl's resume goes through Trainer's
+  data-loader state, which is not exact mid-epoch;
+- the reference with a continued adapter must be the *starting* adapter loaded a second time, frozen; trl does
+  the same (``ref`` adapter) but only when handed a PeftModel it prepared itself;
+- the loss formulas are a few lines, restated with the trl source they mirror in train/preference_loss.py.
+What is reused: model loading, optimizer and LR schedule, checkpoints, metrics files, run-directory handling,
+``Schedule`` (example order and accumulation windows) and ``finish`` from the SFT loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from onecard.errors import UserError
+from onecard.recipe import Recipe
+
+
+def train_preference(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> dict[str, Any]:
+    """Run a ``task: dpo | kto`` recipe; returns the summary also written to ``summary.json``."""
+    return train_preference_model(recipe, resume=resume, console=console, overwrite=overwrite)[2]
+
+
+def train_preference_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False):
+    """:func:`train_preference`, also handing back the trained model and tokenizer: (model, tokenizer, summary)."""
+    from onecard.data.preference import build_preference_dataset
+    from onecard.train.checkpoint import TrainState
+    from onecard.train.loop import Schedule, lint_or_stop, restore, seed_everything
+    from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer, resolve_device
+    from onecard.train.optim import build_optimizer
+    from onecard.train.preference_reference import setup_reference
+    from onecard.train.rundir import check_run_dir, prepare_run_dir, recipe_changes
+
+    run_dir = recipe.run_dir
+    check_run_dir(run_dir, resume, overwrite)
+    lint_or_stop(recipe, console)
+    check_preference_recipe(recipe)
+    device = resolve_device(None)
+    seed_everything(recipe.training.seed)
+    model, tokenizer = load_model_and_tokenizer(recipe, device)
+    reference = setup_reference(model, recipe)  # the starting model: before any step or restored checkpoint
+    dataset = build_preference_dataset(recipe, tokenizer, split="train")
+    eval_set = build_preference_dataset(recipe, tokenizer, split="eval")
+    schedule = Schedule.from_recipe(recipe, len(dataset.examples))
+    if resume and console is not None and (changed := recipe_changes(run_dir, recipe)):
+        console.print(f"[yellow]resuming with a recipe that differs from the run's in: {', '.join(changed)}[/yellow]")
+    prepare_run_dir(run_dir, recipe, overwrite)  # only now: bad input leaves nothing half-written
+    if recipe.training.grad_ckpt:
+        enable_grad_ckpt(model, recipe)
+    optimizer = build_optimizer(model, recipe, device, console)  # after setup_reference: trained weights only
+    state = restore(run_dir, model, optimizer) if resume else TrainState()
+    started = state.global_step
+    state, timing = run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedule, state, recipe,
+                                         device, console)
+    summary_extra = _final_metrics(state.metrics)
+    if eval_set.examples:
+        from onecard.data import pad_token_id
+        from onecard.train.preference_step import evaluate_preferences
+
+        summary_extra.update(evaluate_preferences(model, reference, eval_set, recipe, device, pad_token_id(tokenizer)))
+    reference.release()  # the saved adapter/ holds only the trained adapter
+    summary = _finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started, summary_extra)
+    model.eval()
+    return model, tokenizer, summary
+
+
+def check_preference_recipe(recipe: Recipe) -> None:
+    """Refusals that need the recipe only (before the model is loaded)."""
+    from onecard.train.preference_reference import resolve_reference
+
+    resolve_reference(recipe)
+    t = recipe.training
+    if recipe.task == "kto" and t.micro_batch_size * t.grad_accum < 2:
+        raise UserError("KTO estimates its KL reference point from mismatched (prompt, completion) pairs of one "
+                        "optimizer step; with 1 example per step there is nothing to mismatch",
+                        where="training.grad_accum",
+                        fix="use at least 2 examples per step (micro_batch_size x grad_accum >= 2), e.g. "
+                        "--set training.grad_accum=8")
+
+
+def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedule, state, recipe: Recipe,
+                         device: str, console):
+    """The optimisation loop (the SFT loop's structure, with the DPO/KTO step); returns (state, timing)."""
+    import torch
+
+    from onecard.data import epoch_order, pad_token_id
+    from onecard.train.checkpoint import save_checkpoint
+    from onecard.train.loop import CRASH_ENV, _clip
+    from onecard.train.metrics import MetricsLogger, peak_memory_bytes
+    from onecard.train.optim import set_lr
+    from onecard.train.preference_step import dpo_step, kto_step
+
+    t = recipe.training
+    step_fn = dpo_step if recipe.task == "dpo" else kto_step
+    params = [p for p in model.parameters() if p.requires_grad]
+    logger = MetricsLogger(recipe.run_dir, state.metrics)
+    progress = PreferenceProgress(console, schedule.total_steps, state.global_step)
+    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+    orders: dict[int, list[int]] = {}
+    pad_id = pad_token_id(tokenizer)
+    tokens_here, start = 0, time.perf_counter()
+    model.train()
+    try:
+        while state.global_step < schedule.total_steps:
+            state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
+            if state.epoch not in orders:
+                orders = {state.epoch: epoch_order(schedule.n_examples, t.seed, state.epoch, shuffle=recipe.data.shuffle)}
+            micro = [[dataset.examples[i] for i in idx] for idx in schedule.window(orders[state.epoch],
+                                                                                   state.step_in_epoch)]
+            lr = set_lr(optimizer, recipe, state.global_step, schedule.total_steps)
+            metrics = step_fn(model, reference, micro, recipe, device, pad_id)
+            grad_norm = _clip(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            state.tokens_seen += metrics["tokens"]
+            state.trained_tokens += metrics["trained_tokens"]
+            tokens_here += metrics["tokens"]
+            tokens_per_s = tokens_here / max(time.perf_counter() - start, 1e-9)
+            peak, _ = peak_memory_bytes(device)
+            if state.global_step % t.log_every_steps == 0 or state.global_step == schedule.total_steps:
+                logger.log({"step": state.global_step, "epoch": round(state.global_step / schedule.steps_per_epoch, 4),
+                            **metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                            "peak_memory_bytes": peak})
+            progress.update(state.global_step, metrics, tokens_per_s, peak)
+            if t.save_every_steps and state.global_step % t.save_every_steps == 0:
+                state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
+                state.metrics = list(logger.records)
+                save_checkpoint(recipe.run_dir, model, optimizer, state, {"kind": t.lr_scheduler,
+                                                                          "step": state.global_step})
+                if crash_at == state.global_step:
+                    os._exit(17)  # simulate a killed process (tests only): no cleanup, no flush
+    finally:
+        progress.close()
+        logger.close()
+    state.metrics = list(logger.records)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return state, {"seconds": time.perf_counter() - start, "tokens": tokens_here}
+
+
+_SUMMARY_KEYS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "reward_desirable",
+                 "reward_undesirable", "kl")
+
+
+def _final_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    last = records[-1] if records else {}
+    return {f"final_{k}": last[k] for k in _SUMMARY_KEYS if k in last}
+
+
+def _finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started, extra: dict[str, Any]):
+    """The SFT loop's ``finish`` (weights, then summary.json), with the preference numbers added to the summary."""
+    from onecard.train.loop import finish
+    from onecard.train.rundir import write_json_atomic
+
+    summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started)
+    summary.update(extra, beta=recipe.preference.beta,
+                   loss_type=recipe.preference.loss_type if recipe.task == "dpo" else "kto")
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+class PreferenceProgress:
+    """A rich progress bar showing loss, reward accuracy and margin (KTO: KL), tokens/s and peak memory."""
+
+    def __init__(self, console, total_steps: int, start_step: int):
+        self._progress = None
+        if console is None:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("acc {task.fields[acc]}"), TextColumn("{task.fields[extra]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TextColumn("mem {task.fields[mem]}"), TextColumn("eta"),
+            TimeRemainingColumn(), console=console, transient=False,
+        )
+        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, loss="-", acc="-",
+                                             extra="", tps="-", mem="-")
+        self._progress.start()
+
+    def update(self, step: int, metrics: dict[str, Any], tokens_per_s: float, peak_bytes: int) -> None:
+        if self._progress is None:
+            return
+        extra = f"margin {metrics['reward_margin']:+.3f}" if "reward_margin" in metrics else ""
+        if "kl" in metrics:
+            extra += f" kl {metrics['kl']:.3f}"
+        self._progress.update(self._task, completed=step, loss=f"{metrics['loss']:.4f}",
+                              acc=f"{metrics['reward_accuracy']:.2f}", extra=extra.strip(),
+                              tps=f"{tokens_per_s:,.0f}", mem=f"{peak_bytes / 2**30:.2f} GiB")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
