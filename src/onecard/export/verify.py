@@ -6,18 +6,19 @@ wrong Q/K permutation, must fail loudly, not ship). Errors are measured in float
 Tolerances (``TOLERANCE``), per stored dtype:
 - float32: max |Δlogit| ≤ 1e-4 · max(1, max |logit|). Merging ``W + s·B·A`` in fp32 and reading it back is
   exact up to fp32 summation order (measured ~1e-7 on the tiny test models), so 1e-4 leaves three decades.
-- float16 / bfloat16: mean |Δlogit| ≤ tol · mean |logit|, with tol 0.02 (fp16: 11-bit significand) and 0.05
-  (bf16: 8-bit significand). Rounding every weight perturbs logits by a few tenths of a percent per layer;
-  a wrong tensor or permutation perturbs them by tens of percent. The max error is reported but not gated
-  on for 16-bit exports because a single outlier logit in a 100k vocabulary says little.
-  These 16-bit limits are a judgement, checked on the tiny models only; real-model margins are not yet measured.
+- float16 / bfloat16: weights are stored rounded but compared with float32 arithmetic (so the error is the
+  export's, not the runtime's); gate: mean |Δlogit| ≤ tol · mean |logit|, tol 0.005 (fp16) and 0.02 (bf16).
+  Measured on SmolLM2-135M-Instruct (30 layers, tied embeddings) with a LoRA whose own effect is 0.35 mean
+  |Δlogit|: fp16 merged and GGUF 0.0008, bf16 merged 0.0061 -- margins of 6x and 3x; a wrong tensor or Q/K
+  permutation gives errors of order 1. The max error is reported but not gated on for 16-bit exports: one
+  outlier logit in a 49k vocabulary says little.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-TOLERANCE = {"float32": 1e-4, "float16": 0.02, "bfloat16": 0.05}
+TOLERANCE = {"float32": 1e-4, "float16": 0.005, "bfloat16": 0.02}
 
 FIXED_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
