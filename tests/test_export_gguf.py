@@ -111,3 +111,21 @@ def test_unsupported_architecture_is_a_user_error(tiny_model_factory, tmp_path):
     run = make_run(tmp_path, tiny_model_factory("gemma"), "lora")
     with pytest.raises(UserError, match="Llama-architecture"):
         export_run(run, "gguf", tmp_path / "g", device="cpu", log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_export_real_model(tmp_path):
+    """A real Llama-architecture model (SmolLM2-135M: 9 heads / 3 KV heads, tied embeddings, smollm pre-tokenizer)."""
+    try:
+        from onecard.train.gguf_import import find_smollm2_gguf, materialize_gguf
+
+        base = materialize_gguf(find_smollm2_gguf())
+    except Exception as exc:  # the weights package is optional
+        pytest.skip(f"SmolLM2 weights not available: {exc}")
+    from onecard.export import export_run
+
+    run = make_run(tmp_path, str(base), "lora", scale=0.1)
+    result = export_run(run, "gguf", tmp_path / "g", gguf_type="f16", device="cpu", log=lambda *_: None)
+    v = result["verification"]
+    assert v["passed"] and v["top1_agreement"] == 1.0 and v["adapter_effect_mean_abs"] > 10 * v["mean_abs_err"]
+    assert any("pre-tokenizer smollm" in n and "tied embeddings" in n for n in result["notes"])
