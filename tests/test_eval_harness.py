@@ -133,3 +133,12 @@ def test_demo_run_improves_over_base():
     assert result["delta"]["loss"] < 0
     if "token_f1" in result["delta"]:
         assert result["delta"]["token_f1"] > 0
+
+
+def test_cli_model_and_adapter_dirs_match_run_dir(trained, tmp_path, capsys):
+    run, data, base_dir = trained
+    assert _cli(["eval", str(run), "--data", str(data), "--json", "--max-new-tokens", "2", "--out", str(tmp_path / "a.json")]) == 0
+    assert _cli(["eval", "--model", base_dir, "--adapter", str(run / "adapter"), "--data", str(data), "--json",
+                 "--max-new-tokens", "2", "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["tuned"]["loss"] == pytest.approx(b["tuned"]["loss"], rel=1e-6)

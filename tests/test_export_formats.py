@@ -115,3 +115,22 @@ def test_qlora_merge_uses_the_unquantised_base_and_says_so(tiny_model_factory, t
     result = export_run(run, "merged", tmp_path / "m", dtype="float32", device="cpu", log=lambda *_: None)
     assert any("QLoRA" in n and "unquantised" in n for n in result["notes"])
     assert result["verification"]["passed"] and result["method"] == "qlora"
+
+
+def test_export_cli_json_and_mismatch_exit_code(lora_run, tmp_path, monkeypatch, capsys):
+    from onecard.cli import main
+    from onecard.export import verify
+
+    def cli(args):
+        try:
+            main(args)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    assert cli(["export", str(lora_run), "--format", "adapter", "--out", str(tmp_path / "a"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verification"]["passed"]
+    assert cli(["export", str(lora_run), "--format", "adapter", "--out", str(tmp_path / "a")]) == 2  # not empty
+    monkeypatch.setitem(verify.TOLERANCE, "bfloat16", 0.0)  # bf16 rounding now counts as a mismatch
+    assert cli(["export", str(lora_run), "--format", "merged", "--out", str(tmp_path / "m")]) == 1
+    assert "failed verification" in capsys.readouterr().out

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
                 print_json(err.result)
             console.print(f"[bold red]export failed verification[/bold red] {err}\n"
                           f"  details: {Path(out) / 'export.json'}")
-            raise typer.Exit(1)
+            raise SystemExit(1)  # not typer.Exit: cli.main runs click with standalone_mode=False, which returns its code
         if json_out:
             print_json(result)
             return
