@@ -43,10 +43,10 @@ def test_exact_h200_measurement_is_labelled_measured_and_reproduced():
 
 
 def test_labels_calibrated_extrapolated_estimated():
-    assert estimate_throughput(_inp(gpu="h200", micro_batch=4, kernels="none")).label == "calibrated"
+    assert estimate_throughput(_inp(gpu="h200", micro_batch=2, kernels="none")).label == "calibrated"
     ext = estimate_throughput(_inp(gpu="rtx4090", micro_batch=8, kernels="none"))
     assert ext.label == "extrapolated" and "moved to rtx4090" in ext.efficiency_source
-    assert estimate_throughput(_inp(gpu="h200", method="qlora", micro_batch=8)).label == "estimated"
+    assert estimate_throughput(_inp(gpu="h200", method="qlora", micro_batch=8, kernels="liger")).label == "estimated"
     empty = Profile((), 0.35, "", "none")
     t = estimate_throughput(_inp(), profile=empty)
     assert t.label == "estimated" and t.efficiency == DEFAULT_EFFICIENCY

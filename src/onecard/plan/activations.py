@@ -34,7 +34,7 @@ def _lora_inputs(shape: ModelShape, targets, *, shared: bool, elem_bytes: int) -
 
 
 def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets, rank: int, kernels: str,
-                                     attn: str, seq_len: int) -> int:
+                                     attn: str, seq_len: int, act_bytes: int = BF16) -> int:
     """Bytes one decoder block saves for backward, per token of the micro-batch.
 
     Plain transformers (kernels none), per block:
@@ -49,6 +49,11 @@ def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets,
       the lora_B output per target (bf16 + fp32) for the magnitude rescale.
     onecard / liger kernels: fused RMSNorm saves the bf16 input and an fp32 rstd; fused SwiGLU saves gate and up and
     recomputes silu. onecard's LoRA projections save each distinct bf16 input once; liger leaves LoRA to peft.
+    ``act_bytes`` (bench calibration, issue 5): element size of the residual stream. QLoRA after
+    prepare_model_for_kbit_training has fp32 embeddings and norm weights, so hidden states are fp32 and
+    bitsandbytes' Linear4bit returns its output in the input's dtype: q/k/v/o and the MLP run in fp32 (4 bytes).
+    Measured on the H200 (Llama 3 8B QLoRA, seq 512 x 8, no checkpointing): 65.7 GiB allocated against 50.0
+    planned with bf16 activations.
     """
     h, i, heads = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads
     q, kv = shape.q_dim, shape.kv_dim
@@ -56,10 +61,10 @@ def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets,
     fused_norm = kernels in ("onecard", "liger")
     norms = 2 * ((BF16 * h + FP32) if fused_norm else (FP32 * h + (BF16 * h if full else 0)))
     if attn == "eager":
-        attention = BF16 * 3 * q + 6 * heads * seq_len
+        attention = act_bytes * 3 * q + 6 * heads * seq_len
     else:
-        attention = BF16 * (q + 2 * kv) + BF16 * q + FP32 * heads
-    mlp = BF16 * (2 if fused_norm else 3) * i
+        attention = act_bytes * (q + 2 * kv) + act_bytes * q + FP32 * heads
+    mlp = act_bytes * (2 if fused_norm else 3) * i
     if full:
         trainable = _lora_inputs(shape, ("q_proj", "o_proj", "gate_proj", "down_proj"), shared=True, elem_bytes=BF16)
     else:
@@ -72,21 +77,21 @@ def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets,
     return norms + attention + mlp + trainable
 
 
-def checkpoint_bytes_per_token(shape: ModelShape) -> int:
-    """With gradient checkpointing each block keeps only its input hidden state (bf16) until its backward."""
-    return BF16 * shape.hidden_size
+def checkpoint_bytes_per_token(shape: ModelShape, act_bytes: int = BF16) -> int:
+    """With gradient checkpointing each block keeps only its input hidden state (bf16; fp32 for upcast QLoRA)."""
+    return act_bytes * shape.hidden_size
 
 
-def backward_transient_bytes_per_token(shape: ModelShape) -> int:
+def backward_transient_bytes_per_token(shape: ModelShape, act_bytes: int = BF16) -> int:
     """Gradient tensors alive at once inside one block's backward: the residual-stream grad (h) and, at the MLP,
     the grads of gate, up and their product (3 x i), all bf16. A rough upper envelope; calibrate against traces."""
-    return BF16 * (2 * shape.hidden_size + 3 * shape.intermediate_size)
+    return act_bytes * (2 * shape.hidden_size + 3 * shape.intermediate_size)
 
 
-def head_activation_bytes_per_token(shape: ModelShape, kernels: str) -> int:
+def head_activation_bytes_per_token(shape: ModelShape, kernels: str, act_bytes: int = BF16) -> int:
     """Outside the blocks: the final RMSNorm (fp32 input, or bf16 + rstd fused) and the lm_head input (bf16)."""
     h = shape.hidden_size
-    return (BF16 * h + FP32 if kernels in ("onecard", "liger") else FP32 * h) + BF16 * h
+    return (act_bytes * h + FP32 if kernels in ("onecard", "liger") else FP32 * h) + act_bytes * h
 
 
 def ce_chunk_tokens(tokens: int, shape: ModelShape) -> int:

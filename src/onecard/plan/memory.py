@@ -120,11 +120,13 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     shape = p.shape
     comps = _static_components(p)
     tokens = p.tokens_per_micro_batch
+    act_bytes = _activation_bytes(p)
     layer_tok = act.layer_activation_bytes_per_token(shape, method=p.method, targets=p.targets, rank=p.rank,
-                                                     kernels=p.kernels, attn=p.attn, seq_len=p.seq_len)
+                                                     kernels=p.kernels, attn=p.attn, seq_len=p.seq_len,
+                                                     act_bytes=act_bytes)
     layers = shape.num_hidden_layers
-    per_layer_saved = act.checkpoint_bytes_per_token(shape) if p.grad_ckpt else layer_tok
-    saved = layers * per_layer_saved * tokens + act.head_activation_bytes_per_token(shape, p.kernels) * tokens
+    per_layer_saved = act.checkpoint_bytes_per_token(shape, act_bytes) if p.grad_ckpt else layer_tok
+    saved = layers * per_layer_saved * tokens + act.head_activation_bytes_per_token(shape, p.kernels, act_bytes) * tokens
     what = "block inputs (checkpoints)" if p.grad_ckpt else "all block activations"
     if p.offload_activations:
         in_flight = 2 * per_layer_saved * tokens
@@ -133,16 +135,38 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
                                where="host", kind="estimated"))
     else:
         comps.append(Component("activations", f"saved activations: {what}", saved, kind="estimated"))
+    saved_device = in_flight if p.offload_activations else saved
 
     logits_bytes = static.FP32 if (p.method == "qlora" and p.kbit_upcast) else p.dtype_bytes
     ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits)
     held = 0 if p.fused_ce or not p.hold_logits else logits_bytes * tokens * shape.vocab_size
     recompute = (layer_tok if p.grad_ckpt else 0) * tokens
-    block = recompute + act.backward_transient_bytes_per_token(shape) * tokens + held
-    phases = {"logits + cross-entropy": ce, "block backward": block}
+    block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes) * tokens + held
+    # Gradients fill in during backward (zero_grad(set_to_none) frees them every step), so they are a per-phase
+    # term, not static (bench calibration, issue 5: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%
+    # high when all gradients sat beside the logits). At the logits phase only the LM head's gradient exists (the
+    # tied embedding's, for tied models); in block j's backward the later blocks' gradients exist while the earlier
+    # blocks' saved activations still wait -- linear in j, so the worst case is an end: max(head grad, all grads
+    # minus the saved activations already freed). After backward the optimizer step holds every gradient.
+    grads_total = _component_bytes(comps, "gradients")
+    head_grad = _head_grad_bytes(p)
+    phases = {"logits + cross-entropy": ce + head_grad,
+              "block backward": block + max(head_grad, grads_total - saved_device),
+              "optimizer step": grads_total - saved_device}
     if p.task in ("dpo", "kto"):
         phases["reference pass"] = _reference_pass_bytes(p, layer_tok, logits_bytes)
     peak_phase = max(phases, key=phases.get)
+    grads_at_peak = {"logits + cross-entropy": head_grad, "block backward": max(head_grad, grads_total - saved_device),
+                     "optimizer step": grads_total}.get(peak_phase, grads_total)
+    for c in comps:
+        if c.key == "gradients":
+            c.at_peak = False
+    comps.append(Component("gradients_at_peak", "gradients alive at the peak (filled during backward)",
+                           min(grads_at_peak, grads_total), kind="estimated"))
+    if peak_phase == "optimizer step":
+        for c in comps:
+            if c.key == "activations":
+                c.at_peak = False
     ce_label = "logits + cross-entropy " + ("(fused, chunked)" if p.fused_ce else "(fp32 upcast, full vocab)")
     comps.append(Component("logits", ce_label, ce, at_peak=peak_phase == "logits + cross-entropy", kind="estimated"))
     blabel = ("one block recomputed + its gradients" if p.grad_ckpt else "gradients inside one block")
@@ -153,11 +177,47 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
                                at_peak=peak_phase == "reference pass", kind="estimated"))
     comps.append(Component("workspace", "cuBLAS workspace + temporaries", _workspace(p), kind="estimated"))
     allocated = sum(c.bytes for c in comps if c.at_peak and c.where == "device" and c.in_allocator)
-    slack = int(allocated * ALLOCATOR_SLACK_FRACTION)
-    comps.append(Component("slack", f"allocator slack ({ALLOCATOR_SLACK_FRACTION:.0%})", slack, kind="estimated"))
+    slack = max(int(allocated * ALLOCATOR_SLACK_FRACTION), _freed_logits_blocks_bytes(p, logits_bytes))
+    comps.append(Component("slack", "allocator slack (cached, unusable blocks)", slack, kind="estimated"))
     comps.append(Component("cuda_context", "CUDA context (outside torch allocator)", CUDA_CONTEXT_BYTES,
                            in_allocator=False, kind="estimated"))
     return _finish(p, comps, peak_phase)
+
+
+def _activation_bytes(p: PlanInputs) -> int:
+    """Element size of the residual stream: fp32 for QLoRA after prepare_model_for_kbit_training (fp32 embeddings and
+    norms make the hidden states fp32; see activations.layer_activation_bytes_per_token), else bf16."""
+    return static.FP32 if (p.method == "qlora" and p.kbit_upcast) else act.BF16
+
+
+def _component_bytes(comps: list[Component], key: str) -> int:
+    return sum(c.bytes for c in comps if c.key == key)
+
+
+def _head_grad_bytes(p: PlanInputs) -> int:
+    """Full fine-tuning: the LM head's (or the tied embedding's) gradient is the first one backward writes."""
+    if p.method != "full":
+        return 0
+    return p.shape.vocab_size * p.shape.hidden_size * static.trainable_dtype_bytes(p.method, p.dtype_bytes) // p.num_gpus
+
+
+def _freed_logits_blocks_bytes(p: PlanInputs, logits_bytes: int) -> int:
+    """Reserved-but-unusable memory of the unfused loss (bench calibration, issue 5).
+
+    The unfused cross-entropy frees an fp32 tokens x vocab tensor (the upcast of the logits) before backward
+    allocates its own fp32 tokens x vocab gradients; the caching allocator keeps the freed block, and on the H200
+    max_memory_reserved exceeded max_memory_allocated by about one such block (7.3 GiB against 7.8 at 16k tokens x
+    128k vocab; 9.0 against 9.3 at Qwen's 152k vocab; 3.8 against 3.9 at 8k tokens). When the logits are already
+    fp32 (QLoRA's upcast LM head), the training loss's shifted slice ``logits[:, :-1]`` gets its gradient through a
+    zero-filled fp32 tensor of the full logits (SliceBackward; with bf16 logits that tensor is bf16), and with more
+    than one row per micro-batch the reshape of that slice copies it: a second fp32 block. Measured: QLoRA 7B at
+    4k x 1 held 1.8 blocks above allocated, QLoRA 8B at 2k x 8 2.4 blocks.
+    """
+    if p.fused_ce:
+        return 0
+    block = static.FP32 * p.tokens_per_micro_batch * p.shape.vocab_size
+    copies = 2 if logits_bytes == static.FP32 else 1
+    return copies * block
 
 
 def _reference_pass_bytes(p: PlanInputs, layer_tok: int, logits_bytes: int) -> int:

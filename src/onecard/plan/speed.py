@@ -38,7 +38,9 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 * 1.0 + 4 / (64 * 256)  # 4-bit codes + int8 
 DEQUANT_BYTES_PER_PARAM = NF4_BYTES_PER_PARAM + 2.0       # read NF4, write the bf16 copy (the matmul's read is below)
 ADAM_STEP_BYTES_PER_PARAM = {"adamw_torch_fused": 28, "adamw_torch": 28, "adamw_cpu_offload": 0,
                              "adamw_8bit": 16, "paged_adamw_8bit": 16}  # bf16 p r/w, grad r, m/v r/w (+fp32 master)
-KERNEL_CLASS = {"none": "none", "onecard": "none", "liger": "liger", "unsloth": "unsloth"}
+# onecard is its own class now that onecard bench measured it (issue 5); lookup_efficiency falls back to the plain
+# rows when a profile holds no row of the asked class.
+KERNEL_CLASS = {"none": "none", "onecard": "onecard", "liger": "liger", "unsloth": "unsloth"}
 
 
 @dataclass
@@ -125,6 +127,8 @@ def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str
 
     kclass = KERNEL_CLASS.get(cfg["kernels"], "none")
     rows = [m for m in profile.measurements if KERNEL_CLASS.get(m.kernels, m.kernels) == kclass]
+    if not rows and kclass == "onecard":  # no onecard measurement in this profile: plain efficiency (bench, issue 5)
+        rows = [m for m in profile.measurements if KERNEL_CLASS.get(m.kernels, m.kernels) == "none"]
     same_method = [m for m in rows if m.method == cfg["method"]]
     for m in same_method:
         if (m.gpu == gpu.id and m.kernels == cfg["kernels"] and m.model == cfg["model"] and m.rank == cfg["rank"]
@@ -170,7 +174,7 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
            "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7}
     eff, label, source, exact = lookup_efficiency(cfg, gpu, profile)
     notes: list[str] = []
-    if inp.kernels == "onecard":
+    if inp.kernels == "onecard" and not any(m.kernels == "onecard" for m in profile.measurements):
         notes.append("onecard's fused kernels have no measurement yet: the plain (unfused) efficiency is used")
     if inp.task in ("dpo", "kto"):
         notes.append(f"{inp.task}: the reference forward pass is not in the FLOPs; expect it slower")

@@ -1,0 +1,109 @@
+"""Turn bench JSON lines into calibration rows for the planner, with a named held-out set.
+
+The speed planner (onecard.plan.speed) derives a matmul efficiency per GPU / method / kernels from measured rows
+in ``onecard/calibration/measurements.json``. This module writes our H200 rows there in that file's schema, but
+only the *calibration* subset: about a third of the measured configurations (every third row of each
+method-and-kernels group, so each held-out row keeps a calibrated sibling) go to ``held_out`` instead, which the
+loader does not read, so the planner never sees them and tests/test_bench_calibration.py checks it on them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULTS_DIR = Path(__file__).resolve().parents[3] / "bench" / "results"
+PROFILE_KEYS = ("gpu", "model", "method", "rank", "seq_len", "micro_batch", "grad_ckpt", "kernels")
+
+
+def load_records(paths: Iterable[str | Path] | None = None) -> list[dict[str, Any]]:
+    """All JSON lines of ``paths`` (default: bench/results/*.jsonl), in file order."""
+    files = sorted(Path(p) for p in paths) if paths else sorted(RESULTS_DIR.glob("*.jsonl"))
+    out = []
+    for f in files:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                rec["_file"] = f.name
+                out.append(rec)
+    return out
+
+
+def row_id(rec: dict[str, Any], kernels: str, baseline: bool = False) -> str:
+    ck = "ckpt" if rec["grad_ckpt"] else "nockpt"
+    tail = "-baseline" if baseline else ""
+    return (f"bench-{rec.get('gpu', 'h200')}-{rec['model']}-{rec['method']}-r{rec['rank']}-s{rec['seq']}"
+            f"-b{rec['micro_batch']}-{ck}-{kernels}{tail}")
+
+
+def measurement_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One speed row per measured configuration (the onecard path with the kernels really applied, and the plain
+    transformers + peft baseline as kernels ``none``); repeats of a configuration are averaged."""
+    rows: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        if rec.get("device") != "cuda" or rec.get("model") == "tiny" or rec.get("group") == "validate":
+            continue  # validate rows: 1-2 timed steps, a smoke test rather than a measurement
+        runs = [(rec.get("kernels_applied") or "none", "", False)]
+        if rec.get("baseline"):
+            runs.append(("none", "baseline_", True))
+        for kernels, prefix, is_base in runs:
+            if rec.get(f"{prefix}status") != "ok":
+                continue
+            rid = row_id(rec, kernels, is_base)
+            row = rows.setdefault(rid, {
+                "id": rid, "gpu": rec.get("gpu", "h200"), "model": rec["model"], "method": rec["method"],
+                "rank": rec["rank"], "targets": "all-linear", "seq_len": rec["seq"],
+                "micro_batch": rec["micro_batch"], "grad_ckpt": rec["grad_ckpt"], "kernels": kernels,
+                "attn": "sdpa", "loss_path": rec.get(f"{prefix}loss_path"), "samples": [],
+                "peak_reserved_gib": rec.get(f"{prefix}peak_reserved_gib"), "date": rec["date"][:10],
+                "versions": {k: rec["versions"].get(k) for k in ("torch", "transformers", "peft", "bitsandbytes",
+                                                                 "gpu", "driver")},
+                "source": f"onecard bench on {rec['versions'].get('gpu')} ({rec['_file']}): {rec['config_command']}"})
+            row["samples"].append(rec[f"{prefix}tokens_per_s"])
+    for row in rows.values():
+        row["tokens_per_s"] = round(sum(row["samples"]) / len(row["samples"]), 1)
+        row["samples"] = [round(s, 1) for s in row["samples"]]
+    return list(rows.values())
+
+
+def split(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(calibration, held_out): every third row (indices 1, 4, 7...) of each method+kernels group, by id."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda r: r["id"]):
+        groups.setdefault((row["method"], row["kernels"]), []).append(row)
+    calib, held = [], []
+    for members in groups.values():
+        for i, row in enumerate(members):
+            (held if i % 3 == 1 else calib).append(row)
+    return calib, held
+
+
+def write_profile(rows: list[dict[str, Any]], profile_path: str | Path) -> dict[str, Any]:
+    """Replace our rows (ids ``bench-*``) in the profile: calibration rows into ``measurements``, the rest into
+    ``held_out``; every other key and row of the file is kept as it is."""
+    path = Path(profile_path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    calib, held = split(rows)
+    kept = [m for m in data.get("measurements", []) if not str(m.get("id", "")).startswith("bench-")]
+    data["measurements"] = kept + calib
+    data["held_out"] = {
+        "why": "Measured by onecard bench but never given to the planner: tests/test_bench_calibration.py checks the "
+               "planner's tokens/s and peak memory on these (every third row of each method+kernels group).",
+        "rows": held,
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return {"calibration": len(calib), "held_out": len(held)}
+
+
+def main() -> None:  # python -m onecard.bench.calibrate [PROFILE]
+    import sys
+
+    from onecard.calibration import PROFILE_PATH
+
+    target = sys.argv[1] if len(sys.argv) > 1 else PROFILE_PATH
+    print(write_profile(measurement_rows(load_records()), target))
+
+
+if __name__ == "__main__":
+    main()
