@@ -35,6 +35,12 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
         from onecard.train.preference import train_preference_model
 
         return train_preference_model(recipe, resume=resume, console=console, overwrite=overwrite)
+    from onecard.train.distributed import is_worker
+
+    if is_worker():  # one of the N processes of onecard train --num-gpus N: same spine, per rank
+        from onecard.train.distributed_loop import train_distributed_model
+
+        return train_distributed_model(recipe, resume=resume, console=console, overwrite=overwrite)
     from onecard.data import build_dataset
     from onecard.train.checkpoint import TrainState
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer, resolve_device
@@ -43,10 +49,15 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
 
     run_dir = recipe.run_dir
     check_run_dir(run_dir, resume, overwrite)
+    if resume:
+        from onecard.train.distributed_loop import check_resume_world
+
+        check_resume_world(run_dir, 1)  # a checkpoint written by N processes resumes on N
     lint_or_stop(recipe, console)
     device = resolve_device(None)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, device)
+    kernels = apply_recipe_kernels(model, recipe, device, console)
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
     if resume and console is not None and (changed := recipe_changes(run_dir, recipe)):
@@ -57,8 +68,11 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     optimizer = build_optimizer(model, recipe, device, console)
     state = restore(run_dir, model, optimizer) if resume else TrainState()
     started = state.global_step
-    state, timing = run_steps(model, tokenizer, optimizer, dataset, schedule, state, recipe, device, console)
+    state, timing = run_steps(model, tokenizer, optimizer, dataset, schedule, state, recipe, device, console,
+                              fused_loss=kernels.fused_loss)
+    kernels.revert()  # the saved adapter/model and any later eval see plain transformers modules
     summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started)
+    summary["kernels"] = kernels.name
     model.eval()
     return model, tokenizer, summary
 
@@ -90,6 +104,39 @@ def lint_or_stop(recipe: Recipe, console=None) -> None:
         more = f" (and {len(errors) - 1} more lint error(s); run onecard lint)" if len(errors) > 1 else ""
         raise UserError(f"lint {getattr(first, 'id', '')}: {what}{more}".replace("lint : ", "lint: "),
                         where=getattr(first, "where", None), fix=getattr(first, "fix", None))
+
+
+@dataclass
+class AppliedKernels:
+    name: str          # what ran: "onecard", "liger" or "none"
+    fused_loss: bool   # the causal-LM forward returns the fused linear-CE loss (no full logits)
+    handle: Any = None
+
+    def revert(self) -> None:
+        if self.handle is not None:
+            self.handle.revert()
+
+
+def resolve_kernels(recipe: Recipe, device: str) -> str:
+    """``kernels: auto`` means onecard's fused kernels on CUDA and plain transformers elsewhere."""
+    choice = recipe.training.kernels
+    if choice == "auto":
+        return "onecard" if device.startswith("cuda") else "none"
+    return choice
+
+
+def apply_recipe_kernels(model, recipe: Recipe, device: str, console=None) -> AppliedKernels:
+    """Patch the model instance with the recipe's kernels (onecard.patch); ``fused_ce`` can turn the loss off."""
+    name = resolve_kernels(recipe, device)
+    if name == "none":
+        return AppliedKernels("none", False)
+    from onecard.patch import apply_kernels
+
+    fused_ce = recipe.training.fused_ce
+    handle = apply_kernels(model, name, fused_loss=fused_ce in ("auto", True))
+    if handle.notice and console is not None:
+        console.print(f"[yellow]{handle.notice}[/yellow]")
+    return AppliedKernels(name if handle.active else "none", "fused_linear_ce" in handle.patched, handle)
 
 
 def seed_everything(seed: int) -> None:
@@ -152,24 +199,37 @@ def trained_tokens(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def accumulate_gradients(model, micro_batches: list[dict[str, Any]], device: str) -> tuple[float, int]:
+def accumulate_gradients(model, micro_batches: list[dict[str, Any]], device: str,
+                         fused_loss: bool = False) -> tuple[float, int]:
     """Backward over one accumulation window, each micro-batch's summed loss divided by the window's token count.
 
     Returns (window loss = summed CE / trained tokens, trained tokens). The gradient equals that of one
-    big batch holding every example of the window, whatever the micro-batch split.
+    big batch holding every example of the window, whatever the micro-batch split. With ``fused_loss`` the
+    patched model computes the same quantity itself (``num_items_in_batch`` = the window's token count)
+    without materialising the logits. Inputs come from ``onecard.data.model_inputs``: packed rows go
+    without the 2-D mask so that transformers keeps packed examples apart.
     """
+    from onecard.data import model_inputs
+
     window_tokens = max(1, sum(trained_tokens(b) for b in micro_batches))
     total = 0.0
     for batch in micro_batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        logits = model(**inputs, use_cache=False).logits
+        inputs = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in model_inputs(batch).items()}
+        inputs.setdefault("use_cache", False)
+        if fused_loss:
+            loss = model(**inputs, labels=batch["labels"].to(device), num_items_in_batch=window_tokens).loss
+            loss.backward()
+            total += float(loss.detach()) * window_tokens
+            continue
+        logits = model(**inputs).logits
         loss_sum, _ = token_ce_sum(logits, batch["labels"])
         (loss_sum / window_tokens).backward()
         total += float(loss_sum.detach())
     return total / window_tokens, window_tokens
 
 
-def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, recipe: Recipe, device: str, console):
+def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, recipe: Recipe, device: str, console,
+              fused_loss: bool = False):
     """The optimisation loop; checkpoints every ``training.save_every_steps``; returns (state, timing)."""
     import torch
 
@@ -185,7 +245,8 @@ def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, r
     try:
         while state.global_step < schedule.total_steps:
             micro = batches.window(state.global_step)
-            record = optimizer_step(model, optimizer, micro, recipe, state.global_step, schedule.total_steps, device)
+            record = optimizer_step(model, optimizer, micro, recipe, state.global_step, schedule.total_steps, device,
+                                    fused_loss)
             state.global_step += 1
             state.tokens_seen += record["tokens"]
             state.trained_tokens += record["trained_tokens"]
@@ -225,12 +286,13 @@ class _Batches:
                 for idx in self.schedule.window(self._order[1], position)]
 
 
-def optimizer_step(model, optimizer, micro, recipe: Recipe, step: int, total_steps: int, device: str) -> dict:
+def optimizer_step(model, optimizer, micro, recipe: Recipe, step: int, total_steps: int, device: str,
+                   fused_loss: bool = False) -> dict:
     """Set the LR, accumulate over the window, clip, step. Returns the step's metrics."""
     from onecard.train.optim import set_lr
 
     lr = set_lr(optimizer, recipe, step, total_steps)
-    loss, n_trained = accumulate_gradients(model, micro, device)
+    loss, n_trained = accumulate_gradients(model, micro, device, fused_loss)
     grad_norm = _clip([p for p in model.parameters() if p.requires_grad], recipe.training.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
