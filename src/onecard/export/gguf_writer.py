@@ -51,6 +51,11 @@ def permute_qk(weight, n_head: int, n_head_kv: int | None = None):
 
 
 def check_supported(config) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("GGUF export needs the gguf package (llama.cpp's Python library)", where="--format gguf",
+                        fix="pip install gguf")
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"GGUF export supports Llama-architecture models ({', '.join(SUPPORTED_MODEL_TYPES)}), "
