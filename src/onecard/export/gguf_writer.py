@@ -201,7 +201,6 @@ def _write_vocab(writer, tokenizer, vocab_size: int, pre: str) -> None:
 
 def _write_tensors(writer, model, config, file_type: str) -> int:
     import gguf
-    import numpy as np
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     n_head = config.num_attention_heads
