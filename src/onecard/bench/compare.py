@@ -1,0 +1,70 @@
+"""Plan against reality: the planner's prediction beside what a run measured, with the error in %.
+
+``onecard train`` calls :func:`plan_vs_measured` when it writes ``summary.json`` on a GPU, so every run checks the
+planner. The memory prediction is the planner's allocator figure (``max_memory_reserved`` is what it predicts),
+made for the card the run is on (matched from the driver's name) rather than the recipe's planning target.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 2**30
+
+
+def _pct(predicted: float | None, measured: float | None) -> float | None:
+    if predicted is None or not measured:
+        return None
+    return round(100.0 * (predicted - measured) / measured, 1)
+
+
+def plan_vs_measured(recipe, measured: dict[str, Any], gpu: str | None = None) -> dict[str, Any]:
+    """``measured`` keys (any subset): ``peak_reserved_bytes``, ``peak_allocated_bytes``, ``tokens_per_s``,
+    ``device_name`` (torch.cuda.get_device_name). ``gpu``: catalog id to plan for (default: from device_name, else
+    the recipe's ``plan.gpu``). Returns predicted and measured figures with errors; never raises on a planner bug."""
+    out: dict[str, Any] = {"label": "planned (estimated/calibrated) vs measured"}
+    gpu_id = gpu or _gpu_from_name(measured.get("device_name")) or recipe.plan.gpu
+    out["gpu"] = gpu_id
+    try:
+        from onecard.plan.inputs import inputs_from_recipe
+        from onecard.plan.memory import plan_memory
+        from onecard.plan.speed import estimate_throughput
+
+        inp = inputs_from_recipe(recipe, gpu=gpu_id)
+        plan = plan_memory(inp)
+        speed = estimate_throughput(inp, memory_plan=plan)
+        out["predicted_peak_reserved_gib"] = round(plan.allocator_bytes / GIB, 3)
+        out["predicted_tokens_per_s"] = round(speed.estimate_tokens_per_s, 1)
+        out["predicted_tokens_per_s_label"] = speed.label
+    except Exception as exc:  # noqa: BLE001 -- a planner failure must not fail a finished run
+        out["planner_error"] = f"{type(exc).__name__}: {exc}"
+    reserved = measured.get("peak_reserved_bytes")
+    out["measured_peak_reserved_gib"] = round(reserved / GIB, 3) if reserved else None
+    if measured.get("peak_allocated_bytes"):
+        out["measured_peak_allocated_gib"] = round(measured["peak_allocated_bytes"] / GIB, 3)
+    out["measured_tokens_per_s"] = measured.get("tokens_per_s")
+    out["peak_error_pct"] = _pct(out.get("predicted_peak_reserved_gib"), out["measured_peak_reserved_gib"])
+    out["tokens_per_s_error_pct"] = _pct(out.get("predicted_tokens_per_s"), out["measured_tokens_per_s"])
+    return out
+
+
+def _gpu_from_name(name: str | None) -> str | None:
+    if not name:
+        return None
+    from onecard.catalog.gpus import match_device_name
+
+    gpu = match_device_name(name)
+    return gpu.id if gpu else None
+
+
+def format_lines(result: dict[str, Any]) -> list[str]:
+    """Two human lines for a run summary: memory and speed, planned beside measured."""
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    return [
+        f"peak memory: measured {fmt(result.get('measured_peak_reserved_gib'), '.2f')} GiB reserved, planned "
+        f"{fmt(result.get('predicted_peak_reserved_gib'), '.2f')} GiB ({fmt(result.get('peak_error_pct'), '+.1f')}%)",
+        f"tokens/s: measured {fmt(result.get('measured_tokens_per_s'), ',.0f')}, planned "
+        f"{fmt(result.get('predicted_tokens_per_s'), ',.0f')} ({fmt(result.get('tokens_per_s_error_pct'), '+.1f')}%)",
+    ]
