@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onecard.data.dataset import DataStats, select_records
-from onecard.data.formats import ROLES
+from onecard.data.formats import ROLES, record_format
 from onecard.data.masking import IGNORE_INDEX, assistant_spans
 from onecard.data.records import Record
 from onecard.data.templates import resolve_template
@@ -87,10 +87,13 @@ def _tokenize_record(record: Record, task: str, tokenizer, template: str, seq_le
     """(example or None when nothing fits, 1 if anything was truncated else 0)."""
     for key in _FIELDS[task]:
         if key not in record.data or record.data[key] is None:
+            looks = record_format(record)
+            other = f"; this record looks like {looks} data" if looks and looks != task else ""
+            switch = f"set task: {looks} for such records, or " if looks in _FIELDS and looks != task else ""
             raise UserError(
-                f"missing field {key!r} (this file is read as {task} data)",
+                f"missing field {key!r} (this file is read as {task} data{other})",
                 where=record.where,
-                fix=f"add {key!r} to this record; every {task} record looks like {_EXAMPLES[task]}",
+                fix=f"{switch}add {key!r} to this record; every {task} record looks like {_EXAMPLES[task]}",
             )
     prompt = prompt_messages(record, task)
     names = ("chosen", "rejected") if task == "dpo" else ("completion",)

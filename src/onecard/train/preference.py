@@ -41,6 +41,7 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     check_run_dir(run_dir, resume, overwrite)
     lint_or_stop(recipe, console)
     check_preference_recipe(recipe)
+    _say_no_kernels(recipe, console)
     device = resolve_device(None)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, device)
@@ -76,12 +77,24 @@ def check_preference_recipe(recipe: Recipe) -> None:
 
     resolve_reference(recipe)
     t = recipe.training
+    if t.num_gpus > 1:
+        raise UserError(f"task {recipe.task} runs on one GPU only for now", where="training.num_gpus",
+                        fix="set training.num_gpus=1 (or drop --num-gpus)")
     if recipe.task == "kto" and t.micro_batch_size * t.grad_accum < 2:
         raise UserError("KTO estimates its KL reference point from mismatched (prompt, completion) pairs of one "
                         "optimizer step; with 1 example per step there is nothing to mismatch",
                         where="training.grad_accum",
                         fix="use at least 2 examples per step (micro_batch_size x grad_accum >= 2), e.g. "
                         "--set training.grad_accum=8")
+
+
+def _say_no_kernels(recipe: Recipe, console) -> None:
+    """Preference steps run on plain transformers modules: the fused linear-CE kernel returns a loss, not the
+    per-sequence log-probs DPO/KTO need, and the LoRA-aware fused MLP has not been checked against
+    ``disable_adapter`` / ``set_adapter`` switching, which the reference relies on."""
+    if recipe.training.kernels in ("onecard", "liger") and console is not None:
+        console.print(f"[yellow]training.kernels {recipe.training.kernels!r} is not used for task {recipe.task}: "
+                      "preference steps run on plain transformers modules[/yellow]")
 
 
 def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedule, state, recipe: Recipe,
@@ -160,7 +173,7 @@ def _finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, s
     from onecard.train.rundir import write_json_atomic
 
     summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started)
-    summary.update(extra, beta=recipe.preference.beta,
+    summary.update(extra, kernels="none", beta=recipe.preference.beta,
                    loss_type=recipe.preference.loss_type if recipe.task == "dpo" else "kto")
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
