@@ -17,21 +17,54 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run directory and start over."),
         as_json: bool = JsonOption,
+        num_gpus: int = typer.Option(None, "--num-gpus", min=1,
+                                     help="GPUs to train on (default: training.num_gpus). N > 1 starts N processes "
+                                          "(torch.distributed.run) that train through accelerate, same global batch."),
+        strategy: str = typer.Option("auto", "--strategy", help="With N > 1: ddp (replicate), fsdp (shard, FSDP1) "
+                                     "or auto = ddp when the plan fits one card, fsdp otherwise and for method full."),
+        cpu: bool = typer.Option(False, "--cpu", help="With N > 1: N CPU processes on the gloo backend (tests, CI)."),
     ) -> None:
         """Fine-tune (LoRA, QLoRA, DoRA or full) or continue pre-training as the recipe says."""
         from rich.console import Console
 
         from onecard.recipe import load_recipe
+        from onecard.train.distributed import is_worker
 
+        if num_gpus is not None:
+            overrides = [*(overrides or []), f"training.num_gpus={num_gpus}"]
         recipe = load_recipe(recipe_path, overrides or [])
+        if recipe.training.num_gpus > 1 and not is_worker():
+            flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite), ("--json", as_json)) if on]
+            code = _launch(recipe, recipe_path, overrides or [], strategy, cpu, flags)
+            if code:
+                raise SystemExit(code)  # not typer.Exit: cli.main's standalone_mode=False would swallow the code
+            return
         console = Console(stderr=True, highlight=False)
         from onecard.train.loop import train as run_training
 
         summary = run_training(recipe, resume=resume, console=console, overwrite=overwrite)
+        if summary is None:  # a rank other than 0 of a multi-GPU run: rank 0 reports
+            return
         if as_json:
             print_json(summary)
             return
         _print_summary(Console(highlight=False), summary)
+
+
+def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu: bool, flags: list[str]) -> int:
+    """Check what the parent can check (one clean message instead of N), then run the N-process job."""
+    from onecard.train import distributed
+    from onecard.train.distributed_loop import check_resume_world
+    from onecard.train.rundir import check_run_dir
+
+    n = recipe.training.num_gpus
+    check_run_dir(recipe.run_dir, "--resume" in flags, "--overwrite" in flags)
+    if "--resume" in flags:
+        check_resume_world(recipe.run_dir, n)
+    cpu = cpu or distributed.cpu_requested()
+    distributed.check_launchable(recipe, n, cpu)
+    chosen = distributed.choose_strategy(recipe, strategy)
+    return distributed.launch(recipe_path, overrides, n, flags, strategy=chosen, cpu=cpu)
 
 
 def _print_summary(console, summary: dict) -> None:

@@ -122,9 +122,12 @@ def quant_config(recipe: Recipe):
     import torch
     from transformers import BitsAndBytesConfig
 
+    from onecard.train.distributed import quant_storage_kwargs
+
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=recipe.quant.quant_type,
                               bnb_4bit_use_double_quant=recipe.quant.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, recipe.quant.compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, recipe.quant.compute_dtype),
+                              **quant_storage_kwargs())  # bf16 storage under FSDP, else bitsandbytes' uint8
 
 
 def load_base(recipe: Recipe, device: str | None = None):

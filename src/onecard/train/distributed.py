@@ -1,0 +1,240 @@
+"""Several GPUs on one host, through accelerate: the launch, the strategy, per-rank data, global token counts.
+
+No home-made distributed layer: ``onecard train --num-gpus N`` re-executes itself under ``torch.distributed.run``
+(the launcher ``accelerate launch --multi_gpu`` calls, accelerate 1.15 ``commands/launch.py:multi_gpu_launcher``),
+and each process wraps its model in an ``accelerate.Accelerator`` -- DDP when the model fits one card, FSDP1 when
+it does not (or for full fine-tuning). torchrun is called directly rather than through ``accelerate launch``
+because ``accelerate launch --cpu`` runs ONE process (``simple_launcher``; several CPU processes need mpirun),
+and the CPU test in CI must go through the same launcher as the GPUs. The FSDP settings therefore live here, in
+Python, passed to ``Accelerator(fsdp_plugin=...)``, not in an accelerate YAML.
+
+The maths that make N GPUs equal one GPU with the same global batch (tests/test_distributed_launch.py):
+- a global step takes ``micro_batch_size x N x grad_accum`` examples in epoch order, split into ``grad_accum``
+  sets of ``micro_batch_size x N``; rank r takes slice ``[r*mb, (r+1)*mb)`` of each set (:func:`rank_slices`);
+- each rank's summed token loss is divided by the window's *global* count of trained tokens (one all-reduce), and
+  multiplied by N, because DDP and FSDP average gradients over ranks (sum / N) where we want the sum.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onecard.errors import UserError
+
+CPU_ENV = "ONECARD_DISTRIBUTED_CPU"            # "1": N CPU processes on gloo (tests, CI)
+STRATEGY_ENV = "ONECARD_DISTRIBUTED_STRATEGY"  # ddp | fsdp, chosen by the launcher, read by every rank
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def world_size() -> int:
+    """Processes in this run: torchrun's WORLD_SIZE in a worker, 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_worker() -> bool:
+    return "LOCAL_RANK" in os.environ and world_size() > 1
+
+
+# --------------------------------------------------------------------------- launch (parent process)
+
+
+def choose_strategy(recipe, requested: str = "auto") -> str:
+    """ddp when one card holds the whole training state, else fsdp (full fine-tuning always shards).
+
+    "Holds" is the planner's verdict for ``plan.gpu`` with one GPU: the same numbers ``onecard plan`` prints.
+    """
+    if requested not in STRATEGIES:
+        raise UserError(f"unknown strategy {requested!r}", where="--strategy", fix=f"use one of {', '.join(STRATEGIES)}")
+    if requested != "auto":
+        return requested
+    if recipe.method == "full":
+        return "fsdp"
+    try:
+        from onecard.plan.inputs import inputs_from_recipe
+        from onecard.plan.memory import plan_memory
+
+        inputs = inputs_from_recipe(recipe).with_(num_gpus=1)
+        return "ddp" if plan_memory(inputs).fits else "fsdp"
+    except UserError:
+        return "ddp"  # a model the planner has no shape for: replicate; --strategy fsdp overrides
+
+
+def check_launchable(recipe, num_gpus: int, cpu: bool) -> None:
+    """User errors caught in the parent, before N processes would each print them."""
+    if recipe.task in ("dpo", "kto"):
+        raise UserError(f"task {recipe.task} runs on one GPU only for now", where="training.num_gpus",
+                        fix="set training.num_gpus=1 (or drop --num-gpus)")
+    if recipe.training.optimizer == "adamw_cpu_offload":
+        raise UserError("adamw_cpu_offload is a single-GPU optimizer", where="training.optimizer",
+                        fix="with several GPUs FSDP shards the optimizer state instead: use adamw_torch_fused")
+    if cpu:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < num_gpus:
+        raise UserError(f"{num_gpus} GPUs asked for, {have} visible", where="--num-gpus",
+                        fix=f"use --num-gpus {have}" if have > 1 else "drop --num-gpus (one GPU)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_command(recipe_path: Path, overrides: list[str], num_gpus: int, flags: list[str]) -> list[str]:
+    """``python -m torch.distributed.run`` with N processes running this same ``onecard train``."""
+    sets = [part for override in overrides for part in ("--set", override)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_gpus),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--module", "onecard.cli", "train",
+            str(recipe_path), *sets, "--set", f"training.num_gpus={num_gpus}", *flags]
+
+
+def launch(recipe_path: Path, overrides: list[str], num_gpus: int, flags: list[str], *, strategy: str,
+           cpu: bool) -> int:
+    """Run the N-process job; returns its exit code (the workers print their own errors and results)."""
+    import subprocess
+
+    env = dict(os.environ)
+    env[STRATEGY_ENV] = strategy
+    if cpu:
+        env[CPU_ENV] = "1"
+        env.setdefault("OMP_NUM_THREADS", "1")
+    src = str(Path(__file__).resolve().parents[2])  # the workers import the same onecard, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(launch_command(recipe_path, overrides, num_gpus, flags), env=env).returncode
+
+
+# --------------------------------------------------------------------------- inside each rank
+
+
+def quant_storage_kwargs() -> dict[str, Any]:
+    """bitsandbytes kwargs for QLoRA under FSDP: NF4 bytes stored in a bf16 tensor so FSDP1 can flatten and shard
+    them with the bf16 weights around them (the FSDP-QLoRA recipe of Answer.AI / HF; under FSDP2 4-bit weights have
+    been left unsharded or corrupted, accelerate issues #3874 and #3983, so FSDP1 is used). Empty elsewhere."""
+    if os.environ.get(STRATEGY_ENV) != "fsdp" or not is_worker():
+        return {}
+    import torch
+
+    return {"bnb_4bit_quant_storage": torch.bfloat16}
+
+
+@dataclass
+class Dist:
+    """One rank's view of the job: accelerate's Accelerator plus the few collectives the loop needs."""
+
+    accelerator: Any
+    strategy: str
+    device: str
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    @property
+    def world(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks, in float64 (token counts stay exact far beyond 2**24)."""
+        import torch
+        import torch.distributed as tdist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def any_true(self, flag: bool) -> bool:
+        return self.all_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def init(recipe) -> Dist:
+    """The Accelerator for this rank; the FSDP plugin's wrap policy is filled in by :func:`prepare_model`."""
+    from accelerate import Accelerator
+
+    cpu = os.environ.get(CPU_ENV) == "1"
+    strategy = os.environ.get(STRATEGY_ENV) or choose_strategy(recipe)
+    plugin = None
+    if strategy == "fsdp" and not cpu:
+        plugin = fsdp_plugin()
+    accelerator = Accelerator(cpu=cpu, fsdp_plugin=plugin)
+    if accelerator.num_processes != recipe.training.num_gpus:
+        raise UserError(f"training.num_gpus is {recipe.training.num_gpus} but {accelerator.num_processes} processes "
+                        "were launched", where="training.num_gpus", fix="launch with onecard train --num-gpus N")
+    device = "cpu" if cpu else f"cuda:{accelerator.local_process_index}"
+    return Dist(accelerator, "ddp" if cpu else strategy, device)
+
+
+def fsdp_plugin():
+    """FSDP1, full shard, original parameters kept (peft's trainable/frozen split and our checkpoint names need
+    them), no accelerate activation checkpointing: the loop uses transformers' ``gradient_checkpointing_enable``
+    (non-reentrant), the same path as on one GPU -- accelerate's ``activation_checkpointing`` would wrap every unit
+    of the auto-wrap policy, which for adapters includes each LoRA linear on its own."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=1, sharding_strategy="FULL_SHARD", use_orig_params=True, sync_module_states=False,
+        limit_all_gathers=True, cpu_ram_efficient_loading=False, activation_checkpointing=False,
+        state_dict_type="FULL_STATE_DICT", auto_wrap_policy="transformer_based_wrap")
+
+
+def prepare_model(dist: Dist, model, recipe):
+    """DDP or FSDP wrap through ``accelerator.prepare``. Under FSDP every flat parameter must hold one dtype: the
+    adapters (fp32) are wrapped as their own units by peft's policy, and peft's fp32 upcast of frozen norms and
+    embeddings for k-bit training is undone (bf16, as trl does for sharded QLoRA)."""
+    if dist.strategy == "fsdp":
+        if recipe.training.weight_decay:
+            raise UserError("weight_decay under FSDP: matrices cannot be told from vectors once sharded",
+                            where="training.weight_decay", fix="set training.weight_decay=0 or --strategy ddp")
+        if recipe.is_adapter:
+            from peft.utils.other import fsdp_auto_wrap_policy
+
+            dist.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+        if recipe.method == "qlora":
+            _frozen_to_bf16_(model)
+    return dist.accelerator.prepare(model)
+
+
+def _frozen_to_bf16_(model) -> None:
+    import torch
+
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.to(torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def rank_slices(window: list[int], micro_batch: int, world: int, rank: int) -> list[list[int] | None]:
+    """This rank's micro-batches of one optimizer step's example indices.
+
+    ``window`` holds ``micro_batch x world x grad_accum`` indices (fewer at an epoch's end); it is cut into sets of
+    ``micro_batch x world`` and rank r takes ``set[r*mb:(r+1)*mb]``. An empty slice (a short last set) is ``None``:
+    the rank still runs a forward and backward with weight zero, because DDP and FSDP need every rank in every
+    gradient reduction.
+    """
+    size = micro_batch * world
+    out: list[list[int] | None] = []
+    for start in range(0, len(window), size):
+        part = window[start:start + size][rank * micro_batch:(rank + 1) * micro_batch]
+        out.append(part or None)
+    return out
+
+
+def cpu_requested() -> bool:
+    """``ONECARD_DISTRIBUTED_CPU=1`` in the environment: the same as ``--cpu``."""
+    return os.environ.get(CPU_ENV) == "1"
