@@ -81,7 +81,7 @@ class BenchConfig:
         fused = self.kernels in ("onecard", "liger", "auto")
         return {
             "name": "bench",
-            "model": {"name_or_path": self.model, "dtype": "bfloat16"},
+            "model": {"name_or_path": self.model, "dtype": "auto"},  # bf16 on CUDA, fp32 on CPU
             "method": self.method,
             "adapter": {"rank": self.rank},
             "data": {"seq_len": self.seq},

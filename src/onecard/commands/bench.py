@@ -62,8 +62,12 @@ def register(app: typer.Typer) -> None:
         for cfg in configs:
             if suite is None:
                 cfg.steps, cfg.warmup, cfg.baseline, cfg.memory_cap_gib = steps, warmup, baseline, memory_cap_gib
-            if cpu:
-                cfg.model, cfg.method = "tiny", ("lora" if cfg.method == "qlora" else cfg.method)
+            if cpu:  # presets are too big for a CPU: the tiny model stands in; a local directory is used as is
+                from onecard.bench.build import is_preset
+
+                if cfg.model != "tiny" and (is_preset(cfg.model) or not Path(cfg.model).expanduser().is_dir()):
+                    cfg.model = "tiny"
+                cfg.method = "lora" if cfg.method == "qlora" and cfg.model != "tiny" else cfg.method
                 cfg.seq = min(cfg.seq, 256)
             cfg.gpu = gpu_id
         printer = _print_json_line if as_json else _print_table
