@@ -86,8 +86,10 @@ class MemoryPlan:
 
 def _static_components(p: PlanInputs) -> list[Component]:
     shape, n = p.shape, p.num_gpus
+    # Sharded (FSDP) QLoRA keeps frozen norms/embeddings bf16: one dtype per flat parameter (train/distributed.py).
+    upcast = p.kbit_upcast and n == 1
     out = [Component("weights", _weights_label(p), static.base_weight_bytes(
-        shape, p.method, p.dtype_bytes, double_quant=p.double_quant, kbit_upcast=p.kbit_upcast) // n)]
+        shape, p.method, p.dtype_bytes, double_quant=p.double_quant, kbit_upcast=upcast) // n)]
     if p.task in ("dpo", "kto") and p.reference == "copy":
         out.append(Component("reference", "reference model (frozen copy)",
                              static.base_weight_bytes(shape, "full", p.dtype_bytes) // n))
@@ -110,7 +112,7 @@ def _static_components(p: PlanInputs) -> list[Component]:
 def _weights_label(p: PlanInputs) -> str:
     if p.method == "qlora":
         dq = " + double quant" if p.double_quant else ""
-        rest = "fp32" if p.kbit_upcast else "bf16"
+        rest = "fp32" if p.kbit_upcast and p.num_gpus == 1 else "bf16"
         return f"base weights (NF4{dq}; embeddings/norms {rest})"
     return f"base weights ({'bf16' if p.dtype_bytes == 2 else 'fp32'})"
 

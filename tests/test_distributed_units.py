@@ -1,0 +1,133 @@
+"""Issue 9, the pure parts of the multi-GPU path: per-rank slices, strategy choice, launch refusals, resume guard,
+and the planner's answer when one card is not enough. No process group, no model: well under a second each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from onecard.errors import UserError
+from onecard.recipe import validate_recipe
+from onecard.train.distributed import choose_strategy, launch_command, quant_storage_kwargs, rank_slices
+
+
+def recipe(**training):
+    tree = {"model": {"name_or_path": "llama-3-8b"}, "method": training.pop("method", "lora"),
+            "training": training}
+    return validate_recipe(tree)
+
+
+@pytest.mark.parametrize("micro_batch,world,accum,n", [(2, 2, 2, 8), (1, 2, 4, 8), (3, 2, 2, 12), (2, 3, 1, 6)])
+def test_ranks_together_take_exactly_the_one_gpu_window(micro_batch, world, accum, n):
+    """1 GPU x micro-batch (mb x world) x accum == world GPUs x micro-batch mb x accum: per accumulation step, the
+    ranks' slices are a partition of the one-GPU micro-batch."""
+    window = list(range(100, 100 + n))
+    one_gpu = [window[i:i + micro_batch * world] for i in range(0, n, micro_batch * world)]
+    per_rank = [rank_slices(window, micro_batch, world, r) for r in range(world)]
+    assert all(len(s) == accum for s in per_rank)
+    for k, big in enumerate(one_gpu):
+        pieces = [per_rank[r][k] for r in range(world)]
+        assert all(len(p) == micro_batch for p in pieces)
+        assert [i for p in pieces for i in p] == big
+
+
+def test_short_last_window_leaves_a_rank_a_zero_weight_pass():
+    # 5 examples left at the epoch's end, micro-batch 2 on 2 ranks: sets [0..3] and [4]
+    assert rank_slices([0, 1, 2, 3, 4], 2, 2, 0) == [[0, 1], [4]]
+    assert rank_slices([0, 1, 2, 3, 4], 2, 2, 1) == [[2, 3], None]
+
+
+def test_strategy_ddp_when_one_card_holds_it_fsdp_otherwise():
+    assert choose_strategy(recipe()) == "ddp"  # 8B LoRA on the default plan.gpu (rtx4090) fits
+    assert choose_strategy(recipe(method="full")) == "fsdp"
+    big = validate_recipe({"model": {"name_or_path": "llama-3-70b"}, "method": "qlora"})
+    assert choose_strategy(big) == "fsdp"  # 70B NF4 alone is ~35 GB: not on 24 GB
+    assert choose_strategy(big, "ddp") == "ddp"  # explicit wins
+    with pytest.raises(UserError, match="unknown strategy"):
+        choose_strategy(big, "zero3")
+
+
+def test_launch_command_reexecs_the_same_train_under_torchrun(tmp_path):
+    cmd = launch_command(tmp_path / "r.yaml", ["training.seed=3"], 2, ["--resume"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
+    tail = cmd[cmd.index("--module") + 1:]
+    assert tail[:3] == ["onecard.cli", "train", str(tmp_path / "r.yaml")]
+    assert "training.seed=3" in tail and "training.num_gpus=2" in tail and tail[-1] == "--resume"
+
+
+def test_quant_storage_only_inside_an_fsdp_worker(monkeypatch):
+    monkeypatch.setenv("ONECARD_DISTRIBUTED_STRATEGY", "fsdp")
+    assert quant_storage_kwargs() == {}  # not a torchrun worker
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    import torch
+
+    assert quant_storage_kwargs() == {"bnb_4bit_quant_storage": torch.bfloat16}
+    monkeypatch.setenv("ONECARD_DISTRIBUTED_STRATEGY", "ddp")
+    assert quant_storage_kwargs() == {}
+
+
+def test_launch_refusals():
+    from onecard.train.distributed import check_launchable
+
+    with pytest.raises(UserError, match="one GPU only"):
+        check_launchable(validate_recipe({"model": {"name_or_path": "x"}, "task": "dpo"}), 2, cpu=True)
+    with pytest.raises(UserError, match="single-GPU optimizer"):
+        check_launchable(recipe(method="full", optimizer="adamw_cpu_offload"), 2, cpu=True)
+    import torch
+
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(UserError, match="64 GPUs asked for"):
+            check_launchable(recipe(), 64, cpu=False)
+
+
+def test_resume_refused_on_a_different_number_of_processes(tmp_path):
+    from onecard.train.distributed_loop import check_resume_world
+
+    step = tmp_path / "checkpoints" / "step-4"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+    check_resume_world(tmp_path, 1)  # a one-GPU checkpoint has no ranks directory
+    with pytest.raises(UserError, match="written by 1 process"):
+        check_resume_world(tmp_path, 2)
+    ranks = tmp_path / "checkpoints" / "ranks-step-4"
+    ranks.mkdir()
+    (ranks / "world.json").write_text(json.dumps({"world_size": 2}))
+    check_resume_world(tmp_path, 2)
+    with pytest.raises(UserError, match="--num-gpus 2"):
+        check_resume_world(tmp_path, 1)
+
+
+def test_cli_num_gpus_without_gpus_is_a_clean_user_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    from onecard.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"model": {"name_or_path": str(tmp_path)}, "output_dir": str(tmp_path / "run")}))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(path), "--num-gpus", "2"])
+    assert exc.value.code == 2
+    assert "2 GPUs asked for" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,method,gpu", [("llama-3-70b", "qlora", "rtx4090"), ("llama-3-8b", "full", "rtx4090")])
+def test_planner_names_the_gpu_count_that_fits(model, method, gpu):
+    """When a recipe does not fit one card, the suggestions include N x the same card, re-planned per GPU.
+    (Full SFT of 8B at micro-batch 1 fits one 80 GB H100 by the plan, 63.9 GiB: bf16 AdamW state; so the 24 GB card.)"""
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import plan_memory
+    from onecard.plan.suggest import suggest_fixes
+
+    r = validate_recipe({"model": {"name_or_path": model}, "method": method, "plan": {"gpu": gpu}})
+    plan = plan_memory(inputs_from_recipe(r))
+    assert plan.verdict == "does not fit"
+    multi = [s for s in suggest_fixes(plan) if "training.num_gpus" in s.set]
+    assert len(multi) == 1 and multi[0].verdict != "does not fit"
+    n = multi[0].set["training.num_gpus"]
+    assert not plan_memory(inputs_from_recipe(r).with_(num_gpus=n - 1)).fits or n == 2  # the smallest that fits
+    assert plan_memory(inputs_from_recipe(r).with_(num_gpus=n)).fits
