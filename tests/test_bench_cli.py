@@ -82,3 +82,27 @@ def test_nf4_layer_by_layer_build_on_cpu():
     assert not any(p.is_meta for p in model.parameters())
     out = timed_steps(model, random_batch(vocab, 2, 16, "cpu"), steps=1, warmup=1, device="cpu", loss_path="spine")
     assert out["tokens_per_s"] > 0
+
+
+def test_probe_picks_the_fastest_setting_that_fits_and_stops_a_line_at_oom():
+    """The search logic, with a fake GPU: bigger micro-batches are faster until 8, which runs out of memory."""
+    from onecard.bench.probe import probe
+    from onecard.recipe import validate_recipe
+
+    recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "method": "qlora", "data": {"seq_len": 1024}})
+    calls = []
+
+    def fake_measure(cfg):
+        calls.append((cfg.micro_batch, cfg.grad_ckpt, cfg.kernels))
+        if cfg.micro_batch >= 8:
+            return {"status": "oom"}
+        speed = cfg.micro_batch * 100 * (1.3 if cfg.kernels == "onecard" else 1.0) * (0.8 if cfg.grad_ckpt else 1.0)
+        return {"status": "ok", "tokens_per_s": speed, "peak_reserved_gib": 10.0}
+
+    out = probe(recipe, cap_gib=24, gpu="rtx4090", measure=fake_measure)
+    assert out["best"]["micro_batch"] == 4 and out["best"]["kernels"] == "onecard"
+    ok = [t for t in out["tried"] if t["status"] == "ok"]
+    assert out["best"]["tokens_per_s"] == max(t["tokens_per_s"] for t in ok)
+    assert "training.micro_batch_size=4" in out["set"]
+    assert not any(mb == 16 for mb, _, _ in calls)  # the line stopped at its first OOM (8)
+    assert all(t["planned_gib"] <= 24 * 1.1 for t in out["tried"])

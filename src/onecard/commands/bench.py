@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
         time_budget_s: Optional[float] = typer.Option(None, "--time-budget-s", help="Skip suite entries after this."),
         out: Optional[Path] = typer.Option(None, "--out", help="Append one JSON line per configuration here."),
         cpu: bool = typer.Option(False, "--cpu", help="Run a tiny model on the CPU (tests; no GPU numbers)."),
+        probe: bool = typer.Option(False, "--probe", help="With RECIPE: measure micro-batch x checkpointing x fused "
+                                   "kernels at the data's longest sequence; print the fastest that fits as --set."),
         sets: Optional[list[str]] = SetOption,
         as_json: bool = JsonOption,
     ) -> None:
@@ -45,6 +47,9 @@ def register(app: typer.Typer) -> None:
         gpu_id = gpu_catalog_id() if device == "cuda" else "h200"
         args = [a for a in sys.argv[1:] if a != "bench"]
         command = "onecard bench " + " ".join(shlex.quote(a) for a in args)
+        if probe:
+            _run_probe(recipe, sets, device, gpu_id, memory_cap_gib, command, as_json)
+            return
         if suite is not None:
             configs = load_suite(suite, part)
         elif recipe is not None:
@@ -74,6 +79,31 @@ def register(app: typer.Typer) -> None:
         records = run_many(configs, device, out=out, command=command, time_budget_s=time_budget_s, on_record=printer)
         if any(r.get("status") == "error" for r in records):
             raise typer.Exit(1)
+
+
+def _run_probe(recipe_path, sets, device, gpu_id, memory_cap_gib, command, as_json) -> None:
+    from onecard.bench.probe import probe
+    from onecard.bench.run import run_config
+    from onecard.catalog.gpus import get_gpu
+    from onecard.recipe import load_recipe
+
+    if recipe_path is None or device != "cuda":
+        raise UserError("--probe measures a RECIPE on a CUDA GPU", where="--probe",
+                        fix="onecard bench RECIPE --probe [--memory-cap-gib G] on the GPU machine")
+    recipe = load_recipe(recipe_path, sets or [])
+    cap = memory_cap_gib or get_gpu(gpu_id).memory_gib
+    result = probe(recipe, cap_gib=cap, gpu=gpu_id, measure=lambda cfg: run_config(cfg, device, command=command))
+    if as_json:
+        _print_json_line(result)
+    elif result["best"] is None:
+        typer.echo(f"nothing fit in {cap:g} GiB at seq {result['seq']} (tried {len(result['tried'])} settings)")
+    else:
+        for t in result["tried"]:
+            typer.echo(f"  b{t['micro_batch']} ckpt={t['grad_ckpt']} kernels={t['kernels']}: {t['status']} "
+                       f"{(t['tokens_per_s'] or 0):,.0f} tokens/s, planned {t['planned_gib']} GiB")
+        typer.echo("fastest that fits: " + " ".join(f"--set {s}" for s in result["set"]))
+    if result["best"] is None:
+        raise typer.Exit(1)
 
 
 def _print_json_line(record: dict) -> None:

@@ -1,0 +1,82 @@
+"""Probe: a few measured steps per candidate setting, the fastest one that fits (``onecard bench RECIPE --probe``).
+
+The planner ranks the candidates and prunes the ones it expects not to fit (with a 10% margin: the memory matrix
+holds it within 10%); then each survivor is *measured* at the longest sequence of the user's data, fastest
+expected first, and an OOM ends that candidate (the cap is the card, or ``--memory-cap-gib``). The answer is
+printed as ``--set`` overrides. Candidates: micro-batch (powers of two up to 16), gradient checkpointing on/off,
+fused kernels (fused cross-entropy) on/off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from onecard.bench.config import BenchConfig, config_from_recipe
+
+GIB = 2**30
+MICRO_BATCHES = (1, 2, 4, 8, 16)
+PLAN_MARGIN = 1.10
+
+
+def longest_sequence(recipe) -> int:
+    """Tokens in the longest training example (capped at data.seq_len); seq_len when the data cannot be read here."""
+    if not recipe.data.path:
+        return recipe.data.seq_len
+    try:
+        from transformers import AutoTokenizer
+
+        from onecard.data import build_dataset
+        from onecard.train.model import resolve_source
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source(recipe))
+        data = build_dataset(recipe, tokenizer, "train")
+        return max((len(ex["input_ids"]) for ex in data.examples), default=recipe.data.seq_len)
+    except Exception:  # noqa: BLE001 -- a preset has no tokenizer: plan at seq_len
+        return recipe.data.seq_len
+
+
+def candidates(base: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchConfig, float]]:
+    """(config, planned GiB) of every setting the planner expects to fit under ``cap_gib``; within each line
+    (checkpointing, kernels) smallest micro-batch first, so the first OOM ends the line."""
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import plan_memory
+
+    out = []
+    for kernels in ("onecard", "none"):
+        for grad_ckpt in (False, True):
+            for mb in MICRO_BATCHES:
+                cfg = dataclasses.replace(base, micro_batch=mb, grad_ckpt=grad_ckpt, kernels=kernels, baseline=False)
+                planned = plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=gpu)).required_bytes / GIB
+                if planned <= cap_gib * PLAN_MARGIN:
+                    out.append((cfg, planned))
+    return sorted(out, key=lambda c: (c[0].grad_ckpt, c[0].kernels != "onecard", c[0].micro_batch))
+
+
+def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], dict[str, Any]],
+          steps: int = 2, warmup: int = 1) -> dict[str, Any]:
+    """Measure the planner's surviving candidates; the fastest that ran without OOM, as --set overrides.
+
+    ``measure(cfg)`` returns a bench record (``status``, ``tokens_per_s``, ``peak_reserved_gib``); on a GPU it is
+    ``run.run_config`` with the memory cap set.
+    """
+    base = config_from_recipe(recipe, seq=longest_sequence(recipe), steps=steps, warmup=warmup, gpu=gpu)
+    base.memory_cap_gib = cap_gib
+    tried, oom_from = [], {}
+    for cfg, planned in candidates(base, cap_gib, gpu):
+        line = (cfg.grad_ckpt, cfg.kernels)
+        if cfg.micro_batch >= oom_from.get(line, 10**9):
+            continue
+        rec = measure(cfg)
+        tried.append({"micro_batch": cfg.micro_batch, "grad_ckpt": cfg.grad_ckpt, "kernels": cfg.kernels,
+                      "planned_gib": round(planned, 2), "status": rec.get("status"),
+                      "tokens_per_s": rec.get("tokens_per_s"), "peak_reserved_gib": rec.get("peak_reserved_gib")})
+        if rec.get("status") == "oom":
+            oom_from[line] = min(oom_from.get(line, 10**9), cfg.micro_batch)
+    ok = [t for t in tried if t["status"] == "ok" and t["tokens_per_s"]]
+    if not ok:
+        return {"best": None, "tried": tried, "seq": base.seq, "cap_gib": cap_gib}
+    best = max(ok, key=lambda t: t["tokens_per_s"])
+    sets = [f"training.micro_batch_size={best['micro_batch']}", f"training.grad_ckpt={str(best['grad_ckpt']).lower()}",
+            f"training.kernels={best['kernels']}", f"training.fused_ce={'true' if best['kernels'] != 'none' else 'false'}"]
+    return {"best": best, "set": sets, "tried": tried, "seq": base.seq, "cap_gib": cap_gib}
