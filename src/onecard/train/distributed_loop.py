@@ -30,7 +30,7 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     from onecard.data import build_dataset
     from onecard.train import distributed as D
     from onecard.train.checkpoint import TrainState
-    from onecard.train.loop import lint_or_stop, seed_everything
+    from onecard.train.loop import apply_recipe_kernels, lint_or_stop, seed_everything
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer
     from onecard.train.optim import build_optimizer
     from onecard.train.rundir import check_run_dir, prepare_run_dir, recipe_changes
@@ -44,6 +44,7 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     lint_or_stop(recipe, main_console)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, dist.device)
+    kernels = apply_recipe_kernels(model, recipe, dist.device, main_console)  # before wrapping: patches the instance
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = global_schedule(recipe, len(dataset.examples), dist.world)
     dist.barrier()  # every rank has read the run directory before rank 0 changes it
@@ -59,8 +60,12 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     optimizer = dist.accelerator.prepare(build_optimizer(model, recipe, dist.device, main_console))
     state = restore_ranks(run_dir, dist, model, optimizer) if resume else TrainState()
     started = state.global_step
-    state, timing = run_steps(dist, model, tokenizer, optimizer, dataset, schedule, state, recipe, main_console)
+    state, timing = run_steps(dist, model, tokenizer, optimizer, dataset, schedule, state, recipe, main_console,
+                              fused_loss=kernels.fused_loss)
+    kernels.revert()  # the saved adapter/model sees plain transformers modules
     summary = finish_ranks(dist, model, tokenizer, state, timing, dataset, recipe, started)
+    if summary is not None:
+        summary["kernels"] = kernels.name
     unwrapped = dist.accelerator.unwrap_model(model)
     _shutdown()
     return unwrapped, tokenizer, summary
@@ -81,7 +86,8 @@ def global_schedule(recipe: Recipe, n_examples: int, world: int):
 # --------------------------------------------------------------------------- the loop
 
 
-def run_steps(dist, model, tokenizer, optimizer, dataset, schedule, state, recipe: Recipe, console):
+def run_steps(dist, model, tokenizer, optimizer, dataset, schedule, state, recipe: Recipe, console,
+              fused_loss: bool = False):
     import torch
 
     from onecard.data import collate, epoch_order, pad_token_id
@@ -103,7 +109,8 @@ def run_steps(dist, model, tokenizer, optimizer, dataset, schedule, state, recip
             slices = rank_slices(window, t.micro_batch_size, dist.world, dist.rank)
             micro = [(collate([dataset.examples[i] for i in (idx or window[:1])], pad_id), 1.0 if idx else 0.0)
                      for idx in slices]
-            record = optimizer_step(dist, model, optimizer, micro, recipe, state.global_step, schedule.total_steps)
+            record = optimizer_step(dist, model, optimizer, micro, recipe, state.global_step, schedule.total_steps,
+                                    fused_loss)
             state.global_step += 1
             state.tokens_seen += record["tokens"]
             state.trained_tokens += record["trained_tokens"]
@@ -126,9 +133,11 @@ def run_steps(dist, model, tokenizer, optimizer, dataset, schedule, state, recip
     return state, {"seconds": time.perf_counter() - start, "tokens": tokens_here}
 
 
-def optimizer_step(dist, model, optimizer, micro, recipe: Recipe, step: int, total_steps: int) -> dict:
+def optimizer_step(dist, model, optimizer, micro, recipe: Recipe, step: int, total_steps: int,
+                   fused_loss: bool = False) -> dict:
     """One global step: LR, this rank's backward passes scaled to the global token count, clip, step."""
-    from onecard.train.loop import token_ce_sum, trained_tokens
+    from onecard.data import model_inputs
+    from onecard.train.loop import trained_tokens
     from onecard.train.optim import set_lr
 
     lr = set_lr(optimizer, recipe, step, total_steps)
@@ -141,13 +150,8 @@ def optimizer_step(dist, model, optimizer, micro, recipe: Recipe, step: int, tot
         # DDP: reduce gradients once per window. FSDP: every micro-batch (no_sync would keep unsharded grads).
         sync = contextlib.nullcontext() if last or dist.strategy != "ddp" else dist.accelerator.no_sync(model)
         with sync:
-            inputs = {k: v.to(dist.device) for k, v in batch.items()
-                      if k in ("input_ids", "attention_mask", "position_ids")}
-            logits = model(**inputs, use_cache=False).logits
-            loss_sum, _ = token_ce_sum(logits, batch["labels"])
-            # x world: DDP and FSDP average gradients over ranks; the window's gradient is their sum.
-            (loss_sum * (weight * dist.world / window_tokens)).backward()
-        loss_total += float(loss_sum.detach()) * weight
+            loss_total += weight * _backward(dist, model, model_inputs(batch), batch["labels"], weight,
+                                             window_tokens, fused_loss)
     loss = dist.all_sum([loss_total])[0] / window_tokens
     grad_norm = None
     if recipe.training.max_grad_norm is not None:
@@ -157,6 +161,23 @@ def optimizer_step(dist, model, optimizer, micro, recipe: Recipe, step: int, tot
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tokens),
             "trained_tokens": int(window_tokens)}
+
+
+def _backward(dist, model, inputs, labels, weight: float, window_tokens: float, fused_loss: bool) -> float:
+    """Backward of ``weight x world x summed CE / window_tokens``; returns the summed CE. The factor ``world``:
+    DDP and FSDP average gradients over ranks, and the window's gradient is their sum."""
+    from onecard.train.loop import token_ce_sum
+
+    inputs = {k: (v.to(dist.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
+    inputs.setdefault("use_cache", False)
+    if fused_loss:  # the patched forward returns sum / num_items_in_batch without materialising the logits
+        per_rank_items = window_tokens / dist.world
+        loss = model(**inputs, labels=labels.to(dist.device), num_items_in_batch=per_rank_items).loss
+        (loss * weight).backward()
+        return float(loss.detach()) * per_rank_items
+    loss_sum, _ = token_ce_sum(model(**inputs).logits, labels)
+    (loss_sum * (weight * dist.world / window_tokens)).backward()
+    return float(loss_sum.detach())
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,157 @@
+"""Issue 9 acceptance 3 (GPU only; NOT run yet): QLoRA steps of a preset shape with random NF4 weights under FSDP1.
+
+Run under torchrun, one process per GPU (commands in notes/multigpu.md):
+    python -m torch.distributed.run --nproc_per_node 2 -m onecard.train.distributed_probe --model llama-3-70b
+Each rank builds the model as onecard.bench.build does (meta skeleton, one bf16 layer at a time on the GPU,
+quantised to NF4) but with ``quant_storage=bfloat16``, the storage FSDP1 can flatten and shard; wraps it exactly as
+``onecard train --num-gpus N --strategy fsdp`` does (distributed.prepare_model); runs ``--steps`` optimizer steps on
+random tokens; and writes one JSON line per rank: the weight bytes on this GPU before and after sharding, the peak
+reserved memory of the steps, and the planner's per-GPU prediction for the same recipe with ``num_gpus=N``.
+Peak statistics are reset after wrapping: the build holds the whole NF4 model on every rank first (a transient the
+planner does not model; see notes/multigpu.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+GIB = 2**30
+
+
+def _quantize_bf16_storage_(module, device: str) -> None:
+    """``onecard.bench.build.quantize_linears_`` with ``quant_storage=torch.bfloat16`` (FSDP-shardable)."""
+    import bitsandbytes as bnb
+    import torch
+
+    for name, lin in [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]:
+        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                              quant_storage=torch.bfloat16, device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                     quant_storage=torch.bfloat16, module=q).to(device)
+        setattr(parent, name.rsplit(".", 1)[-1], q)
+
+
+def build_nf4(cfg, device: str):
+    """bench.build._build_nf4, layer by layer, with bf16 quant storage."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onecard.bench.build import fill_random_, hf_config
+
+    config = hf_config(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    decoder = model.get_decoder()
+    for name, child in list(decoder.named_children()):
+        if name == "rotary_emb":
+            with torch.device(device):
+                setattr(decoder, name, type(child)(config=config))
+        elif name != "layers":
+            child.to_empty(device=device)
+            fill_random_(child)
+    for layer in decoder.layers:
+        layer.to_empty(device=device)
+        fill_random_(layer)
+        _quantize_bf16_storage_(layer, device)
+        torch.cuda.empty_cache()
+    model.lm_head.to_empty(device=device)
+    fill_random_(model.lm_head)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from onecard.bench.config import BenchConfig
+    from onecard.train import distributed as D
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3-70b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--out", default=None, help="append one JSON line per rank here")
+    args = ap.parse_args(argv)
+    os.environ[D.STRATEGY_ENV] = "fsdp"
+    cfg = BenchConfig(model=args.model, method="qlora", seq=args.seq, micro_batch=args.batch, rank=args.rank,
+                      grad_ckpt=True, kernels="none")
+    tree = cfg.recipe_tree()
+    tree["training"].update(num_gpus=D.world_size(), weight_decay=0.0)
+    from onecard.recipe import validate_recipe
+
+    recipe = validate_recipe(tree)
+    dist = D.init(recipe)
+    model = build_nf4(cfg, dist.device)
+    from onecard.train.model import apply_adapter, enable_grad_ckpt
+
+    torch.manual_seed(0)
+    model = apply_adapter(model, recipe)
+    enable_grad_ckpt(model, recipe)
+    before = torch.cuda.memory_allocated()
+    model = D.prepare_model(dist, model, recipe)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    after = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    row = {"rank": dist.rank, "world": dist.world, "model": args.model, "seq": args.seq, "batch": args.batch,
+           "weights_gib_before_wrap": before / GIB, "weights_gib_after_wrap": after / GIB}
+    row.update(_steps(dist, model, recipe, cfg, args.steps))
+    row.update(_prediction(recipe))
+    row["peak_vs_plan"] = row["peak_reserved_gib"] / row["predicted_reserved_gib"]
+    line = json.dumps(row)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    dist.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _steps(dist, model, recipe, cfg, steps: int) -> dict:
+    import time
+
+    import torch
+
+    from onecard.bench.step import random_batch
+    from onecard.train.loop import token_ce_sum
+    from onecard.train.optim import build_optimizer
+
+    optimizer = build_optimizer(model, recipe, dist.device)
+    from onecard.bench.build import hf_config
+
+    batch = random_batch(int(hf_config(cfg).vocab_size), cfg.micro_batch, cfg.seq, dist.device, seed=dist.rank)
+    model.train()
+    losses, times = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss_sum, n = token_ce_sum(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
+        (loss_sum / n).backward()
+        dist.accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss_sum) / n)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"losses": losses, "s_per_step": times, "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
+
+
+def _prediction(recipe) -> dict:
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import plan_memory
+
+    plan = plan_memory(inputs_from_recipe(recipe))
+    weights = plan.component("weights")
+    return {"predicted_reserved_gib": plan.allocator_bytes / GIB, "predicted_weights_gib": weights.gib,
+            "predicted_verdict": plan.verdict, "plan_gpu": recipe.plan.gpu}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
