@@ -51,3 +51,18 @@ def test_kernels_on_and_off_train_alike_and_summary_says_which(tmp_path, tiny_ll
     assert summaries["none"]["kernels"] == "none" and summaries["onecard"]["kernels"] == "onecard"
     for a, b in zip(summaries["none"]["losses"], summaries["onecard"]["losses"]):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
+
+
+def test_summary_on_gpu_carries_plan_vs_measured_lines():
+    """The comparison the trainer attaches on CUDA renders with errors in % (checked without a GPU)."""
+    from onecard.bench.compare import format_lines, plan_vs_measured
+    from onecard.recipe import validate_recipe
+
+    recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "data": {"seq_len": 2048},
+                              "training": {"micro_batch_size": 8}})
+    result = plan_vs_measured(recipe, {"peak_reserved_bytes": 26 * 2**30, "tokens_per_s": 9000.0,
+                                       "device_name": "NVIDIA H200"})
+    assert result["gpu"] == "h200" and "planner_error" not in result
+    assert result["peak_error_pct"] == round(100 * (result["predicted_peak_reserved_gib"] - 26) / 26, 1)
+    lines = format_lines(result)
+    assert "measured 26.00 GiB" in lines[0] and "%" in lines[0] and "9,000" in lines[1]

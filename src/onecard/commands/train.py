@@ -85,3 +85,8 @@ def _print_summary(console, summary: dict) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+    if summary.get("plan_vs_measured"):  # on a GPU: the planner checked against this very run
+        from onecard.bench.compare import format_lines
+
+        for line in format_lines(summary["plan_vs_measured"]):
+            console.print(line)

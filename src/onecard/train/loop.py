@@ -346,7 +346,13 @@ def finish(run_dir: Path, recipe: Recipe, model, tokenizer, state, timing, datas
         "data": dataset.stats.as_dict(),
     }
     if device.startswith("cuda"):
+        from onecard.bench.compare import plan_vs_measured
+
         summary["cuda_peak_reserved_bytes_measured"] = int(torch.cuda.max_memory_reserved())
         summary["cuda_peak_allocated_bytes_measured"] = int(torch.cuda.max_memory_allocated())
+        summary["plan_vs_measured"] = plan_vs_measured(recipe, {
+            "peak_reserved_bytes": summary["cuda_peak_reserved_bytes_measured"],
+            "peak_allocated_bytes": summary["cuda_peak_allocated_bytes_measured"],
+            "tokens_per_s": summary["tokens_per_s_measured"], "device_name": torch.cuda.get_device_name()})
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
