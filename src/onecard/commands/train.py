@@ -57,8 +57,11 @@ def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu:
     from onecard.train.distributed_loop import check_resume_world
     from onecard.train.rundir import check_run_dir
 
+    from onecard.train.loop import lint_or_stop
+
     n = recipe.training.num_gpus
     check_run_dir(recipe.run_dir, "--resume" in flags, "--overwrite" in flags)
+    lint_or_stop(recipe)
     if "--resume" in flags:
         check_resume_world(recipe.run_dir, n)
     cpu = cpu or distributed.cpu_requested()

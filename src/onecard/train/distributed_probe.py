@@ -1,4 +1,7 @@
-"""Issue 9 acceptance 3 (GPU only; NOT run yet): QLoRA steps of a preset shape with random NF4 weights under FSDP1.
+"""Issue 9 acceptances 2 and 3 (GPU only; NOT run yet): training steps of a preset shape, random weights, N GPUs.
+
+Acceptance 3 (default): QLoRA with random NF4 weights under FSDP1. Acceptance 2: ``--method lora --strategy ddp``
+(bf16 random base from onecard.bench.build), run once as plain ``python -m`` (1 GPU) and once under torchrun.
 
 Run under torchrun, one process per GPU (commands in notes/multigpu.md):
     python -m torch.distributed.run --nproc_per_node 2 -m onecard.train.distributed_probe --model llama-3-70b
@@ -77,10 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--method", default="qlora", choices=["qlora", "lora"], help="lora: bf16 random base (bench)")
+    ap.add_argument("--strategy", default="fsdp", choices=["fsdp", "ddp"])
     ap.add_argument("--out", default=None, help="append one JSON line per rank here")
     args = ap.parse_args(argv)
-    os.environ[D.STRATEGY_ENV] = "fsdp"
-    cfg = BenchConfig(model=args.model, method="qlora", seq=args.seq, micro_batch=args.batch, rank=args.rank,
+    os.environ[D.STRATEGY_ENV] = args.strategy
+    cfg = BenchConfig(model=args.model, method=args.method, seq=args.seq, micro_batch=args.batch, rank=args.rank,
                       grad_ckpt=True, kernels="none")
     tree = cfg.recipe_tree()
     tree["training"].update(num_gpus=D.world_size(), weight_decay=0.0)
@@ -88,7 +93,12 @@ def main(argv: list[str] | None = None) -> None:
 
     recipe = validate_recipe(tree)
     dist = D.init(recipe)
-    model = build_nf4(cfg, dist.device)
+    if args.method == "qlora":
+        model = build_nf4(cfg, dist.device)
+    else:
+        from onecard.bench.build import build_base
+
+        model = build_base(cfg, dist.device)
     from onecard.train.model import apply_adapter, enable_grad_ckpt
 
     torch.manual_seed(0)
@@ -100,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.empty_cache()
     after = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    row = {"rank": dist.rank, "world": dist.world, "model": args.model, "seq": args.seq, "batch": args.batch,
+    row = {"rank": dist.rank, "world": dist.world, "model": args.model, "method": args.method,
+           "strategy": dist.strategy, "seq": args.seq, "batch": args.batch, "command": " ".join(sys.argv),
            "weights_gib_before_wrap": before / GIB, "weights_gib_after_wrap": after / GIB}
     row.update(_steps(dist, model, recipe, cfg, args.steps))
     row.update(_prediction(recipe))
@@ -111,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
     dist.barrier()
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _steps(dist, model, recipe, cfg, steps: int) -> dict:
@@ -139,7 +151,9 @@ def _steps(dist, model, recipe, cfg, steps: int) -> dict:
         losses.append(float(loss_sum) / n)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"losses": losses, "s_per_step": times, "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+    timed = sorted(times[1:] or times)  # the first step allocates optimizer state and picks kernels
+    tokens = cfg.micro_batch * cfg.seq * dist.world
+    return {"losses": losses, "s_per_step": times, "tokens_per_s_all_gpus": tokens / timed[len(timed) // 2], "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
 
 

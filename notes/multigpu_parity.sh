@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 9 acceptance 1: the same small recipe on 1 GPU (micro-batch 4 x accum 2) and on 2 GPUs (micro-batch 2 x
+# accum 2 each: the same global batch of 8) for 50 steps; prints the largest relative loss difference (must be < 1%).
+# Usage (repo root, PYTHONPATH holding src and the wheels): bash notes/multigpu_parity.sh [OUT_DIR]
+# Env: STEPS (50), STRATEGY (auto | ddp | fsdp), KERNELS (none | auto: onecard's fused loss under DDP too), ONECARD_DISTRIBUTED_CPU=1 (CPU dry run).
+set -euo pipefail
+OUT_DIR=${1:-/tmp/parity}; W=/tmp/parity-work; rm -rf "$W"; mkdir -p "$W" "$OUT_DIR"
+python - "$W" <<'PY'
+import json, os, sys, yaml
+from onecard.tiny import save_tiny_model
+w = sys.argv[1]
+save_tiny_model(f"{w}/model", "llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4)
+rows = [{"messages": [{"role": "user", "content": f"count to {i % 13} please"},
+                      {"role": "assistant", "content": " ".join(str(k) for k in range(i % 13 + 1)) + " done"}]}
+        for i in range(800)]
+open(f"{w}/chat.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
+for name, mb in (("one", 4), ("two", 2)):
+    tree = {"name": name, "model": {"name_or_path": f"{w}/model", "dtype": "float32"}, "method": "lora",
+            "adapter": {"rank": 8}, "data": {"path": f"{w}/chat.jsonl", "seq_len": 128},
+            "training": {"max_steps": int(os.environ.get("STEPS", 50)), "micro_batch_size": mb, "grad_accum": 2, "learning_rate": 2e-3,
+                         "warmup_steps": 5, "seed": 1,
+                         "kernels": os.environ.get("KERNELS", "none")},
+            "output_dir": f"{w}/runs/{{name}}"}
+    yaml.safe_dump(tree, open(f"{w}/{name}.yaml", "w"))
+PY
+onecard_cli() { python -m onecard.cli "$@"; }
+onecard_cli train "$W/one.yaml" --json > "$OUT_DIR/one.json"
+onecard_cli train "$W/two.yaml" --num-gpus 2 --strategy "${STRATEGY:-auto}" --json > "$OUT_DIR/two.json"
+cp "$W/runs/one/metrics.jsonl" "$OUT_DIR/one-metrics.jsonl"; cp "$W/runs/two/metrics.jsonl" "$OUT_DIR/two-metrics.jsonl"
+python - "$W" <<'PY'
+import json, os, sys
+w = sys.argv[1]
+load = lambda n: [json.loads(l)["loss"] for l in open(f"{w}/runs/{n}/metrics.jsonl")]
+one, two = load("one"), load("two")
+worst = max(abs(a - b) / abs(a) for a, b in zip(one, two))
+print(json.dumps({"steps": [len(one), len(two)], "max_rel_loss_diff": worst, "pass_1pct": worst < 0.01 and len(one) == len(two) == int(os.environ.get("STEPS", 50)),
+                  "first": [one[0], two[0]], "last": [one[-1], two[-1]]}))
+PY
