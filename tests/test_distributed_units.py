@@ -131,3 +131,15 @@ def test_planner_names_the_gpu_count_that_fits(model, method, gpu):
     n = multi[0].set["training.num_gpus"]
     assert not plan_memory(inputs_from_recipe(r).with_(num_gpus=n - 1)).fits or n == 2  # the smallest that fits
     assert plan_memory(inputs_from_recipe(r).with_(num_gpus=n)).fits
+
+
+def test_cli_refuses_fsdp_on_cpu_processes(tmp_path, capsys):
+    from onecard.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"model": {"name_or_path": str(tmp_path)}, "output_dir": str(tmp_path / "run")}))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(path), "--num-gpus", "2", "--cpu", "--strategy", "fsdp"])
+    assert exc.value.code == 2
+    assert "FSDP needs GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written or launched

@@ -66,7 +66,12 @@ def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu:
         check_resume_world(recipe.run_dir, n)
     cpu = cpu or distributed.cpu_requested()
     distributed.check_launchable(recipe, n, cpu)
-    chosen = distributed.choose_strategy(recipe, strategy)
+    chosen = distributed.choose_strategy(recipe, "ddp" if cpu and strategy == "auto" else strategy)
+    if cpu and chosen == "fsdp":
+        from onecard.errors import UserError
+
+        raise UserError("FSDP needs GPUs: accelerate runs CPU processes as DDP", where="--strategy",
+                        fix="use --strategy ddp (or auto) with --cpu")
     return distributed.launch(recipe_path, overrides, n, flags, strategy=chosen, cpu=cpu)
 
 
