@@ -37,7 +37,9 @@ def print_user_error(err: UserError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # without standalone mode, click *returns* typer.Exit's code
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except UserError as err:
         print_user_error(err)
         sys.exit(EXIT_USER_ERROR)

@@ -1,0 +1,49 @@
+"""The CLI shell: every verb has --help; UserError -> exit 2 without traceback; typer.Exit codes survive."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from onecard.cli import VERBS, main
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb, capsys):
+    try:
+        main([verb, "--help"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    out = capsys.readouterr().out
+    assert "Usage" in out and "not built yet" not in out.lower()
+
+
+def test_exit_codes_from_commands_are_kept(monkeypatch):
+    import onecard.cli as cli
+
+    app = typer.Typer()
+
+    @app.command()
+    def fail() -> None:
+        raise typer.Exit(1)
+
+    @app.command()
+    def ok() -> None:
+        pass
+
+    monkeypatch.setattr(cli, "app", app)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["fail"])
+    assert exc.value.code == 1
+    cli.main(["ok"])  # success: no SystemExit with a non-zero code
+
+
+def test_user_error_is_one_message_exit_2(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  name_or_path: llama-3-8b\ntraining:\n  learning_rate: -1\n")
+    proc = subprocess.run([sys.executable, "-m", "onecard.cli", "lint", str(recipe)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "learning_rate" in proc.stderr
