@@ -73,6 +73,8 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     kernels.revert()  # the saved adapter/model and any later eval see plain transformers modules
     summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started)
     summary["kernels"] = kernels.name
+    if recipe.eval.at_end and has_eval_data(recipe):
+        summary["eval"] = evaluate_and_save(model, tokenizer, recipe, summary)
     model.eval()
     return model, tokenizer, summary
 
@@ -259,6 +261,7 @@ def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, r
                 logger.log({"step": state.global_step,
                             "epoch": round(state.global_step / schedule.steps_per_epoch, 4), **record})
             progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"])
+            _eval_if_due(model, tokenizer, recipe, state.global_step, logger)
             _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger)
     finally:
         progress.close()
@@ -300,6 +303,33 @@ def optimizer_step(model, optimizer, micro, recipe: Recipe, step: int, total_ste
     optimizer.zero_grad(set_to_none=True)
     n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "trained_tokens": n_trained}
+
+
+def has_eval_data(recipe: Recipe) -> bool:
+    return bool(recipe.eval.path or recipe.data.eval_path or recipe.data.eval_fraction > 0)
+
+
+def _eval_if_due(model, tokenizer, recipe: Recipe, step: int, logger) -> None:
+    """Held-out loss (and generation metrics where references exist) every ``eval.every_steps``, into metrics.jsonl."""
+    every = recipe.eval.every_steps
+    if not every or step % every or not has_eval_data(recipe):
+        return
+    from onecard.eval import evaluate
+
+    tuned = evaluate(model, tokenizer, recipe, recipe.eval.path)["tuned"]
+    logger.log({"step": step, **{f"eval_{k}": v for k, v in tuned.items() if isinstance(v, (int, float))}})
+
+
+def evaluate_and_save(model, tokenizer, recipe: Recipe, summary: dict) -> dict:
+    """The end-of-run eval (``eval.at_end``): before/after for adapters, saved as ``eval.json``; returns the metrics."""
+    from onecard.eval import evaluate
+    from onecard.train.rundir import write_json_atomic
+
+    result = evaluate(model, tokenizer, recipe, recipe.eval.path, baseline=recipe.is_adapter)
+    write_json_atomic(recipe.run_dir / "eval.json", result)
+    summary["eval"] = {k: result[k] for k in ("tuned", "baseline", "delta") if k in result}
+    write_json_atomic(recipe.run_dir / "summary.json", summary)
+    return summary["eval"]
 
 
 def _checkpoint_if_due(model, optimizer, state, schedule: Schedule, recipe: Recipe, logger) -> None:
@@ -345,6 +375,7 @@ def finish(run_dir: Path, recipe: Recipe, model, tokenizer, state, timing, datas
         "peak_memory_bytes_measured": peak, "peak_memory_kind": peak_kind,
         "data": dataset.stats.as_dict(),
     }
+    summary["plan"] = planned_memory(recipe)
     if device.startswith("cuda"):
         from onecard.bench.compare import plan_vs_measured
 
@@ -356,3 +387,16 @@ def finish(run_dir: Path, recipe: Recipe, model, tokenizer, state, timing, datas
             "tokens_per_s": summary["tokens_per_s_measured"], "device_name": torch.cuda.get_device_name()})
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def planned_memory(recipe: Recipe) -> dict[str, Any] | None:
+    """The memory plan for the recipe's target card, kept beside the measurements (``onecard report`` draws both)."""
+    try:
+        from onecard.plan.inputs import inputs_from_recipe
+        from onecard.plan.memory import plan_memory
+
+        plan = plan_memory(inputs_from_recipe(recipe))
+    except Exception as exc:  # noqa: BLE001 -- planning is advice; a planner bug must not fail a finished run
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"gpu": recipe.plan.gpu, "label": "estimated", "total_bytes": int(plan.required_bytes),
+            "components": {c.label: int(c.bytes) for c in plan.components if c.at_peak}}
