@@ -140,3 +140,15 @@ def test_plan_never_imports_torch():
             "import onecard.commands.plan, onecard.lint; scope_table(GPUS['rtx4090']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_preference_tasks_are_planned_without_fused_kernels():
+    """DPO/KTO train on plain modules with full logits (train/preference.py), whatever kernels: auto says."""
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.recipe import validate_recipe
+
+    for task, expected in (("sft", "onecard"), ("dpo", "none"), ("kto", "none")):
+        recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "task": task, "plan": {"gpu": "h200"}})
+        inp = inputs_from_recipe(recipe)
+        assert inp.kernels == expected
+        assert inp.fused_ce is (expected == "onecard")

@@ -35,10 +35,12 @@ class PlanInputs:
     attn: str = "sdpa"                # sdpa | flash_attention_2 | eager | flex_attention
     dtype_bytes: int = 2              # base weight dtype: bf16/fp16 = 2, fp32 = 4
     double_quant: bool = True
-    kbit_upcast: bool = True          # QLoRA: prepare_model_for_kbit_training casts non-4-bit params to fp32
+    # QLoRA: non-4-bit params (embeddings, norms, LM head) in fp32, as prepare_model_for_kbit_training leaves them.
+    # onecard casts them back to bf16 on CUDA (train/model.py prepare_kbit); True describes plain transformers + peft.
+    kbit_upcast: bool = False
     reference: str = "adapter-disabled"  # DPO/KTO: adapter-disabled (LoRA) | copy (full)
     num_gpus: int = 1
-    hold_logits: bool = True          # the training loop keeps ``outputs.logits`` alive through backward
+    hold_logits: bool = False         # the loop keeps ``outputs.logits`` alive through backward (onecard frees them)
 
     def with_(self, **changes) -> "PlanInputs":
         return replace(self, **changes)
@@ -76,6 +78,10 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
     card = get_gpu(gpu or recipe.plan.gpu)
     t = recipe.training
     kernels = resolve_kernels(t.kernels, shape, card)
+    if recipe.task in ("dpo", "kto"):
+        # onecard's preference step needs per-sequence log-probs from full logits, which the fused linear-CE
+        # loss does not give: it runs on plain transformers modules (train/preference.py), so plan it so.
+        kernels = "none"
     attn = recipe.model.attn_implementation
     reference = recipe.preference.reference
     if reference == "auto":
