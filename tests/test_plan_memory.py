@@ -152,3 +152,15 @@ def test_preference_tasks_are_planned_without_fused_kernels():
         inp = inputs_from_recipe(recipe)
         assert inp.kernels == expected
         assert inp.fused_ce is (expected == "onecard")
+
+
+def test_preference_suggestions_never_offer_fused_kernels():
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import plan_memory
+    from onecard.plan.suggest import suggest_fixes
+    from onecard.recipe import validate_recipe
+
+    recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "task": "dpo", "data": {"seq_len": 2048},
+                              "training": {"micro_batch_size": 4}, "plan": {"gpu": "rtx4090"}})
+    fixes = suggest_fixes(plan_memory(inputs_from_recipe(recipe)))
+    assert fixes and not any("kernels" in str(f) for f in fixes)

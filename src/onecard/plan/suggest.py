@@ -38,7 +38,7 @@ def _candidates(p: PlanInputs) -> list[tuple[str, dict, PlanInputs]]:
             break
     if not p.grad_ckpt:
         out.append(("gradient checkpointing on", {"training.grad_ckpt": True}, p.with_(grad_ckpt=True)))
-    if not p.fused_ce:
+    if not p.fused_ce and p.task not in ("dpo", "kto"):  # preference steps need full logits (plan/inputs.py)
         out.append(("onecard kernels (fused chunked cross-entropy)", {"training.kernels": "onecard"},
                     p.with_(kernels="onecard", fused_ce=True)))
     if p.optimizer in ("adamw_torch", "adamw_torch_fused"):
