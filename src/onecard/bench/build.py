@@ -13,9 +13,12 @@ because there is no checkpoint to stream from.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from onecard.bench.config import BenchConfig
+
+ADAPTER_DTYPE_ENV = "ONECARD_BENCH_ADAPTER_DTYPE"  # "bfloat16": measure bf16 adapters instead of peft's fp32
 
 
 def is_preset(name: str) -> bool:
@@ -141,27 +144,40 @@ def quantize_linears_(module, device: str, compute_dtype=None) -> None:
         del lin
 
 
-def build_model(cfg: BenchConfig, device: str):
+def build_model(cfg: BenchConfig, device: str, plain: bool = False):
     """Base + adapter (or all weights trainable) + checkpointing, the way ``onecard train`` sets it up.
 
     Returns ``(model, vocab_size)``. Local directories go through the training spine's loader unchanged.
+    ``plain``: the --baseline half, set up as plain transformers + peft would be: QLoRA keeps
+    prepare_model_for_kbit_training's fp32 upcast of the non-quantised parameters.
     """
     from transformers import set_seed
 
-    from onecard.train.model import apply_adapter, enable_grad_ckpt, load_model_and_tokenizer
+    from onecard.train.model import apply_adapter, enable_grad_ckpt, load_model_and_tokenizer, prepare_kbit
 
     recipe = cfg.to_recipe() if cfg.model != "tiny" else _tiny_recipe(cfg)
     if cfg.model != "tiny" and not is_preset(cfg.model) and Path(cfg.model).expanduser().is_dir():
         model, _tok = load_model_and_tokenizer(recipe, device)
     else:
         model = build_base(cfg, device)
-        if cfg.method == "qlora":
-            from peft import prepare_model_for_kbit_training
+        if cfg.method == "qlora":  # the training spine's preparation (fp32 upcast undone on CUDA)
+            import torch
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            if plain:
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            else:
+                model = prepare_kbit(model, torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
         set_seed(0)
         if recipe.is_adapter:
             model = apply_adapter(model, recipe)
+            if os.environ.get(ADAPTER_DTYPE_ENV) == "bfloat16":  # experiment: bf16 adapters (and bf16 AdamW state)
+                import torch
+
+                for param in model.parameters():
+                    if param.requires_grad:
+                        param.data = param.data.to(torch.bfloat16)
         else:
             for param in model.parameters():
                 param.requires_grad_(True)

@@ -17,6 +17,8 @@ from onecard.bench.config import BenchConfig, config_from_recipe
 GIB = 2**30
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 PLAN_MARGIN = 1.10
+SATURATION = 1.03
+PLAN_SLOWER = 0.75
 
 
 def longest_sequence(recipe) -> int:
@@ -34,6 +36,13 @@ def longest_sequence(recipe) -> int:
         return max((len(ex["input_ids"]) for ex in data.examples), default=recipe.data.seq_len)
     except Exception:  # noqa: BLE001 -- a preset has no tokenizer: plan at seq_len
         return recipe.data.seq_len
+
+
+def planned_tokens_per_s(cfg: BenchConfig, gpu: str) -> float:
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.speed import estimate_throughput
+
+    return estimate_throughput(inputs_from_recipe(cfg.to_recipe(), gpu=gpu)).estimate_tokens_per_s
 
 
 def candidates(base: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchConfig, float]]:
@@ -62,12 +71,21 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
     """
     base = config_from_recipe(recipe, seq=longest_sequence(recipe), steps=steps, warmup=warmup, gpu=gpu)
     base.memory_cap_gib = cap_gib
-    tried, oom_from = [], {}
+    tried, oom_from, last_rate = [], {}, {}
     for cfg, planned in candidates(base, cap_gib, gpu):
         line = (cfg.grad_ckpt, cfg.kernels)
         if cfg.micro_batch >= oom_from.get(line, 10**9):
             continue
+        best_rate = max(last_rate.values(), default=0.0)
+        if best_rate and planned_tokens_per_s(cfg, gpu) < PLAN_SLOWER * best_rate:
+            continue  # the planner (within 15% on measured rows) expects it far slower than one already measured
         rec = measure(cfg)
+        rate = rec.get("tokens_per_s") or 0.0
+        # Saturation: once the matmuls are large enough to fill the GPU, a bigger micro-batch only amortises the
+        # fixed per-step cost further; less than SATURATION gain from doubling it ends the line (saves device time).
+        if line in last_rate and rate < last_rate[line] * SATURATION:
+            oom_from[line] = min(oom_from.get(line, 10**9), cfg.micro_batch * 2)
+        last_rate[line] = max(rate, last_rate.get(line, 0.0))
         tried.append({"micro_batch": cfg.micro_batch, "grad_ckpt": cfg.grad_ckpt, "kernels": cfg.kernels,
                       "planned_gib": round(planned, 2), "status": rec.get("status"),
                       "tokens_per_s": rec.get("tokens_per_s"), "peak_reserved_gib": rec.get("peak_reserved_gib")})

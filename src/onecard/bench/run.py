@@ -69,7 +69,10 @@ def measure(cfg: BenchConfig, device: str, *, baseline: bool) -> dict[str, Any]:
 
     free_cuda()
     t0 = time.perf_counter()
-    model, vocab = build_model(cfg, device)
+    model, vocab = build_model(cfg, device, plain=baseline)
+    # QLoRA: whether the non-quantised parameters run fp32 (peft's upcast kept) -- the planner needs to know.
+    kbit_upcast = cfg.method == "qlora" and model.get_input_embeddings().weight.dtype == torch.float32
+    adapter_dtype = next((str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad), None)
     kernels_info = {"kernels_applied": "none"}
     if not baseline and cfg.kernels != "none":
         kernels_info = apply_kernels(model, cfg.kernels)
@@ -83,7 +86,8 @@ def measure(cfg: BenchConfig, device: str, *, baseline: bool) -> dict[str, Any]:
     # onecard's path: the training spine's loss unless a kernel patch supplies the (fused) loss behind labels=.
     loss_path = "hf" if baseline or kernels_info["kernels_applied"] != "none" else "spine"
     result = timed_steps(model, batch, steps=cfg.steps, warmup=cfg.warmup, device=device, loss_path=loss_path)
-    result.update(kernels_info, build_s=build_s, model_state_gib=weights_gib, loss_path=loss_path)
+    result.update(kernels_info, build_s=build_s, model_state_gib=weights_gib, loss_path=loss_path,
+                  kbit_upcast=kbit_upcast, trainable_dtype=adapter_dtype)
     del model, batch
     free_cuda()
     return result

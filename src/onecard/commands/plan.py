@@ -145,6 +145,11 @@ def register(app: typer.Typer) -> None:
         mean_tokens: Optional[float] = typer.Option(None, "--mean-tokens",
                                                     help="Mean tokens per example (data.mean_tokens_per_example)."),
         prices: Optional[Path] = typer.Option(None, "--prices", help="Your price file (default: the shipped prices.yaml)."),
+        probe: bool = typer.Option(False, "--probe", help="On a CUDA GPU: measure a few steps per micro-batch x "
+                                   "checkpointing x fused-kernels setting at the data's longest sequence and print "
+                                   "the fastest that fits as --set overrides (onecard.bench.probe)."),
+        memory_cap_gib: Optional[float] = typer.Option(None, "--memory-cap-gib",
+                                                       help="With --probe: emulate a card of G GiB."),
         overrides: list[str] = SetOption,
         as_json: bool = JsonOption,
     ) -> None:
@@ -156,6 +161,9 @@ def register(app: typer.Typer) -> None:
         flags += cli_overrides(epochs=epochs, examples=examples, mean_tokens=mean_tokens, deadline_hours=deadline_hours)
         set_cli_options(claim_tokens_per_s=claim, prices_path=str(prices) if prices else None)
         recipe = load_plan_recipe(recipe_path, flags + list(overrides or []))
+        if probe:
+            _probe(recipe, memory_cap_gib, as_json)
+            return
         payload, renderables = build_report(recipe)
         if as_json:
             print_json(payload)
@@ -165,3 +173,32 @@ def register(app: typer.Typer) -> None:
         console = Console(highlight=False)
         for item in renderables:
             console.print(item)
+
+
+def _probe(recipe, memory_cap_gib: Optional[float], as_json: bool) -> None:
+    """``onecard plan --probe``: the measured search of onecard.bench.probe on this machine's GPU (torch imported
+    only here, so a plain ``onecard plan`` stays fast)."""
+    import sys
+
+    from onecard.bench.probe import probe
+    from onecard.bench.run import detect_device, gpu_catalog_id, run_config
+    from onecard.catalog.gpus import get_gpu
+
+    detect_device(cpu=False)  # UserError (exit 2) without CUDA
+    gpu_id = gpu_catalog_id()
+    cap = memory_cap_gib or get_gpu(gpu_id).memory_gib
+    command = " ".join(["onecard", *sys.argv[1:]])
+    result = probe(recipe, cap_gib=cap, gpu=gpu_id, measure=lambda cfg: run_config(cfg, "cuda", command=command))
+    if as_json:
+        print_json(result)
+    elif result["best"] is None:
+        typer.echo(f"nothing fit in {cap:g} GiB at seq {result['seq']} (tried {len(result['tried'])} settings)")
+    else:
+        for t in result["tried"]:
+            typer.echo(f"  b{t['micro_batch']} ckpt={t['grad_ckpt']} kernels={t['kernels']}: {t['status']} "
+                       f"{(t['tokens_per_s'] or 0):,.0f} tokens/s (measured), planned {t['planned_gib']} GiB")
+        best = result["best"]
+        typer.echo(f"fastest that fits: {best['tokens_per_s']:,.0f} tokens/s (measured) with "
+                   + " ".join(f"--set {s}" for s in result["set"]))
+    if result["best"] is None:
+        raise typer.Exit(1)

@@ -16,6 +16,12 @@ Backward, upstream dy (N x H), with P = h A_d^T (N x r):
 Frozen W get no gradient and none of the (out x in) weight-gradient matmuls run: that is the saving
 over autograd, which still builds the graph through the base layers. A projection without an
 adapter passes A = B = None. LoRA dropout is not modelled: callers use this only when it is 0.
+
+QLoRA: a frozen W may be a bitsandbytes NF4 ``Params4bit`` (it carries ``quant_state``). It is dequantised
+to the compute dtype right before each use -- once in forward, once in backward -- with
+``bitsandbytes.functional.dequantize_4bit`` (bnb's own fast CUDA path; bnb's MatMul4Bit does the same per
+projection), and only the packed 4-bit tensor is kept for backward, so the fused LoRA math above runs on
+QLoRA layers too and no bf16 copy of a weight outlives its matmul.
 """
 
 from __future__ import annotations
@@ -25,9 +31,23 @@ import torch
 from .glu import glu_backward, glu_forward
 
 
+def is_quantized(w) -> bool:
+    """A bitsandbytes 4-bit weight (packed codes + quant_state) rather than a dense matrix."""
+    return getattr(w, "quant_state", None) is not None
+
+
+def dense(w, dtype):
+    """W as a dense (out x in) matrix of ``dtype``: dequantised when NF4/FP4, else W itself."""
+    if not is_quantized(w):
+        return w
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
+
+
 def _lin(x, w, a, b, s):
     """x W^T + s (x A^T) B^T; returns (out, x A^T or None)."""
-    out = x @ w.t()
+    out = x @ dense(w, x.dtype).t()
     if a is None:
         return out, None
     xa = x @ a.t()
@@ -36,7 +56,7 @@ def _lin(x, w, a, b, s):
 
 def _lin_backward(dout, x, xa, w, a, b, s, needs):
     """(dx, dW, dA, dB) of _lin given dout; dW only when W needs it."""
-    dx = dout @ w
+    dx = dout @ dense(w, dout.dtype)
     da = db = dw = None
     if a is not None:
         db_in = dout @ b  # N x r
@@ -59,6 +79,10 @@ class LoRAMLP(torch.autograd.Function):
         u, xau = _lin(x2, wu, au, bu, su)
         h = glu_forward(g, u, gelu)
         y, had = _lin(h, wd, ad, bd, sd)
+        # 4-bit weights are frozen parameters: kept by reference on ctx (save_for_backward would drop the
+        # quant_state attribute they need to be dequantised); dense ones go through save_for_backward.
+        ctx.quantized = [w if is_quantized(w) else None for w in (wg, wu, wd)]
+        wg, wu, wd = (None if is_quantized(w) else w for w in (wg, wu, wd))
         ctx.save_for_backward(x2, g, u, xag, xau, had, wg, ag, bg, wu, au, bu, wd, ad, bd)
         ctx.scales, ctx.gelu, ctx.shape = (sg, su, sd), gelu, shape
         return y.view(*shape[:-1], y.shape[-1])
@@ -66,11 +90,13 @@ class LoRAMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, g, u, xag, xau, had, wg, ag, bg, wu, au, bu, wd, ad, bd = ctx.saved_tensors
+        qg, qu, qd = ctx.quantized
+        wg, wu, wd = (q if q is not None else w for q, w in ((qg, wg), (qu, wu), (qd, wd)))
         sg, su, sd = ctx.scales
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
         # down projection: dh, and the down adapter's grads need h, recomputed with dg, du below
-        dh = dy2 @ wd
+        dh = dy2 @ dense(wd, dy2.dtype)
         dyb = None
         if ad is not None:
             dyb = dy2 @ bd
@@ -96,7 +122,7 @@ def lora_mlp_reference(x, gate, up, down, gelu: bool = False):
     """Plain autograd over the same algebra (what peft computes with dropout 0)."""
     def lin(t, p):
         w, a, b, s = p
-        out = t @ w.t()
+        out = t @ dense(w, t.dtype).t()
         return out if a is None else out + s * ((t @ a.t()) @ b.t())
 
     g, u = lin(x, gate), lin(x, up)

@@ -2,7 +2,8 @@
 
 Each function has the signature of the forward it replaces (transformers 5.17) and calls the pure
 ops in ``onecard.kernels``. Anything the fused op does not model (LoRA dropout > 0, DoRA, biases,
-quantised base weights, several active adapters, merged adapters) takes the original forward.
+8-bit base weights, several active adapters, merged adapters) takes the original forward. bitsandbytes
+4-bit (QLoRA) base layers are fused: the op dequantises them per use (kernels/lora_mlp.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 import torch
 
-from onecard.kernels.lora_mlp import lora_mlp
+from onecard.kernels.lora_mlp import is_quantized, lora_mlp
 from onecard.kernels.rms_norm import rms_norm
 from onecard.kernels.rope import apply_rope
 
@@ -27,10 +28,12 @@ def gemma_rms_norm_forward(self, x):
 
 
 def _plain_weight(linear) -> torch.Tensor | None:
-    """The weight of a bias-free, unquantised nn.Linear-like base layer, else None."""
+    """The weight of a bias-free nn.Linear-like base layer (dense, or bitsandbytes 4-bit), else None."""
     if getattr(linear, "bias", None) is not None:
         return None
     w = getattr(linear, "weight", None)
+    if is_quantized(w) and type(linear).__name__ == "Linear4bit":
+        return w
     if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point or type(w) not in (torch.nn.Parameter, torch.Tensor):
         return None
     return w
@@ -70,7 +73,7 @@ def make_mlp_forward(gelu: bool):
 
     def mlp_forward(self, x):
         parts = [projection_parts(p, x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        if any(p is None for p in parts) or any(p[0].dtype != x.dtype for p in parts):
+        if any(p is None for p in parts) or any(p[0].dtype != x.dtype and not is_quantized(p[0]) for p in parts):
             return type(self).forward(self, x)
         return lora_mlp(x, *parts, gelu=gelu)
 

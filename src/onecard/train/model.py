@@ -168,10 +168,10 @@ def load_model_and_tokenizer(recipe: Recipe, device: str | None = None):
 
     model, tokenizer, _ = load_base(recipe, device)
     if recipe.method == "qlora":
-        from peft import prepare_model_for_kbit_training
+        import torch
 
         # Gradient checkpointing is switched on by the training loop (non-reentrant), not here.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_kbit(model, getattr(torch, recipe.quant.compute_dtype), resolve_device(device))
     set_seed(recipe.training.seed)  # adapter init draws random numbers: same seed, same adapter
     if recipe.is_adapter:
         model = apply_adapter(model, recipe)
@@ -179,6 +179,41 @@ def load_model_and_tokenizer(recipe: Recipe, device: str | None = None):
         for param in model.parameters():
             param.requires_grad_(True)
     return model, tokenizer
+
+
+def prepare_kbit(model, compute_dtype, device: str):
+    """peft's ``prepare_model_for_kbit_training``, then (on CUDA) its fp32 upcast undone.
+
+    prepare_model_for_kbit_training freezes the base and casts every non-quantised floating parameter
+    (embeddings, norms, LM head) to fp32 "for stability". The fp32 embedding and norm weights make the whole
+    residual stream fp32: every bitsandbytes Linear4bit then returns fp32 (it casts back to its input's dtype),
+    the LoRA matmuls and the LM head run in fp32, and checkpoints and activations double in size. Measured on
+    the H200 (notes/bench.md, Llama 3 8B, seq 2048 x 8, checkpointing): QLoRA ran at 0.45x of LoRA's speed
+    (0.31x with onecard's kernels) and held 3.7 GiB per sequence. The frozen parameters receive no updates, so
+    fp32 buys no precision; only the forward/backward dtype changes, and bf16 is what LoRA on a bf16 model
+    computes in. So, as Unsloth does, cast them back to the compute dtype. Kept on CPU (fp32 compute there).
+    The adapters are added afterwards and stay fp32 (peft's ``autocast_adapter_dtype``): fp32 master weights
+    and AdamW state for the only parameters that train; onecard's fused MLP casts them to bf16 per matmul.
+    """
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if device.startswith("cuda") and compute_dtype != torch.float32:
+        cast_floating_params_(model, compute_dtype)
+    return model
+
+
+def cast_floating_params_(model, dtype) -> int:
+    """Cast fp32 non-quantised parameters (not bitsandbytes' packed weights) to ``dtype``; returns how many."""
+    import torch
+
+    n = 0
+    for param in model.parameters():
+        if param.dtype == torch.float32 and getattr(param, "quant_state", None) is None:
+            param.data = param.data.to(dtype)
+            n += 1
+    return n
 
 
 def apply_adapter(model, recipe: Recipe):

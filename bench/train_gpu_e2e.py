@@ -1,0 +1,110 @@
+"""GPU end-to-end check of ``onecard train`` itself (not the bench): LoRA (kernels auto), QLoRA and DPO.
+
+Run on the GPU machine from the repo root: ``PYTHONPATH=src python bench/train_gpu_e2e.py OUTDIR``.
+Builds a random model of the Llama 3.2 1B preset's shape (vocabulary 128,256 as the real model, so the LM head and
+loss cost what they really cost) in /tmp, with onecard.tiny's byte-level BPE tokenizer and ChatML template (only
+its ~320 ids occur in the data: the tokenizer is small, the model's vocabulary is not), writes synthetic chat and
+preference JSONL, and runs ``onecard train`` three times through the CLI in subprocesses (exit codes are checked).
+Writes OUTDIR/train_e2e.json: per run, exit code, first/final loss, and summary.json's plan_vs_measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path("/tmp/onecard_e2e")
+STEPS = 20
+
+
+def build_model_dir() -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onecard.bench.build import fill_random_, hf_config
+    from onecard.bench.config import BenchConfig
+    from onecard.tiny import build_tiny_tokenizer
+
+    path = ROOT / "llama-3.2-1b-random"
+    tok = build_tiny_tokenizer()
+    config = hf_config(BenchConfig(model="llama-3.2-1b"))
+    config.eos_token_id, config.pad_token_id, config.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    fill_random_(model)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_data() -> tuple[Path, Path]:
+    names = ["fox", "owl", "cat", "dog", "elk", "bee", "ant", "yak"]
+    chat, pref = ROOT / "chat.jsonl", ROOT / "pref.jsonl"
+    with chat.open("w") as c, pref.open("w") as p:
+        for i in range(400):
+            a, b = names[i % 8], names[(i * 3 + 1) % 8]
+            reply = f"The {a} sees the {b}. " * 6
+            c.write(json.dumps({"messages": [{"role": "user", "content": f"What does the {a} see?"},
+                                             {"role": "assistant", "content": reply}]}) + "\n")
+            p.write(json.dumps({"prompt": f"What does the {a} see?", "chosen": reply,
+                                "rejected": f"The {b} hides from the {a}. " * 6}) + "\n")
+    return chat, pref
+
+
+def recipe(name: str, model_dir: Path, data: Path, **extra) -> Path:
+    import yaml
+
+    tree = {"name": name, "model": {"name_or_path": str(model_dir)}, "method": extra.pop("method", "lora"),
+            "task": extra.pop("task", "sft"), "adapter": {"rank": 16},
+            "data": {"path": str(data), "format": extra.pop("format", "chat"), "seq_len": 512},
+            "training": {"max_steps": STEPS, "micro_batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3,
+                         "grad_ckpt": True, "log_every_steps": 1, "save_every_steps": 0, **extra.pop("training", {})},
+            "output_dir": str(ROOT / "runs" / "{name}"), "plan": {"gpu": "h200"}, **extra}
+    path = ROOT / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def run(name: str, recipe_path: Path) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "onecard.cli", "train", str(recipe_path), "--overwrite"],
+                          capture_output=True, text=True, timeout=240)
+    out = {"name": name, "rc": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
+           "tail": (proc.stdout + proc.stderr)[-1500:]}
+    summary_path = ROOT / "runs" / name / "summary.json"
+    if summary_path.is_file():
+        s = json.loads(summary_path.read_text())
+        out.update({k: s.get(k) for k in ("first_loss", "final_loss", "kernels", "dtype", "steps",
+                                          "tokens_per_s_measured", "plan_vs_measured")})
+        metrics = ROOT / "runs" / name / "metrics.jsonl"
+        if metrics.is_file():
+            losses = [json.loads(line).get("loss") for line in metrics.read_text().splitlines() if line.strip()]
+            out["losses"] = [round(x, 4) for x in losses if x is not None]
+    return out
+
+
+def main() -> None:
+    outdir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    ROOT.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model_dir()
+    chat, pref = write_data()
+    runs = [("e2e-lora", recipe("e2e-lora", model_dir, chat)),
+            ("e2e-qlora", recipe("e2e-qlora", model_dir, chat, method="qlora")),
+            ("e2e-dpo", recipe("e2e-dpo", model_dir, pref, task="dpo", format="auto",
+                               training={"learning_rate": 5e-5, "micro_batch_size": 2}))]
+    results = []
+    for name, path in runs:
+        results.append(run(name, path))
+        r = results[-1]
+        print(f"{name}: rc={r['rc']} loss {r.get('first_loss')} -> {r.get('final_loss')} kernels={r.get('kernels')} "
+              f"pvm={json.dumps(r.get('plan_vs_measured'))}", flush=True)
+        if r["rc"] != 0:
+            print(r["tail"], flush=True)
+    (outdir / "train_e2e.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
