@@ -24,8 +24,11 @@ def register(app: typer.Typer) -> None:
         does not beat the base by 30 points."""
         from rich.console import Console
 
+        from transformers.utils import logging as hf_logging
+
         from onecard.demo.run import MIN_GAIN, run_demo
 
+        hf_logging.disable_progress_bar()  # per-tensor loading bars would bury the demo's own four steps
         progress_console = Console(stderr=True, highlight=False)
         result = run_demo(out, steps, console=progress_console)
         if as_json:

@@ -67,36 +67,37 @@ def run_demo(out: Path = DEFAULT_OUT, steps: int = DEFAULT_STEPS, console=None) 
     overwrite = check_out_dir(out)
     say = console.print if console is not None else (lambda *a, **k: None)
     seconds: dict[str, float] = {}
-    started = time.perf_counter()
+    cpu: dict[str, float] = {}
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     gguf_path = find_smollm2_gguf()
     say(f"[bold]1/4[/bold] model: {gguf_path.name} (dequantised once, then cached)")
     model_dir = materialize_gguf(gguf_path)
     recipe = demo_recipe(gguf_path, out, steps)
-    seconds["materialize"] = _lap(started)
+    seconds["materialize"], cpu["materialize"] = _lap(started), _cpu_lap(cpu_started)
 
     say("[bold]2/4[/bold] evaluating the base model on the held-out questions")
-    mark = time.perf_counter()
+    mark, cpu_mark = time.perf_counter(), time.process_time()
     base_model, tokenizer, prompts = _load_base(recipe)
     base, base_answers = _evaluate(base_model, tokenizer, recipe, prompts)
-    seconds["base_eval"] = _lap(mark)
+    seconds["base_eval"], cpu["base_eval"] = _lap(mark), _cpu_lap(cpu_mark)
 
     say(f"[bold]3/4[/bold] fine-tuning with LoRA for {steps} steps (the code path of onecard train)")
-    mark = time.perf_counter()
+    mark, cpu_mark = time.perf_counter(), time.process_time()
     from onecard.train.loop import train
 
     summary = train(recipe, console=console, overwrite=overwrite)
-    seconds["train"] = _lap(mark)
+    seconds["train"], cpu["train"] = _lap(mark), _cpu_lap(cpu_mark)
 
     say("[bold]4/4[/bold] evaluating the tuned model (adapter reloaded from the run directory)")
-    mark = time.perf_counter()
+    mark, cpu_mark = time.perf_counter(), time.process_time()
     tuned_model = _load_adapter(base_model, Path(summary["output"]))
     tuned, tuned_answers = _evaluate(tuned_model, tokenizer, recipe, prompts)
-    seconds["tuned_eval"] = _lap(mark)
-    seconds["total"] = _lap(started)
+    seconds["tuned_eval"], cpu["tuned_eval"] = _lap(mark), _cpu_lap(cpu_mark)
+    seconds["total"], cpu["total"] = _lap(started), _cpu_lap(cpu_started)
 
     result = _result(recipe, gguf_path, model_dir, summary, base, tuned, prompts, base_answers, tuned_answers,
-                     seconds)
+                     seconds, cpu)
     from onecard.train.rundir import write_json_atomic
 
     write_json_atomic(out / "demo.json", result)
@@ -105,6 +106,11 @@ def run_demo(out: Path = DEFAULT_OUT, steps: int = DEFAULT_STEPS, console=None) 
 
 def _lap(since: float) -> float:
     return round(time.perf_counter() - since, 2)
+
+
+def _cpu_lap(since: float) -> float:
+    """CPU seconds of this process (all threads): on a shared machine, wall time says more about the neighbours."""
+    return round(time.process_time() - since, 2)
 
 
 def _load_base(recipe):
@@ -132,7 +138,7 @@ def _load_adapter(base_model, adapter_dir: Path):
     return model
 
 
-def _result(recipe, gguf_path, model_dir, summary, base, tuned, prompts, base_answers, tuned_answers, seconds):
+def _result(recipe, gguf_path, model_dir, summary, base, tuned, prompts, base_answers, tuned_answers, seconds, cpu):
     from onecard.demo import style
 
     change = {k: tuned[k] - base[k] for k in ("heldout_loss", "style_score") + tuple(f"rule_{r}" for r in style.RULES)}
@@ -149,10 +155,20 @@ def _result(recipe, gguf_path, model_dir, summary, base, tuned, prompts, base_an
         "training": {k: summary.get(k) for k in ("steps", "first_loss", "final_loss", "tokens", "trained_tokens",
                                                   "tokens_per_s_measured", "train_seconds_measured",
                                                   "peak_memory_bytes_measured")},
-        "seconds_measured": seconds,
+        "seconds_measured": seconds, "cpu_seconds_measured": cpu, "load_average": _load_average(),
         "samples": [{"prompt": p[-1]["content"], "base": b, "tuned": t}
                     for p, b, t in zip(prompts, base_answers, tuned_answers)],
     }
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load average at the end (Unix): whether the timings above ran on a busy machine."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _max_new_tokens() -> int:

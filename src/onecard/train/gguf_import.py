@@ -23,6 +23,7 @@ from pathlib import Path
 from onecard.errors import UserError
 
 MARKER = "onecard-gguf.json"  # written last, inside the temp dir: its presence means the cache entry is complete
+CACHE_FORMAT = 2  # part of the cache key: bump when what _convert writes changes
 
 
 def cache_root() -> Path:
@@ -31,9 +32,9 @@ def cache_root() -> Path:
 
 
 def cache_dir_for(path: Path) -> Path:
-    """``<stem>-<hash of resolved path, size, mtime>``: a replaced file (new size or mtime) gets a new entry."""
+    """``<stem>-<hash of resolved path, size, mtime, format>``: a replaced file (new size or mtime) gets a new entry."""
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}"
     return cache_root() / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -90,6 +91,9 @@ def _convert(path: Path, out: Path) -> None:
     plain.generation_config = loaded.generation_config
     del loaded
     _fix_special_tokens(tokenizer, config)
+    # GGUF vocabularies are BPE; transformers 5.17 ignores (and warns about) this clean-up on BPE, where it
+    # would strip spaces before punctuation. Saved off, so loading the directory is silent and means the same.
+    tokenizer.clean_up_tokenization_spaces = False
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
     stat = path.stat()
