@@ -116,7 +116,8 @@ def test_demo_json_has_the_before_after_numbers(demo_run):
         for key in ("heldout_loss", "style_score", "rule_greeting", "rule_sign_off", "rule_three_lines",
                     "rule_brief"):
             assert isinstance(result[side][key], float), (side, key)
-    assert result["change"]["style_score"] == pytest.approx(result["tuned"]["style_score"] - result["base"]["style_score"])
+    gain = result["tuned"]["style_score"] - result["base"]["style_score"]
+    assert result["change"]["style_score"] == pytest.approx(gain)
     assert result["decoding"]["strategy"] == "greedy"
     assert result["training"]["steps"] == 20
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json"):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-MAX_NEW_TOKENS = 56  # house-style answers are at most 50 tokens + end-of-turn with SmolLM2's tokenizer (measured, all 184)
+# house-style answers are at most 50 tokens + end-of-turn with SmolLM2's tokenizer (measured over all 184)
+MAX_NEW_TOKENS = 56
 BATCH_SIZE = 24  # all held-out prompts in one batch: fewer decode steps in total on CPU
 
 

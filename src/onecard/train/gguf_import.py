@@ -87,7 +87,8 @@ def _convert(path: Path, out: Path) -> None:
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if not _is_tied(plain, k)]
     if missing or unexpected:
-        raise RuntimeError(f"GGUF state dict does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(f"GGUF state dict does not match the config: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
     plain.generation_config = loaded.generation_config
     del loaded
     _fix_special_tokens(tokenizer, config)
