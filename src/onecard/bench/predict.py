@@ -66,17 +66,17 @@ def speed(cfg) -> dict[str, Any]:
     """The speed planner's tokens/s for this configuration on ``cfg.gpu``."""
     if cfg.model == "tiny":
         return {"predicted_tokens_per_s": None}
-    try:
-        from onecard.plan.speed import plan_speed_for_recipe
+    try:  # (the first H200 runs called a planner function that never existed: their speed column is empty)
+        from onecard.plan.inputs import inputs_from_recipe
+        from onecard.plan.speed import estimate_throughput
     except ImportError as exc:
         return {"predicted_tokens_per_s": None, "predicted_speed_note": f"speed planner unavailable: {exc}"}
     try:
-        out = plan_speed_for_recipe(cfg.to_recipe())
-    except Exception as exc:
+        est = estimate_throughput(inputs_from_recipe(cfg.to_recipe(), gpu=cfg.gpu))
+    except Exception as exc:  # noqa: BLE001 -- a planner bug must not lose a measurement
         return {"predicted_tokens_per_s": None,
                 "predicted_speed_note": f"speed planner failed: {type(exc).__name__}: {exc}"}
-    value = out.get("tokens_per_s") if isinstance(out, dict) else getattr(out, "tokens_per_s", None)
-    return {"predicted_tokens_per_s": value}
+    return {"predicted_tokens_per_s": est.estimate_tokens_per_s, "predicted_tokens_per_s_label": est.label}
 
 
 def predict(cfg) -> dict[str, Any]:

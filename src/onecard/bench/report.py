@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from onecard.bench.calibrate import RESULTS_DIR, load_records
+from onecard.bench.calibrate import RESULTS_DIR, kbit_upcast, load_records, superseded
 
 DOCS = RESULTS_DIR.parents[1] / "docs"
 EPOCH_SAMPLES = 50_000
@@ -39,7 +39,8 @@ def measured_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for prefix, kernels, path in runs:
             ok = rec.get(f"{prefix}status") == "ok"
             tps = rec.get(f"{prefix}tokens_per_s") if ok else None
-            rows.append({"group": rec["group"], "path": path, "recipe": _recipe(rec, kernels), "model": rec["model"],
+            rows.append({"group": rec["group"], "path": path, "recipe": _recipe(rec, kernels) + (
+                             " (superseded: fp32-upcast QLoRA)" if superseded(rec, prefix) else ""), "model": rec["model"],
                          "method": rec["method"], "seq": rec["seq"], "batch": rec["micro_batch"],
                          "rank": rec["rank"], "grad_ckpt": rec["grad_ckpt"], "kernels": kernels,
                          "status": rec.get(f"{prefix}status"), "tokens_per_s": tps,
@@ -47,7 +48,9 @@ def measured_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "peak_reserved_gib": rec.get(f"{prefix}peak_reserved_gib"),
                          "peak_allocated_gib": rec.get(f"{prefix}peak_allocated_gib"),
                          "memory_cap_gib": rec.get("memory_cap_gib"), "mfu": rec.get("mfu") if not prefix else None,
-                         "label": "measured", "date": rec["date"],
+                         "kbit_upcast": kbit_upcast(rec, prefix), "superseded": superseded(rec, prefix),
+                         "label": "measured" + (" (superseded: fp32-upcast QLoRA, no longer what onecard runs)"
+                                                if superseded(rec, prefix) else ""), "date": rec["date"],
                          "command": rec["config_command"] + ("" if not prefix else "  (baseline half)")})
     return rows
 
@@ -88,8 +91,9 @@ def rtx4090_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def claims(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {r.get("name") or r["label"]: r for r in records if r.get("device") == "cuda"}
 
-    def find(**kw):
-        return next(r for r in records if r.get("status") == "ok" and all(r.get(k) == v for k, v in kw.items()))
+    def find(**kw):  # the latest measurement of a configuration onecard still runs
+        return [r for r in records if r.get("status") == "ok" and not superseded(r)
+                and all(r.get(k) == v for k, v in kw.items())][-1]
 
     r16, r64 = by["claim-lora-r16"], by["claim-lora-r64"]
     dora, qlora = by["claim-dora-r16"], by["claim-qlora-r16"]
@@ -130,7 +134,8 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         cfg = BenchConfig(model=row["model"], method=row["method"], seq=row["seq"], micro_batch=row["batch"],
                           rank=row["rank"], grad_ckpt=row["grad_ckpt"], kernels=row["kernels"], gpu="h200")
-        inp = dataclasses.replace(inputs_from_recipe(cfg.to_recipe(), gpu="h200"), hold_logits=False)
+        inp = dataclasses.replace(inputs_from_recipe(cfg.to_recipe(), gpu="h200"), hold_logits=False,
+                                  kbit_upcast=row.get("kbit_upcast", False))
         row["planned_reserved_gib"] = plan_memory(inp).allocator_bytes / GIB
         m = row.get("peak_reserved_gib")
         row["planned_error_pct"] = 100 * (row["planned_reserved_gib"] - m) / m if m and row["status"] == "ok" else None

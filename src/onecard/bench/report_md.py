@@ -63,10 +63,9 @@ the same model, recipe and optimizer, in the same process.
                         _f(r["hours_per_50k_epoch"], ".2f"), _f(r["peak_gib"], ".1f"), r["verdict"],
                         r["speed_label"] + ": " + r["speed_source"].split(" on h200")[0].replace("from ", ""),
                         f"`{r['command']}`"] for r in p["rtx4090"]]))
-    out.append("\nThe speed planner borrows the efficiency of the nearest micro-batch row, whatever the model: the "
-               "Llama 3 8B QLoRA b1 estimate uses the 70B row's efficiency and is likely optimistic (it comes out "
-               "faster than b8). Llama 3 8B QLoRA b8 is planned at 24.5 GiB; on the H200 with a 24 GiB cap, b4 "
-               "peaked at 22.6 GiB (below).\n")
+    out.append("\nThe speed planner takes a device efficiency from the closest device-bound H200 row and a host "
+               "dispatch time per layer fitted from micro-batch pairs (a step is the slower of the two); both are moved "
+               "to the 4090 as described in `onecard/plan/speed.py`. Estimates, not measurements.\n")
     out.append("\n## A 24 GiB card emulated on the H200 - measured\n\n"
                "`--memory-cap-gib 24` caps PyTorch's allocator at 24 GiB minus what the process holds outside it "
                "(CUDA context and handles, measured in the same process: 0.67-0.75 GiB here). Speed is the H200's.\n\n")
@@ -99,13 +98,15 @@ def _notes() -> str:
     return """
 ## Known misses and caveats
 
-- **QLoRA with onecard's kernels, Llama 3 8B**: measured peak is 1.1-1.5x the plan (3.7 GiB per 2048-token
-  sequence against 1.1 planned); the 14B and 70B rows at micro-batch 1 are within 10%. Not explained yet (the
-  fp32 residual stream of upcast QLoRA is modelled; something in the fused path holds more). Marked as an expected
-  miss in tests/test_bench_calibration.py.
-- **Speed of held-out rows far from a calibrated sibling**: the speed planner takes the efficiency of the nearest
-  micro-batch; Qwen 2.5 14B LoRA b2 (onecard) is predicted from Llama 3 8B b1 and lands ~50% low. A per-step
-  overhead term would fix it (small micro-batches pay a fixed cost: 8B LoRA b1 runs at half the b8 rate).
+- **Superseded rows**: the first H200 run (bench/results/h200.jsonl, h200-cap24.jsonl) measured onecard's QLoRA
+  with peft's fp32 upcast of embeddings, norms and LM head (prepare_model_for_kbit_training): an fp32 residual
+  stream, 3,025 tokens/s and 3.7 GiB per 2048-token sequence at Llama 3 8B b8. onecard now casts those parameters
+  back to bf16 and fuses NF4 layers into its LoRA MLP (bench/results/h200-r2.jsonl): 9,595 tokens/s at 15.8 GiB.
+  The old onecard-QLoRA rows stay in the raw results, marked superseded, and are left out of calibration and of
+  the planner checks; their plain transformers + peft halves (which keep the upcast) are still used.
+- **Small micro-batches are host-bound**: the host's dispatch of a step (~12-14 ms per layer on this machine) can
+  exceed the GPU's work (8B b1 seq 2048, and 8B seq 512 b1); the speed planner models the step as the slower of
+  host and device time, with the host time fitted from micro-batch pairs.
 - Random weights: a matmul on random data is the realistic case (zeros run ~13% faster on this GPU).
 - Peak memory excludes the CUDA context (`max_memory_reserved` does not see it); `--memory-cap-gib` subtracts it.
 - Relative claims are measured with plain kernels unless a row says otherwise; the seed's figures came from other
