@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +46,20 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture()
 def tiny_llama_dir(tiny_model_factory):
     return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, dict]:
+    """One ``onecard demo`` run per test session, shared by the tests that need it: (run_dir, demo.json).
+
+    ``ONECARD_DEMO_RUN_DIR=DIR`` reuses a finished run there instead of training again.
+    """
+    shared = os.environ.get("ONECARD_DEMO_RUN_DIR")
+    if shared and (Path(shared) / "demo.json").is_file():
+        run_dir = Path(shared)
+    else:
+        from onecard.demo.run import run_demo
+
+        run_dir = tmp_path_factory.mktemp("demo") / "run"
+        run_demo(run_dir, steps=20)
+    return run_dir, json.loads((run_dir / "demo.json").read_text())

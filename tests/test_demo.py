@@ -1,7 +1,7 @@
 """`onecard demo`: the bundled task, its metric, and one shared demo run (issue 2, acceptance 6).
 
-The demo runs once per test session (``demo_run``). CI runs ``onecard demo --out DIR`` before pytest and sets
-``ONECARD_DEMO_RUN_DIR=DIR``; a finished run there (``demo.json`` present) is reused instead of training again.
+The demo runs once per test session (the ``demo_run`` fixture in conftest.py, shared with the eval tests);
+with ``ONECARD_DEMO_RUN_DIR=DIR`` a finished run there (``demo.json`` present) is reused instead of training again.
 """
 
 from __future__ import annotations
@@ -92,19 +92,6 @@ def test_demo_refuses_a_directory_that_is_not_a_demo_run(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one shared demo run
-
-
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> tuple[Path, dict]:
-    shared = os.environ.get("ONECARD_DEMO_RUN_DIR")
-    if shared and (Path(shared) / "demo.json").is_file():
-        run_dir = Path(shared)
-    else:
-        from onecard.demo.run import run_demo
-
-        run_dir = tmp_path_factory.mktemp("demo") / "run"
-        run_demo(run_dir, steps=20)
-    return run_dir, json.loads((run_dir / "demo.json").read_text())
 
 
 def test_demo_json_has_the_before_after_numbers(demo_run):
