@@ -106,3 +106,34 @@ def test_probe_picks_the_fastest_setting_that_fits_and_stops_a_line_at_oom():
     assert "training.micro_batch_size=4" in out["set"]
     assert not any(mb == 16 for mb, _, _ in calls)  # the line stopped at its first OOM (8)
     assert all(t["planned_gib"] <= 24 * 1.1 for t in out["tried"])
+
+
+def test_probe_ends_a_line_once_doubling_the_micro_batch_stops_paying():
+    """Saturation: b2 no faster than b1 (within 3%) means b4 and up are not measured on that line."""
+    from onecard.bench.probe import probe
+    from onecard.recipe import validate_recipe
+
+    recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "method": "qlora", "data": {"seq_len": 1024}})
+    calls = []
+
+    def flat_measure(cfg):
+        calls.append((cfg.micro_batch, cfg.grad_ckpt, cfg.kernels))
+        return {"status": "ok", "tokens_per_s": 1000.0 + cfg.micro_batch, "peak_reserved_gib": 10.0}
+
+    out = probe(recipe, cap_gib=24, gpu="rtx4090", measure=flat_measure)
+    per_line = {}
+    for mb, ckpt, kernels in calls:
+        per_line.setdefault((ckpt, kernels), []).append(mb)
+    assert all(max(mbs) <= 2 for mbs in per_line.values()), per_line
+    assert out["best"]["status"] == "ok"
+
+
+def test_plan_probe_without_cuda_is_a_user_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from onecard.errors import UserError
+
+    res = CliRunner().invoke(app, ["plan", "--model", "llama-3-8b", "--probe"])
+    assert isinstance(res.exception, UserError) and "CUDA" in str(res.exception)  # the CLI's main exits 2
