@@ -31,7 +31,9 @@ def test_does_not_fit_and_tight():
 
 
 def test_qlora_optimizer():
-    base = ("method=qlora", "model.name_or_path=gemma-2-27b", "plan.gpu=rtx4090", "adapter.rank=64",
+    # Gemma 2 27B in NF4 at rank 96: fp32 Adam state for its 0.69 B adapter params pushes it past 24 GiB;
+    # with paged 8-bit state it fits (onecard plan: 27.0 vs 21.6 GiB).
+    base = ("method=qlora", "model.name_or_path=gemma-2-27b", "plan.gpu=rtx4090", "adapter.rank=96",
             "data.seq_len=512")
     assert "qlora-optimizer" in ids(recipe(*base, "training.optimizer=adamw_torch"))
     assert "qlora-optimizer" not in ids(recipe(*base, "training.optimizer=paged_adamw_8bit"))
