@@ -66,3 +66,18 @@ def test_summary_on_gpu_carries_plan_vs_measured_lines():
     assert result["peak_error_pct"] == round(100 * (result["predicted_peak_reserved_gib"] - 26) / 26, 1)
     lines = format_lines(result)
     assert "measured 26.00 GiB" in lines[0] and "%" in lines[0] and "9,000" in lines[1]
+
+
+def test_plan_vs_measured_plans_the_run_s_real_lengths():
+    """Memory is planned at the longest example, speed at the mean one, not at the recipe's seq_len ceiling."""
+    from onecard.bench.compare import plan_vs_measured
+    from onecard.recipe import validate_recipe
+
+    recipe = validate_recipe({"model": {"name_or_path": "llama-3.2-1b"}, "data": {"seq_len": 2048},
+                              "training": {"micro_batch_size": 4}})
+    measured = {"peak_reserved_bytes": 10 * 2**30, "tokens_per_s": 5000.0, "device_name": "NVIDIA H200"}
+    full = plan_vs_measured(recipe, measured)
+    short = plan_vs_measured(recipe, measured, seq_len_memory=300, seq_len_speed=120)
+    assert short["planned_seq_len"] == {"memory": 300, "speed": 120}
+    assert full["planned_seq_len"] == {"memory": 2048, "speed": 2048}
+    assert short["predicted_peak_reserved_gib"] < full["predicted_peak_reserved_gib"]

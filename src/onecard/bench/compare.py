@@ -18,10 +18,13 @@ def _pct(predicted: float | None, measured: float | None) -> float | None:
     return round(100.0 * (predicted - measured) / measured, 1)
 
 
-def plan_vs_measured(recipe, measured: dict[str, Any], gpu: str | None = None) -> dict[str, Any]:
+def plan_vs_measured(recipe, measured: dict[str, Any], gpu: str | None = None, *, seq_len_memory: int | None = None,
+                     seq_len_speed: int | None = None) -> dict[str, Any]:
     """``measured`` keys (any subset): ``peak_reserved_bytes``, ``peak_allocated_bytes``, ``tokens_per_s``,
     ``device_name`` (torch.cuda.get_device_name). ``gpu``: catalog id to plan for (default: from device_name, else
-    the recipe's ``plan.gpu``). Returns predicted and measured figures with errors; never raises on a planner bug."""
+    the recipe's ``plan.gpu``). ``seq_len_memory`` / ``seq_len_speed``: the row lengths the run really had (its
+    longest and its mean example; default the recipe's ``seq_len``). Returns predicted and measured figures with
+    errors; never raises on a planner bug."""
     out: dict[str, Any] = {"label": "planned (estimated/calibrated) vs measured"}
     gpu_id = gpu or _gpu_from_name(measured.get("device_name")) or recipe.plan.gpu
     out["gpu"] = gpu_id
@@ -31,8 +34,10 @@ def plan_vs_measured(recipe, measured: dict[str, Any], gpu: str | None = None) -
         from onecard.plan.speed import estimate_throughput
 
         inp = inputs_from_recipe(recipe, gpu=gpu_id)
-        plan = plan_memory(inp)
-        speed = estimate_throughput(inp, memory_plan=plan)
+        plan = plan_memory(inp.with_(seq_len=seq_len_memory or inp.seq_len))
+        speed_inp = inp.with_(seq_len=seq_len_speed or inp.seq_len)
+        speed = estimate_throughput(speed_inp, memory_plan=plan_memory(speed_inp))
+        out["planned_seq_len"] = {"memory": plan.inputs.seq_len, "speed": speed_inp.seq_len}
         out["predicted_peak_reserved_gib"] = round(plan.allocator_bytes / GIB, 3)
         out["predicted_tokens_per_s"] = round(speed.estimate_tokens_per_s, 1)
         out["predicted_tokens_per_s_label"] = speed.label

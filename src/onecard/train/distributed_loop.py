@@ -288,18 +288,16 @@ class _WithStateDict:
 
 
 def finish_ranks(dist, model, tokenizer, state, timing, dataset, recipe: Recipe, started: int):
-    from onecard.train.loop import finish
-    from onecard.train.rundir import write_json_atomic
+    from onecard.train.summary import finish
 
     unwrapped = dist.accelerator.unwrap_model(model)
     if dist.strategy == "fsdp":
         unwrapped = _WithStateDict(unwrapped, dist.accelerator.get_state_dict(model))  # every rank gathers
     summary = None
     if dist.is_main:
-        summary = finish(recipe.run_dir, recipe, unwrapped, tokenizer, state, timing, dataset, dist.device, started)
-        summary.update(num_gpus=dist.world, strategy=dist.strategy,
-                       peak_memory_note="rank 0's peak; tokens and tokens/s are over all ranks")
-        write_json_atomic(recipe.run_dir / "summary.json", summary)
+        summary = finish(recipe.run_dir, recipe, unwrapped, tokenizer, state, timing, dataset, dist.device, started,
+                         extra={"num_gpus": dist.world, "strategy": dist.strategy,
+                                "peak_memory_note": "rank 0's peak; tokens and tokens/s are over all ranks"})
     dist.barrier()
     return summary
 

@@ -46,6 +46,7 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer, resolve_device
     from onecard.train.optim import build_optimizer
     from onecard.train.rundir import check_run_dir, prepare_run_dir, recipe_changes
+    from onecard.train.summary import evaluate_and_save, finish, has_eval_data, reset_peak_after_setup
 
     run_dir = recipe.run_dir
     check_run_dir(run_dir, resume, overwrite)
@@ -68,11 +69,12 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     optimizer = build_optimizer(model, recipe, device, console)
     state = restore(run_dir, model, optimizer) if resume else TrainState()
     started = state.global_step
+    setup = reset_peak_after_setup(device)
     state, timing = run_steps(model, tokenizer, optimizer, dataset, schedule, state, recipe, device, console,
                               fused_loss=kernels.fused_loss)
     kernels.revert()  # the saved adapter/model and any later eval see plain transformers modules
-    summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started)
-    summary["kernels"] = kernels.name
+    summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started,
+                     extra={"kernels": kernels.name, **setup})
     if recipe.eval.at_end and has_eval_data(recipe):
         summary["eval"] = evaluate_and_save(model, tokenizer, recipe, summary)
     model.eval()
@@ -239,12 +241,13 @@ def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, r
 
     from onecard.data import pad_token_id
     from onecard.train.metrics import MetricsLogger, TrainProgress, peak_memory_bytes
+    from onecard.train.summary import eval_if_due
 
     t = recipe.training
     logger = MetricsLogger(recipe.run_dir, state.metrics)
     progress = TrainProgress(console, schedule.total_steps, state.global_step)
     batches = _Batches(dataset, schedule, recipe, pad_token_id(tokenizer))
-    tokens_here, start = 0, time.perf_counter()
+    tokens_here, start, steady = 0, time.perf_counter(), None
     model.train()
     try:
         while state.global_step < schedule.total_steps:
@@ -261,7 +264,9 @@ def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, r
                 logger.log({"step": state.global_step,
                             "epoch": round(state.global_step / schedule.steps_per_epoch, 4), **record})
             progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"])
-            _eval_if_due(model, tokenizer, recipe, state.global_step, logger)
+            eval_if_due(model, tokenizer, recipe, state.global_step, logger)
+            if steady is None:  # the first step pays compilation and warm-up: the steady rate starts after it
+                steady = (time.perf_counter(), tokens_here)
             _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger)
     finally:
         progress.close()
@@ -269,7 +274,11 @@ def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, r
     state.metrics = list(logger.records)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return state, {"seconds": time.perf_counter() - start, "tokens": tokens_here}
+    end = time.perf_counter()
+    timing = {"seconds": end - start, "tokens": tokens_here}
+    if steady is not None and tokens_here > steady[1]:
+        timing.update(steady_seconds=end - steady[0], steady_tokens=tokens_here - steady[1])
+    return state, timing
 
 
 class _Batches:
@@ -305,33 +314,6 @@ def optimizer_step(model, optimizer, micro, recipe: Recipe, step: int, total_ste
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "trained_tokens": n_trained}
 
 
-def has_eval_data(recipe: Recipe) -> bool:
-    return bool(recipe.eval.path or recipe.data.eval_path or recipe.data.eval_fraction > 0)
-
-
-def _eval_if_due(model, tokenizer, recipe: Recipe, step: int, logger) -> None:
-    """Held-out loss (and generation metrics where references exist) every ``eval.every_steps``, into metrics.jsonl."""
-    every = recipe.eval.every_steps
-    if not every or step % every or not has_eval_data(recipe):
-        return
-    from onecard.eval import evaluate
-
-    tuned = evaluate(model, tokenizer, recipe, recipe.eval.path)["tuned"]
-    logger.log({"step": step, **{f"eval_{k}": v for k, v in tuned.items() if isinstance(v, (int, float))}})
-
-
-def evaluate_and_save(model, tokenizer, recipe: Recipe, summary: dict) -> dict:
-    """The end-of-run eval (``eval.at_end``): before/after for adapters, saved as ``eval.json``; returns the metrics."""
-    from onecard.eval import evaluate
-    from onecard.train.rundir import write_json_atomic
-
-    result = evaluate(model, tokenizer, recipe, recipe.eval.path, baseline=recipe.is_adapter)
-    write_json_atomic(recipe.run_dir / "eval.json", result)
-    summary["eval"] = {k: result[k] for k in ("tuned", "baseline", "delta") if k in result}
-    write_json_atomic(recipe.run_dir / "summary.json", summary)
-    return summary["eval"]
-
-
 def _checkpoint_if_due(model, optimizer, state, schedule: Schedule, recipe: Recipe, logger) -> None:
     from onecard.train.checkpoint import save_checkpoint
 
@@ -352,51 +334,3 @@ def _clip(params, max_grad_norm: float | None) -> float | None:
     if max_grad_norm is None:
         return None
     return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-
-
-def finish(run_dir: Path, recipe: Recipe, model, tokenizer, state, timing, dataset, device: str, started: int):
-    """Save the adapter or model, then ``summary.json`` last: its presence marks a finished run."""
-    import torch
-
-    from onecard.train.metrics import peak_memory_bytes
-    from onecard.train.rundir import save_result, write_json_atomic
-
-    output = save_result(run_dir, model, tokenizer, recipe.is_adapter)
-    losses = [r["loss"] for r in state.metrics if "loss" in r]
-    peak, peak_kind = peak_memory_bytes(device)
-    summary: dict[str, Any] = {
-        "run_dir": str(run_dir), "output": str(output), "method": recipe.method, "task": recipe.task,
-        "device": device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "steps": state.global_step, "resumed_from_step": started or None,
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "tokens": state.tokens_seen, "trained_tokens": state.trained_tokens,
-        "train_seconds_measured": timing["seconds"],
-        "tokens_per_s_measured": timing["tokens"] / max(timing["seconds"], 1e-9),
-        "peak_memory_bytes_measured": peak, "peak_memory_kind": peak_kind,
-        "data": dataset.stats.as_dict(),
-    }
-    summary["plan"] = planned_memory(recipe)
-    if device.startswith("cuda"):
-        from onecard.bench.compare import plan_vs_measured
-
-        summary["cuda_peak_reserved_bytes_measured"] = int(torch.cuda.max_memory_reserved())
-        summary["cuda_peak_allocated_bytes_measured"] = int(torch.cuda.max_memory_allocated())
-        summary["plan_vs_measured"] = plan_vs_measured(recipe, {
-            "peak_reserved_bytes": summary["cuda_peak_reserved_bytes_measured"],
-            "peak_allocated_bytes": summary["cuda_peak_allocated_bytes_measured"],
-            "tokens_per_s": summary["tokens_per_s_measured"], "device_name": torch.cuda.get_device_name()})
-    write_json_atomic(run_dir / "summary.json", summary)
-    return summary
-
-
-def planned_memory(recipe: Recipe) -> dict[str, Any] | None:
-    """The memory plan for the recipe's target card, kept beside the measurements (``onecard report`` draws both)."""
-    try:
-        from onecard.plan.inputs import inputs_from_recipe
-        from onecard.plan.memory import plan_memory
-
-        plan = plan_memory(inputs_from_recipe(recipe))
-    except Exception as exc:  # noqa: BLE001 -- planning is advice; a planner bug must not fail a finished run
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"gpu": recipe.plan.gpu, "label": "estimated", "total_bytes": int(plan.required_bytes),
-            "components": {c.label: int(c.bytes) for c in plan.components if c.at_peak}}

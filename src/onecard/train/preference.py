@@ -169,14 +169,11 @@ def _final_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started, extra: dict[str, Any]):
     """The SFT loop's ``finish`` (weights, then summary.json), with the preference numbers added to the summary."""
-    from onecard.train.loop import finish
-    from onecard.train.rundir import write_json_atomic
+    from onecard.train.summary import finish
 
-    summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started)
-    summary.update(extra, kernels="none", beta=recipe.preference.beta,
-                   loss_type=recipe.preference.loss_type if recipe.task == "dpo" else "kto")
-    write_json_atomic(run_dir / "summary.json", summary)
-    return summary
+    extra = {**extra, "kernels": "none", "beta": recipe.preference.beta,
+             "loss_type": recipe.preference.loss_type if recipe.task == "dpo" else "kto"}
+    return finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started, extra=extra)
 
 
 class PreferenceProgress:
