@@ -11,6 +11,7 @@ Writes OUTDIR/train_e2e.json: per run, exit code, first/final loss, and summary.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,11 +47,11 @@ def write_data() -> tuple[Path, Path]:
     with chat.open("w") as c, pref.open("w") as p:
         for i in range(400):
             a, b = names[i % 8], names[(i * 3 + 1) % 8]
-            reply = f"The {a} sees the {b}. " * 6
+            reply = f"The {a} sees the {b}. " * 20  # ~300-400 tokens: rows near seq_len
             c.write(json.dumps({"messages": [{"role": "user", "content": f"What does the {a} see?"},
                                              {"role": "assistant", "content": reply}]}) + "\n")
             p.write(json.dumps({"prompt": f"What does the {a} see?", "chosen": reply,
-                                "rejected": f"The {b} hides from the {a}. " * 6}) + "\n")
+                                "rejected": f"The {b} hides from the {a}. " * 20}) + "\n")
     return chat, pref
 
 
@@ -78,7 +79,8 @@ def run(name: str, recipe_path: Path) -> dict:
     if summary_path.is_file():
         s = json.loads(summary_path.read_text())
         out.update({k: s.get(k) for k in ("first_loss", "final_loss", "kernels", "dtype", "steps",
-                                          "tokens_per_s_measured", "plan_vs_measured")})
+                                          "tokens_per_s_measured", "steady_tokens_per_s_measured",
+                                          "setup_peak_reserved_bytes_measured", "plan_vs_measured")})
         metrics = ROOT / "runs" / name / "metrics.jsonl"
         if metrics.is_file():
             losses = [json.loads(line).get("loss") for line in metrics.read_text().splitlines() if line.strip()]
@@ -95,6 +97,8 @@ def main() -> None:
             ("e2e-qlora", recipe("e2e-qlora", model_dir, chat, method="qlora")),
             ("e2e-dpo", recipe("e2e-dpo", model_dir, pref, task="dpo", format="auto",
                                training={"learning_rate": 5e-5, "micro_batch_size": 2}))]
+    only = os.environ.get("ONECARD_E2E_ONLY")  # e.g. "e2e-dpo": re-run one case
+    runs = [(n, p) for n, p in runs if not only or n in only.split(",")]
     results = []
     for name, path in runs:
         results.append(run(name, path))

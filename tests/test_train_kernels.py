@@ -81,3 +81,11 @@ def test_plan_vs_measured_plans_the_run_s_real_lengths():
     assert short["planned_seq_len"] == {"memory": 300, "speed": 120}
     assert full["planned_seq_len"] == {"memory": 2048, "speed": 2048}
     assert short["predicted_peak_reserved_gib"] < full["predicted_peak_reserved_gib"]
+
+
+def test_row_length_of_sft_and_preference_examples():
+    from onecard.train.summary import row_length
+
+    assert row_length({"input_ids": [1, 2, 3], "labels": [1, 2, 3]}) == 3
+    assert row_length({"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6]}) == 5
+    assert row_length({"prompt_ids": [1], "completion_ids": [2, 3]}) == 3
