@@ -61,7 +61,10 @@ def _tensorboard_writer(path: Path):
 
 
 class TrainProgress:
-    """A rich progress bar showing loss, tokens/s, ETA and peak memory; silent when ``console`` is None."""
+    """A rich progress bar showing loss, tokens/s, ETA and peak memory; silent when ``console`` is None.
+
+    ``extra``: a short text the task adds beside the loss (DPO/KTO: reward accuracy, margin, KL).
+    """
 
     def __init__(self, console, total_steps: int, start_step: int):
         self._progress = None
@@ -71,16 +74,17 @@ class TrainProgress:
 
         self._progress = Progress(
             TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TextColumn("mem {task.fields[mem]}"), TextColumn("eta"),
+            TextColumn("{task.fields[extra]}"), TextColumn("{task.fields[tps]} tok/s"), TextColumn("mem {task.fields[mem]}"), TextColumn("eta"),
             TimeRemainingColumn(), console=console, transient=False,
         )
-        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, loss="-", tps="-", mem="-")
+        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, loss="-", extra="", tps="-",
+                                              mem="-")
         self._progress.start()
 
-    def update(self, step: int, loss: float, tokens_per_s: float, peak_bytes: int) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, peak_bytes: int, extra: str = "") -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}",
-                                  mem=f"{peak_bytes / 2**30:.2f} GiB")
+            self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", extra=extra,
+                                  tps=f"{tokens_per_s:,.0f}", mem=f"{peak_bytes / 2**30:.2f} GiB")
 
     def close(self) -> None:
         if self._progress is not None:

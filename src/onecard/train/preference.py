@@ -105,7 +105,7 @@ def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedu
     from onecard.data import epoch_order, pad_token_id
     from onecard.train.checkpoint import save_checkpoint
     from onecard.train.loop import CRASH_ENV, _clip
-    from onecard.train.metrics import MetricsLogger, peak_memory_bytes
+    from onecard.train.metrics import MetricsLogger, TrainProgress, peak_memory_bytes
     from onecard.train.optim import set_lr
     from onecard.train.preference_step import dpo_step, kto_step
 
@@ -113,7 +113,7 @@ def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedu
     step_fn = dpo_step if recipe.task == "dpo" else kto_step
     params = [p for p in model.parameters() if p.requires_grad]
     logger = MetricsLogger(recipe.run_dir, state.metrics)
-    progress = PreferenceProgress(console, schedule.total_steps, state.global_step)
+    progress = TrainProgress(console, schedule.total_steps, state.global_step)
     crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
     orders: dict[int, list[int]] = {}
     pad_id = pad_token_id(tokenizer)
@@ -141,7 +141,7 @@ def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedu
                 logger.log({"step": state.global_step, "epoch": round(state.global_step / schedule.steps_per_epoch, 4),
                             **metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                             "peak_memory_bytes": peak})
-            progress.update(state.global_step, metrics, tokens_per_s, peak)
+            progress.update(state.global_step, metrics["loss"], tokens_per_s, peak, progress_text(metrics))
             if t.save_every_steps and state.global_step % t.save_every_steps == 0:
                 state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
                 state.metrics = list(logger.records)
@@ -176,35 +176,11 @@ def _finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, s
     return finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started, extra=extra)
 
 
-class PreferenceProgress:
-    """A rich progress bar showing loss, reward accuracy and margin (KTO: KL), tokens/s and peak memory."""
-
-    def __init__(self, console, total_steps: int, start_step: int):
-        self._progress = None
-        if console is None:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("acc {task.fields[acc]}"), TextColumn("{task.fields[extra]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TextColumn("mem {task.fields[mem]}"), TextColumn("eta"),
-            TimeRemainingColumn(), console=console, transient=False,
-        )
-        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, loss="-", acc="-",
-                                             extra="", tps="-", mem="-")
-        self._progress.start()
-
-    def update(self, step: int, metrics: dict[str, Any], tokens_per_s: float, peak_bytes: int) -> None:
-        if self._progress is None:
-            return
-        extra = f"margin {metrics['reward_margin']:+.3f}" if "reward_margin" in metrics else ""
-        if "kl" in metrics:
-            extra += f" kl {metrics['kl']:.3f}"
-        self._progress.update(self._task, completed=step, loss=f"{metrics['loss']:.4f}",
-                              acc=f"{metrics['reward_accuracy']:.2f}", extra=extra.strip(),
-                              tps=f"{tokens_per_s:,.0f}", mem=f"{peak_bytes / 2**30:.2f} GiB")
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+def progress_text(metrics: dict[str, Any]) -> str:
+    """What the progress bar shows beside the loss: reward accuracy and margin (KTO: KL)."""
+    text = f"acc {metrics['reward_accuracy']:.2f}"
+    if "reward_margin" in metrics:
+        text += f" margin {metrics['reward_margin']:+.3f}"
+    if "kl" in metrics:
+        text += f" kl {metrics['kl']:.3f}"
+    return text
