@@ -81,6 +81,17 @@ def grad_ckpt_off(ctx: LintContext) -> list[Finding]:
                     "set training.grad_ckpt: true")]
 
 
+def offload_without_ckpt(ctx: LintContext) -> list[Finding]:
+    """Offloading moves the *checkpoints* (each layer's input) to host memory: without checkpointing there are none,
+    and the trainer does not offload a layer's other activations (train/offload.py)."""
+    t = ctx.recipe.training
+    if not t.offload_activations or t.grad_ckpt:
+        return []
+    return [Finding("offload-without-ckpt", "error", "training.offload_activations is on but training.grad_ckpt is off",
+                    "only checkpointed layers' inputs are offloaded: without checkpointing nothing would move to host",
+                    "set training.grad_ckpt: true, or training.offload_activations: false")]
+
+
 def fp16(ctx: LintContext) -> list[Finding]:
     r = ctx.recipe
     if r.model.dtype != "float16":
@@ -217,5 +228,5 @@ def power_limit(ctx: LintContext) -> list[Finding]:
     return out
 
 
-RULES = [does_not_fit, qlora_optimizer, grad_ckpt_off, fp16, lora_targets, flash_attn, lr_and_rank, qlora_grad_norm,
-         seq_above_context, template_masking, template_mismatch, power_limit]
+RULES = [does_not_fit, qlora_optimizer, grad_ckpt_off, offload_without_ckpt, fp16, lora_targets, flash_attn,
+         lr_and_rank, qlora_grad_norm, seq_above_context, template_masking, template_mismatch, power_limit]

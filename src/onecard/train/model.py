@@ -269,8 +269,15 @@ def target_modules(model, recipe: Recipe) -> list[str]:
 
 
 def enable_grad_ckpt(model, recipe: Recipe) -> None:
-    """Non-reentrant checkpointing: works with frozen inputs and keeps dropout's RNG state on recompute."""
+    """Non-reentrant checkpointing: works with frozen inputs and keeps dropout's RNG state on recompute.
+
+    ``training.offload_activations``: the layers' checkpoint inputs wait in pinned host memory (train/offload.py).
+    """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.training.offload_activations:
+        from onecard.train.offload import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(model)
     if recipe.is_adapter and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if hasattr(model, "config"):

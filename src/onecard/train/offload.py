@@ -1,0 +1,143 @@
+"""Offloaded activation checkpoints: each checkpointed decoder layer's input waits for its backward in pinned host
+memory instead of on the GPU.
+
+Under gradient checkpointing a layer keeps only its input hidden state (``tokens x hidden x dtype`` bytes) and
+recomputes everything else in backward; for Llama 3 8B at 8 x 2048 tokens that is 32 layers x 128 MiB = 4 GiB of
+GPU memory that is only read again in backward. Offloading moves those bytes to the host (the planner's
+``activations_host`` component, plan/memory.py) at the cost of one device-to-host copy per layer in forward and one
+host-to-device copy in backward.
+
+How (maintained mechanisms, one small piece by hand):
+
+- ``torch.utils.checkpoint`` (non-reentrant) stays the checkpointing. It saves its *inputs* through the autograd
+  saved-tensor machinery (torch 2.13: ``_CheckpointFrame.save_inputs`` -> ``_make_saved_tensor``; torch <= 2.11:
+  ``_NoopSaveInputs.save_for_backward``), *outside* its own recompute hook, so a
+  ``torch.autograd.graph.saved_tensors_hooks`` context around the checkpoint call sees exactly the layer inputs and
+  nothing saved inside the layer (that goes through checkpoint's own hook). tests/test_offload.py counts it: one
+  tensor per layer, ``tokens x hidden`` each.
+- transformers' decoder layers are ``GradientCheckpointingLayer``s that call ``self._gradient_checkpointing_func``;
+  :func:`enable_offloaded_checkpointing` sets that attribute to :func:`offloaded_checkpoint` on every layer
+  ``gradient_checkpointing_enable`` switched on -- what transformers' own ``_set_gradient_checkpointing`` does.
+- Why our own pack/unpack pair and not ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` (which is also what
+  transformers 5.17's ``gradient_checkpointing_enable(offload=True)`` wraps around ``checkpoint``):
+  save_on_cpu packs with a *blocking* ``copy_`` into a fresh pinned tensor on the compute stream, so the host
+  waits for every layer's copy and stops queueing kernels. Here the device-to-host copy runs with
+  ``non_blocking=True`` on a side stream (after waiting for the compute stream), the source tensor is kept from
+  reuse with ``record_stream`` until the copy is done, and the compute stream waits on the copy's event only in
+  backward, before the host-to-device copy (also ``non_blocking``, from pinned memory) -- the asynchronous copy
+  Unsloth's offloaded gradient checkpointing does, without replacing the checkpoint function itself. Backward does
+  not prefetch: the copy back runs on the compute stream just before the layer's recompute.
+- On the CPU there is nothing to offload: the tensor is kept as is (still counted, so the tests see the path).
+
+Works for anything transformers checkpoints layer by layer: peft-wrapped models (the layers are the same module
+instances), onecard's patched kernels (they replace modules inside the layer, not the layer call) and QLoRA.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+_STATS_LOCK = threading.Lock()
+_STATS: dict[str, Any] = {"tensors": 0, "bytes": 0, "pinned": 0, "live_bytes": 0, "held_on": set()}
+_SIDE_STREAMS: dict[Any, Any] = {}
+
+
+def reset_stats() -> None:
+    with _STATS_LOCK:
+        _STATS.update(tensors=0, bytes=0, pinned=0, live_bytes=0, held_on=set())
+
+
+def stats() -> dict[str, Any]:
+    """Counters since :func:`reset_stats`: tensors and bytes offloaded, how many pinned, the devices they were held
+    on, and ``live_bytes`` -- bytes held on the host right now (offloaded, not yet released by backward)."""
+    with _STATS_LOCK:
+        return {**_STATS, "held_on": sorted(_STATS["held_on"])}
+
+
+class _Held:
+    """One offloaded tensor: the host copy, the device it goes back to, and the event that marks its copy done.
+
+    Its lifetime is the saved tensor's (autograd drops it when the graph is freed), which ``live_bytes`` tracks.
+    """
+
+    __slots__ = ("device", "host", "event", "nbytes")
+
+    def __init__(self, device, host, event, nbytes: int) -> None:
+        self.device, self.host, self.event, self.nbytes = device, host, event, nbytes
+        with _STATS_LOCK:
+            _STATS["tensors"] += 1
+            _STATS["bytes"] += nbytes
+            _STATS["pinned"] += int(device is not None and host.is_pinned())
+            _STATS["live_bytes"] += nbytes
+            _STATS["held_on"].add(str(host.device))
+
+    def __del__(self) -> None:
+        with _STATS_LOCK:
+            _STATS["live_bytes"] -= self.nbytes
+
+
+def _side_stream(device):
+    import torch
+
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
+def _pack(tensor):
+    import torch
+
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:  # torch <= 2.11 saves a 0-element dummy beside the inputs
+        return tensor
+    if tensor.device.type != "cuda":  # already in host memory: nothing to copy
+        return _Held(None, tensor, None, nbytes)
+    compute, side = torch.cuda.current_stream(tensor.device), _side_stream(tensor.device)
+    side.wait_stream(compute)  # the producer of ``tensor`` has run before we read it
+    with torch.cuda.stream(side):
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        event = side.record_event()
+    tensor.record_stream(side)  # its memory is not reused until the copy above has read it
+    return _Held(tensor.device, host, event, nbytes)
+
+
+def _unpack(held):
+    import torch
+
+    if not isinstance(held, _Held):
+        return held
+    if held.device is None:
+        return held.host
+    torch.cuda.current_stream(held.device).wait_event(held.event)
+    return held.host.to(held.device, non_blocking=True)
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """``torch.utils.checkpoint.checkpoint`` (non-reentrant) whose saved inputs wait in pinned host memory."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    kwargs["use_reentrant"] = False  # reentrant checkpoint saves no inputs through hooks: nothing would offload
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        return checkpoint(function, *args, **kwargs)
+
+
+def enable_offloaded_checkpointing(model) -> int:
+    """Point every checkpointed transformers layer of ``model`` at :func:`offloaded_checkpoint`; returns how many.
+
+    Call after ``model.gradient_checkpointing_enable(...)``. Raises if no layer is checkpointed: offloading would
+    otherwise silently do nothing.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module._gradient_checkpointing_func = offloaded_checkpoint
+            n += 1
+    if n == 0:
+        raise RuntimeError(f"{type(model).__name__} has no checkpointed GradientCheckpointingLayer: "
+                           "offloaded activation checkpoints need transformers' layer-wise checkpointing")
+    return n
