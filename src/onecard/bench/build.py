@@ -182,7 +182,10 @@ def build_model(cfg: BenchConfig, device: str, plain: bool = False):
             for param in model.parameters():
                 param.requires_grad_(True)
     if cfg.grad_ckpt:
-        enable_grad_ckpt(model, recipe)
+        if plain and recipe.training.offload_activations:  # the baseline is plain transformers + peft: no offload
+            training = recipe.training.model_copy(update={"offload_activations": False})
+            recipe = recipe.model_copy(update={"training": training})
+        enable_grad_ckpt(model, recipe)  # the trainer's function: offloads checkpoints when the recipe says so
     model.train()
     return model, int(model.config.vocab_size)
 

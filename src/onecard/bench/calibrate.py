@@ -58,6 +58,8 @@ def measurement_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rec in records:
         if rec.get("device") != "cuda" or rec.get("model") == "tiny" or rec.get("group") == "validate":
             continue  # validate rows: 1-2 timed steps, a smoke test rather than a measurement
+        if rec.get("offload_activations"):
+            continue  # offloaded checkpoints: compared with the plan in notes/bench.md, not speed-calibration rows
         runs = [(rec.get("kernels_applied") or "none", "", False)]
         if rec.get("baseline"):
             runs.append(("none", "baseline_", True))

@@ -25,6 +25,7 @@ class BenchConfig:
     rank: int = 16
     grad_ckpt: bool = True
     kernels: str = "none"
+    offload_activations: bool = False  # checkpoints in pinned host memory (train/offload.py); needs grad_ckpt
     steps: int = 4                  # timed optimizer steps
     warmup: int = 2                 # untimed steps first (allocator, autotuning, optimizer state)
     baseline: bool = False          # also run plain transformers + peft, same process
@@ -43,6 +44,9 @@ class BenchConfig:
                 raise UserError(f"{key} must be at least 1", where=f"--{key.replace('_', '-')}")
         if self.warmup < 0:
             raise UserError("warmup must be >= 0", where="--warmup")
+        if self.offload_activations and not self.grad_ckpt:
+            raise UserError("--offload-activations offloads the checkpointed layers' inputs: it needs checkpointing",
+                            where="--offload-activations", fix="drop --no-grad-ckpt, or drop --offload-activations")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], defaults: dict[str, Any] | None = None) -> "BenchConfig":
@@ -62,7 +66,7 @@ class BenchConfig:
         return self.seq * self.micro_batch
 
     def label(self) -> str:
-        ck = "ckpt" if self.grad_ckpt else "no-ckpt"
+        ck = ("ckpt+offload" if self.offload_activations else "ckpt") if self.grad_ckpt else "no-ckpt"
         return self.name or f"{self.model} {self.method} r{self.rank} seq{self.seq} b{self.micro_batch} {ck} {self.kernels}"
 
     def command(self) -> str:
@@ -71,6 +75,8 @@ class BenchConfig:
                  f"--batch {self.micro_batch}", f"--rank {self.rank}",
                  "--grad-ckpt" if self.grad_ckpt else "--no-grad-ckpt", f"--kernels {self.kernels}",
                  f"--steps {self.steps}", f"--warmup {self.warmup}"]
+        if self.offload_activations:
+            parts.append("--offload-activations")
         if self.baseline:
             parts.append("--baseline")
         if self.memory_cap_gib:
@@ -86,7 +92,7 @@ class BenchConfig:
             "adapter": {"rank": self.rank},
             "data": {"seq_len": self.seq},
             "training": {"micro_batch_size": self.micro_batch, "grad_accum": 1, "grad_ckpt": self.grad_ckpt,
-                         "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused"},
+                         "offload_activations": self.offload_activations, "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused"},
             "plan": {"gpu": self.gpu},
         }
 
@@ -102,6 +108,6 @@ def config_from_recipe(recipe, **overrides) -> BenchConfig:
     kernels = t.kernels if t.kernels != "auto" else "onecard"
     base = dict(model=recipe.model.name_or_path, method=recipe.method, seq=recipe.data.seq_len,
                 micro_batch=t.micro_batch_size, rank=recipe.adapter.rank, grad_ckpt=t.grad_ckpt, kernels=kernels,
-                gpu=recipe.plan.gpu)
+                offload_activations=t.offload_activations and t.grad_ckpt, gpu=recipe.plan.gpu)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return BenchConfig(**base)

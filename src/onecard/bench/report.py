@@ -24,7 +24,8 @@ def epoch_hours(tokens_per_s: float | None, seq: int) -> float | None:
 
 def _recipe(rec: dict[str, Any], kernels: str) -> str:
     rank = f" r{rec['rank']}" if rec["method"] != "full" else ""
-    ck = "ckpt" if rec["grad_ckpt"] else "no ckpt"
+    offloaded = rec.get("offload_activations") and kernels != "none"  # the baseline half never offloads
+    ck = ("ckpt, offloaded to host" if offloaded else "ckpt") if rec["grad_ckpt"] else "no ckpt"
     return f"{rec['method']}{rank}, {ck}, kernels {kernels}"
 
 
@@ -43,6 +44,7 @@ def measured_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              " (superseded: fp32-upcast QLoRA)" if superseded(rec, prefix) else ""), "model": rec["model"],
                          "method": rec["method"], "seq": rec["seq"], "batch": rec["micro_batch"],
                          "rank": rec["rank"], "grad_ckpt": rec["grad_ckpt"], "kernels": kernels,
+                         "offload_activations": bool(rec.get("offload_activations")) and not prefix,
                          "status": rec.get(f"{prefix}status"), "tokens_per_s": tps,
                          "hours_per_50k_epoch": epoch_hours(tps, rec["seq"]),
                          "peak_reserved_gib": rec.get(f"{prefix}peak_reserved_gib"),
@@ -133,7 +135,8 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
 
     for row in rows:
         cfg = BenchConfig(model=row["model"], method=row["method"], seq=row["seq"], micro_batch=row["batch"],
-                          rank=row["rank"], grad_ckpt=row["grad_ckpt"], kernels=row["kernels"], gpu="h200")
+                          rank=row["rank"], grad_ckpt=row["grad_ckpt"], kernels=row["kernels"], gpu="h200",
+                          offload_activations=row.get("offload_activations", False))
         inp = dataclasses.replace(inputs_from_recipe(cfg.to_recipe(), gpu="h200"), hold_logits=False,
                                   kbit_upcast=row.get("kbit_upcast", False))
         row["planned_reserved_gib"] = plan_memory(inp).allocator_bytes / GIB

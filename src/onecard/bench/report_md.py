@@ -73,6 +73,10 @@ the same model, recipe and optimizer, in the same process.
     out.append("\n## Run-to-run spread - measured, H200\n\nThe Llama 3 8B LoRA seed row again, in a later process "
                "(compare with the first row of the seed table).\n\n")
     out.append(_memory_table([r for r in m if r["group"] == "repeat"]))
+    out.append("\n## Offloaded activation checkpoints - measured, H200\n\n`--offload-activations` "
+               "(`training.offload_activations`): each checkpointed layer's input waits in pinned host memory "
+               "(train/offload.py); the same configuration without it beside it, measured one after the other on the same machine.\n\n")
+    out.append(_memory_table([r for r in m if r["group"] == "offload"]))
     out.append("\n## The seed's relative claims - measured, H200\n\n")
     out.append(_table(["claim", "measured", "what"],
                       [[c["claim"], _f(c["measured"], ".2f"), c["what"]] for c in p["claims"]]))

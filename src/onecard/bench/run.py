@@ -85,7 +85,13 @@ def measure(cfg: BenchConfig, device: str, *, baseline: bool) -> dict[str, Any]:
     batch = random_batch(vocab, cfg.micro_batch, cfg.seq, device)
     # onecard's path: the training spine's loss unless a kernel patch supplies the (fused) loss behind labels=.
     loss_path = "hf" if baseline or kernels_info["kernels_applied"] != "none" else "spine"
+    from onecard.train import offload
+
+    offload.reset_stats()
     result = timed_steps(model, batch, steps=cfg.steps, warmup=cfg.warmup, device=device, loss_path=loss_path)
+    held = offload.stats()  # what really went to host memory (0 unless the checkpoints were offloaded)
+    result.update(offloaded_gib_per_step=held["bytes"] / GIB / max(1, cfg.steps + cfg.warmup),
+                  offloaded_tensors_pinned=held["pinned"], offloaded_tensors=held["tensors"])
     result.update(kernels_info, build_s=build_s, model_state_gib=weights_gib, loss_path=loss_path,
                   kbit_upcast=kbit_upcast, trainable_dtype=adapter_dtype)
     del model, batch

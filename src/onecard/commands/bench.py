@@ -25,6 +25,8 @@ def register(app: typer.Typer) -> None:
         rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank."),
         grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing."),
         kernels: Optional[str] = typer.Option(None, "--kernels", help="none | onecard | liger | auto"),
+        offload_activations: bool = typer.Option(False, "--offload-activations",
+                                                 help="Keep the layers' checkpoints in pinned host memory."),
         steps: int = typer.Option(4, "--steps", help="Timed optimizer steps."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up steps."),
         baseline: bool = typer.Option(False, "--baseline", help="Also run plain transformers + peft, same process."),
@@ -56,11 +58,13 @@ def register(app: typer.Typer) -> None:
             from onecard.recipe import load_recipe
 
             configs = [config_from_recipe(load_recipe(recipe, sets or []), method=method, seq=seq, micro_batch=batch,
-                                          rank=rank, grad_ckpt=grad_ckpt, kernels=kernels)]
+                                          rank=rank, grad_ckpt=grad_ckpt, kernels=kernels,
+                                          offload_activations=offload_activations or None)]
         elif model is not None or cpu:
             configs = [BenchConfig(model=model or "tiny", method=method or "lora", seq=seq or (64 if cpu else 2048),
                                    micro_batch=batch or 1, rank=rank or 16,
-                                   grad_ckpt=True if grad_ckpt is None else grad_ckpt, kernels=kernels or "none")]
+                                   grad_ckpt=True if grad_ckpt is None else grad_ckpt, kernels=kernels or "none",
+                                   offload_activations=offload_activations)]
         else:
             raise UserError("nothing to measure", where="onecard bench",
                             fix="give a RECIPE, --model PRESET (onecard models), --suite FILE, or --cpu")

@@ -130,14 +130,15 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     per_layer_saved = act.checkpoint_bytes_per_token(shape, act_bytes) if p.grad_ckpt else layer_tok
     saved = layers * per_layer_saved * tokens + act.head_activation_bytes_per_token(shape, p.kernels, act_bytes) * tokens
     what = "block inputs (checkpoints)" if p.grad_ckpt else "all block activations"
-    if p.offload_activations:
+    offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (train/offload.py)
+    if offloaded:
         in_flight = 2 * per_layer_saved * tokens
         comps.append(Component("activations", f"saved activations: 2 {what} in flight", in_flight, kind="estimated"))
         comps.append(Component("activations_host", f"saved activations: {what} offloaded", saved - in_flight,
                                where="host", kind="estimated"))
     else:
         comps.append(Component("activations", f"saved activations: {what}", saved, kind="estimated"))
-    saved_device = in_flight if p.offload_activations else saved
+    saved_device = in_flight if offloaded else saved
 
     logits_bytes = static.FP32 if (p.method == "qlora" and p.kbit_upcast) else p.dtype_bytes
     ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits)

@@ -268,7 +268,7 @@ def _optimizer_and_host_s(inp, memory_plan, bw: float) -> dict:
         serial += 2 * spilled / link  # paged out and back in at each optimizer step
     if serial:
         out["host_serial_s"] = serial / inp.grad_accum
-    if inp.offload_activations:  # checkpoints out in forward, back in backward; copies run on a side stream
+    if inp.offload_activations and inp.grad_ckpt:  # checkpoints out in forward (side stream), back in backward
         ckpt_bytes = inp.shape.num_hidden_layers * inp.shape.hidden_size * 2 * inp.tokens_per_micro_batch
         out["host_overlapped_s"] = 2 * ckpt_bytes / link
     return out
