@@ -8,19 +8,24 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # torch missing or broken: no GPU tests either way
+    _HAS_CUDA = False
+# Triton kernels run under its CPU interpreter without a GPU. Set before any test module imports onecard.kernels:
+# Triton reads the variable when a kernel is decorated, so a late setting leaves compiled-mode kernels that fail
+# on CPU (seen when test_plan_exact ran before test_patch_families).
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except Exception:  # torch missing or broken: no GPU tests either way
-        has_cuda = False
-    if has_cuda:
+    if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
