@@ -42,10 +42,8 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
 
         return train_distributed_model(recipe, resume=resume, console=console, overwrite=overwrite)
     from onecard.data import build_dataset
-    from onecard.train.checkpoint import TrainState
-    from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer, resolve_device
-    from onecard.train.optim import build_optimizer
-    from onecard.train.rundir import check_run_dir, prepare_run_dir, recipe_changes
+    from onecard.train.model import load_model_and_tokenizer, resolve_device
+    from onecard.train.rundir import check_run_dir
     from onecard.train.summary import evaluate_and_save, finish, has_eval_data, reset_peak_after_setup
 
     run_dir = recipe.run_dir
@@ -61,13 +59,7 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     kernels = apply_recipe_kernels(model, recipe, device, console)
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
-    if resume and console is not None and (changed := recipe_changes(run_dir, recipe)):
-        console.print(f"[yellow]resuming with a recipe that differs from the run's in: {', '.join(changed)}[/yellow]")
-    prepare_run_dir(run_dir, recipe, overwrite)  # only now: bad input leaves nothing half-written
-    if recipe.training.grad_ckpt:
-        enable_grad_ckpt(model, recipe)
-    optimizer = build_optimizer(model, recipe, device, console)
-    state = restore(run_dir, model, optimizer) if resume else TrainState()
+    optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     started = state.global_step
     setup = reset_peak_after_setup(device)
     state, timing = run_steps(model, tokenizer, optimizer, dataset, schedule, state, recipe, device, console,
@@ -174,6 +166,27 @@ class Schedule:
         per_step = self.micro_batch_size * self.grad_accum
         chosen = order[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
         return [chosen[i:i + self.micro_batch_size] for i in range(0, len(chosen), self.micro_batch_size)]
+
+
+def start_run(model, recipe: Recipe, device: str, resume: bool, overwrite: bool, console=None):
+    """Once model and data have loaded: write the run directory, checkpointing, optimizer, restored state.
+
+    Returns (optimizer, state). Build the optimizer only after everything that decides which weights train.
+    """
+    from onecard.train.checkpoint import TrainState
+    from onecard.train.model import enable_grad_ckpt
+    from onecard.train.optim import build_optimizer
+    from onecard.train.rundir import prepare_run_dir, recipe_changes
+
+    run_dir = recipe.run_dir
+    if resume and console is not None and (changed := recipe_changes(run_dir, recipe)):
+        console.print(f"[yellow]resuming with a recipe that differs from the run's in: {', '.join(changed)}[/yellow]")
+    prepare_run_dir(run_dir, recipe, overwrite)  # only now: bad input leaves nothing half-written
+    if recipe.training.grad_ckpt:
+        enable_grad_ckpt(model, recipe)
+    optimizer = build_optimizer(model, recipe, device, console)
+    state = restore(run_dir, model, optimizer) if resume else TrainState()
+    return optimizer, state
 
 
 def restore(run_dir: Path, model, optimizer):

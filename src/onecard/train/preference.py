@@ -30,12 +30,10 @@ def train_preference(recipe: Recipe, resume: bool = False, console=None, overwri
 def train_preference_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False):
     """:func:`train_preference`, also handing back the trained model and tokenizer: (model, tokenizer, summary)."""
     from onecard.data.preference import build_preference_dataset
-    from onecard.train.checkpoint import TrainState
-    from onecard.train.loop import Schedule, lint_or_stop, restore, seed_everything
-    from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer, resolve_device
-    from onecard.train.optim import build_optimizer
+    from onecard.train.loop import Schedule, lint_or_stop, seed_everything, start_run
+    from onecard.train.model import load_model_and_tokenizer, resolve_device
     from onecard.train.preference_reference import setup_reference
-    from onecard.train.rundir import check_run_dir, prepare_run_dir, recipe_changes
+    from onecard.train.rundir import check_run_dir
 
     run_dir = recipe.run_dir
     check_run_dir(run_dir, resume, overwrite)
@@ -49,13 +47,8 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     dataset = build_preference_dataset(recipe, tokenizer, split="train")
     eval_set = build_preference_dataset(recipe, tokenizer, split="eval")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
-    if resume and console is not None and (changed := recipe_changes(run_dir, recipe)):
-        console.print(f"[yellow]resuming with a recipe that differs from the run's in: {', '.join(changed)}[/yellow]")
-    prepare_run_dir(run_dir, recipe, overwrite)  # only now: bad input leaves nothing half-written
-    if recipe.training.grad_ckpt:
-        enable_grad_ckpt(model, recipe)
-    optimizer = build_optimizer(model, recipe, device, console)  # after setup_reference: trained weights only
-    state = restore(run_dir, model, optimizer) if resume else TrainState()
+    # after setup_reference: the optimizer sees the trained weights only
+    optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     started = state.global_step
     state, timing = run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedule, state, recipe,
                                          device, console)
