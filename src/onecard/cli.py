@@ -35,7 +35,22 @@ def print_user_error(err: UserError) -> None:
     console.print(f"[bold red]error[/bold red] {err.render()}", soft_wrap=True)
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter out of onecard's output (a user can still turn it back on by env).
+
+    transformers warns on every tokenizer load (clean_up_tokenization_spaces) and bitsandbytes logs, on CPUs
+    with AVX512-BF16, that an optional hub kernel is missing; neither is actionable for a onecard user.
+    Progress bars on long library work (GGUF de-quantisation) are kept.
+    """
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
+    quiet_libraries()
     try:
         rc = app(args=argv, standalone_mode=False)  # without standalone mode, click *returns* typer.Exit's code
         if isinstance(rc, int) and rc:
