@@ -92,13 +92,14 @@ def run_steps(dist, model, tokenizer, optimizer, dataset, schedule, state, recip
 
     from onecard.data import collate, epoch_order, pad_token_id
     from onecard.train.distributed import rank_slices
-    from onecard.train.metrics import MetricsLogger, TrainProgress, peak_memory_bytes
+    from onecard.train.loop import Rate, account_step
+    from onecard.train.metrics import MetricsLogger, TrainProgress
 
     t = recipe.training
     logger = MetricsLogger(recipe.run_dir, state.metrics) if dist.is_main else None
     progress = TrainProgress(console, schedule.total_steps, state.global_step)
     pad_id, order = pad_token_id(tokenizer), (-1, [])
-    tokens_here, start = 0, time.perf_counter()
+    rate = Rate()
     model.train()
     try:
         while state.global_step < schedule.total_steps:
@@ -111,16 +112,7 @@ def run_steps(dist, model, tokenizer, optimizer, dataset, schedule, state, recip
                      for idx in slices]
             record = optimizer_step(dist, model, optimizer, micro, recipe, state.global_step, schedule.total_steps,
                                     fused_loss)
-            state.global_step += 1
-            state.tokens_seen += record["tokens"]
-            state.trained_tokens += record["trained_tokens"]
-            tokens_here += record["tokens"]
-            record["tokens_per_s"] = tokens_here / max(time.perf_counter() - start, 1e-9)
-            record["peak_memory_bytes"], _ = peak_memory_bytes(dist.device)  # rank 0's
-            if logger is not None and (state.global_step % t.log_every_steps == 0
-                                       or state.global_step == schedule.total_steps):
-                logger.log({"step": state.global_step,
-                            "epoch": round(state.global_step / schedule.steps_per_epoch, 4), **record})
+            account_step(state, record, schedule, recipe, rate, dist.device, logger)  # memory: this rank's
             progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"])
             checkpoint_if_due(dist, model, optimizer, state, schedule, recipe, logger)
     finally:
@@ -130,7 +122,7 @@ def run_steps(dist, model, tokenizer, optimizer, dataset, schedule, state, recip
     state.metrics = list(logger.records) if logger is not None else []
     if dist.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return state, {"seconds": time.perf_counter() - start, "tokens": tokens_here}
+    return state, {"seconds": time.perf_counter() - rate.start, "tokens": rate.tokens}
 
 
 def optimizer_step(dist, model, optimizer, micro, recipe: Recipe, step: int, total_steps: int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -253,33 +253,24 @@ def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, r
     import torch
 
     from onecard.data import pad_token_id
-    from onecard.train.metrics import MetricsLogger, TrainProgress, peak_memory_bytes
+    from onecard.train.metrics import MetricsLogger, TrainProgress
     from onecard.train.summary import eval_if_due
 
-    t = recipe.training
     logger = MetricsLogger(recipe.run_dir, state.metrics)
     progress = TrainProgress(console, schedule.total_steps, state.global_step)
     batches = _Batches(dataset, schedule, recipe, pad_token_id(tokenizer))
-    tokens_here, start, steady = 0, time.perf_counter(), None
+    rate, steady = Rate(), None
     model.train()
     try:
         while state.global_step < schedule.total_steps:
             micro = batches.window(state.global_step)
             record = optimizer_step(model, optimizer, micro, recipe, state.global_step, schedule.total_steps, device,
                                     fused_loss)
-            state.global_step += 1
-            state.tokens_seen += record["tokens"]
-            state.trained_tokens += record["trained_tokens"]
-            tokens_here += record["tokens"]
-            record["tokens_per_s"] = tokens_here / max(time.perf_counter() - start, 1e-9)
-            record["peak_memory_bytes"], _ = peak_memory_bytes(device)
-            if state.global_step % t.log_every_steps == 0 or state.global_step == schedule.total_steps:
-                logger.log({"step": state.global_step,
-                            "epoch": round(state.global_step / schedule.steps_per_epoch, 4), **record})
+            account_step(state, record, schedule, recipe, rate, device, logger)
             progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"])
             eval_if_due(model, tokenizer, recipe, state.global_step, logger)
             if steady is None:  # the first step pays compilation and warm-up: the steady rate starts after it
-                steady = (time.perf_counter(), tokens_here)
+                steady = (time.perf_counter(), rate.tokens)
             _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger)
     finally:
         progress.close()
@@ -288,10 +279,40 @@ def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, r
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     end = time.perf_counter()
-    timing = {"seconds": end - start, "tokens": tokens_here}
-    if steady is not None and tokens_here > steady[1]:
-        timing.update(steady_seconds=end - steady[0], steady_tokens=tokens_here - steady[1])
+    timing = {"seconds": end - rate.start, "tokens": rate.tokens}
+    if steady is not None and rate.tokens > steady[1]:
+        timing.update(steady_seconds=end - steady[0], steady_tokens=rate.tokens - steady[1])
     return state, timing
+
+
+@dataclass
+class Rate:
+    """Tokens processed by this process since it started the loop (a resumed run counts from its restart)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+
+    def add(self, tokens: int) -> float:
+        self.tokens += tokens
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
+def account_step(state, record: dict, schedule: Schedule, recipe: Recipe, rate: Rate, device: str, logger) -> None:
+    """Count a finished optimizer step into the run state, add its rate and peak memory to its record, log it.
+
+    ``logger`` None: a rank other than 0 of a multi-GPU run, which keeps the state but writes nothing.
+    """
+    from onecard.train.metrics import peak_memory_bytes
+
+    state.global_step += 1
+    state.tokens_seen += record["tokens"]
+    state.trained_tokens += record["trained_tokens"]
+    record["tokens_per_s"] = rate.add(record["tokens"])
+    record["peak_memory_bytes"], _ = peak_memory_bytes(device)
+    if logger is not None and (state.global_step % recipe.training.log_every_steps == 0
+                               or state.global_step == schedule.total_steps):
+        logger.log({"step": state.global_step, "epoch": round(state.global_step / schedule.steps_per_epoch, 4),
+                    **record})
 
 
 class _Batches:
