@@ -14,7 +14,6 @@ What is reused: model loading, optimizer and LR schedule, checkpoints, metrics f
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -96,9 +95,8 @@ def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedu
     import torch
 
     from onecard.data import epoch_order, pad_token_id
-    from onecard.train.checkpoint import save_checkpoint
-    from onecard.train.loop import CRASH_ENV, _clip
-    from onecard.train.metrics import MetricsLogger, TrainProgress, peak_memory_bytes
+    from onecard.train.loop import Rate, _checkpoint_if_due, _clip, account_step
+    from onecard.train.metrics import MetricsLogger, TrainProgress
     from onecard.train.optim import set_lr
     from onecard.train.preference_step import dpo_step, kto_step
 
@@ -107,10 +105,9 @@ def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedu
     params = [p for p in model.parameters() if p.requires_grad]
     logger = MetricsLogger(recipe.run_dir, state.metrics)
     progress = TrainProgress(console, schedule.total_steps, state.global_step)
-    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
     orders: dict[int, list[int]] = {}
     pad_id = pad_token_id(tokenizer)
-    tokens_here, start = 0, time.perf_counter()
+    rate = Rate()
     model.train()
     try:
         while state.global_step < schedule.total_steps:
@@ -124,31 +121,18 @@ def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedu
             grad_norm = _clip(params, t.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            state.global_step += 1
-            state.tokens_seen += metrics["tokens"]
-            state.trained_tokens += metrics["trained_tokens"]
-            tokens_here += metrics["tokens"]
-            tokens_per_s = tokens_here / max(time.perf_counter() - start, 1e-9)
-            peak, _ = peak_memory_bytes(device)
-            if state.global_step % t.log_every_steps == 0 or state.global_step == schedule.total_steps:
-                logger.log({"step": state.global_step, "epoch": round(state.global_step / schedule.steps_per_epoch, 4),
-                            **metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                            "peak_memory_bytes": peak})
-            progress.update(state.global_step, metrics["loss"], tokens_per_s, peak, progress_text(metrics))
-            if t.save_every_steps and state.global_step % t.save_every_steps == 0:
-                state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
-                state.metrics = list(logger.records)
-                save_checkpoint(recipe.run_dir, model, optimizer, state, {"kind": t.lr_scheduler,
-                                                                          "step": state.global_step})
-                if crash_at == state.global_step:
-                    os._exit(17)  # simulate a killed process (tests only): no cleanup, no flush
+            record = {**metrics, "lr": lr, "grad_norm": grad_norm}
+            account_step(state, record, schedule, recipe, rate, device, logger)
+            progress.update(state.global_step, metrics["loss"], record["tokens_per_s"], record["peak_memory_bytes"],
+                            progress_text(metrics))
+            _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger)
     finally:
         progress.close()
         logger.close()
     state.metrics = list(logger.records)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return state, {"seconds": time.perf_counter() - start, "tokens": tokens_here}
+    return state, {"seconds": time.perf_counter() - rate.start, "tokens": rate.tokens}
 
 
 _SUMMARY_KEYS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "reward_desirable",
