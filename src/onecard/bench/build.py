@@ -79,7 +79,7 @@ def build_base(cfg: BenchConfig, device: str):
             from onecard.errors import UserError
 
             raise UserError("qlora (bitsandbytes NF4) benchmarks of presets need a CUDA GPU", where="--method")
-        return _build_nf4(config, device)
+        return build_nf4_layerwise(config, device)
     # no_init_weights: skip transformers' per-module init (we overwrite every tensor with fill_random_ anyway).
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -89,7 +89,11 @@ def build_base(cfg: BenchConfig, device: str):
     return model
 
 
-def _build_nf4(config, device: str):
+def build_nf4_layerwise(config, device: str, quant_storage=None):
+    """A random NF4 model built one decoder layer at a time (never the whole bf16 model on the device).
+
+    ``quant_storage``: bitsandbytes' storage dtype of the packed weights (bf16 makes them FSDP-shardable).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -108,7 +112,7 @@ def _build_nf4(config, device: str):
     for layer in decoder.layers:
         layer.to_empty(device=device)
         fill_random_(layer)
-        quantize_linears_(layer, device)
+        quantize_linears_(layer, device, quant_storage=quant_storage)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if config.tie_word_embeddings:
@@ -123,21 +127,22 @@ def _build_nf4(config, device: str):
     return model
 
 
-def quantize_linears_(module, device: str, compute_dtype=None) -> None:
+def quantize_linears_(module, device: str, compute_dtype=None, quant_storage=None) -> None:
     """Replace every ``nn.Linear`` under ``module`` by an NF4 ``bnb.nn.Linear4bit`` (double quant, bf16 compute),
-    the QLoRA settings of ``onecard.train.model.quant_config``."""
+    the QLoRA settings of ``onecard.train.model.quant_config``; ``quant_storage`` as bitsandbytes' (default uint8)."""
     import bitsandbytes as bnb
     import torch
 
     compute_dtype = compute_dtype or torch.bfloat16
+    storage = {} if quant_storage is None else {"quant_storage": quant_storage}
     targets = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
     for name, lin in targets:
         parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                              device="meta")
+                              device="meta", **storage)
         q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4", module=q).to(device)  # .to() quantises on the GPU
+                                     quant_type="nf4", module=q, **storage).to(device)  # .to() quantises on the GPU
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
         setattr(parent, name.rsplit(".", 1)[-1], q)

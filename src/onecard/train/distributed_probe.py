@@ -24,48 +24,13 @@ import sys
 GIB = 2**30
 
 
-def _quantize_bf16_storage_(module, device: str) -> None:
-    """``onecard.bench.build.quantize_linears_`` with ``quant_storage=torch.bfloat16`` (FSDP-shardable)."""
-    import bitsandbytes as bnb
-    import torch
-
-    for name, lin in [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]:
-        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                              quant_storage=torch.bfloat16, device="meta")
-        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                     quant_storage=torch.bfloat16, module=q).to(device)
-        setattr(parent, name.rsplit(".", 1)[-1], q)
-
-
 def build_nf4(cfg, device: str):
-    """bench.build._build_nf4, layer by layer, with bf16 quant storage."""
+    """The bench's layer-by-layer random NF4 build, with bf16 quant storage (FSDP-shardable)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from onecard.bench.build import fill_random_, hf_config
+    from onecard.bench.build import build_nf4_layerwise, hf_config
 
-    config = hf_config(cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    decoder = model.get_decoder()
-    for name, child in list(decoder.named_children()):
-        if name == "rotary_emb":
-            with torch.device(device):
-                setattr(decoder, name, type(child)(config=config))
-        elif name != "layers":
-            child.to_empty(device=device)
-            fill_random_(child)
-    for layer in decoder.layers:
-        layer.to_empty(device=device)
-        fill_random_(layer)
-        _quantize_bf16_storage_(layer, device)
-        torch.cuda.empty_cache()
-    model.lm_head.to_empty(device=device)
-    fill_random_(model.lm_head)
-    model.is_loaded_in_4bit = True
-    return model
+    return build_nf4_layerwise(hf_config(cfg), device, quant_storage=torch.bfloat16)
 
 
 def main(argv: list[str] | None = None) -> None:
