@@ -160,6 +160,22 @@ class Dist:
     def any_true(self, flag: bool) -> bool:
         return self.all_sum([1.0 if flag else 0.0])[0] > 0
 
+    def clip_grad_norm_(self, model, max_norm: float) -> float:
+        """Clip every rank's gradients by the norm of the *whole* model's gradients; returns that norm.
+
+        Under FSDP each rank holds a shard of every gradient, so the norm must be all-reduced over ranks. accelerate
+        1.15 ``Accelerator.clip_grad_norm_`` routes to FSDP's own ``model.clip_grad_norm_`` (which does that) ONLY
+        when the parameters passed equal ``list(model.parameters())``; handed the trainable subset it falls back to
+        ``torch.nn.utils.clip_grad_norm_`` on this rank's shards, and each rank clips by a different local norm (the
+        FSDP parity run on 2 x H200 drifted 2.6% from one GPU in 20 steps, notes/multigpu.md). So FSDP calls the
+        root's ``clip_grad_norm_`` directly: explicit, and not dependent on accelerate's list comparison. Frozen
+        parameters have no gradient and add nothing. DDP gradients are already identical on every rank.
+        """
+        if self.strategy == "fsdp":
+            return float(model.clip_grad_norm_(max_norm))
+        params = [p for p in model.parameters() if p.requires_grad]
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
 
 def init(recipe) -> Dist:
     """The Accelerator for this rank; the FSDP plugin's wrap policy is filled in by :func:`prepare_model`."""

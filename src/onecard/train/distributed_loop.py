@@ -147,8 +147,7 @@ def optimizer_step(dist, model, optimizer, micro, recipe: Recipe, step: int, tot
     loss = dist.all_sum([loss_total])[0] / window_tokens
     grad_norm = None
     if recipe.training.max_grad_norm is not None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(dist.accelerator.clip_grad_norm_(params, recipe.training.max_grad_norm))
+        grad_norm = dist.clip_grad_norm_(model, recipe.training.max_grad_norm)  # FSDP: the all-rank norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tokens),

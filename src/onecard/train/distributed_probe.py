@@ -110,10 +110,10 @@ def _steps(dist, model, recipe, cfg, steps: int) -> dict:
         start = time.perf_counter()
         loss_sum, n = token_ce_sum(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
         (loss_sum / n).backward()
-        dist.accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        dist.clip_grad_norm_(model, 1.0)  # FSDP: the all-rank norm, as onecard train clips
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss_sum) / n)
+        losses.append(float(loss_sum.detach()) / n)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     timed = sorted(times[1:] or times)  # the first step allocates optimizer state and picks kernels
