@@ -252,3 +252,50 @@ def test_accelerate_routes_to_fsdp_clipping_only_for_all_parameters():
     assert model.root_clips == [] and len(local) == 1  # the subset: this rank's own norm only
     Accelerator.clip_grad_norm_(fake, list(model.parameters()), 1.0)
     assert model.root_clips == [1.0] and len(local) == 1  # all parameters: FSDP's all-reduced norm
+
+
+# --------------------------------------------------------------------------- worker environment
+
+
+def test_gpu_workers_get_expandable_segments_unless_the_user_set_the_allocator():
+    from onecard.train.distributed import CPU_ENV, STRATEGY_ENV, launch_env
+
+    env = launch_env("fsdp", cpu=False, base={"PATH": "/bin"})
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert env[STRATEGY_ENV] == "fsdp" and CPU_ENV not in env and env["PATH"] == "/bin"
+    assert env["PYTHONPATH"].split(":")[0].endswith("src")
+    mine = launch_env("ddp", cpu=False, base={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"})
+    assert mine["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"  # the user's setting wins
+    newer = launch_env("ddp", cpu=False, base={"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"})
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in newer and newer["PYTORCH_ALLOC_CONF"] == "backend:cudaMallocAsync"
+    cpu = launch_env("ddp", cpu=True, base={})
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in cpu and cpu[CPU_ENV] == "1" and cpu["OMP_NUM_THREADS"] == "1"
+
+
+def test_probe_compares_ddp_ranks_with_the_one_gpu_plan_and_fsdp_with_the_split():
+    from onecard.train.distributed_probe import _prediction
+
+    r = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "method": "lora",
+                         "training": {"num_gpus": 2}, "plan": {"gpu": "h200"}})
+    ddp, fsdp = _prediction(r, "ddp"), _prediction(r, "fsdp")
+    assert ddp["planned_num_gpus"] == 1 and fsdp["planned_num_gpus"] == 2
+    assert fsdp["predicted_weights_gib"] == pytest.approx(ddp["predicted_weights_gib"] / 2, rel=0.01)
+
+
+def test_docs_multigpu_section_is_the_committed_2gpu_rows():
+    """docs/benchmarks.json's multi-GPU section is generated from bench/results/h200x2-*.jsonl, and those rows never
+    reach the single-GPU tables or the calibration (no ``device: cuda``)."""
+    from pathlib import Path
+
+    from onecard.bench.calibrate import load_records, measurement_rows
+    from onecard.bench.report_multigpu import multigpu_section
+
+    records = load_records()
+    section = multigpu_section(records)
+    doc = json.loads((Path(__file__).resolve().parents[1] / "docs" / "benchmarks.json").read_text())
+    assert json.loads(json.dumps(section)) == doc["multigpu"]
+    rows = [r for r in records if r.get("group") == "multigpu"]
+    assert rows and not any(r.get("device") for r in rows)
+    assert not any("multigpu" in row["source"] for row in measurement_rows(records))
+    for s in section["speedup"]:
+        assert s["pass"] == (s["tokens_per_s_2gpus"] / s["tokens_per_s_1gpu"] >= 1.8)

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="append one JSON line per rank here")
     args = ap.parse_args(argv)
     os.environ[D.STRATEGY_ENV] = args.strategy
+    D.set_expandable_segments(os.environ)  # as `onecard train --num-gpus N` workers get it; before CUDA starts
     cfg = BenchConfig(model=args.model, method=args.method, seq=args.seq, micro_batch=args.batch, rank=args.rank,
                       grad_ckpt=True, kernels="none")
     tree = cfg.recipe_tree()
@@ -77,9 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.reset_peak_memory_stats()
     row = {"rank": dist.rank, "world": dist.world, "model": args.model, "method": args.method,
            "strategy": dist.strategy, "seq": args.seq, "batch": args.batch, "command": " ".join(sys.argv),
-           "weights_gib_before_wrap": before / GIB, "weights_gib_after_wrap": after / GIB}
+           "weights_gib_before_wrap": before / GIB, "weights_gib_after_wrap": after / GIB,
+           "alloc_conf": {k: os.environ.get(k) for k in D.ALLOC_CONF_ENVS if os.environ.get(k)},
+           "versions": _versions()}
     row.update(_steps(dist, model, recipe, cfg, args.steps))
-    row.update(_prediction(recipe))
+    row.update(_prediction(recipe, dist.strategy))
     row["peak_vs_plan"] = row["peak_reserved_gib"] / row["predicted_reserved_gib"]
     line = json.dumps(row)
     print(line, flush=True)
@@ -122,14 +125,32 @@ def _steps(dist, model, recipe, cfg, steps: int) -> dict:
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
 
 
-def _prediction(recipe) -> dict:
+def _prediction(recipe, strategy: str) -> dict:
+    """The planner's per-GPU figures. Its ``num_gpus`` always means FSDP (weights divided); DDP replicates the
+    model, so a DDP rank is compared with the one-GPU plan (the first 2 x H200 rows compared it with the split)."""
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
 
-    plan = plan_memory(inputs_from_recipe(recipe))
+    planned_gpus = recipe.training.num_gpus if strategy == "fsdp" else 1
+    plan = plan_memory(inputs_from_recipe(recipe).with_(num_gpus=planned_gpus))
     weights = plan.component("weights")
     return {"predicted_reserved_gib": plan.allocator_bytes / GIB, "predicted_weights_gib": weights.gib,
-            "predicted_verdict": plan.verdict, "plan_gpu": recipe.plan.gpu}
+            "predicted_verdict": plan.verdict, "plan_gpu": recipe.plan.gpu, "planned_num_gpus": planned_gpus}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda,
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 if __name__ == "__main__":
