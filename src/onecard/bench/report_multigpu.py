@@ -123,7 +123,8 @@ Caveats: the FSDP parity failure above was measured before the fix of gradient c
 by its own shard's norm; `Dist.clip_grad_norm_` now uses the FSDP root's all-rank norm) and has to be rerun. The
 sharded QLoRA peak is reserved memory: the allocated peak is within the plan; the gap between them is memory the
 caching allocator holds unused (fragmentation, presumably from FSDP's all-gathers; not yet confirmed); workers now
-start with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (not yet measured). The DDP probe rows' own `peak_vs_plan` field compared them with the planner's FSDP split (its
-`num_gpus` divides the weights); a DDP rank replicates the model, so its peak belongs beside the one-GPU plan (the
-probe does that from the next run on). Every rank loads the whole model before FSDP shards it (not in the peaks above).
+start with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (not yet measured). The DDP probe rows' own
+`peak_vs_plan` field compared them with the planner's FSDP split (its `num_gpus` divides the weights); a DDP rank
+replicates the model, so its peak belongs beside the one-GPU plan (the probe does that from the next run on), as in
+the table above. Every rank loads the whole model before FSDP shards it (not in the peaks above).
 """

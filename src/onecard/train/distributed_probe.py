@@ -1,4 +1,6 @@
-"""Issue 9 acceptances 2 and 3 (GPU only; NOT run yet): training steps of a preset shape, random weights, N GPUs.
+"""Issue 9 acceptances 2 and 3 (GPU only): training steps of a preset shape, random weights, N GPUs.
+
+First run on 2 x H200 on 2026-11-28: bench/results/h200x2-multigpu.jsonl.
 
 Acceptance 3 (default): QLoRA with random NF4 weights under FSDP1. Acceptance 2: ``--method lora --strategy ddp``
 (bf16 random base from onecard.bench.build), run once as plain ``python -m`` (1 GPU) and once under torchrun.
@@ -121,7 +123,8 @@ def _steps(dist, model, recipe, cfg, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     timed = sorted(times[1:] or times)  # the first step allocates optimizer state and picks kernels
     tokens = cfg.micro_batch * cfg.seq * dist.world
-    return {"losses": losses, "s_per_step": times, "tokens_per_s_all_gpus": tokens / timed[len(timed) // 2], "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+    return {"losses": losses, "s_per_step": times, "tokens_per_s_all_gpus": tokens / timed[len(timed) // 2],
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
 
 
