@@ -176,3 +176,56 @@ def test_convergence_30_steps(arch):
     tail_plain, tail_fused = sum(plain[-10:]) / 10, sum(fused[-10:]) / 10
     assert tail_plain < plain[0] * 0.95
     assert abs(tail_fused - tail_plain) <= 0.01 * tail_plain
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_checkpointed_lora_matches_and_recompute_skips_down_projection(arch, monkeypatch):
+    """Under non-reentrant checkpointing the patched model gives the unpatched, uncheckpointed model's loss and
+    gradients, while the recompute skips the MLP's down projection where the family allows it (not Gemma 2:
+    its post-MLP norm reads the output) and q/k/v and o run through the fused LoRA projections (not Gemma 2)."""
+    from onecard.patch import modules
+    from onecard.patch.recompute import recompute_contexts
+
+    calls = {"skip": 0, "full": 0, "projections": 0}
+    real_mlp, real_proj = modules.lora_mlp, modules.lora_projections
+
+    def counting_mlp(*args, **kw):
+        calls["skip" if kw.get("skip_output") else "full"] += 1
+        return real_mlp(*args, **kw)
+
+    def counting_projections(*args, **kw):
+        calls["projections"] += 1
+        return real_proj(*args, **kw)
+
+    monkeypatch.setattr(modules, "lora_mlp", counting_mlp)
+    monkeypatch.setattr(modules, "lora_projections", counting_projections)
+    model = _model(arch, lora=True)
+    ids, labels = _batch()
+    plain, g_plain = _loss_and_grads(model, ids, labels)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                       "context_fn": recompute_contexts})
+    model.enable_input_require_grads()
+    handle = apply_kernels(model, "onecard")
+    fused, g_fused = _loss_and_grads(model, ids, labels)
+    assert abs(float(fused.loss) - float(plain.loss)) <= 1e-5 * float(plain.loss)
+    for name in g_plain:
+        assert rel_err(g_fused[name], g_plain[name]) <= 1e-4, name
+    layers = model.config.num_hidden_layers
+    assert calls["full"] == layers + (layers if arch == "gemma2" else 0)  # forward (+ Gemma 2's recompute)
+    assert calls["skip"] == (0 if arch == "gemma2" else layers)
+    assert calls["projections"] == (0 if arch == "gemma2" else 2 * 2 * layers)  # qkv + o, forward + recompute
+    handle.revert()
+
+
+def test_kernels_applied_after_checkpointing_still_mark_the_recompute():
+    """A model checkpointed before apply_kernels (plain transformers kwargs) gets its checkpoint wrapped, and
+    revert() puts the original function back."""
+    model = _model("llama", lora=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layer = model.get_base_model().model.layers[0]
+    before = layer._gradient_checkpointing_func
+    handle = apply_kernels(model, "onecard")
+    assert handle.patched["recompute_marks"] == model.config.num_hidden_layers
+    assert layer._gradient_checkpointing_func is not before
+    handle.revert()
+    assert layer._gradient_checkpointing_func is before

@@ -57,7 +57,7 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
     act = getattr(base.config, spec.act_key, None)
     mlp_fn = None
     if act in SWIGLU_ACTS or act in GEGLU_ACTS:
-        mlp_fn = make_mlp_forward(gelu=act in GEGLU_ACTS)
+        mlp_fn = make_mlp_forward(gelu=act in GEGLU_ACTS, skip_in_recompute=spec.mlp_feeds_residual)
     else:
         _notice(handle, f"MLP activation {act!r} has no fused kernel: transformers' MLP kept")
     attn_fn = make_attention_forward(spec.sliding_window) if (rope and spec.attention_class) else None
@@ -70,6 +70,10 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
             handle.set_forward(module, mlp_fn, "mlp")
         elif attn_fn is not None and name == spec.attention_class:
             handle.set_forward(module, attn_fn, "rope")
+    if mlp_fn is not None and spec.mlp_feeds_residual:
+        from .recompute import mark_recompute
+
+        mark_recompute(base, handle)  # layers checkpointed before patching; onecard's own checkpointing marks itself
     if fused_loss and hasattr(base, "lm_head") and hasattr(base, "model"):
         handle.set_forward(base, causal_lm_forward, "fused_linear_ce")
 

@@ -18,6 +18,9 @@ class FamilyKernels:
     gemma_norm: bool = False  # (1 + weight) RMSNorm, cast after multiply
     act_key: str = "hidden_act"  # config key of the MLP activation
     sliding_window: str | None = None  # where the attention reads it: "attr", "config" or None
+    # The decoder layer adds the MLP output straight to the residual (no post-MLP norm reads it), so a
+    # checkpoint's recompute may skip the down projection (patch/recompute.py). Gemma 2 normalises it first.
+    mlp_feeds_residual: bool = True
 
 
 SWIGLU_ACTS = ("silu", "swish")
@@ -28,5 +31,6 @@ FAMILY_KERNELS: dict[str, FamilyKernels] = {
     "mistral": FamilyKernels(("MistralRMSNorm",), "MistralMLP", "MistralAttention", sliding_window="config"),
     "qwen2": FamilyKernels(("Qwen2RMSNorm",), "Qwen2MLP", "Qwen2Attention", sliding_window="attr"),
     "gemma": FamilyKernels(("GemmaRMSNorm",), "GemmaMLP", "GemmaAttention", gemma_norm=True),
-    "gemma2": FamilyKernels(("Gemma2RMSNorm",), "Gemma2MLP", None, gemma_norm=True, act_key="hidden_activation"),
+    "gemma2": FamilyKernels(("Gemma2RMSNorm",), "Gemma2MLP", None, gemma_norm=True, act_key="hidden_activation",
+                             mlp_feeds_residual=False),
 }

@@ -1,9 +1,10 @@
 """Replacement forwards for transformers modules, bound per instance by ``apply_kernels``.
 
 Each function has the signature of the forward it replaces (transformers 5.17) and calls the pure
-ops in ``onecard.kernels``. Anything the fused op does not model (LoRA dropout > 0, DoRA, biases,
-8-bit base weights, several active adapters, merged adapters) takes the original forward. bitsandbytes
-4-bit (QLoRA) base layers are fused: the op dequantises them per use (kernels/lora_mlp.py).
+ops in ``onecard.kernels``. Anything the fused op does not model (LoRA dropout > 0, DoRA, trainable or MLP
+biases, 8-bit base weights, several active adapters, merged adapters) takes the original forward. bitsandbytes
+4-bit (QLoRA) base layers are fused: the op dequantises them per use (kernels/lora_linear.py). Frozen
+attention biases (Qwen2's q/k/v) are fused.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import sys
 
 import torch
 
-from onecard.kernels.lora_mlp import is_quantized, lora_mlp
+from onecard.kernels.lora_linear import is_quantized, lora_projections
+from onecard.kernels.lora_mlp import lora_mlp
 from onecard.kernels.rms_norm import rms_norm
 from onecard.kernels.rope import apply_rope
+
+from .recompute import in_recompute
 
 
 def rms_norm_forward(self, hidden_states):
@@ -27,9 +31,11 @@ def gemma_rms_norm_forward(self, x):
     return rms_norm(x, self.weight, self.eps, gemma=True)
 
 
-def _plain_weight(linear) -> torch.Tensor | None:
-    """The weight of a bias-free nn.Linear-like base layer (dense, or bitsandbytes 4-bit), else None."""
-    if getattr(linear, "bias", None) is not None:
+def _plain_weight(linear, allow_bias: bool = False) -> torch.Tensor | None:
+    """The weight of an nn.Linear-like base layer (dense, or bitsandbytes 4-bit), else None. A bias must be
+    frozen and ``allow_bias`` set."""
+    bias = getattr(linear, "bias", None)
+    if bias is not None and (not allow_bias or bias.requires_grad):
         return None
     w = getattr(linear, "weight", None)
     if is_quantized(w) and type(linear).__name__ == "Linear4bit":
@@ -39,49 +45,65 @@ def _plain_weight(linear) -> torch.Tensor | None:
     return w
 
 
-def projection_parts(proj, dtype):
-    """(W, A, B, scale) of a projection for the fused MLP, or None when it cannot be fused.
+def projection_parts(proj, dtype, allow_bias: bool = False):
+    """(W, A, B, scale, bias) of a projection for the fused ops, or None when it cannot be fused.
 
-    Plain nn.Linear -> (W, None, None, 1). peft LoRA Linear with one active vanilla adapter,
-    dropout 0, not merged, not disabled -> (W_base, A, B, scaling), A/B cast to the compute dtype
+    Plain nn.Linear -> (W, None, None, 1, bias). peft LoRA Linear with one active vanilla adapter,
+    dropout 0, not merged, not disabled -> (W_base, A, B, scaling, bias), A/B cast to the compute dtype
     (peft keeps adapters in fp32 on bf16 models; autograd casts their grads back).
     """
     if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
-        w = _plain_weight(proj)
-        return None if w is None else (w, None, None, 1.0)
+        w = _plain_weight(proj, allow_bias)
+        return None if w is None else (w, None, None, 1.0, proj.bias)
     base = getattr(proj, "base_layer", None)
     if base is None or not hasattr(proj, "lora_A"):
         return None
     if proj.disable_adapters or proj.merged or len(proj.active_adapters) != 1:
         return None
     name = proj.active_adapters[0]
-    w = _plain_weight(base)
+    w = _plain_weight(base, allow_bias)
     if w is None:
         return None
     if name not in proj.lora_A:  # adapter not on this projection: frozen matmul only
-        return (w, None, None, 1.0)
+        return (w, None, None, 1.0, base.bias)
     if name in getattr(proj, "lora_variant", {}) or not isinstance(proj.lora_dropout[name], torch.nn.Identity):
         return None
     a, b = proj.lora_A[name], proj.lora_B[name]
     if getattr(b, "bias", None) is not None:
         return None
-    return (w, a.weight.to(dtype), b.weight.to(dtype), float(proj.scaling[name]))
+    return (w, a.weight.to(dtype), b.weight.to(dtype), float(proj.scaling[name]), base.bias)
 
 
-def make_mlp_forward(gelu: bool):
-    """A gated-MLP forward (LlamaMLP / GemmaMLP shape) using the fused LoRA-aware op when it can."""
+def _fusable(parts, dtype) -> bool:
+    return all(p is not None and (is_quantized(p[0]) or p[0].dtype == dtype) for p in parts)
+
+
+def make_mlp_forward(gelu: bool, skip_in_recompute: bool = False):
+    """A gated-MLP forward (LlamaMLP / GemmaMLP shape) using the fused LoRA-aware op when it can.
+
+    ``skip_in_recompute``: the family's MLP output goes straight into the residual add, so a checkpoint's
+    recompute may skip the down projection (kernels/lora_mlp.py, patch/recompute.py)."""
 
     def mlp_forward(self, x):
         parts = [projection_parts(p, x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        if any(p is None for p in parts) or any(p[0].dtype != x.dtype and not is_quantized(p[0]) for p in parts):
+        if not _fusable(parts, x.dtype):
             return type(self).forward(self, x)
-        return lora_mlp(x, *parts, gelu=gelu)
+        return lora_mlp(x, *parts, gelu=gelu, skip_output=skip_in_recompute and in_recompute())
 
     return mlp_forward
 
 
+def _project(x, projs):
+    """The projections of one input: one fused LoRA op when every one can be fused, else each module."""
+    parts = [projection_parts(p, x.dtype, allow_bias=True) for p in projs]
+    if _fusable(parts, x.dtype):
+        return lora_projections(x, parts)
+    return tuple(p(x) for p in projs)
+
+
 def make_attention_forward(sliding_window: str | None):
-    """LlamaAttention.forward (5.17) with the fused RoPE kernel; ``sliding_window``: where to read it.
+    """LlamaAttention.forward (5.17) with the fused RoPE kernel and LoRA-aware q/k/v and o projections
+    (kernels/lora_linear.py); ``sliding_window``: where to read it.
 
     Qwen2 and Mistral differ from Llama only by passing ``sliding_window`` to the attention function
     (``self.sliding_window`` resp. ``config.sliding_window``); Gemma's forward is Llama's.
@@ -94,9 +116,7 @@ def make_attention_forward(sliding_window: str | None):
         eager = sys.modules[type(self).__module__].eager_attention_forward
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in _project(hidden_states, (self.q_proj, self.k_proj, self.v_proj)))
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin)
         if past_key_values is not None:
@@ -109,6 +129,6 @@ def make_attention_forward(sliding_window: str | None):
         out, weights = attn(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
                             scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(out), weights
+        return _project(out, (self.o_proj,))[0], weights
 
     return attention_forward

@@ -273,7 +273,10 @@ def enable_grad_ckpt(model, recipe: Recipe) -> None:
 
     ``training.offload_activations``: the layers' checkpoint inputs wait in pinned host memory (train/offload.py).
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from onecard.patch.recompute import recompute_contexts  # lets patched MLPs skip work nothing reads
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                       "context_fn": recompute_contexts})
     if recipe.training.offload_activations:
         from onecard.train.offload import enable_offloaded_checkpointing
 

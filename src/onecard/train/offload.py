@@ -119,7 +119,10 @@ def offloaded_checkpoint(function, *args, **kwargs):
     import torch
     from torch.utils.checkpoint import checkpoint
 
+    from onecard.patch.recompute import recompute_contexts
+
     kwargs["use_reentrant"] = False  # reentrant checkpoint saves no inputs through hooks: nothing would offload
+    kwargs.setdefault("context_fn", recompute_contexts)  # patched MLPs skip work the recompute does not need
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         return checkpoint(function, *args, **kwargs)
 

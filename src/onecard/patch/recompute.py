@@ -1,0 +1,82 @@
+"""Tell patched modules when they run inside a checkpointed layer's *recompute*.
+
+Under gradient checkpointing a decoder layer runs forward twice: once for real, once in backward to rebuild the
+tensors its backward needs. In the second run nothing reads the layer's output, so an MLP whose output goes
+straight into the residual add (Llama, Mistral, Qwen2, Gemma) can skip its down projection there
+(kernels/lora_mlp.py ``skip_output``). Whether a forward is the recompute is not exposed by torch, but its
+non-reentrant checkpoint takes a ``context_fn`` returning two context managers, one entered around the first
+forward and one around the recompute (torch.utils.checkpoint docs, "context_fn"): the second one sets a
+thread-local flag here. transformers' decoder layers call ``self._gradient_checkpointing_func``; we wrap it per
+layer instance (revertibly, through the PatchHandle), the same hook train/offload.py uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+_STATE = threading.local()
+
+
+def in_recompute() -> bool:
+    return getattr(_STATE, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recomputing():
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+
+
+def recompute_contexts():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``."""
+    return contextlib.nullcontext(), _recomputing()
+
+
+def _marking(checkpoint_fn):
+    @functools.wraps(checkpoint_fn)
+    def checkpoint_marking_recompute(function, *args, **kwargs):
+        kwargs.setdefault("context_fn", recompute_contexts)
+        return checkpoint_fn(function, *args, **kwargs)
+
+    checkpoint_marking_recompute.onecard_marks_recompute = True
+    return checkpoint_marking_recompute
+
+
+def _is_offloaded(fn) -> bool:
+    """onecard's offloaded checkpoint forces use_reentrant=False itself (train/offload.py)."""
+    return getattr(fn, "__name__", "") == "offloaded_checkpoint"
+
+
+def _uses_reentrant(fn) -> bool:
+    keywords = getattr(fn, "keywords", None) or {}
+    if "context_fn" in keywords:  # already marks (train/model.py enable_grad_ckpt) or the caller's own
+        return True
+    return keywords.get("use_reentrant", True) is not False and not _is_offloaded(fn)
+
+
+def mark_recompute(base, handle) -> int:
+    """Wrap every checkpointed layer's checkpoint function of ``base`` so that its recompute sets
+    :func:`in_recompute`: for models checkpointed before the kernels were applied (onecard's own
+    ``enable_grad_ckpt`` and offloaded checkpoint pass :func:`recompute_contexts` themselves). Reentrant
+    checkpointing has no ``context_fn``: those layers are left alone. Returns how many layers were wrapped."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    n = 0
+    for module in base.modules():
+        if not (isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing):
+            continue
+        fn = module.__dict__.get("_gradient_checkpointing_func")
+        if fn is None or getattr(fn, "onecard_marks_recompute", False) or _uses_reentrant(fn):  # reentrant: no
+            # context_fn; a partial that has one already marks, or belongs to the caller
+            continue
+        module._gradient_checkpointing_func = _marking(fn)
+        handle.add_undo(functools.partial(setattr, module, "_gradient_checkpointing_func", fn))
+        n += 1
+    if n:
+        handle.patched["recompute_marks"] = handle.patched.get("recompute_marks", 0) + n
+    return n
