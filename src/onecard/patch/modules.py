@@ -1,10 +1,11 @@
 """Replacement forwards for transformers modules, bound per instance by ``apply_kernels``.
 
 Each function has the signature of the forward it replaces (transformers 5.17) and calls the pure
-ops in ``onecard.kernels``. Anything the fused op does not model (LoRA dropout > 0, DoRA, trainable or MLP
-biases, 8-bit base weights, several active adapters, merged adapters) takes the original forward. bitsandbytes
-4-bit (QLoRA) base layers are fused: the op dequantises them per use (kernels/lora_linear.py). Frozen
-attention biases (Qwen2's q/k/v) are fused.
+ops in ``onecard.kernels``. Anything the fused op does not model (LoRA dropout > 0, LoRA variants other than
+DoRA, trainable or MLP biases, 8-bit base weights, several active adapters, merged adapters, fan_in_fan_out)
+takes the original forward. bitsandbytes 4-bit (QLoRA) base layers are fused: the op dequantises them per use
+(kernels/lora_linear.py). Frozen attention biases (Qwen2's q/k/v) are fused. peft DoRA adapters are fused: the op
+takes the magnitude vector and recomputes the weight norm each forward, as peft does (kernels/lora_linear.py).
 """
 
 from __future__ import annotations
@@ -46,15 +47,16 @@ def _plain_weight(linear, allow_bias: bool = False) -> torch.Tensor | None:
 
 
 def projection_parts(proj, dtype, allow_bias: bool = False):
-    """(W, A, B, scale, bias) of a projection for the fused ops, or None when it cannot be fused.
+    """(W, A, B, scale, bias, magnitude) of a projection for the fused ops, or None when it cannot be fused.
 
-    Plain nn.Linear -> (W, None, None, 1, bias). peft LoRA Linear with one active vanilla adapter,
-    dropout 0, not merged, not disabled -> (W_base, A, B, scaling, bias), A/B cast to the compute dtype
-    (peft keeps adapters in fp32 on bf16 models; autograd casts their grads back).
+    Plain nn.Linear -> (W, None, None, 1, bias, None). peft LoRA Linear with one active vanilla or DoRA adapter,
+    dropout 0, not merged, not disabled -> (W_base, A, B, scaling, bias, magnitude), A/B cast to the compute
+    dtype (peft keeps adapters in fp32 on bf16 models; autograd casts their grads back). The DoRA magnitude
+    (None for vanilla LoRA) stays fp32: the op applies it as m/n - 1 in fp32 first (kernels/lora_linear.py).
     """
     if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
         w = _plain_weight(proj, allow_bias)
-        return None if w is None else (w, None, None, 1.0, proj.bias)
+        return None if w is None else (w, None, None, 1.0, proj.bias, None)
     base = getattr(proj, "base_layer", None)
     if base is None or not hasattr(proj, "lora_A"):
         return None
@@ -65,13 +67,27 @@ def projection_parts(proj, dtype, allow_bias: bool = False):
     if w is None:
         return None
     if name not in proj.lora_A:  # adapter not on this projection: frozen matmul only
-        return (w, None, None, 1.0, base.bias)
-    if name in getattr(proj, "lora_variant", {}) or not isinstance(proj.lora_dropout[name], torch.nn.Identity):
+        return (w, None, None, 1.0, base.bias, None)
+    if not isinstance(proj.lora_dropout[name], torch.nn.Identity):
+        return None
+    magnitude = _dora_magnitude(proj, name)
+    if magnitude is False:
         return None
     a, b = proj.lora_A[name], proj.lora_B[name]
     if getattr(b, "bias", None) is not None:
         return None
-    return (w, a.weight.to(dtype), b.weight.to(dtype), float(proj.scaling[name]), base.bias)
+    return (w, a.weight.to(dtype), b.weight.to(dtype), float(proj.scaling[name]), base.bias, magnitude)
+
+
+def _dora_magnitude(proj, name):
+    """None for a vanilla adapter, the magnitude parameter for a peft DoRA one on a Linear, False otherwise."""
+    variant = getattr(proj, "lora_variant", {}).get(name)
+    if variant is None:
+        return None
+    dora = getattr(proj, "lora_magnitude_vector", {})
+    if type(variant).__name__ != "DoraLinearVariant" or name not in dora or getattr(dora[name], "fan_in_fan_out", True):
+        return False
+    return dora[name].weight
 
 
 def _fusable(parts, dtype) -> bool:
