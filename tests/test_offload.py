@@ -156,6 +156,9 @@ def test_gpu_checkpoints_wait_in_pinned_host_memory(tmp_path, tiny_model_factory
         held_gpu[on] = torch.cuda.memory_allocated() - before
         stats = offload.stats()
         out.loss.backward()
+        torch.cuda.synchronize()
+        prefetched = offload.stats()["prefetched"]
+        assert prefetched == (config.num_hidden_layers - 1 if on else 0)  # every layer's input but the last's
         grads_by[on] = [p.grad.float() for p in model.parameters()]
         del out, model
     expected = config.num_hidden_layers * x.numel() * config.hidden_size * 2

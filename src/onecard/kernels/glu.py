@@ -86,11 +86,20 @@ def glu_forward(g: torch.Tensor, u: torch.Tensor, gelu: bool = False) -> torch.T
     return (a * u.to(a.dtype)).to(g.dtype)
 
 
-def glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, gelu: bool = False):
-    """(h, dg, du) from the upstream dh and the saved g, u: one pass, act(g) recomputed."""
+def glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, gelu: bool = False, inplace: bool = False):
+    """(h, dg, du) from the upstream dh and the saved g, u: one pass, act(g) recomputed.
+
+    ``inplace``: write h over dh, dg over g and du over u (each element is read before it is written, and
+    no two programs share an element), for callers that need none of the three afterwards: the fused
+    MLP's backward then holds 3 intermediate-sized tensors instead of 6 (Llama 3 8B, 16k tokens: 1.4 GB less
+    at the step's peak). The CPU reference path ignores it.
+    """
     if use_triton(dh, g, u) and g.dtype != torch.float64:
         dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
-        h, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(u)
+        if inplace:
+            h, dg, du = dh, g, u
+        else:
+            h, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(u)
         _glu_bwd[(triton.cdiv(g.numel(), _BLOCK),)](dh, g, u, h, dg, du, g.numel(), GELU=gelu, BLOCK=_BLOCK)
         return h, dg, du
     a, da = _act_reference(g, gelu)

@@ -96,7 +96,8 @@ class LoRAMLP(torch.autograd.Function):
         if ad is not None:
             dyb = dy2 @ bd
             dh.addmm_(dyb, ad, alpha=sd)
-        h, dg, du = glu_backward(dh, _rescaled(g_saved, mg, ng), _rescaled(u_saved, mu, nu), ctx.gelu)
+        # in place: dh, and g/u (saved for this backward alone; DoRA rebuilds them as new tensors) are overwritten
+        h, dg, du = glu_backward(dh, _rescaled(g_saved, mg, ng), _rescaled(u_saved, mu, nu), ctx.gelu, inplace=True)
         del dh
         dwd = dy2.t() @ h if n[9] else None
         dad = (dyb.t() @ h).mul_(sd) if (ad is not None and n[10]) else None

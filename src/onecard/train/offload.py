@@ -25,8 +25,11 @@ How (maintained mechanisms, one small piece by hand):
   ``non_blocking=True`` on a side stream (after waiting for the compute stream), the source tensor is kept from
   reuse with ``record_stream`` until the copy is done, and the compute stream waits on the copy's event only in
   backward, before the host-to-device copy (also ``non_blocking``, from pinned memory) -- the asynchronous copy
-  Unsloth's offloaded gradient checkpointing does, without replacing the checkpoint function itself. Backward does
-  not prefetch: the copy back runs on the compute stream just before the layer's recompute.
+  Unsloth's offloaded gradient checkpointing does, without replacing the checkpoint function itself.
+- Prefetch: backward unpacks the layers' inputs in the reverse of the order forward packed them, so when one is
+  unpacked the copy back of the one packed before it starts on the side stream (each held tensor keeps a weak
+  reference to its predecessor), overlapping that copy with this layer's recompute and backward. One extra layer
+  input is on the GPU at a time (128 MiB for Llama 3 8B at 16k tokens).
 - On the CPU there is nothing to offload: the tensor is kept as is (still counted, so the tests see the path).
 
 Works for anything transformers checkpoints layer by layer: peft-wrapped models (the layers are the same module
@@ -36,21 +39,24 @@ instances), onecard's patched kernels (they replace modules inside the layer, no
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 _STATS_LOCK = threading.Lock()
-_STATS: dict[str, Any] = {"tensors": 0, "bytes": 0, "pinned": 0, "live_bytes": 0, "held_on": set()}
+_STATS: dict[str, Any] = {"tensors": 0, "bytes": 0, "pinned": 0, "live_bytes": 0, "prefetched": 0, "held_on": set()}
 _SIDE_STREAMS: dict[Any, Any] = {}
+_LAST_PACKED: dict[Any, Any] = {}  # device -> weakref to the _Held packed last (the next one's predecessor)
 
 
 def reset_stats() -> None:
     with _STATS_LOCK:
-        _STATS.update(tensors=0, bytes=0, pinned=0, live_bytes=0, held_on=set())
+        _STATS.update(tensors=0, bytes=0, pinned=0, live_bytes=0, prefetched=0, held_on=set())
 
 
 def stats() -> dict[str, Any]:
     """Counters since :func:`reset_stats`: tensors and bytes offloaded, how many pinned, the devices they were held
-    on, and ``live_bytes`` -- bytes held on the host right now (offloaded, not yet released by backward)."""
+    on, ``live_bytes`` -- bytes held on the host right now (offloaded, not yet released by backward) -- and
+    ``prefetched``, copies back started ahead of their layer's backward."""
     with _STATS_LOCK:
         return {**_STATS, "held_on": sorted(_STATS["held_on"])}
 
@@ -61,10 +67,12 @@ class _Held:
     Its lifetime is the saved tensor's (autograd drops it when the graph is freed), which ``live_bytes`` tracks.
     """
 
-    __slots__ = ("device", "host", "event", "nbytes")
+    __slots__ = ("device", "host", "event", "nbytes", "prev", "prefetched", "__weakref__")
 
     def __init__(self, device, host, event, nbytes: int) -> None:
         self.device, self.host, self.event, self.nbytes = device, host, event, nbytes
+        self.prev = None  # weakref to the _Held packed just before this one on the same device
+        self.prefetched = None  # (device tensor, event) once its copy back has been started early
         with _STATS_LOCK:
             _STATS["tensors"] += 1
             _STATS["bytes"] += nbytes
@@ -100,7 +108,20 @@ def _pack(tensor):
         host.copy_(tensor, non_blocking=True)
         event = side.record_event()
     tensor.record_stream(side)  # its memory is not reused until the copy above has read it
-    return _Held(tensor.device, host, event, nbytes)
+    held = _Held(tensor.device, host, event, nbytes)
+    held.prev = _LAST_PACKED.get(tensor.device)
+    _LAST_PACKED[tensor.device] = weakref.ref(held)
+    return held
+
+
+def _copy_back(held, stream):
+    """Start ``held``'s host-to-device copy on ``stream``; returns (device tensor, event marking it done)."""
+    import torch
+
+    with torch.cuda.stream(stream):
+        stream.wait_event(held.event)  # its device-to-host copy has finished
+        tensor = held.host.to(held.device, non_blocking=True)
+        return tensor, stream.record_event()
 
 
 def _unpack(held):
@@ -110,8 +131,20 @@ def _unpack(held):
         return held
     if held.device is None:
         return held.host
-    torch.cuda.current_stream(held.device).wait_event(held.event)
-    return held.host.to(held.device, non_blocking=True)
+    compute = torch.cuda.current_stream(held.device)
+    if held.prefetched is None:
+        tensor, event = _copy_back(held, compute)
+    else:
+        tensor, event = held.prefetched
+        held.prefetched = None
+        compute.wait_event(event)
+        tensor.record_stream(compute)  # allocated on the side stream, used and freed on this one
+    prev = held.prev() if held.prev is not None else None
+    if prev is not None and prev.prefetched is None and prev.device == held.device:
+        prev.prefetched = _copy_back(prev, _side_stream(held.device))
+        with _STATS_LOCK:
+            _STATS["prefetched"] += 1
+    return tensor
 
 
 def offloaded_checkpoint(function, *args, **kwargs):
