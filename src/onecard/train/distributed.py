@@ -106,37 +106,23 @@ def launch(recipe_path: Path, overrides: list[str], num_gpus: int, flags: list[s
 
 
 def launch_env(strategy: str, cpu: bool, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The workers' environment: the parent's, plus the strategy, the CPU switch, onecard's source on the path and,
-    on GPUs, PyTorch's expandable-segments allocator unless the user configured the allocator."""
+    """The workers' environment: the parent's, plus the strategy, the CPU switch and onecard's source on the path.
+
+    The allocator is left as the user set it. PyTorch's expandable segments were tried against FSDP's
+    fragmentation and measured worse: the 70B QLoRA FSDP probe on 2 x H200 reserved 35.55 GiB with
+    ``expandable_segments:True`` and 32.96 GiB without, for the same 29.54 GiB allocated peak
+    (bench/results/h200x2-multigpu.jsonl)."""
     env = dict(os.environ if base is None else base)
     env[STRATEGY_ENV] = strategy
     if cpu:
         env[CPU_ENV] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")
-    else:
-        set_expandable_segments(env)
     src = str(Path(__file__).resolve().parents[2])  # the workers import the same onecard, installed or not
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
-ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the older name, and torch >= 2.9's
-
-
-def set_expandable_segments(env) -> bool:
-    """``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` in ``env`` (os.environ or a dict) unless either allocator
-    variable is already set (the user's choice wins); True when it was set here.
-
-    Why: FSDP all-gathers each unit's full weights before its forward and backward and frees them after, blocks of
-    different sizes on every unit; the caching allocator's fixed segments fragment under that churn. The 70B QLoRA
-    FSDP probe on 2 x H200 reserved 32.96 GiB for a 29.54 GiB allocated peak (bench/results/h200x2-multigpu.jsonl).
-    Expandable segments grow one mapping instead (PyTorch docs, "CUDA memory management", expandable_segments).
-    Must be in the environment before CUDA initialises: the allocator reads it once.
-    """
-    if any(env.get(name) for name in ALLOC_CONF_ENVS):
-        return False
-    env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    return True
+ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the older name, and torch >= 2.9's (recorded)
 
 
 # --------------------------------------------------------------------------- inside each rank

@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="append one JSON line per rank here")
     args = ap.parse_args(argv)
     os.environ[D.STRATEGY_ENV] = args.strategy
-    D.set_expandable_segments(os.environ)  # as `onecard train --num-gpus N` workers get it; before CUDA starts
     cfg = BenchConfig(model=args.model, method=args.method, seq=args.seq, micro_batch=args.batch, rank=args.rank,
                       grad_ckpt=True, kernels="none")
     tree = cfg.recipe_tree()
