@@ -145,6 +145,7 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
+    from onecard.bench.report_kernels import kernels_section, render_kernels  # issue 6's targets
     from onecard.bench.report_multigpu import multigpu_section, render_multigpu  # issue 9's 2-GPU rows
 
     records = load_records()
@@ -153,11 +154,13 @@ def main() -> None:
     payload = {"versions": next(r["versions"] for r in records if r.get("device") == "cuda"),
                "dates": sorted({r["date"][:10] for r in records if r.get("date")}),
                "epoch_samples": EPOCH_SAMPLES, "measured": measured, "rtx4090": rtx4090_rows(records),
-               "claims": claims(records), "multigpu": multigpu_section(records)}
+               "claims": claims(records), "multigpu": multigpu_section(records),
+               "kernels": kernels_section(records)}
     (DOCS / "benchmarks.json").write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
     from onecard.bench.report_md import render
 
-    (DOCS / "benchmarks.md").write_text(render(payload) + render_multigpu(payload["multigpu"]), encoding="utf-8")
+    (DOCS / "benchmarks.md").write_text(render(payload) + render_kernels(payload["kernels"])
+                                        + render_multigpu(payload["multigpu"]), encoding="utf-8")
     print(f"wrote {DOCS / 'benchmarks.md'} and benchmarks.json ({len(measured)} measured rows)")
 
 
