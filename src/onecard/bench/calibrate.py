@@ -36,12 +36,35 @@ def kbit_upcast(rec: dict[str, Any], prefix: str = "") -> bool:
     return rec.get("method") == "qlora" and bool(rec.get(f"{prefix}kbit_upcast", True))
 
 
-def superseded(rec: dict[str, Any], prefix: str = "") -> bool:
-    """The onecard half of an upcast QLoRA record: a code path onecard no longer runs (train/model.py prepare_kbit
-    casts back to bf16 since the second H200 run, bench/results/h200-r2.jsonl). Kept in the raw results, left out
-    of calibration and of the planner checks. Plain transformers + peft halves keep the upcast and stay valid."""
+# The first H200 run with onecard's current kernel set (bench/results/h200-k2.jsonl): the fused LoRA q/k/v/o
+# projections, the MLP's down projection skipped in the checkpoint's recompute, the in-place GLU backward and DoRA
+# through the fused ops. onecard-kernel rows measured before it timed code onecard no longer runs.
+KERNELS_SINCE = "2026-11-28T17:19"
+# Offloaded checkpoints whose prefetch buffer is allocated on the compute stream (train/offload.py _copy_back);
+# the run before (h200-k2.jsonl) allocated it on the side stream, which left 3.5 GiB reserved but unused.
+OFFLOAD_SINCE = "2026-11-28T17:24"
+
+
+def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
+    """Why the onecard half of a record no longer describes what onecard runs, or None. Kept in the raw results,
+    such rows are left out of calibration and of the planner checks. Plain transformers + peft halves stay valid.
+
+    - fp32-upcast QLoRA: train/model.py prepare_kbit casts back to bf16 since the second H200 run (h200-r2.jsonl);
+    - older kernels: measured before :data:`KERNELS_SINCE`; offloaded checkpoints before :data:`OFFLOAD_SINCE`."""
     kernels = rec.get(f"{prefix}kernels_applied") or "none"
-    return kernels != "none" and kbit_upcast(rec, prefix)
+    if kernels == "none":
+        return None
+    if kbit_upcast(rec, prefix):
+        return "fp32-upcast QLoRA"
+    if kernels == "onecard" and str(rec.get("date", "")) < KERNELS_SINCE:
+        return "earlier onecard kernels"
+    if rec.get("offload_activations") and not prefix and str(rec.get("date", "")) < OFFLOAD_SINCE:
+        return "earlier offload prefetch"
+    return None
+
+
+def superseded(rec: dict[str, Any], prefix: str = "") -> bool:
+    return superseded_reason(rec, prefix) is not None
 
 
 def row_id(rec: dict[str, Any], kernels: str, baseline: bool = False) -> str:
@@ -84,15 +107,25 @@ def measurement_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def split(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(calibration, held_out): every third row (indices 1, 4, 7...) of each method+kernels group, by id."""
+    """(calibration, held_out): every third row (indices 1, 4, 7...) of each method+kernels group, by id; then, while
+    fewer than a third are held out (groups of one row hold none back), the last calibration row of the group with
+    the most calibration rows, as long as that group keeps two."""
+    import math
+
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in sorted(rows, key=lambda r: r["id"]):
         groups.setdefault((row["method"], row["kernels"]), []).append(row)
-    calib, held = [], []
-    for members in groups.values():
+    calib: dict[tuple, list[dict[str, Any]]] = {}
+    held: list[dict[str, Any]] = []
+    for key, members in groups.items():
         for i, row in enumerate(members):
-            (held if i % 3 == 1 else calib).append(row)
-    return calib, held
+            (held if i % 3 == 1 else calib.setdefault(key, [])).append(row)
+    while len(held) < math.ceil(len(rows) / 3):
+        key = max(sorted(calib), key=lambda k: len(calib[k]))
+        if len(calib[key]) <= 2:
+            break
+        held.append(calib[key].pop())
+    return [r for key in groups for r in calib.get(key, [])], held
 
 
 def write_profile(rows: list[dict[str, Any]], profile_path: str | Path) -> dict[str, Any]:

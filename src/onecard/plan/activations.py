@@ -71,7 +71,11 @@ def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets,
         fused_lora = kernels == "onecard"
         trainable = _lora_inputs(shape, targets, shared=fused_lora, elem_bytes=BF16 if fused_lora else FP32)
         trainable += FP32 * rank * sum(1 for name, _, _ in shape.linear_layers_per_block() if name in targets)
-        if method == "dora":
+        if method == "dora" and fused_lora:  # onecard's fused DoRA saves each projection's pre-scale output z;
+            # for gate/up it replaces the saved output (kernels/lora_mlp.py), so only the others add
+            trainable += BF16 * sum(n_out for name, _, n_out in shape.linear_layers_per_block()
+                                    if name in targets and name not in ("gate_proj", "up_proj"))
+        elif method == "dora":
             outs = sum(n_out for name, _, n_out in shape.linear_layers_per_block() if name in targets)
             trainable += (BF16 + FP32) * outs
     return norms + attention + mlp + trainable
@@ -82,10 +86,12 @@ def checkpoint_bytes_per_token(shape: ModelShape, act_bytes: int = BF16) -> int:
     return act_bytes * shape.hidden_size
 
 
-def backward_transient_bytes_per_token(shape: ModelShape, act_bytes: int = BF16) -> int:
+def backward_transient_bytes_per_token(shape: ModelShape, act_bytes: int = BF16, kernels: str = "none") -> int:
     """Gradient tensors alive at once inside one block's backward: the residual-stream grad (h) and, at the MLP,
-    the grads of gate, up and their product (3 x i), all bf16. A rough upper envelope; calibrate against traces."""
-    return act_bytes * (2 * shape.hidden_size + 3 * shape.intermediate_size)
+    the grads of gate, up and their product (3 x i), all bf16. A rough upper envelope; calibrate against traces.
+    onecard's fused MLP writes h, dg and du over dh, g and u (kernels/glu.py ``inplace``): only dh (i) is new."""
+    mlp = 1 if kernels == "onecard" else 3
+    return act_bytes * (2 * shape.hidden_size + mlp * shape.intermediate_size)
 
 
 def head_activation_bytes_per_token(shape: ModelShape, kernels: str, act_bytes: int = BF16) -> int:
@@ -122,12 +128,15 @@ def logits_ce_bytes(shape: ModelShape, tokens: int, *, fused_ce: bool, logits_by
     return held + 3 * FP32 * tokens * v
 
 
-def workspace_bytes(shape: ModelShape, method: str, targets) -> int:
+def workspace_bytes(shape: ModelShape, method: str, targets, kernels: str = "none") -> int:
     """cuBLAS/cuBLASLt workspace (torch allocates it from its caching allocator: 32 MiB on Hopper, less elsewhere)
     plus matmul temporaries; DoRA also materialises W + s*B@A (fp32, out x in) of the largest target in forward to
-    take its column norm (peft lora/dora.py get_weight_norm), a transient the size of that weight."""
+    take its column norm (peft lora/dora.py get_weight_norm), a transient the size of that weight. onecard's fused
+    DoRA builds it 64 MiB of fp32 rows at a time (kernels/lora_linear.py dora_norm): the block and its addmm output."""
     ws = 64 * 2**20
-    if method == "dora":
+    if method == "dora" and kernels == "onecard":
+        ws += 2 * 64 * 2**20
+    elif method == "dora":
         ws += max((FP32 * n_in * n_out for name, n_in, n_out in shape.linear_layers_per_block() if name in targets),
                   default=0) * 2
     return ws

@@ -144,7 +144,7 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits)
     held = 0 if p.fused_ce or not p.hold_logits else logits_bytes * tokens * shape.vocab_size
     recompute = (layer_tok if p.grad_ckpt else 0) * tokens
-    block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes) * tokens + held
+    block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes, p.kernels) * tokens + held
     # Gradients fill in during backward (zero_grad(set_to_none) frees them every step), so they are a per-phase
     # term, not static (bench calibration, issue 5: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%
     # high when all gradients sat beside the logits). At the logits phase only the LM head's gradient exists (the
@@ -238,7 +238,7 @@ def _reference_pass_bytes(p: PlanInputs, layer_tok: int, logits_bytes: int) -> i
 
 
 def _workspace(p: PlanInputs) -> int:
-    ws = act.workspace_bytes(p.shape, p.method, p.targets)
+    ws = act.workspace_bytes(p.shape, p.method, p.targets, p.kernels)
     if p.num_gpus > 1:  # FSDP all-gathers one block's full bf16 parameters, with one block prefetched
         ws += 2 * p.shape.params_per_layer() * p.dtype_bytes
     return ws

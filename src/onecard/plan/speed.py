@@ -154,11 +154,13 @@ def extrapolate(eff: float, ref: GPU, card: GPU, memory_bound_share: float) -> f
 
 
 def _score(m: Measurement, cfg: dict) -> tuple:
-    """Closer configurations sort first: same micro-batch, same model, same checkpointing, same seq."""
+    """Closer configurations sort first: same micro-batch, same model, same checkpointing, same seq. Between two
+    micro-batches equally far off (b1 and b4 for b2), the larger: a small micro-batch's rate carries host overhead
+    (layer_overhead_s) that the device efficiency should not inherit."""
     import math
 
-    return (abs(math.log(m.micro_batch / cfg["micro_batch"])), m.model != cfg["model"],
-            m.grad_ckpt != cfg["grad_ckpt"], abs(math.log(m.seq_len / cfg["seq_len"])))
+    return (abs(math.log(m.micro_batch / cfg["micro_batch"])), m.micro_batch < cfg["micro_batch"],
+            m.model != cfg["model"], m.grad_ckpt != cfg["grad_ckpt"], abs(math.log(m.seq_len / cfg["seq_len"])))
 
 
 def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str, str, Measurement | None]:

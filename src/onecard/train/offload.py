@@ -115,12 +115,22 @@ def _pack(tensor):
 
 
 def _copy_back(held, stream):
-    """Start ``held``'s host-to-device copy on ``stream``; returns (device tensor, event marking it done)."""
+    """Start ``held``'s host-to-device copy on ``stream``; returns (device tensor, event marking it done).
+
+    The device tensor is allocated on the *compute* stream either way: a block allocated on the side stream
+    would sit in that stream's pool of the caching allocator, and the compute stream could not reuse it after
+    it is freed (measured: 21.76 GiB reserved for 18.27 allocated on Llama 3 8B b8, against ~1.3 GiB of slack
+    without prefetch). The side stream first waits for the compute work queued so far, which may still be
+    using the block's previous contents."""
     import torch
 
+    compute = torch.cuda.current_stream(held.device)
+    tensor = torch.empty(held.host.shape, dtype=held.host.dtype, device=held.device)
+    if stream is not compute:
+        stream.wait_stream(compute)
     with torch.cuda.stream(stream):
         stream.wait_event(held.event)  # its device-to-host copy has finished
-        tensor = held.host.to(held.device, non_blocking=True)
+        tensor.copy_(held.host, non_blocking=True)
         return tensor, stream.record_event()
 
 
@@ -138,7 +148,6 @@ def _unpack(held):
         tensor, event = held.prefetched
         held.prefetched = None
         compute.wait_event(event)
-        tensor.record_stream(compute)  # allocated on the side stream, used and freed on this one
     prev = held.prev() if held.prev is not None else None
     if prev is not None and prev.prefetched is None and prev.device == held.device:
         prev.prefetched = _copy_back(prev, _side_stream(held.device))
