@@ -132,7 +132,8 @@ def make_attention_forward(sliding_window: str | None):
         eager = sys.modules[type(self).__module__].eager_attention_forward
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in _project(hidden_states, (self.q_proj, self.k_proj, self.v_proj)))
+        qkv = _project(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in qkv)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin)
         if past_key_values is not None:
