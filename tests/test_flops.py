@@ -129,3 +129,40 @@ def test_six_n_rule_and_causal_attention_on_a_real_shape():
     assert 4 * p_matmul < lora.total_per_token < 8 * p_matmul
     assert set(lora.as_dict()["terms"]) >= {"forward_matmul", "backward_input_grads", "recompute_forward",
                                             "forward_attention", "lora_forward", "lora_backward"}
+
+
+def test_onecard_kernels_recompute_skips_the_down_projection_as_planned():
+    """With onecard's fused LoRA ops and checkpointing, PyTorch counts exactly the planner's onecard terms: the
+    recompute leaves out the whole down projection (and its adapter), forward and backward are unchanged."""
+    import peft
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode, mm_flop
+
+    from onecard.kernels._triton import reference_only
+    from onecard.patch import apply_kernels
+    from onecard.tiny import tiny_config
+
+    cfg = tiny_config("llama", vocab_size=320)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, target_modules=ALL7))
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    handle = apply_kernels(model, "onecard", fused_loss=False)  # the fused loss moves the head's backward forward
+    assert handle.patched.get("recompute_marks") == cfg.num_hidden_layers
+    ids = torch.randint(0, 320, (BATCH, SEQ))
+    # the fused ops accumulate with in-place addmm_, which FlopCounterMode (torch 2.13) has no formula for
+    inplace = {torch.ops.aten.addmm_: lambda s, a, b, *args, out_shape=None, **kw: mm_flop(a, b)}
+    with reference_only():
+        with FlopCounterMode(display=False, custom_mapping=inplace) as fwd:
+            loss = model(input_ids=ids, labels=ids).loss
+        with FlopCounterMode(display=False, custom_mapping=inplace) as bwd:
+            loss.backward()
+    total = sum(sum(c.get_flop_counts()["Global"].values()) for c in (fwd, bwd))
+    shape = ModelShape.from_config(cfg.to_dict(), id="tiny-llama")
+    kw = dict(method="lora", seq_len=SEQ, micro_batch=BATCH, rank=RANK, targets=ALL7, grad_ckpt=True, attention="eager")
+    onecard = flops_per_token(shape, kernels="onecard", **kw)
+    plain = flops_per_token(shape, **kw)
+    rotary = 2 * (shape.head_dim_ // 2) * SEQ
+    assert total == pytest.approx(onecard.matmul_per_token * BATCH * SEQ + rotary, rel=1e-9)
+    assert onecard.matmul_per_token < plain.matmul_per_token

@@ -122,12 +122,14 @@ def flops_per_token(
     attention: str = "flash",
     embeddings_need_grad: bool | None = None,
     lora_dropout: float = 0.0,
+    kernels: str = "none",
 ) -> FlopsBreakdown:
     """The FLOPs of one trained token for ``method`` in lora | qlora | dora | full (terms in the module docstring).
 
     ``attention``: "flash" (causal kernels: sdpa on GPU, flash_attention_2, flex) or "eager" (full square).
     ``embeddings_need_grad``: default True for full fine-tuning (trainable embeddings) and under checkpointing
     (transformers makes the embedding output require grad then); False otherwise.
+    ``kernels``: "onecard" changes what the checkpoint's recompute runs (_recompute_skipped_per_layer).
     """
     if method not in ("lora", "qlora", "dora", "full"):
         raise ValueError(f"unknown method {method!r}")
@@ -167,7 +169,7 @@ def flops_per_token(
     passes = 2 if grad_ckpt else 1  # forward passes over the decoder blocks
     eye = layers * sum(2.0 * i * i * rank + 2.0 * i * rank * o for _, i, o in tgt) if method == "dora" else 0.0
     if grad_ckpt:
-        skipped, what = _recompute_skipped_per_layer(shape, method, tgt, rank)
+        skipped, what = _recompute_skipped_per_layer(shape, method, tgt, rank, kernels)
         terms += [
             FlopsTerm("recompute_forward", 2.0 * (p_layers + p_lora - layers * skipped) + eye / tokens_mb, MATMUL,
                       "backward", f"2 x (P_layers + P_lora - L x {what}) (+ DoRA's B A per step): blocks only, "
@@ -198,7 +200,8 @@ def flops_per_token(
     )
 
 
-def _recompute_skipped_per_layer(shape: ModelShape, method: str, tgt, rank: int) -> tuple[int, str]:
+def _recompute_skipped_per_layer(shape: ModelShape, method: str, tgt, rank: int,
+                                 kernels: str = "none") -> tuple[int, str]:
     """Weights per block whose matmul the recompute does *not* re-run, and a label.
 
     torch.utils.checkpoint (non-reentrant, early stop on by default) re-runs a block only until every tensor the
@@ -206,13 +209,25 @@ def _recompute_skipped_per_layer(shape: ModelShape, method: str, tgt, rank: int)
     down_proj (or, when down_proj carries LoRA, its lora_B -- the base runs because lora_A after it saves x).
     DoRA's final elementwise scale saves the LoRA output, so nothing is skipped. Measured with FlopCounterMode on
     tiny llama models (tests/test_flops.py) with torch 2.13 / transformers 5.17 / peft 0.21.
+    onecard's fused MLP skips the down projection's base and lora_B matmuls in the recompute (patch/recompute.py),
+    in families whose MLP output goes straight into the residual; not a DoRA down projection (its z is saved).
     """
     down = [(i, o) for n, i, o in tgt if n == "down_proj"]
+    if kernels == "onecard" and method != "dora" and _mlp_feeds_residual(shape):
+        lora_b = rank * down[0][1] if down else 0  # h A_d^T still runs: it is saved for B_d's gradient
+        return shape.intermediate_size * shape.hidden_size + lora_b, "P_down (+ its lora_B; onecard's fused MLP)"
     if method == "dora":
         return 0, "0"
     if down:
         return rank * down[0][1], "r x hidden (down_proj lora_B)"
     return shape.intermediate_size * shape.hidden_size, "P_down"
+
+
+def _mlp_feeds_residual(shape: ModelShape) -> bool:
+    from onecard.patch.families import FAMILY_KERNELS  # pure data: which families get the recompute skip
+
+    spec = FAMILY_KERNELS.get(shape.model_type)
+    return spec is not None and spec.mlp_feeds_residual
 
 
 def lora_targets_for(recipe, shape: ModelShape) -> list[str]:
@@ -238,6 +253,7 @@ def flops_for_recipe(recipe, shape: ModelShape | None = None, *, grad_ckpt: bool
                      method: str | None = None) -> FlopsBreakdown:
     """:func:`flops_per_token` with the recipe's settings (``method``/``grad_ckpt`` override for what-ifs)."""
     from onecard.catalog.models import resolve_shape
+    from onecard.plan.inputs import resolve_kernels
 
     shape = shape or resolve_shape(recipe.model.name_or_path)
     attn = "eager" if recipe.model.attn_implementation == "eager" else "flash"
@@ -246,5 +262,5 @@ def flops_for_recipe(recipe, shape: ModelShape | None = None, *, grad_ckpt: bool
         micro_batch=recipe.training.micro_batch_size, rank=recipe.adapter.rank,
         targets=lora_targets_for(recipe, shape), attention=attn,
         grad_ckpt=recipe.training.grad_ckpt if grad_ckpt is None else grad_ckpt,
-        lora_dropout=recipe.adapter.dropout,
+        lora_dropout=recipe.adapter.dropout, kernels=resolve_kernels(recipe.training.kernels, shape),
     )

@@ -142,7 +142,8 @@ def measurement_efficiency(m: Measurement, gpu: GPU) -> float:
 
     shape = resolve_shape(m.model)
     fl = flops_per_token(shape, method=m.method, seq_len=m.seq_len, micro_batch=m.micro_batch, rank=m.rank,
-                         targets=None if m.targets == "all-linear" else m.targets.split(","), grad_ckpt=m.grad_ckpt)
+                         targets=None if m.targets == "all-linear" else m.targets.split(","), grad_ckpt=m.grad_ckpt,
+                         kernels=KERNEL_CLASS.get(m.kernels, m.kernels))
     return m.tokens_per_s * fl.matmul_per_token / (gpu.bf16_dense_tflops * 1e12)
 
 
@@ -214,7 +215,7 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     seq = seq_len or inp.seq_len
     fl = flops_per_token(shape, method=method, seq_len=seq, micro_batch=inp.micro_batch, rank=inp.rank,
                          targets=inp.targets, grad_ckpt=ckpt, attention="eager" if inp.attn == "eager" else "flash",
-                         lora_dropout=lora_dropout)
+                         lora_dropout=lora_dropout, kernels=inp.kernels)
     compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt)
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
@@ -288,7 +289,7 @@ def claim_check(inp, claim_tokens_per_s: float, *, seq_len: int | None = None) -
     best = min(ceilings(fl, inp.gpu, inp.shape, inp.method, False))
     own_fl = flops_per_token(inp.shape, method=inp.method, seq_len=seq, micro_batch=inp.micro_batch, rank=inp.rank,
                              targets=inp.targets, grad_ckpt=inp.grad_ckpt,
-                             attention="eager" if inp.attn == "eager" else "flash")
+                             attention="eager" if inp.attn == "eager" else "flash", kernels=inp.kernels)
     own = min(ceilings(own_fl, inp.gpu, inp.shape, inp.method, inp.grad_ckpt))
     factor = claim_tokens_per_s / best
     needed_tflops = claim_tokens_per_s * fl.matmul_per_token / 1e12
