@@ -173,8 +173,9 @@ class LoRAProjections(torch.autograd.Function):
         return (dx, None, *grads)
 
 
-def _unpack(p):
-    """(W, A, B, scale[, bias[, magnitude]]) -> (W, A, B, scale, bias, magnitude)."""
+def unpack_parts(p):
+    """(W, A, B, scale[, bias[, magnitude]]) -> (W, A, B, scale, bias, magnitude): the projection tuples the fused
+    ops take (patch/modules.py projection_parts builds them)."""
     w, a, b, s = p[:4]
     return w, a, b, s, (p[4] if len(p) > 4 else None), (p[5] if len(p) > 5 else None)
 
@@ -184,7 +185,7 @@ def lora_projections(x, parts):
     magnitude None unless DoRA; returns the outputs."""
     flat, scales = [], []
     for p in parts:
-        w, a, b, s, bias, m = _unpack(p)
+        w, a, b, s, bias, m = unpack_parts(p)
         flat += [w, bias, a, b, m]
         scales.append(float(s))
     return LoRAProjections.apply(x, tuple(scales), *flat)
@@ -194,7 +195,7 @@ def lora_projections_reference(x, parts):
     """Plain autograd over the same algebra (what peft computes with dropout 0): DoRA as written in peft."""
     outs = []
     for p in parts:
-        w, a, b, s, bias, m = _unpack(p)
+        w, a, b, s, bias, m = unpack_parts(p)
         wd = dense(w, x.dtype)
         y = x @ wd.t()
         lora = None if a is None else s * ((x @ a.t()) @ b.t())

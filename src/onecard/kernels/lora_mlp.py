@@ -36,7 +36,7 @@ import torch
 
 from .glu import glu_backward, glu_forward
 from .lora_linear import (dense, dora_backward, dora_lin, dora_scale_minus_one, is_quantized, keep_for_backward, lin,
-                          lin_backward, restore_weights)
+                          lin_backward, restore_weights, unpack_parts)
 
 __all__ = ["lora_mlp", "lora_mlp_reference", "dense", "is_quantized"]
 
@@ -46,8 +46,7 @@ def _project(x, w, a, b, s, m):
     if m is None:
         out, xa = lin(x, w, a, b, s)
         return out, xa, out, None
-    out, xa, z, n = dora_lin(x, w, a, b, s, m)
-    return out, xa, z, n
+    return dora_lin(x, w, a, b, s, m)
 
 
 def _rescaled(saved, m, n):
@@ -118,10 +117,6 @@ def _out_features(w) -> int:
     return int(w.quant_state.shape[0]) if is_quantized(w) else int(w.shape[0])
 
 
-def _magnitude(p):
-    return p[5] if len(p) > 5 else None
-
-
 def lora_mlp(x, gate, up, down, gelu: bool = False, skip_output: bool = False):
     """Fused gated MLP. ``gate``/``up``/``down``: (W, A, B, scale[, bias (must be None)[, magnitude]]) with
     A = B = None where no adapter and magnitude None unless DoRA.
@@ -133,10 +128,10 @@ def lora_mlp(x, gate, up, down, gelu: bool = False, skip_output: bool = False):
     recomputed GEMM, a quarter of the layer's recompute FLOPs on Llama 3 8B (patch/recompute.py). A DoRA down
     projection still runs (its pre-scale output is saved for the magnitude's gradient).
     """
-    for p in (gate, up, down):
-        assert len(p) < 5 or p[4] is None, "the fused MLP takes no biases"
-    return LoRAMLP.apply(x, *gate[:3], _magnitude(gate), *up[:3], _magnitude(up), *down[:3], _magnitude(down),
-                         float(gate[3]), float(up[3]), float(down[3]), bool(gelu), bool(skip_output))
+    (wg, ag, bg, sg, cg, mg), (wu, au, bu, su, cu, mu), (wd, ad, bd, sd, cd, md) = map(unpack_parts, (gate, up, down))
+    assert cg is None and cu is None and cd is None, "the fused MLP takes no biases"
+    return LoRAMLP.apply(x, wg, ag, bg, mg, wu, au, bu, mu, wd, ad, bd, md, float(sg), float(su), float(sd),
+                         bool(gelu), bool(skip_output))
 
 
 def lora_mlp_reference(x, gate, up, down, gelu: bool = False):
@@ -144,7 +139,7 @@ def lora_mlp_reference(x, gate, up, down, gelu: bool = False):
     from .lora_linear import lora_projections_reference
 
     def lin(t, p):
-        return lora_projections_reference(t, [(*p[:4], None, _magnitude(p))])[0]
+        return lora_projections_reference(t, [p])[0]
 
     g, u = lin(x, gate), lin(x, up)
     act = torch.nn.functional.gelu(g, approximate="tanh") if gelu else torch.nn.functional.silu(g)

@@ -47,16 +47,15 @@ def _marking(checkpoint_fn):
     return checkpoint_marking_recompute
 
 
-def _is_offloaded(fn) -> bool:
-    """onecard's offloaded checkpoint forces use_reentrant=False itself (train/offload.py)."""
-    return getattr(fn, "__name__", "") == "offloaded_checkpoint"
-
-
-def _uses_reentrant(fn) -> bool:
+def _needs_marking(fn) -> bool:
+    """A non-reentrant checkpoint function that does not mark the recompute itself: ``partial(checkpoint,
+    use_reentrant=False)`` without a ``context_fn``. onecard's own (train/model.py enable_grad_ckpt's partial,
+    train/offload.py's offloaded_checkpoint, this module's wrapper) already mark it; reentrant checkpointing has no
+    ``context_fn``; a caller's own ``context_fn`` is left alone."""
+    if fn is None or getattr(fn, "onecard_marks_recompute", False):
+        return False
     keywords = getattr(fn, "keywords", None) or {}
-    if "context_fn" in keywords:  # already marks (train/model.py enable_grad_ckpt) or the caller's own
-        return True
-    return keywords.get("use_reentrant", True) is not False and not _is_offloaded(fn)
+    return "context_fn" not in keywords and keywords.get("use_reentrant", True) is False
 
 
 def mark_recompute(base, handle) -> int:
@@ -71,8 +70,7 @@ def mark_recompute(base, handle) -> int:
         if not (isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing):
             continue
         fn = module.__dict__.get("_gradient_checkpointing_func")
-        if fn is None or getattr(fn, "onecard_marks_recompute", False) or _uses_reentrant(fn):  # reentrant: no
-            # context_fn; a partial that has one already marks, or belongs to the caller
+        if not _needs_marking(fn):
             continue
         module._gradient_checkpointing_func = _marking(fn)
         handle.add_undo(functools.partial(setattr, module, "_gradient_checkpointing_func", fn))

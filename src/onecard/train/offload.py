@@ -169,6 +169,9 @@ def offloaded_checkpoint(function, *args, **kwargs):
         return checkpoint(function, *args, **kwargs)
 
 
+offloaded_checkpoint.onecard_marks_recompute = True  # passes recompute_contexts itself (patch/recompute.py)
+
+
 def enable_offloaded_checkpointing(model) -> int:
     """Point every checkpointed transformers layer of ``model`` at :func:`offloaded_checkpoint`; returns how many.
 
