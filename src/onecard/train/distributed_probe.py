@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from onecard.bench.config import BenchConfig
+    from onecard.bench.run import versions as bench_versions  # the same record onecard bench rows carry
     from onecard.train import distributed as D
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
            "strategy": dist.strategy, "seq": args.seq, "batch": args.batch, "command": " ".join(sys.argv),
            "weights_gib_before_wrap": before / GIB, "weights_gib_after_wrap": after / GIB,
            "alloc_conf": {k: os.environ.get(k) for k in D.ALLOC_CONF_ENVS if os.environ.get(k)},
-           "versions": _versions()}
+           "versions": bench_versions()}
     row.update(_steps(dist, model, recipe, cfg, args.steps))
     row.update(_prediction(recipe, dist.strategy))
     row["peak_vs_plan"] = row["peak_reserved_gib"] / row["predicted_reserved_gib"]
@@ -138,21 +139,6 @@ def _prediction(recipe, strategy: str) -> dict:
     weights = plan.component("weights")
     return {"predicted_reserved_gib": plan.allocator_bytes / GIB, "predicted_weights_gib": weights.gib,
             "predicted_verdict": plan.verdict, "plan_gpu": recipe.plan.gpu, "planned_num_gpus": planned_gpus}
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda,
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    for name in ("transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 if __name__ == "__main__":
