@@ -14,6 +14,11 @@ random tokens; and writes one JSON line per rank: the weight bytes on this GPU b
 reserved memory of the steps, and the planner's per-GPU prediction for the same recipe with ``num_gpus=N``.
 Peak statistics are reset after wrapping: the build holds the whole NF4 model on every rank first (a transient the
 planner does not model; see notes/multigpu.md).
+
+Where reserved-but-unallocated memory sits (``--memory-snapshot``): per-stream summaries of
+``torch.cuda.memory_snapshot()`` (onecard.train.memory_snapshot) at the end of the steps and at the sample with the
+highest reserved memory. FSDP variants without code edits on the device: ``--no-limit-all-gathers``,
+``--forward-prefetch``, ``--backward-prefetch pre|post|none``; the row records the plugin's settings as used.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--method", default="qlora", choices=["qlora", "lora"], help="lora: bf16 random base (bench)")
     ap.add_argument("--strategy", default="fsdp", choices=["fsdp", "ddp"])
     ap.add_argument("--out", default=None, help="append one JSON line per rank here")
+    ap.add_argument("--memory-snapshot", action="store_true",
+                    help="record per-stream allocator snapshot summaries (end of the steps and at peak reserved)")
+    ap.add_argument("--no-limit-all-gathers", action="store_true", help="FSDP limit_all_gathers=False")
+    ap.add_argument("--forward-prefetch", action="store_true", help="FSDP forward_prefetch=True")
+    ap.add_argument("--backward-prefetch", default=None, choices=["none", "pre", "post"],
+                    help="FSDP backward_prefetch (accelerate's default is none; torch FSDP's own is pre)")
     args = ap.parse_args(argv)
     os.environ[D.STRATEGY_ENV] = args.strategy
     cfg = BenchConfig(model=args.model, method=args.method, seq=args.seq, micro_batch=args.batch, rank=args.rank,
@@ -61,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     recipe = validate_recipe(tree)
     dist = D.init(recipe)
+    fsdp_settings = _fsdp_variant(dist, args)
     if args.method == "qlora":
         model = build_nf4(cfg, dist.device)
     else:
@@ -82,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
            "strategy": dist.strategy, "seq": args.seq, "batch": args.batch, "command": " ".join(sys.argv),
            "weights_gib_before_wrap": before / GIB, "weights_gib_after_wrap": after / GIB,
            "alloc_conf": {k: os.environ.get(k) for k in D.ALLOC_CONF_ENVS if os.environ.get(k)},
-           "versions": bench_versions()}
-    row.update(_steps(dist, model, recipe, cfg, args.steps))
+           "versions": bench_versions(), "fsdp_settings": fsdp_settings,
+           "variant": _variant_name(args)}
+    row.update(_steps(dist, model, recipe, cfg, args.steps, args.memory_snapshot))
+    row["allocator_stats"] = _allocator_stats()
     row.update(_prediction(recipe, dist.strategy))
     row["peak_vs_plan"] = row["peak_reserved_gib"] / row["predicted_reserved_gib"]
     line = json.dumps(row)
@@ -96,7 +110,70 @@ def main(argv: list[str] | None = None) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _steps(dist, model, recipe, cfg, steps: int) -> dict:
+def _variant_name(args) -> str:
+    parts = (["no-limit-all-gathers"] if args.no_limit_all_gathers else []) + \
+        (["forward-prefetch"] if args.forward_prefetch else []) + \
+        ([f"backward-prefetch-{args.backward_prefetch}"] if args.backward_prefetch else [])
+    return "+".join(parts) or "default"
+
+
+def _fsdp_variant(dist, args) -> dict | None:
+    """Apply the FSDP flags to the rank's plugin before ``prepare_model`` wraps (as prepare_model itself sets the
+    wrap policy), so onecard train's settings in distributed.fsdp_plugin stay the single default; returns the
+    settings FSDP will be given, for the row. None under DDP."""
+    plugin = getattr(dist.accelerator.state, "fsdp_plugin", None)
+    if dist.strategy != "fsdp" or plugin is None:
+        return None
+    if args.no_limit_all_gathers:
+        plugin.limit_all_gathers = False
+    if args.forward_prefetch:
+        plugin.forward_prefetch = True
+    if args.backward_prefetch:
+        from torch.distributed.fsdp import BackwardPrefetch
+
+        plugin.backward_prefetch = None if args.backward_prefetch == "none" else \
+            BackwardPrefetch[f"BACKWARD_{args.backward_prefetch.upper()}"]
+    return {"limit_all_gathers": bool(plugin.limit_all_gathers), "forward_prefetch": bool(plugin.forward_prefetch),
+            "backward_prefetch": str(plugin.backward_prefetch), "sharding_strategy": str(plugin.sharding_strategy)}
+
+
+class PeakSnapshot:
+    """Keeps the snapshot summary taken when reserved memory was highest over the samples (the first time it
+    reached that value). A snapshot is taken only when reserved grew, so steady steps cost one counter read.
+
+    Reserved memory never shrinks unless ``empty_cache`` runs (or the allocator frees its cache to retry a failed
+    allocation, counted in ``num_alloc_retries``), so the end-of-run snapshot already lists every segment that was
+    reserved at the peak; what the peak sample adds is which blocks were *allocated* at that moment. Samples sit
+    between phases (after backward, after the optimizer step), so a transient inside backward is seen only by the
+    segments it left reserved."""
+
+    def __init__(self, reserved_bytes, snapshot, device: int | None):
+        self._reserved, self._snapshot, self._device = reserved_bytes, snapshot, device
+        self.reserved_bytes, self.where, self.summary, self.samples = -1, None, None, 0
+
+    def sample(self, where: str) -> None:
+        from onecard.train.memory_snapshot import summarize_snapshot
+
+        self.samples += 1
+        reserved = int(self._reserved())
+        if reserved > self.reserved_bytes:
+            self.reserved_bytes, self.where = reserved, where
+            self.summary = summarize_snapshot(self._snapshot(), device=self._device)
+
+
+def _allocator_stats() -> dict:
+    """The caching allocator's own counters that bear on fragmentation (torch.cuda.memory_stats keys)."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    keys = ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free", "segment.all.peak",
+            "inactive_split.all.peak", "inactive_split_bytes.all.peak", "inactive_split_bytes.all.current",
+            "reserved_bytes.large_pool.peak", "reserved_bytes.small_pool.peak", "allocated_bytes.all.peak",
+            "reserved_bytes.all.peak")
+    return {k: stats[k] for k in keys if k in stats}
+
+
+def _steps(dist, model, recipe, cfg, steps: int, memory_snapshot: bool = False) -> dict:
     import time
 
     import torch
@@ -111,21 +188,52 @@ def _steps(dist, model, recipe, cfg, steps: int) -> dict:
     batch = random_batch(int(hf_config(cfg).vocab_size), cfg.micro_batch, cfg.seq, dist.device, seed=dist.rank)
     model.train()
     losses, times = [], []
-    for _ in range(steps):
+    keeper = PeakSnapshot(torch.cuda.memory_reserved, torch.cuda.memory_snapshot,
+                          torch.cuda.current_device()) if memory_snapshot else None
+    snapshot_s = 0.0
+    for step in range(1, steps + 1):
         start = time.perf_counter()
         loss_sum, n = token_ce_sum(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
         (loss_sum / n).backward()
+        snapshot_s += _sample(keeper, f"step{step}.backward")
         dist.clip_grad_norm_(model, 1.0)  # FSDP: the all-rank norm, as onecard train clips
         optimizer.step()
+        snapshot_s += _sample(keeper, f"step{step}.optimizer")
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss_sum.detach()) / n)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     timed = sorted(times[1:] or times)  # the first step allocates optimizer state and picks kernels
     tokens = cfg.micro_batch * cfg.seq * dist.world
-    return {"losses": losses, "s_per_step": times, "tokens_per_s_all_gpus": tokens / timed[len(timed) // 2],
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
+    out = {"losses": losses, "s_per_step": times, "tokens_per_s_all_gpus": tokens / timed[len(timed) // 2],
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+           "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
+    if keeper is not None:
+        out.update(_snapshot_fields(keeper, snapshot_s))
+    return out
+
+
+def _sample(keeper, where: str) -> float:
+    """Seconds spent sampling (inside the timed steps: the row says how much)."""
+    import time
+
+    if keeper is None:
+        return 0.0
+    start = time.perf_counter()
+    keeper.sample(where)
+    return time.perf_counter() - start
+
+
+def _snapshot_fields(keeper, snapshot_s: float) -> dict:
+    import torch
+
+    from onecard.train.memory_snapshot import gib_view, summarize_snapshot
+
+    end = summarize_snapshot(torch.cuda.memory_snapshot(), device=torch.cuda.current_device())
+    return {"memory_snapshot": end, "memory_snapshot_gib": gib_view(end),
+            "memory_snapshot_at_peak": {"where": keeper.where, "reserved_gib": keeper.reserved_bytes / GIB,
+                                        "samples": keeper.samples, "summary": keeper.summary},
+            "memory_snapshot_s_in_steps": snapshot_s}
 
 
 def _prediction(recipe, strategy: str) -> dict:

@@ -1,0 +1,131 @@
+"""summarize_snapshot on a hand-built torch.cuda.memory_snapshot() list (no GPU): per-stream sums, idle segments,
+the inactive-size histogram, device filtering; and the probe's snapshot bookkeeping (peak kept, not the last)."""
+
+from __future__ import annotations
+
+import json
+
+from onecard.train.memory_snapshot import BUCKETS_BYTES, gib_view, summarize_snapshot
+
+MIB = 2**20
+
+
+def seg(stream, blocks, device=0, kind="large"):
+    """A segment as the caching allocator reports it: blocks tile the segment in address order."""
+    total = sum(size for size, _ in blocks)
+    allocated = sum(size for size, state in blocks if state == "active_allocated")
+    return {"device": device, "stream": stream, "segment_type": kind, "total_size": total,
+            "allocated_size": allocated, "active_size": allocated,
+            "blocks": [{"size": size, "state": state, "requested_size": size - (1 if state == "active_allocated" else 0)}
+                       for size, state in blocks]}
+
+
+SNAPSHOT = [
+    # default stream: a 2 MiB small segment half used, a 100 MiB segment with a 60 MiB hole and a pending free
+    seg(0, [(1 * MIB, "active_allocated"), (512 * 1024, "inactive"), (512 * 1024, "active_allocated")], kind="small"),
+    seg(0, [(30 * MIB, "active_allocated"), (60 * MIB, "inactive"), (10 * MIB, "active_pending_free")]),
+    # a side stream (FSDP's unshard stream): one whole idle 600 MiB segment and one 200 MiB block in a 400 MiB one
+    seg(77, [(600 * MIB, "inactive")]),
+    seg(77, [(200 * MIB, "active_allocated"), (200 * MIB, "inactive")]),
+    # another device's segment (a snapshot covers every device this process touched)
+    seg(0, [(40 * MIB, "inactive")], device=1),
+]
+
+
+def test_per_stream_sums_from_blocks():
+    out = summarize_snapshot(SNAPSHOT, device=0)
+    s0, s77 = out["streams"]["0"], out["streams"]["77"]
+    assert list(out["streams"]) == ["0", "77"]
+    assert s0["segments"] == 2 and s77["segments"] == 2
+    assert s0["reserved_bytes"] == 2 * MIB + 100 * MIB
+    assert s0["allocated_bytes"] == 1 * MIB + 512 * 1024 + 30 * MIB
+    assert s0["requested_bytes"] == s0["allocated_bytes"] - 3  # three allocated blocks, each rounded up by 1 byte
+    assert s0["pending_free_bytes"] == 10 * MIB
+    assert s0["inactive_bytes"] == 512 * 1024 + 60 * MIB
+    assert s0["largest_inactive_bytes"] == 60 * MIB
+    assert s0["segment_types"] == {"small": 1, "large": 1}
+    assert s0["idle_segments"] == 0
+    assert s77["reserved_bytes"] == 1000 * MIB and s77["allocated_bytes"] == 200 * MIB
+    assert s77["inactive_bytes"] == 800 * MIB and s77["largest_inactive_bytes"] == 600 * MIB
+    assert s77["idle_segments"] == 1 and s77["idle_segment_bytes"] == 600 * MIB
+    for acc in (s0, s77):  # the blocks tile each segment
+        assert acc["allocated_bytes"] + acc["pending_free_bytes"] + acc["inactive_bytes"] == acc["reserved_bytes"]
+
+
+def test_histogram_buckets_and_totals():
+    out = summarize_snapshot(SNAPSHOT, device=0)
+    hist0, hist77 = out["streams"]["0"]["inactive_hist"], out["streams"]["77"]["inactive_hist"]
+    assert list(hist0) == [name for name, _ in BUCKETS_BYTES]
+    assert hist0["<1MiB"] == {"count": 1, "bytes": 512 * 1024}
+    assert hist0["20-128MiB"] == {"count": 1, "bytes": 60 * MIB}
+    assert hist77["128-512MiB"] == {"count": 1, "bytes": 200 * MIB}
+    assert hist77[">=512MiB"] == {"count": 1, "bytes": 600 * MIB}
+    assert hist77["1-20MiB"]["count"] == 0
+    total = out["total"]
+    assert total["segments"] == 4 and total["reserved_bytes"] == 1102 * MIB
+    assert total["inactive_bytes"] == 512 * 1024 + 860 * MIB
+    assert total["largest_inactive_bytes"] == 600 * MIB and total["largest_segment_bytes"] == 600 * MIB
+    assert total["segment_types"] == {"small": 1, "large": 3}
+    assert total["inactive_hist"]["20-128MiB"] == {"count": 1, "bytes": 60 * MIB}
+    assert sum(c["bytes"] for c in total["inactive_hist"].values()) == total["inactive_bytes"]
+
+
+def test_bucket_edges():
+    out = summarize_snapshot([seg(0, [(MIB - 1, "inactive"), (MIB, "inactive"), (20 * MIB, "inactive"),
+                                      (512 * MIB, "inactive")])])
+    hist = out["total"]["inactive_hist"]
+    assert [hist[name]["count"] for name, _ in BUCKETS_BYTES] == [1, 1, 1, 0, 1]
+
+
+def test_device_filter_and_all_devices():
+    everything = summarize_snapshot(SNAPSHOT)
+    assert everything["total"]["segments"] == 5
+    assert everything["streams"]["0"]["inactive_bytes"] == 512 * 1024 + 100 * MIB  # device 1's 40 MiB joins
+    assert summarize_snapshot(SNAPSHOT, device=1)["total"]["reserved_bytes"] == 40 * MIB
+    assert summarize_snapshot([])["total"]["reserved_bytes"] == 0
+
+
+def test_json_and_gib_view():
+    out = summarize_snapshot(SNAPSHOT, device=0)
+    assert json.loads(json.dumps(out)) == out  # goes into a JSON row as is
+    view = gib_view(out)
+    assert view["stream_77_idle_segment_gib"] == round(600 / 1024, 3)
+    assert view["stream_0_reserved_gib"] == round(102 / 1024, 3)
+
+
+def test_probe_keeps_the_peak_reserved_snapshot():
+    from onecard.train.distributed_probe import PeakSnapshot
+
+    reserved = iter([100, 300, 300, 200])
+    snaps = iter([[seg(0, [(n * MIB, "inactive")])] for n in (1, 2, 3, 4)])
+    keeper = PeakSnapshot(reserved_bytes=lambda: next(reserved), snapshot=lambda: next(snaps), device=0)
+    for where in ("step1.backward", "step1.optimizer", "step2.backward", "step2.optimizer"):
+        keeper.sample(where)
+    assert keeper.where == "step1.optimizer"  # the first time reserved reached its maximum
+    assert keeper.reserved_bytes == 300
+    assert keeper.summary["total"]["reserved_bytes"] == 2 * MIB
+    assert keeper.samples == 4
+
+
+def test_probe_fsdp_variant_flags_reach_the_plugin():
+    """The probe's FSDP flags change the plugin onecard train builds (distributed.fsdp_plugin) before wrapping, and
+    the row records what FSDP is given; no flags leave onecard's defaults."""
+    from types import SimpleNamespace as NS
+
+    from onecard.train import distributed as D
+    from onecard.train.distributed_probe import _fsdp_variant, _variant_name
+
+    def run(**flags):
+        args = NS(**{"no_limit_all_gathers": False, "forward_prefetch": False, "backward_prefetch": None, **flags})
+        plugin = D.fsdp_plugin()
+        settings = _fsdp_variant(NS(strategy="fsdp", accelerator=NS(state=NS(fsdp_plugin=plugin))), args)
+        return settings, _variant_name(args), plugin
+
+    settings, name, plugin = run()
+    assert name == "default" and settings["limit_all_gathers"] is True and settings["forward_prefetch"] is False
+    settings, name, plugin = run(no_limit_all_gathers=True, forward_prefetch=True, backward_prefetch="pre")
+    assert name == "no-limit-all-gathers+forward-prefetch+backward-prefetch-pre"
+    assert plugin.limit_all_gathers is False and plugin.forward_prefetch is True
+    assert settings["backward_prefetch"].endswith("BACKWARD_PRE")
+    ddp = NS(strategy="ddp", accelerator=NS(state=NS(fsdp_plugin=None)))
+    assert _fsdp_variant(ddp, NS(no_limit_all_gathers=True, forward_prefetch=False, backward_prefetch=None)) is None
