@@ -129,3 +129,38 @@ def test_probe_fsdp_variant_flags_reach_the_plugin():
     assert settings["backward_prefetch"].endswith("BACKWARD_PRE")
     ddp = NS(strategy="ddp", accelerator=NS(state=NS(fsdp_plugin=None)))
     assert _fsdp_variant(ddp, NS(no_limit_all_gathers=True, forward_prefetch=False, backward_prefetch=None)) is None
+
+
+def test_probe_steps_record_snapshots(monkeypatch):
+    """The probe's step loop with --memory-snapshot, on CPU with torch.cuda's counters faked: the row gets the end
+    summary, the peak sample (where reserved first peaked) and the sampling time. Guards the GPU-only code path
+    against typos before device time is spent on it."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from onecard.bench.build import build_base
+    from onecard.bench.config import BenchConfig
+    from onecard.recipe import validate_recipe
+    from onecard.train.distributed_probe import _steps
+    from onecard.train.model import apply_adapter
+
+    reserved = iter([10, 50, 50, 40, 30, 30])
+    fake = {"synchronize": lambda *a: None, "memory_reserved": lambda *a: next(reserved),
+            "max_memory_reserved": lambda *a: 50 * 2**30, "max_memory_allocated": lambda *a: 45 * 2**30,
+            "memory_snapshot": lambda *a: [seg(0, [(MIB, "active_allocated"), (MIB, "inactive")])]}
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    cfg = BenchConfig(model="tiny", method="lora", seq=32, micro_batch=1, rank=4, grad_ckpt=False, kernels="none")
+    recipe = validate_recipe(cfg.recipe_tree())
+    torch.manual_seed(0)
+    model = apply_adapter(build_base(cfg, "cpu"), recipe)
+    dist = NS(device="cpu", rank=0, world=1, clip_grad_norm_=lambda m, n: torch.nn.utils.clip_grad_norm_(
+        [p for p in m.parameters() if p.requires_grad], n))
+    out = _steps(dist, model, recipe, cfg, 3, memory_snapshot=True)
+    assert len(out["losses"]) == 3 and out["peak_reserved_gib"] == 50
+    assert out["memory_snapshot_at_peak"]["where"] == "step1.optimizer"
+    assert out["memory_snapshot_at_peak"]["samples"] == 6
+    assert out["memory_snapshot"]["total"]["inactive_bytes"] == MIB
+    assert out["memory_snapshot_s_in_steps"] >= 0
+    assert "memory_snapshot" not in _steps(dist, model, recipe, cfg, 1)

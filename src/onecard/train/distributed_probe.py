@@ -188,8 +188,9 @@ def _steps(dist, model, recipe, cfg, steps: int, memory_snapshot: bool = False) 
     batch = random_batch(int(hf_config(cfg).vocab_size), cfg.micro_batch, cfg.seq, dist.device, seed=dist.rank)
     model.train()
     losses, times = [], []
-    keeper = PeakSnapshot(torch.cuda.memory_reserved, torch.cuda.memory_snapshot,
-                          torch.cuda.current_device()) if memory_snapshot else None
+    device_index = torch.device(dist.device).index  # this rank's GPU (a snapshot lists every device touched)
+    keeper = PeakSnapshot(lambda: torch.cuda.memory_reserved(device_index), torch.cuda.memory_snapshot,
+                          device_index) if memory_snapshot else None
     snapshot_s = 0.0
     for step in range(1, steps + 1):
         start = time.perf_counter()
@@ -209,7 +210,7 @@ def _steps(dist, model, recipe, cfg, steps: int, memory_snapshot: bool = False) 
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
     if keeper is not None:
-        out.update(_snapshot_fields(keeper, snapshot_s))
+        out.update(_snapshot_fields(keeper, snapshot_s, device_index))
     return out
 
 
@@ -224,12 +225,12 @@ def _sample(keeper, where: str) -> float:
     return time.perf_counter() - start
 
 
-def _snapshot_fields(keeper, snapshot_s: float) -> dict:
+def _snapshot_fields(keeper, snapshot_s: float, device_index: int) -> dict:
     import torch
 
     from onecard.train.memory_snapshot import gib_view, summarize_snapshot
 
-    end = summarize_snapshot(torch.cuda.memory_snapshot(), device=torch.cuda.current_device())
+    end = summarize_snapshot(torch.cuda.memory_snapshot(), device=device_index)
     return {"memory_snapshot": end, "memory_snapshot_gib": gib_view(end),
             "memory_snapshot_at_peak": {"where": keeper.where, "reserved_gib": keeper.reserved_bytes / GIB,
                                         "samples": keeper.samples, "summary": keeper.summary},
