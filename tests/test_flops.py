@@ -131,9 +131,11 @@ def test_six_n_rule_and_causal_attention_on_a_real_shape():
                                             "forward_attention", "lora_forward", "lora_backward"}
 
 
-def test_onecard_kernels_recompute_skips_the_down_projection_as_planned():
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_onecard_kernels_recompute_skips_the_down_projection_as_planned(method):
     """With onecard's fused LoRA ops and checkpointing, PyTorch counts exactly the planner's onecard terms: the
-    recompute leaves out the whole down projection (and its adapter), forward and backward are unchanged."""
+    recompute leaves out the whole down projection (and its adapter), forward and backward are unchanged. DoRA
+    adds only its expanded norm's matmuls (W A^T, A A^T, B A A^T per forward pass); its scaling is elementwise."""
     import peft
     import transformers
     from torch.utils.flop_counter import FlopCounterMode, mm_flop
@@ -145,7 +147,7 @@ def test_onecard_kernels_recompute_skips_the_down_projection_as_planned():
     cfg = tiny_config("llama", vocab_size=320)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, target_modules=ALL7))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, target_modules=ALL7, use_dora=method == "dora"))
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     handle = apply_kernels(model, "onecard", fused_loss=False)  # the fused loss moves the head's backward forward
@@ -160,7 +162,7 @@ def test_onecard_kernels_recompute_skips_the_down_projection_as_planned():
             loss.backward()
     total = sum(sum(c.get_flop_counts()["Global"].values()) for c in (fwd, bwd))
     shape = ModelShape.from_config(cfg.to_dict(), id="tiny-llama")
-    kw = dict(method="lora", seq_len=SEQ, micro_batch=BATCH, rank=RANK, targets=ALL7, grad_ckpt=True, attention="eager")
+    kw = dict(method=method, seq_len=SEQ, micro_batch=BATCH, rank=RANK, targets=ALL7, grad_ckpt=True, attention="eager")
     onecard = flops_per_token(shape, kernels="onecard", **kw)
     plain = flops_per_token(shape, **kw)
     rotary = 2 * (shape.head_dim_ // 2) * SEQ

@@ -54,17 +54,45 @@ def _run(fn, x, parts, dys):
     return [o.detach() for o in outs], [x.grad] + [t.grad for p in parts for t in p if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def test_dora_norm_is_the_row_norm_of_the_adapted_weight_in_chunks():
+def test_dora_norm_is_the_row_norm_of_the_adapted_weight():
     torch.manual_seed(0)
     w, a, b = torch.randn(10, 6, dtype=F64), torch.randn(3, 6, dtype=F64), torch.randn(10, 3, dtype=F64)
     want = torch.stack([torch.linalg.vector_norm(w[i] + 0.5 * b[i] @ a) for i in range(10)])
     w0 = w.clone()
-    for rows in (None, 1, 3, 10):
-        assert_close_rel(dora_norm(w, a, b, 0.5, rows_per_chunk=rows), want, 1e-12, f"rows={rows}")
-    assert torch.equal(w, w0)  # W itself is never written (an in-place add on a same-dtype view would)
+    assert_close_rel(dora_norm(w, a, b, 0.5), want, 1e-12)
+    assert torch.equal(w, w0)  # W itself is never written
     n32 = dora_norm(w.bfloat16(), a.bfloat16(), b.bfloat16(), 0.5)
     assert n32.dtype == torch.float32 and rel_err(n32, want) < 1e-2
     assert not dora_norm(w, a.requires_grad_(), b, 0.5).requires_grad
+
+
+def test_dora_norm_caches_the_frozen_row_norms_and_notices_a_changed_weight():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(12, 5, dtype=F64), requires_grad=False)
+    a, b = torch.randn(2, 5, dtype=F64), torch.randn(12, 2, dtype=F64)
+    first = dora_norm(w, a, b, 1.0, key=w)
+    assert hasattr(w, "_onecard_row_sq")
+    b2 = b * 3  # the adapter changes every step: the norm follows it, the cached ||W_i||^2 stays valid
+    assert_close_rel(dora_norm(w, a, b2, 1.0, key=w), torch.linalg.vector_norm(w + b2 @ a, dim=1), 1e-12)
+    with torch.no_grad():
+        w.mul_(2)  # merged or reloaded in place: the cache must not answer for the old W
+    assert_close_rel(dora_norm(w, a, b, 1.0, key=w), torch.linalg.vector_norm(w + b @ a, dim=1), 1e-12)
+    assert not torch.allclose(first, dora_norm(w, a, b, 1.0, key=w))
+
+
+def test_a_zero_magnitude_still_gets_its_gradient():
+    """m = 0 scales the output to ~0; dm = sum dy z / n must still be the true gradient (y / m would be 0/0)."""
+    torch.manual_seed(0)
+    parts = [_dora(16, 12, 4)]
+    w, a, b, s, c, m = parts[0]
+    with torch.no_grad():
+        m[3] = 0.0
+    x, dys = torch.randn(2, 5, 12, dtype=F64), [torch.randn(2, 5, 16, dtype=F64)]
+    got_y, got_g = _run(lora_projections, x, parts, dys)
+    ref_y, ref_g = _run(lora_projections_reference, x, parts, dys)
+    assert got_g[-1][3] != 0
+    for g1, g2 in zip([*got_y, *got_g], [*ref_y, *ref_g]):
+        assert_close_rel(g1, g2, 1e-10)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -102,14 +130,30 @@ def test_mlp_matches_the_algebra_float64(dora_down):
 
 
 @pytest.mark.parametrize("dora_down", [False, True])
-def test_mlp_skip_output_gives_identical_grads(dora_down):
-    """A checkpoint's recompute (skip_output) must leave backward exactly as the full forward's."""
+def test_mlp_in_a_checkpoint_skipping_its_recompute_output_gives_identical_grads(dora_down):
+    """Under non-reentrant checkpointing the recompute runs with skip_output (patch/recompute.py marks it): the
+    down projection's GEMM is skipped there, a DoRA one's y_d comes from the first forward (kept on ctx), and
+    backward must equal the un-checkpointed op's exactly."""
+    from torch.utils.checkpoint import checkpoint
+
+    from onecard.patch.recompute import in_recompute, recompute_contexts
+
     torch.manual_seed(0)
     parts = _mlp_parts(dora_down)
     x, dy = torch.randn(2, 5, 24, dtype=F64), torch.randn(2, 5, 24, dtype=F64)
+    skipped = []
+
+    def layer(x, *ps):
+        skipped.append(in_recompute())
+        return lora_mlp(x, *ps, skip_output=in_recompute())
+
+    def checkpointed(x, ps):
+        return (checkpoint(layer, x, *ps, use_reentrant=False, context_fn=recompute_contexts),)
+
     _, full = _run(_mlp(lora_mlp), x, parts, [dy])
-    _, skip = _run(_mlp(lora_mlp, skip=True), x, parts, [dy])
-    assert all(torch.equal(a, b) for a, b in zip(full, skip))
+    _, ckpt = _run(checkpointed, x, parts, [dy])
+    assert skipped == [False, True]
+    assert len(full) == len(ckpt) and all(torch.equal(a, b) for a, b in zip(full, ckpt))
 
 
 def test_bf16_close_to_float64():
@@ -274,3 +318,28 @@ def test_patched_dora_model_matches_peft(arch, checkpointed, monkeypatch):
     layers, passes = model.config.num_hidden_layers, 2 if checkpointed else 1  # forward (+ recompute)
     assert dora_calls == {"mlp": layers * passes, "projections": 2 * layers * passes}
     handle.revert()
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_close_to_float64():
+    """The DoRA MLP in bf16 on the GPU (cuBLAS, the Triton GLU) against float64 on the CPU."""
+    import onecard.kernels._triton as triton_gate
+
+    def on_cuda(t, i):  # W, A, B, bias in bf16 (i < 5); the magnitude in fp32, as patching leaves peft's
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.detach().to("cuda", torch.bfloat16 if i < 5 else torch.float32).requires_grad_(t.requires_grad)
+
+    torch.manual_seed(0)
+    mlp64 = _mlp_parts()
+    cuda16 = [tuple(on_cuda(t, i) for i, t in enumerate(p)) for p in mlp64]
+    x, dy = torch.randn(2, 5, 24, dtype=F64), torch.randn(2, 5, 24, dtype=F64)
+    forced, triton_gate._FORCE_REFERENCE[0] = triton_gate._FORCE_REFERENCE[0], False  # the real kernels here
+    try:
+        y16, g16 = _run(_mlp(lora_mlp), x.to("cuda", torch.bfloat16), cuda16, [dy.cuda()])
+    finally:
+        triton_gate._FORCE_REFERENCE[0] = forced
+    y64, g64 = _run(_mlp(lora_mlp_reference), x, mlp64, [dy])
+    assert len(g16) == len(g64) == 9
+    for a, b in zip([*y16, *g16], [*y64, *g64]):
+        assert not torch.isnan(a).any() and rel_err(a.cpu().double(), b) < 2e-2

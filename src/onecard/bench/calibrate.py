@@ -43,6 +43,9 @@ KERNELS_SINCE = "2026-11-28T17:19"
 # Offloaded checkpoints whose prefetch buffer is allocated on the compute stream (train/offload.py _copy_back);
 # the run before (h200-k2.jsonl) allocated it on the side stream, which left 3.5 GiB reserved but unused.
 OFFLOAD_SINCE = "2026-11-28T17:24"
+# onecard's DoRA as LoRA on row-scaled weights, with the down projection's output kept for the recompute skip
+# (kernels/lora_linear.py dora_weights, kernels/lora_mlp.py): 4 GiB more on Llama 3 8B at 16k tokens than before.
+DORA_SINCE = "2026-11-28T18:37"
 
 
 def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
@@ -50,7 +53,8 @@ def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
     such rows are left out of calibration and of the planner checks. Plain transformers + peft halves stay valid.
 
     - fp32-upcast QLoRA: train/model.py prepare_kbit casts back to bf16 since the second H200 run (h200-r2.jsonl);
-    - older kernels: measured before :data:`KERNELS_SINCE`; offloaded checkpoints before :data:`OFFLOAD_SINCE`."""
+    - older kernels: measured before :data:`KERNELS_SINCE`; offloaded checkpoints before :data:`OFFLOAD_SINCE`;
+      onecard DoRA before :data:`DORA_SINCE`."""
     kernels = rec.get(f"{prefix}kernels_applied") or "none"
     if kernels == "none":
         return None
@@ -60,6 +64,8 @@ def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
         return "earlier onecard kernels"
     if rec.get("offload_activations") and not prefix and str(rec.get("date", "")) < OFFLOAD_SINCE:
         return "earlier offload prefetch"
+    if kernels == "onecard" and rec.get("method") == "dora" and str(rec.get("date", "")) < DORA_SINCE:
+        return "earlier onecard DoRA"
     return None
 
 

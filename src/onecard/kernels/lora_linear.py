@@ -17,14 +17,19 @@ and v, and the frozen W get no weight-gradient matmul.
 QLoRA: a W may be a bitsandbytes 4-bit ``Params4bit``; it is dequantised right before each matmul
 (:func:`dense`) and only the packed tensor is kept for backward.
 
-DoRA (peft's DoraLinearLayer, with lora_magnitude_vector m, per output feature): a projection given m computes
+DoRA (peft's DoraLinearLayer, with lora_magnitude_vector m, per output feature): with
     z = x W^T + s (x A^T) B^T,   n = ||W + s B A|| per output row (:func:`dora_norm`, a constant: no gradient),
     y = (m/n) z + c
-which is peft's ``base(x) + (m/n - 1)(x W^T) + (m/n) s (x A^T) B^T``. Backward: dm = sum over tokens of dy z / n
-(fp32), and the LoRA math above runs on dz = dy m/n. z is saved (peft's autograd saves base and LoRA outputs and
-more): recomputing it would cost one more GEMM per projection. The scale is applied as z + z (m/n - 1) with
-(m/n - 1) in the compute dtype: m/n sits near 1, where bf16's spacing (2^-8..2^-7) would round away the small
-magnitude updates DoRA learns; (m/n - 1) keeps them. m stays fp32 (not cast like A and B) for the same reason.
+which is peft's ``base(x) + (m/n - 1)(x W^T) + (m/n) s (x A^T) B^T``. Computed as LoRA on row-scaled weights
+(:func:`dora_weights`): W_s = (m/n) W and B_s = (m/n) B are (out x in) and (out x r) -- the activations are
+(tokens x out), 4x larger at 16k tokens on an 8B model -- so DoRA adds no elementwise pass over the activations
+in forward or backward. Backward: dm = sum over tokens of dy z / n = sum dy (y - c) / m, from the *output* y
+(saved; gate/up save it anyway for the GLU), dx and dA from LoRA's backward on (W_s, B_s), dB row-scaled by m/n.
+m/n stays fp32 and the row scaling is computed in fp32 before its one rounding to bf16: a bf16 m/n (spacing 2^-7
+near 1) would round away the small magnitude updates DoRA learns. m stays fp32 (not cast like A and B) for the
+same reason. The first version
+of this module scaled the outputs (z + z (m/n - 1)) and formed W + s B A in fp32 for the norm: 0.748x onecard's
+LoRA speed on the H200 (8B b8, bench/results/h200-k2.jsonl).
 """
 
 from __future__ import annotations
@@ -46,70 +51,178 @@ def dense(w, dtype):
     return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
 
 
+def lora_first(d_in: int, d_out: int) -> bool:
+    """Order of a LoRA projection's forward: the rank-r path first, into the output, then the frozen GEMM added onto
+    it (cuBLAS beta=1: the compute-bound GEMM reads the output in its epilogue), or the frozen GEMM first, then a
+    K=r matmul that reads and writes the whole output (memory-bound). Measured on the H200 at 16k tokens
+    (bench/lora_order_gpu.py, bench/results/lora_order_2026-11-28.json): rank-r first is faster when the output is
+    at least half as wide as the input (gate/up 2.93 vs 3.21 ms, q/o 0.83 vs 0.88, down 3.01 vs 3.04); for the narrow
+    k/v outputs the frozen GEMM first is (0.29 vs 0.32 ms)."""
+    return 2 * d_out >= d_in
+
+
 def lin(x, w, a, b, s, bias=None):
     """x W^T + bias + s (x A^T) B^T for 2-D x; returns (out, x A^T or None)."""
+    xa = None if a is None else x @ a.t()
+    return lin_from(x, w, xa, b, s, bias), xa
+
+
+def lin_from(x, w, xa, b, s, bias=None):
+    """x W^T + bias + s xa B^T, the rank-r product xa = x A^T given (None: no adapter), in :func:`lora_first`'s
+    order."""
     wt = dense(w, x.dtype).t()
+    if xa is not None and lora_first(wt.shape[0], wt.shape[1]):
+        xas = xa * s
+        out = xas @ b.t() if bias is None else torch.addmm(bias.to(x.dtype), xas, b.t())
+        return out.addmm_(x, wt)
     out = x @ wt if bias is None else torch.addmm(bias.to(x.dtype), x, wt)
-    if a is None:
-        return out, None
-    xa = x @ a.t()
-    return out.addmm_(xa, b.t(), alpha=s), xa
+    return out if xa is None else out.addmm_(xa, b.t(), alpha=s)
 
 
-def lin_backward(dout, x, xa, w, a, b, s, needs, dx=None):
-    """(dx, dW, dA, dB) of :func:`lin` given dout; dW only when W needs it. ``dx``: accumulate into it."""
-    wd = dense(w, dout.dtype)
-    dx = dout @ wd if dx is None else dx.addmm_(dout, wd)
-    da = db = dw = None
-    if a is not None:
-        db_in = dout @ b  # N x r
-        dx.addmm_(db_in, a, alpha=s)
-        if needs[1]:
-            da = (db_in.t() @ x).mul_(s)
-        if needs[2]:
-            db = (dout.t() @ xa).mul_(s)
-    if needs[0]:
-        dw = dout.t() @ x
-    return dx, dw, da, db
+def rank_products(x, adapters):
+    """x A_p^T for every adapter A_p (None: no adapter) of projections sharing x, as one matmul over the
+    concatenated A, so x is read once rather than once per projection; returns views into that product."""
+    present = [a for a in adapters if a is not None]
+    if not present:
+        return [None] * len(adapters)
+    xa = x @ (present[0] if len(present) == 1 else torch.cat(present)).t()
+    pieces = iter(xa.split([a.shape[0] for a in present], dim=1))
+    return [None if a is None else next(pieces) for a in adapters]
 
 
-def dora_norm(w, a, b, s, rows_per_chunk: int | None = None):
+def shared_input_forward(x, projs, scales):
+    """Projections of one 2-D input, ``projs`` = (W, bias, A, B, magnitude) each: (outputs, x A^T per projection,
+    DoRA norms). DoRA projections run as LoRA on their row-scaled (W_s, B_s) (:func:`dora_weights`)."""
+    eff = [(w, b, None) if m is None else dora_weights(w, a, b, s, m, x.dtype)
+           for (w, _, a, b, m), s in zip(projs, scales)]
+    xas = rank_products(x, [p[2] for p in projs])
+    outs = [lin_from(x, we, xa, be, s, p[1]) for p, (we, be, _), xa, s in zip(projs, eff, xas, scales)]
+    return outs, xas, [n for _, _, n in eff]
+
+
+def _row_scaled(t, ratio, original):
+    """ratio x t: in place when t is a temporary (a dequantised copy), else into a new tensor."""
+    return t.mul_(ratio) if t is not original else torch.mul(t, ratio, out=torch.empty_like(t))
+
+
+def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs):
+    """Backward of :func:`shared_input_forward`: (dx, per projection [dW, dA, dB, dm]); ``needs`` per projection
+    for (W, A, B, m); ``douts`` entries may be None (output unused). ``outs``: DoRA outputs (for dm) or None.
+
+    Per adapter p, Q_p = s_p dy_p B_p (N x r). dx = [Q_p]_p [A_p]_p (one K = sum r matmul, written first) plus
+    sum_p dy_p W_p (each added onto dx by its GEMM, beta=1: lora_first); dA = [Q_p]_p^T x (x read once);
+    dB_p = s_p dy_p^T (x A_p^T). DoRA: B_s and W_s in place of B and W, dB and dW row-scaled by m/n, dm from
+    the output."""
+    grads = [[None] * 4 for _ in projs]
+    live = [i for i, d in enumerate(douts) if d is not None]
+    ranked = [i for i in live if projs[i][2] is not None]
+    ratios = {i: dora_ratio(projs[i][4], norms[i]) for i in live if projs[i][4] is not None}
+    for i in ratios:
+        if needs[i][3]:
+            grads[i][3] = dora_magnitude_grad(douts[i], outs[i], projs[i][4], norms[i], projs[i][1])
+    dx = None
+    if ranked:
+        bs = [_row_scaled(projs[i][3], ratios[i], projs[i][3]) if i in ratios else projs[i][3] for i in ranked]
+        q = torch.cat([(douts[i] @ b).mul_(scales[i]) for i, b in zip(ranked, bs)], dim=1)
+        dx = q @ torch.cat([projs[i][2] for i in ranked])
+        if any(needs[i][1] for i in ranked):
+            for i, da in zip(ranked, (q.t() @ x).split([projs[i][2].shape[0] for i in ranked])):
+                grads[i][1] = da if needs[i][1] else None
+        for i in ranked:
+            if needs[i][2]:
+                db = (douts[i].t() @ xas[i]).mul_(scales[i])
+                grads[i][2] = db.mul_(ratios[i]) if i in ratios else db
+    for i in live:
+        w = dense(projs[i][0], douts[i].dtype)
+        if i in ratios:
+            w = _row_scaled(w, ratios[i], projs[i][0])
+        dx = douts[i] @ w if dx is None else dx.addmm_(douts[i], w)
+        del w
+        if needs[i][0]:
+            dw = douts[i].t() @ x
+            grads[i][0] = dw.mul_(ratios[i]) if i in ratios else dw
+    return dx, grads
+
+
+def row_sq_norms(w, dtype) -> torch.Tensor:
+    """||W_i||^2 per output row in ``dtype``, built 64 MiB of rows at a time (no whole fp32 copy of W)."""
+    rows = max(1, (1 << 24) // w.shape[1])
+    return torch.cat([w[i:i + rows].to(dtype).square().sum(1) for i in range(0, w.shape[0], rows)])
+
+
+def _cached_row_sq_norms(key, w, dtype):
+    """:func:`row_sq_norms` of the frozen W, computed once per weight: W never changes during adapter training.
+    Kept on ``key`` (the weight parameter, or the packed NF4 one) with its version, so an in-place change of W
+    (merging, loading) recomputes it."""
+    tag = (key._version, key.data_ptr(), dtype)
+    cached = getattr(key, "_onecard_row_sq", None)
+    if cached is None or cached[0] != tag:
+        cached = (tag, row_sq_norms(w, dtype))
+        try:
+            key._onecard_row_sq = cached
+        except (AttributeError, RuntimeError):  # a tensor that takes no attributes: just don't cache
+            pass
+    return cached[1]
+
+
+def dora_norm(w, a, b, s, key=None):
     """||W + s B A||_2 per output row in fp32 (fp64 for fp64 inputs), no gradient (peft detaches it too).
-    ``w`` dense (out x in).
+    ``w`` dense (out x in); ``key``: the weight parameter to cache ||W_i||^2 on (None: not cached).
 
-    peft forms W + s B A in the weight's dtype after casting W to the adapter's (fp32 on a bf16 model with fp32
-    adapters, so fp32 in practice); fp32 here always. Built a block of rows at a time so the fp32 temporary
-    stays ~64 MiB instead of a whole out x in matrix."""
+    Expanded instead of formed: ||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T.
+    ||W_i||^2 is constant (W is frozen) and cached; W A^T is one (out x r) matmul that reads W once in its own
+    dtype (tensor cores); the rest is r x r. peft forms W + s B A in fp32 (an out x in fp32 temporary and ~5
+    passes over it per projection and forward: ~45 ms per 8B forward on the H200, twice per step with
+    checkpointing). The expansion loses precision only when W + s B A nearly cancels W, which LoRA-sized
+    updates do not do."""
     with torch.no_grad():
-        out_f, in_f = w.shape
-        rows = rows_per_chunk or max(1, (1 << 24) // in_f)
         dt = torch.promote_types(w.dtype, torch.float32)
+        w_sq = row_sq_norms(w, dt) if key is None else _cached_row_sq_norms(key, w, dt)
         af, bf = a.to(dt), b.to(dt)
-        norms = [torch.linalg.vector_norm(torch.addmm(w[i:i + rows].to(dt), bf[i:i + rows], af, alpha=s), dim=1)
-                 for i in range(0, out_f, rows)]
-        return torch.cat(norms)
+        wa = (w @ a.to(w.dtype).t()).to(dt)  # out x r
+        n_sq = w_sq + (2 * s) * (wa * bf).sum(1) + (s * s) * ((bf @ (af @ af.t())) * bf).sum(1)
+        return n_sq.clamp_min_(0).sqrt_()
 
 
-def dora_scale_minus_one(m, n, dtype):
-    """m/n - 1 in ``dtype``, the division in n's (fp32, or fp64) (see the module docstring: why not m/n)."""
-    return (m.detach().to(n.dtype) / n - 1.0).to(dtype)
+def dora_divisor(m):
+    """m with exact zeros moved to 1e-30: the scale m/n is then ~0 in forward (a ~1e-30 z/n output, which bf16's
+    fp32-sized exponent holds), and backward's y/m still recovers z/n for the magnitude's gradient."""
+    m = m.detach()
+    return torch.where(m == 0, torch.full_like(m, 1e-30), m)
+
+
+def dora_ratio(m, n):
+    """m/n per output row, as an (out x 1) column in n's dtype (fp32, or fp64)."""
+    return (dora_divisor(m).to(n.dtype) / n)[:, None]
+
+
+def dora_weights(w, a, b, s, m, dtype, n=None):
+    """(W_s, B_s, n): DoRA as LoRA on row-scaled weights, W_s = (m/n) W and B_s = (m/n) B, so that
+    x W_s^T + s (x A^T) B_s^T = (m/n) z with no pass over the activations. The product is taken in fp32 (m/n
+    stays fp32; torch computes a bf16 x fp32 product in fp32 and rounds once into the bf16 result), so magnitude
+    updates far below bf16's spacing near 1 still move W_s's rows on average. ``n``: the norm if known (backward
+    reuses forward's). For an NF4 W the dequantised copy is scaled in place."""
+    wd = dense(w, dtype)
+    if n is None:
+        n = dora_norm(wd, a, b, s, key=w)
+    ratio = dora_ratio(m, n)
+    ws = wd.mul_(ratio) if wd is not w else torch.mul(wd, ratio, out=torch.empty_like(wd))
+    return ws, torch.mul(b, ratio, out=torch.empty_like(b)), n
 
 
 def dora_lin(x, w, a, b, s, m, bias=None):
-    """DoRA's y = (m/n) z + bias for 2-D x; returns (y, x A^T, z, n)."""
-    wd = dense(w, x.dtype)
-    z, xa = lin(x, wd, a, b, s)
-    n = dora_norm(wd, a, b, s)
-    y = torch.addcmul(z, z, dora_scale_minus_one(m, n, z.dtype))
+    """DoRA's y = (m/n) z + bias for 2-D x (z = x W^T + s (x A^T) B^T); returns (y, x A^T, n)."""
+    ws, bs, n = dora_weights(w, a, b, s, m, x.dtype)
+    y, xa = lin(x, ws, a, bs, s, bias)
+    return y, xa, n
+
+
+def dora_magnitude_grad(dy, y, m, n, bias=None):
+    """dL/dm = sum over tokens of dy z / n = sum dy (y - bias) / m (y = (m/n) z + bias), in n's dtype."""
+    dot = (dy * y).sum(0, dtype=n.dtype)
     if bias is not None:
-        y.add_(bias.to(y.dtype))
-    return y, xa, z, n
-
-
-def dora_backward(dy, z, m, n, need_m: bool):
-    """(dz, dm) from dy = dL/dy: dz = dy m/n (the LoRA part's upstream), dm = sum_tokens dy z / n."""
-    dm = ((dy * z).sum(0, dtype=n.dtype) / n).to(m.dtype) if need_m else None
-    return torch.addcmul(dy, dy, dora_scale_minus_one(m, n, dy.dtype)), dm
+        dot = dot - bias.detach().to(n.dtype) * dy.sum(0, dtype=n.dtype)
+    return (dot / dora_divisor(m).to(n.dtype)).to(m.dtype)
 
 
 def keep_for_backward(ctx, weights):
@@ -128,49 +241,34 @@ P = 5  # tensors per projection in LoRAProjections' inputs: W, bias, A, B, magni
 
 class LoRAProjections(torch.autograd.Function):
     """k projections of one input. Inputs: x, then (W, bias, A, B, magnitude) per projection; ``scales`` a tuple.
-    magnitude None: plain LoRA (nothing extra saved or computed); else DoRA (:func:`dora_lin`)."""
+    magnitude None: plain LoRA (nothing extra saved or computed); else DoRA (:func:`dora_lin`: its output is saved
+    for the magnitude's gradient -- a view of what is returned, no extra memory)."""
 
     @staticmethod
     def forward(ctx, x, scales, *params):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        outs, xas, zs, norms = [], [], [], []
-        for i, s in enumerate(scales):
-            w, bias, a, b, m = params[P * i: P * i + P]
-            if m is None:
-                (y, xa), z, n = lin(x2, w, a, b, s, bias), None, None
-            else:
-                y, xa, z, n = dora_lin(x2, w, a, b, s, m, bias)
-            outs.append(y.view(*shape[:-1], y.shape[-1]))
-            xas.append(xa), zs.append(z), norms.append(n)
+        projs = [params[P * i: P * i + P] for i in range(len(scales))]  # (W, bias, A, B, magnitude)
+        ys, xas, norms = shared_input_forward(x2, projs, scales)
+        dora_outs = [y if p[4] is not None else None for y, p in zip(ys, projs)]
         weights = keep_for_backward(ctx, params[0::P])
-        adapters = [t for i in range(len(scales)) for t in params[P * i + 2: P * i + 5]]
-        ctx.save_for_backward(x2, *weights, *adapters, *xas, *zs, *norms)
+        adapters = [t for p in projs for t in p[1:]]  # bias, A, B, m
+        ctx.save_for_backward(x2, *weights, *adapters, *xas, *dora_outs, *norms)
         ctx.scales, ctx.shape = scales, shape
-        return tuple(outs)
+        return tuple(y.view(*shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *douts):
         k = len(ctx.scales)
         saved = ctx.saved_tensors
-        x2, weights, adapters = saved[0], saved[1:1 + k], saved[1 + k:1 + 4 * k]
-        xas, zs, norms = saved[1 + 4 * k:1 + 5 * k], saved[1 + 5 * k:1 + 6 * k], saved[1 + 6 * k:]
-        weights = restore_weights(ctx, weights)
-        needs = ctx.needs_input_grad
-        grads: list = [None] * (P * k)
-        dx = None
-        for i, s in enumerate(ctx.scales):
-            if douts[i] is None:
-                continue
-            dy = douts[i].reshape(-1, douts[i].shape[-1])
-            a, b, m = adapters[3 * i: 3 * i + 3]
-            j = 2 + P * i  # index of this projection's W in needs_input_grad
-            if m is not None:
-                dy, grads[P * i + 4] = dora_backward(dy, zs[i], m, norms[i], needs[j + 4])
-            dx, dw, da, db = lin_backward(dy, x2, xas[i], weights[i], a, b, s, (needs[j], needs[j + 2], needs[j + 3]), dx)
-            grads[P * i], grads[P * i + 2], grads[P * i + 3] = dw, da, db
-        dx = None if dx is None else dx.view(ctx.shape)
-        return (dx, None, *grads)
+        x2, weights, adapters = saved[0], restore_weights(ctx, saved[1:1 + k]), saved[1 + k:1 + 5 * k]
+        xas, outs, norms = saved[1 + 5 * k:1 + 6 * k], saved[1 + 6 * k:1 + 7 * k], saved[1 + 7 * k:]
+        projs = [(weights[i], *adapters[4 * i: 4 * i + 4]) for i in range(k)]
+        needs = [tuple(ctx.needs_input_grad[2 + P * i + j] for j in (0, 2, 3, 4)) for i in range(k)]
+        dys = [None if d is None else d.reshape(-1, d.shape[-1]) for d in douts]
+        dx, per_proj = shared_input_backward(dys, x2, xas, outs, norms, projs, ctx.scales, needs)
+        grads = [g for dw, da, db, dm in per_proj for g in (dw, None, da, db, dm)]
+        return (None if dx is None else dx.view(ctx.shape), None, *grads)
 
 
 def unpack_parts(p):

@@ -17,11 +17,13 @@ Frozen W get no gradient and none of the (out x in) weight-gradient matmuls run:
 over autograd, which still builds the graph through the base layers. A projection without an
 adapter passes A = B = None. LoRA dropout is not modelled: callers use this only when it is 0.
 
-DoRA: a projection may carry a magnitude m (kernels/lora_linear.py, :func:`dora_lin`). For gate and up the
-slot of g (u) then holds the pre-scale z_g (z_u) -- same size -- and backward rebuilds g = (m/n) z_g elementwise
-before the GLU backward; dm and dz follow :func:`dora_backward`. A DoRA down projection needs z_d for dm, so it
-is saved, and ``skip_output`` does not skip its GEMM (skipping would only move that GEMM into backward); the
-saved tensors are the same in both modes, as torch's checkpoint requires.
+DoRA: a projection may carry a magnitude m (kernels/lora_linear.py, :func:`dora_lin`): it runs as LoRA on the
+row-scaled (W_s, B_s), so g and u are the true outputs and are saved as for LoRA; backward takes dm_g from
+sum dg g / m_g (and the same for u), which needs g and u after the GLU backward, so that backward is not in
+place for a DoRA gate or up. A DoRA down projection needs its output y_d for dm: it is kept on ctx (not among
+the saved tensors), so ``skip_output`` skips its GEMM in a checkpoint's recompute as for LoRA (the recompute's
+saved tensors stay the same as the first forward's, as torch's checkpoint requires), and y_d (tokens x hidden)
+waits on the GPU until backward -- 4 GiB on Llama 3 8B at 16k tokens, for one GEMM per layer less.
 
 QLoRA: a frozen W may be a bitsandbytes NF4 ``Params4bit`` (it carries ``quant_state``). It is dequantised
 to the compute dtype right before each use -- once in forward, once in backward -- with
@@ -35,23 +37,11 @@ from __future__ import annotations
 import torch
 
 from .glu import glu_backward, glu_forward
-from .lora_linear import (dense, dora_backward, dora_lin, dora_scale_minus_one, is_quantized, keep_for_backward, lin,
-                          lin_backward, restore_weights, unpack_parts)
+from .lora_linear import (dense, dora_lin, dora_magnitude_grad, dora_norm, dora_ratio, dora_weights, is_quantized,
+                          keep_for_backward, lin, restore_weights, shared_input_backward, shared_input_forward,
+                          unpack_parts)
 
 __all__ = ["lora_mlp", "lora_mlp_reference", "dense", "is_quantized"]
-
-
-def _project(x, w, a, b, s, m):
-    """(out, x A^T, the tensor to save for out, n): plain LoRA saves out itself, DoRA its pre-scale z."""
-    if m is None:
-        out, xa = lin(x, w, a, b, s)
-        return out, xa, out, None
-    return dora_lin(x, w, a, b, s, m)
-
-
-def _rescaled(saved, m, n):
-    """The projection's output from what :func:`_project` saved."""
-    return saved if m is None else torch.addcmul(saved, saved, dora_scale_minus_one(m, n, saved.dtype))
 
 
 class LoRAMLP(torch.autograd.Function):
@@ -59,58 +49,78 @@ class LoRAMLP(torch.autograd.Function):
     def forward(ctx, x, wg, ag, bg, mg, wu, au, bu, mu, wd, ad, bd, md, sg, su, sd, gelu, skip_output):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        g, xag, g_saved, ng = _project(x2, wg, ag, bg, sg, mg)
-        u, xau, u_saved, nu = _project(x2, wu, au, bu, su, mu)
+        (g, u), (xag, xau), (ng, nu) = shared_input_forward(x2, [(wg, None, ag, bg, mg), (wu, None, au, bu, mu)],
+                                                            (sg, su))
         h = glu_forward(g, u, gelu)
-        del g, u
-        zd = nd = None
-        if skip_output and md is None:  # a checkpoint's recompute: nothing reads y (see lora_mlp)
+        nd = None
+        if skip_output:  # a checkpoint's recompute: nothing reads y (see lora_mlp)
             had = None if ad is None else h @ ad.t()
             y = x2.new_empty(x2.shape[0], _out_features(wd))
+            if md is not None:  # saved in the first forward too: the saved tensors must match
+                nd = dora_norm(dense(wd, h.dtype), ad, bd, sd, key=wd)
         elif md is None:
             y, had = lin(h, wd, ad, bd, sd)
         else:
-            y, had, zd, nd = dora_lin(h, wd, ad, bd, sd, md)
+            y, had, nd = dora_lin(h, wd, ad, bd, sd, md)
+            # DoRA's dm_d needs y_d. Kept on ctx, not saved: a checkpoint keeps ctx attributes of the first forward
+            # (its recompute only refills saved tensors), so the recompute can skip this GEMM as for LoRA -- at the
+            # cost of y_d (tokens x hidden) staying on the GPU until backward in checkpointed layers too.
+            ctx.dora_down_output = y
         del h
         wg, wu, wd = keep_for_backward(ctx, (wg, wu, wd))
-        ctx.save_for_backward(x2, g_saved, u_saved, xag, xau, had, zd, wg, ag, bg, mg, ng, wu, au, bu, mu, nu,
-                              wd, ad, bd, md, nd)
+        ctx.save_for_backward(x2, g, u, xag, xau, had, wg, ag, bg, mg, ng, wu, au, bu, mu, nu, wd, ad, bd, md, nd)
         ctx.scales, ctx.gelu, ctx.shape = (sg, su, sd), gelu, shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g_saved, u_saved, xag, xau, had, zd, wg, ag, bg, mg, ng, wu, au, bu, mu, nu, wd, ad, bd, md, nd = \
-            ctx.saved_tensors
+        x2, g, u, xag, xau, had, wg, ag, bg, mg, ng, wu, au, bu, mu, nu, wd, ad, bd, md, nd = ctx.saved_tensors
         wg, wu, wd = restore_weights(ctx, (wg, wu, wd))
         sg, su, sd = ctx.scales
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
         dmd = None
-        if md is not None:
-            dy2, dmd = dora_backward(dy2, zd, md, nd, n[12])
-        # down projection: dh, and the down adapter's grads need h, recomputed with dg, du below
-        dh = dy2 @ dense(wd, dy2.dtype)
+        # down projection: dh (rank-r part first, kernels/lora_linear.py lora_first) and its adapter's A-side; its
+        # grads need h, recomputed below
+        if md is None:
+            wd_dense, bd_used = dense(wd, dy2.dtype), bd
+        else:  # DoRA: LoRA's backward on the row-scaled weights; y_d from forward (ctx, see forward)
+            wd_dense, bd_used = _dora_down(wd, ad, bd, sd, md, nd, dy2.dtype)
+            if ctx.dora_down_output is None:
+                raise RuntimeError("a DoRA MLP's backward ran twice (retain_graph): its kept output is freed by the "
+                                   "first backward; onecard's fused DoRA path does not support that")
+            dmd = dora_magnitude_grad(dy2, ctx.dora_down_output, md, nd) if n[12] else None
+            ctx.dora_down_output = None  # freed now: ctx outlives backward while the caller holds the loss
         dyb = None
-        if ad is not None:
-            dyb = dy2 @ bd
-            dh.addmm_(dyb, ad, alpha=sd)
-        # in place: dh, and g/u (saved for this backward alone; DoRA rebuilds them as new tensors) are overwritten
-        h, dg, du = glu_backward(dh, _rescaled(g_saved, mg, ng), _rescaled(u_saved, mu, nu), ctx.gelu, inplace=True)
+        if ad is None:
+            dh = dy2 @ wd_dense
+        else:
+            dyb = dy2 @ bd_used
+            dh = (dyb * sd) @ ad
+            dh.addmm_(dy2, wd_dense)
+        del wd_dense
+        # in place (LoRA): dh, and g/u (saved for this backward alone) are overwritten; DoRA's dm needs g and u after
+        h, dg, du = glu_backward(dh, g, u, ctx.gelu, inplace=mg is None and mu is None)
         del dh
         dwd = dy2.t() @ h if n[9] else None
         dad = (dyb.t() @ h).mul_(sd) if (ad is not None and n[10]) else None
         dbd = (dy2.t() @ had).mul_(sd) if (ad is not None and n[11]) else None
+        if dbd is not None and md is not None:
+            dbd.mul_(dora_ratio(md, nd))
+        if dwd is not None and md is not None:
+            dwd.mul_(dora_ratio(md, nd))
         del h
-        dmg = dmu = None
-        if mg is not None:
-            dg, dmg = dora_backward(dg, g_saved, mg, ng, n[4])
-        if mu is not None:
-            du, dmu = dora_backward(du, u_saved, mu, nu, n[8])
-        dx, dwg, dag, dbg = lin_backward(dg, x2, xag, wg, ag, bg, sg, n[1:4])
-        dx, dwu, dau, dbu = lin_backward(du, x2, xau, wu, au, bu, su, n[5:8], dx)
+        dx, ((dwg, dag, dbg, dmg), (dwu, dau, dbu, dmu)) = shared_input_backward(
+            [dg, du], x2, [xag, xau], [g, u], [ng, nu], [(wg, None, ag, bg, mg), (wu, None, au, bu, mu)], (sg, su),
+            [n[1:5], n[5:9]])
         return (dx.view(ctx.shape), dwg, dag, dbg, dmg, dwu, dau, dbu, dmu, dwd, dad, dbd, dmd,
                 None, None, None, None, None)
+
+
+def _dora_down(wd, ad, bd, sd, md, nd, dtype):
+    """The down projection's row-scaled (W_s, B_s) (:func:`dora_weights`, the norm from forward)."""
+    ws, bs, _ = dora_weights(wd, ad, bd, sd, md, dtype, nd)
+    return ws, bs
 
 
 def _out_features(w) -> int:

@@ -71,8 +71,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets,
         fused_lora = kernels == "onecard"
         trainable = _lora_inputs(shape, targets, shared=fused_lora, elem_bytes=BF16 if fused_lora else FP32)
         trainable += FP32 * rank * sum(1 for name, _, _ in shape.linear_layers_per_block() if name in targets)
-        if method == "dora" and fused_lora:  # onecard's fused DoRA saves each projection's pre-scale output z;
-            # for gate/up it replaces the saved output (kernels/lora_mlp.py), so only the others add
+        if method == "dora" and fused_lora:  # onecard's fused DoRA saves each projection's output for dm (the
+            # down projection's on ctx); gate/up's outputs are saved anyway (kernels/lora_mlp.py), so only the others add
             trainable += BF16 * sum(n_out for name, _, n_out in shape.linear_layers_per_block()
                                     if name in targets and name not in ("gate_proj", "up_proj"))
         elif method == "dora":
@@ -81,9 +81,11 @@ def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets,
     return norms + attention + mlp + trainable
 
 
-def checkpoint_bytes_per_token(shape: ModelShape, act_bytes: int = BF16) -> int:
-    """With gradient checkpointing each block keeps only its input hidden state (bf16; fp32 for upcast QLoRA)."""
-    return act_bytes * shape.hidden_size
+def checkpoint_bytes_per_token(shape: ModelShape, act_bytes: int = BF16, dora_down_kept: bool = False) -> int:
+    """With gradient checkpointing each block keeps only its input hidden state (bf16; fp32 for upcast QLoRA).
+    ``dora_down_kept``: onecard's fused DoRA MLP also keeps its down projection's output (hidden, bf16) from the
+    first forward for the magnitude's gradient, so the recompute can skip that GEMM (kernels/lora_mlp.py)."""
+    return act_bytes * shape.hidden_size + (BF16 * shape.hidden_size if dora_down_kept else 0)
 
 
 def backward_transient_bytes_per_token(shape: ModelShape, act_bytes: int = BF16, kernels: str = "none") -> int:
@@ -132,10 +134,12 @@ def workspace_bytes(shape: ModelShape, method: str, targets, kernels: str = "non
     """cuBLAS/cuBLASLt workspace (torch allocates it from its caching allocator: 32 MiB on Hopper, less elsewhere)
     plus matmul temporaries; DoRA also materialises W + s*B@A (fp32, out x in) of the largest target in forward to
     take its column norm (peft lora/dora.py get_weight_norm), a transient the size of that weight. onecard's fused
-    DoRA builds it 64 MiB of fp32 rows at a time (kernels/lora_linear.py dora_norm): the block and its addmm output."""
+    DoRA materialises the row-scaled (m/n) W in bf16 instead (kernels/lora_linear.py dora_weights), one target's
+    at a time, and no fp32 copy (its norm is expanded: dora_norm)."""
     ws = 64 * 2**20
     if method == "dora" and kernels == "onecard":
-        ws += 2 * 64 * 2**20
+        ws += max((BF16 * n_in * n_out for name, n_in, n_out in shape.linear_layers_per_block() if name in targets),
+                  default=0)
     elif method == "dora":
         ws += max((FP32 * n_in * n_out for name, n_in, n_out in shape.linear_layers_per_block() if name in targets),
                   default=0) * 2

@@ -37,6 +37,9 @@ Terms (per token):
   result is detached), again under recompute. Divided by the micro-batch's tokens.
 - dora_norm (elementwise, per step): ||W + s B A||_c, about 3 in x out FLOPs per target per forward (add,
   square, sum) on CUDA cores, memory-bound (it reads W). Not counted by FlopCounterMode (not a matmul).
+- onecard's fused DoRA (kernels onecard) instead: dora_norm (matmul) = W A^T, A A^T and B (A A^T) per target per
+  forward pass, 2 in out r + 2 r^2 (in + out) (the expanded norm, kernels/lora_linear.py dora_norm), and dora_scale (elementwise) = the row-scaled W, in x out
+  per target in forward, recompute and backward; no B A product.
 - dora_dropout_base (only with adapter.dropout > 0): peft then recomputes the base linear on the dropped-out
   input, 2 P_targets forward + 2 P_targets input grads.
 - qlora_dequant (elementwise, per step): bitsandbytes dequantises every NF4 base linear before each matmul that
@@ -167,7 +170,8 @@ def flops_per_token(
                       "2 x P_lora input grads + 2 x P_lora weight grads"),
         ]
     passes = 2 if grad_ckpt else 1  # forward passes over the decoder blocks
-    eye = layers * sum(2.0 * i * i * rank + 2.0 * i * rank * o for _, i, o in tgt) if method == "dora" else 0.0
+    peft_dora = method == "dora" and kernels != "onecard"
+    eye = layers * sum(2.0 * i * i * rank + 2.0 * i * rank * o for _, i, o in tgt) if peft_dora else 0.0
     if grad_ckpt:
         skipped, what = _recompute_skipped_per_layer(shape, method, tgt, rank, kernels)
         terms += [
@@ -176,7 +180,17 @@ def flops_per_token(
                       "not the LM head; torch stops before each block's last matmul"),
             FlopsTerm("recompute_attention", attn_fwd, MATMUL, "backward", "forward_attention again"),
         ]
-    if method == "dora":
+    if method == "dora" and not peft_dora:
+        w_a = layers * sum(2.0 * i * o * rank + 2.0 * rank * rank * (i + o) for _, i, o in tgt)  # + A A^T, B (A A^T)
+        scale = layers * sum(i * o for _, i, o in tgt)
+        terms += [
+            FlopsTerm("dora_norm", passes * w_a / tokens_mb, MATMUL, "forward",
+                      "passes x L x sum (2 in out r + 2 r^2 (in + out)) / tokens per micro-batch (W A^T, A A^T and "
+                      "B (A A^T) of onecard's expanded norm)"),
+            FlopsTerm("dora_scale", (passes + 1) * scale / tokens_mb, ELEMENTWISE, "forward",
+                      "(fwd + recompute + bwd) x L x sum in out / tokens (the row-scaled W of onecard's DoRA)"),
+        ]
+    elif method == "dora":
         norm = layers * sum(DORA_NORM_OPS_PER_PARAM * i * o for _, i, o in tgt)
         terms += [
             FlopsTerm("dora_lora_weight", eye / tokens_mb, MATMUL, "forward",
@@ -207,13 +221,14 @@ def _recompute_skipped_per_layer(shape: ModelShape, method: str, tgt, rank: int,
     torch.utils.checkpoint (non-reentrant, early stop on by default) re-runs a block only until every tensor the
     backward needs is back; the block's final projection feeds only the residual add, so it is skipped: the base
     down_proj (or, when down_proj carries LoRA, its lora_B -- the base runs because lora_A after it saves x).
-    DoRA's final elementwise scale saves the LoRA output, so nothing is skipped. Measured with FlopCounterMode on
-    tiny llama models (tests/test_flops.py) with torch 2.13 / transformers 5.17 / peft 0.21.
+    peft's DoRA: its final elementwise scale saves the LoRA output, so nothing is skipped. Measured with
+    FlopCounterMode on tiny llama models (tests/test_flops.py) with torch 2.13 / transformers 5.17 / peft 0.21.
     onecard's fused MLP skips the down projection's base and lora_B matmuls in the recompute (patch/recompute.py),
-    in families whose MLP output goes straight into the residual; not a DoRA down projection (its z is saved).
+    in families whose MLP output goes straight into the residual; a DoRA down projection too (its output, needed
+    for the magnitude's gradient, is kept from the first forward: kernels/lora_mlp.py).
     """
     down = [(i, o) for n, i, o in tgt if n == "down_proj"]
-    if kernels == "onecard" and method != "dora" and _mlp_feeds_residual(shape):
+    if kernels == "onecard" and _mlp_feeds_residual(shape):
         lora_b = rank * down[0][1] if down else 0  # h A_d^T still runs: it is saved for B_d's gradient
         return shape.intermediate_size * shape.hidden_size + lora_b, "P_down (+ its lora_B; onecard's fused MLP)"
     if method == "dora":

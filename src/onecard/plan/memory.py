@@ -127,7 +127,8 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
                                                      kernels=p.kernels, attn=p.attn, seq_len=p.seq_len,
                                                      act_bytes=act_bytes)
     layers = shape.num_hidden_layers
-    per_layer_saved = act.checkpoint_bytes_per_token(shape, act_bytes) if p.grad_ckpt else layer_tok
+    dora_down_kept = p.method == "dora" and p.kernels == "onecard" and "down_proj" in p.targets
+    per_layer_saved = act.checkpoint_bytes_per_token(shape, act_bytes, dora_down_kept) if p.grad_ckpt else layer_tok
     saved = layers * per_layer_saved * tokens + act.head_activation_bytes_per_token(shape, p.kernels, act_bytes) * tokens
     what = "block inputs (checkpoints)" if p.grad_ckpt else "all block activations"
     offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (train/offload.py)
