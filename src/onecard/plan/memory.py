@@ -183,6 +183,9 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     allocated = sum(c.bytes for c in comps if c.at_peak and c.where == "device" and c.in_allocator)
     slack = max(int(allocated * ALLOCATOR_SLACK_FRACTION), _freed_logits_blocks_bytes(p, logits_bytes))
     comps.append(Component("slack", "allocator slack (cached, unusable blocks)", slack, kind="estimated"))
+    if p.num_gpus > 1:
+        comps.append(Component("fsdp_gather_cache", "FSDP all-gather stream's cached root unit (embeddings, head)",
+                               _fsdp_root_unit_bytes(p), kind="estimated"))
     comps.append(Component("cuda_context", "CUDA context (outside torch allocator)", CUDA_CONTEXT_BYTES,
                            in_allocator=False, kind="estimated"))
     return _finish(p, comps, peak_phase)
@@ -236,6 +239,19 @@ def _reference_pass_bytes(p: PlanInputs, layer_tok: int, logits_bytes: int) -> i
     else:
         logits = tokens * v * (logits_bytes + static.FP32)
     return layer_tok * tokens + logits
+
+
+def _fsdp_root_unit_bytes(p: PlanInputs) -> int:
+    """FSDP1 gathers the root unit -- what no decoder-layer unit holds: the embeddings, an untied LM head, the final
+    norm -- at full size on its all-gather stream. That block is freed before the backward peak but stays in the
+    caching allocator's pool of *that* stream, which the compute stream cannot reuse: reserved, never allocated at
+    the peak. Found in torch.cuda.memory_snapshot() on 2 x H200 (train/distributed_probe.py --memory-snapshot,
+    bench/results/h200x2-multigpu.jsonl, session 3): the all-gather stream held 4.72 GiB with nothing allocated, its
+    largest block 3.916 GiB = Llama 3 70B's embeddings + head (2 x 128256 x 8192 x 2 bytes), the rest two layer
+    units; on Llama 3 8B 2.78 GiB = 1.96 (its root) + two layers."""
+    s = p.shape
+    matrices = 1 if s.tie_word_embeddings else 2
+    return (matrices * s.vocab_size + 1) * s.hidden_size * p.dtype_bytes
 
 
 def _workspace(p: PlanInputs) -> int:

@@ -272,7 +272,9 @@ class _WithStateDict:
         self._model, self._state_dict, self.config = model, state_dict, getattr(model, "config", None)
 
     def save_pretrained(self, path, **kwargs):
-        self._model.save_pretrained(path, state_dict=self._state_dict, **kwargs)
+        from onecard.train.fsdp_save import save_gathered
+
+        save_gathered(self._model, path, self._state_dict, **kwargs)
 
     def parameters(self):
         return self._model.parameters()
