@@ -4,8 +4,9 @@ Per projection p with frozen W_p (out x in), adapter A_p (r x in), B_p (out x r)
     lin_p(x) = x W_p^T + s_p (x A_p^T) B_p^T
     g = lin_g(x),  u = lin_u(x),  h = act(g) * u,  y = lin_d(h)
 Saved for backward: x, g, u and the rank-r products x A^T (tiny). h is *recomputed* in backward by
-the fused GLU kernel together with dg, du, so the intermediate-sized act(g) and h are not kept
-(transformers + peft keep g, u, act(g), act(g)*u and the dropout inputs: ~2 more tensors).
+the fused GLU kernel together with dg, du (and h A_d^T from it), so the intermediate-sized act(g) and h are not
+kept (transformers + peft keep g, u, act(g), act(g)*u and the dropout inputs: ~2 more tensors), and a
+checkpoint's recompute (``skip_output``) stops after g and u: no GLU, no down projection.
 
 Backward, upstream dy (N x H), with P = h A_d^T (N x r):
     dB_d = s_d dy^T P                 dA_d = s_d (dy B_d)^T h
@@ -51,30 +52,30 @@ class LoRAMLP(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         (g, u), (xag, xau), (ng, nu) = shared_input_forward(x2, [(wg, None, ag, bg, mg), (wu, None, au, bu, mu)],
                                                             (sg, su))
-        h = glu_forward(g, u, gelu)
         nd = None
-        if skip_output:  # a checkpoint's recompute: nothing reads y (see lora_mlp)
-            had = None if ad is None else h @ ad.t()
+        if skip_output:  # a checkpoint's recompute: nothing reads y, nor h (see lora_mlp)
             y = x2.new_empty(x2.shape[0], _out_features(wd))
             if md is not None:  # saved in the first forward too: the saved tensors must match
-                nd = dora_norm(dense(wd, h.dtype), ad, bd, sd, key=wd)
-        elif md is None:
-            y, had = lin(h, wd, ad, bd, sd)
+                nd = dora_norm(dense(wd, x2.dtype), ad, bd, sd, key=wd)
         else:
-            y, had, nd = dora_lin(h, wd, ad, bd, sd, md)
-            # DoRA's dm_d needs y_d. Kept on ctx, not saved: a checkpoint keeps ctx attributes of the first forward
-            # (its recompute only refills saved tensors), so the recompute can skip this GEMM as for LoRA -- at the
-            # cost of y_d (tokens x hidden) staying on the GPU until backward in checkpointed layers too.
-            ctx.dora_down_output = y
-        del h
+            h = glu_forward(g, u, gelu)
+            if md is None:
+                y, _ = lin(h, wd, ad, bd, sd)
+            else:
+                y, _, nd = dora_lin(h, wd, ad, bd, sd, md)
+                # DoRA's dm_d needs y_d. Kept on ctx, not saved: a checkpoint keeps ctx attributes of the first
+                # forward (its recompute only refills saved tensors), so the recompute can skip this GEMM as for
+                # LoRA -- at the cost of y_d (tokens x hidden) staying on the GPU until backward.
+                ctx.dora_down_output = y
+            del h
         wg, wu, wd = keep_for_backward(ctx, (wg, wu, wd))
-        ctx.save_for_backward(x2, g, u, xag, xau, had, wg, ag, bg, mg, ng, wu, au, bu, mu, nu, wd, ad, bd, md, nd)
+        ctx.save_for_backward(x2, g, u, xag, xau, wg, ag, bg, mg, ng, wu, au, bu, mu, nu, wd, ad, bd, md, nd)
         ctx.scales, ctx.gelu, ctx.shape = (sg, su, sd), gelu, shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u, xag, xau, had, wg, ag, bg, mg, ng, wu, au, bu, mu, nu, wd, ad, bd, md, nd = ctx.saved_tensors
+        x2, g, u, xag, xau, wg, ag, bg, mg, ng, wu, au, bu, mu, nu, wd, ad, bd, md, nd = ctx.saved_tensors
         wg, wu, wd = restore_weights(ctx, (wg, wu, wd))
         sg, su, sd = ctx.scales
         n = ctx.needs_input_grad
@@ -104,7 +105,7 @@ class LoRAMLP(torch.autograd.Function):
         del dh
         dwd = dy2.t() @ h if n[9] else None
         dad = (dyb.t() @ h).mul_(sd) if (ad is not None and n[10]) else None
-        dbd = (dy2.t() @ had).mul_(sd) if (ad is not None and n[11]) else None
+        dbd = (dy2.t() @ (h @ ad.t())).mul_(sd) if (ad is not None and n[11]) else None  # h A_d^T: rebuilt here
         if dbd is not None and md is not None:
             dbd.mul_(dora_ratio(md, nd))
         if dwd is not None and md is not None:
@@ -131,7 +132,7 @@ def lora_mlp(x, gate, up, down, gelu: bool = False, skip_output: bool = False):
     """Fused gated MLP. ``gate``/``up``/``down``: (W, A, B, scale[, bias (must be None)[, magnitude]]) with
     A = B = None where no adapter and magnitude None unless DoRA.
 
-    ``skip_output``: return an uninitialised tensor instead of y and skip the down projection's GEMM. Only
+    ``skip_output``: return an uninitialised tensor instead of y and skip the GLU and the down projection. Only
     for the recompute of a checkpointed layer whose MLP output goes straight into the residual add (Llama,
     Mistral, Qwen2, Gemma): there nothing reads y -- torch's non-reentrant checkpoint stops recomputing once the
     last saved tensor (this op's) is packed -- and backward rebuilds h from g and u anyway. It saves the largest

@@ -229,7 +229,7 @@ def _recompute_skipped_per_layer(shape: ModelShape, method: str, tgt, rank: int,
     """
     down = [(i, o) for n, i, o in tgt if n == "down_proj"]
     if kernels == "onecard" and _mlp_feeds_residual(shape):
-        lora_b = rank * down[0][1] if down else 0  # h A_d^T still runs: it is saved for B_d's gradient
+        lora_b = rank * down[0][1] if down else 0  # h A_d^T moved from the recompute to backward: same count
         return shape.intermediate_size * shape.hidden_size + lora_b, "P_down (+ its lora_B; onecard's fused MLP)"
     if method == "dora":
         return 0, "0"
