@@ -18,14 +18,15 @@ from pathlib import Path
 STEPS, LAST = 200, 50
 
 
-def run(kernels: str, out: Path) -> list[float]:
+def run(kernels: str, out: Path, attn: str = "auto") -> list[float]:
     from onecard.demo.dataset import TRAIN_FILE
     from onecard.recipe import validate_recipe
     from onecard.train.gguf_import import find_smollm2_gguf
     from onecard.train.loop import train
 
     recipe = validate_recipe({
-        "name": f"conv-{kernels}", "model": {"name_or_path": str(find_smollm2_gguf())}, "method": "lora",
+        "name": f"conv-{kernels}-{attn}", "model": {"name_or_path": str(find_smollm2_gguf()), "attn_implementation": attn},
+        "method": "lora",
         "adapter": {"rank": 16}, "data": {"path": str(TRAIN_FILE), "seq_len": 256},
         "training": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 1, "learning_rate": 2e-4,
                      "optimizer": "adamw_torch", "grad_ckpt": False, "kernels": kernels, "seed": 7},
