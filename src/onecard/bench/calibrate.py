@@ -46,6 +46,9 @@ OFFLOAD_SINCE = "2026-11-28T17:24"
 # onecard's DoRA as LoRA on row-scaled weights, with the down projection's output kept for the recompute skip
 # (kernels/lora_linear.py dora_weights, kernels/lora_mlp.py): 4 GiB more on Llama 3 8B at 16k tokens than before.
 DORA_SINCE = "2026-11-28T18:37"
+# Run K7 (h200-k7.jsonl) measured the fused loss with >= 2048-row chunks, reverted after it (0.6 GiB more at the peak
+# for ~2 ms per step, bench/results/ce_chunk_2026-11-28.json): its onecard rows describe code onecard no longer runs.
+CE_CHUNK_EXPERIMENT = ("2026-11-28T18:56", "2026-11-28T19:01")
 
 
 def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
@@ -54,7 +57,7 @@ def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
 
     - fp32-upcast QLoRA: train/model.py prepare_kbit casts back to bf16 since the second H200 run (h200-r2.jsonl);
     - older kernels: measured before :data:`KERNELS_SINCE`; offloaded checkpoints before :data:`OFFLOAD_SINCE`;
-      onecard DoRA before :data:`DORA_SINCE`."""
+      onecard DoRA before :data:`DORA_SINCE`; the reverted fused-loss chunking of :data:`CE_CHUNK_EXPERIMENT`."""
     kernels = rec.get(f"{prefix}kernels_applied") or "none"
     if kernels == "none":
         return None
@@ -66,6 +69,8 @@ def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
         return "earlier offload prefetch"
     if kernels == "onecard" and rec.get("method") == "dora" and str(rec.get("date", "")) < DORA_SINCE:
         return "earlier onecard DoRA"
+    if kernels == "onecard" and CE_CHUNK_EXPERIMENT[0] <= str(rec.get("date", "")) < CE_CHUNK_EXPERIMENT[1]:
+        return "fused loss with 2048-row chunks (reverted)"
     return None
 
 

@@ -57,10 +57,15 @@ def config_key(rec: dict[str, Any]) -> tuple:
 
 def latest_and_earlier(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The latest row of each configuration (by ``date``; a tie goes to the later in file order), in first-seen
-    order, and the rows they supersede."""
+    order, and the rows they supersede. A row measuring code onecard no longer runs (bench/calibrate.py
+    ``superseded``, e.g. a reverted experiment) is never the latest: it stays among the earlier ones."""
+    from onecard.bench.calibrate import superseded
+
     rows = [r for r in records if r.get("group") == "kernels" and r.get("device") == "cuda"]
     latest: dict[tuple, dict[str, Any]] = {}
     for rec in rows:
+        if superseded(rec):
+            continue
         key = config_key(rec)
         if key not in latest or rec["date"] >= latest[key]["date"]:
             latest[key] = rec
@@ -232,17 +237,19 @@ def render_kernels(section: dict[str, Any]) -> str:
 The `group: kernels` rows of {", ".join(f"`bench/results/{f}`" for f in section["files"])}
 (`onecard bench --suite src/onecard/bench/suite.yaml --part K`), measured {dates[0]} to {dates[-1]} UTC
 ({versions}).
-Each configuration shows its latest row by date; earlier runs of the same configurations stay in the raw files
-(listed below the table). *x plain* is tokens/s (and peak reserved) over plain transformers + peft measured in the
+Each configuration shows its latest row by date (the *run* column: file and UTC time), leaving out rows of code
+onecard no longer runs (bench/calibrate.py `superseded`); earlier runs of the same configurations stay in the raw
+files (listed below the table). *x plain* is tokens/s (and peak reserved) over plain transformers + peft measured in the
 same process (`--baseline`); a row run without `--baseline` (the offloaded ones) is set against the baseline of the
 same model and shape row that has one, from the same run (the *measured* column names it). Under the 24 GiB cap,
 *x plain* is over the best plain transformers + peft setting that fits the cap in the same run (status ok under
 `--memory-cap-gib` means the step fit the cap). Verdicts are computed
 from the rows by `onecard/bench/report_kernels.py`.
 """]
-    out.append(_table(["configuration", "tokens/s", "x plain", "peak reserved GiB", "x plain memory", "target",
+    out.append(_table(["configuration", "run", "tokens/s", "x plain", "peak reserved GiB", "x plain memory", "target",
                        "measured", "result", "command"],
-                      [[e["configuration"], _f(e["tokens_per_s"], ",.0f"), _f(e["x_plain"], ".2f"),
+                      [[e["configuration"], f"{e['file']} {e['date'][11:16]}", _f(e["tokens_per_s"], ",.0f"),
+                        _f(e["x_plain"], ".2f"),
                         _f(e["peak_reserved_gib"], ".2f"), _f(e["x_plain_memory"], ".3f"),
                         (f"{e['target_id']}: " if e["target_id"] else "") + e["target"], e["measured"] or "-",
                         _verdict(e["met"]) if e["status"] == "ok" else f"not met ({e['status']})"

@@ -111,7 +111,7 @@ def ce_chunk_tokens(tokens: int, shape: ModelShape) -> int:
 
 
 def logits_ce_bytes(shape: ModelShape, tokens: int, *, fused_ce: bool, logits_bytes: int = BF16,
-                    hold_logits: bool = True) -> int:
+                    hold_logits: bool = True, in_place: bool = False) -> int:
     """Peak bytes of the LM head + cross-entropy for ``tokens`` tokens, at its worst moment (start of backward).
 
     Unfused (transformers' ForCausalLMLoss): the lm_head writes logits (T x V, model dtype); the loss upcasts them
@@ -120,12 +120,13 @@ def logits_ce_bytes(shape: ModelShape, tokens: int, *, fused_ce: bool, logits_by
     grads and the held logits coexist -> 12 T V + logits. (When logits are already fp32, as after
     prepare_model_for_kbit_training upcasts lm_head, ``.float()`` is free but the logits themselves are fp32.)
     Fused/chunked: one chunk of logits (bf16) and its fp32 grad at a time, plus the T x h grad of the hidden
-    states the kernel accumulates and fp32 per-token lse and loss.
+    states the kernel accumulates and fp32 per-token lse and loss. ``in_place``: onecard's Triton CE kernel writes
+    the chunk's gradient over its bf16 logits (kernels/fused_ce.py), so no fp32 copy.
     """
     v = shape.vocab_size
     if fused_ce:
         chunk = min(tokens, ce_chunk_tokens(tokens, shape))
-        return chunk * v * (BF16 + FP32) + tokens * (BF16 * shape.hidden_size + 2 * FP32)
+        return chunk * v * (BF16 if in_place else BF16 + FP32) + tokens * (BF16 * shape.hidden_size + 2 * FP32)
     held = logits_bytes * tokens * v if hold_logits else 0
     return held + 3 * FP32 * tokens * v
 

@@ -142,7 +142,8 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     saved_device = in_flight if offloaded else saved
 
     logits_bytes = static.FP32 if (p.method == "qlora" and p.kbit_upcast) else p.dtype_bytes
-    ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits)
+    ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits,
+                             in_place=p.kernels == "onecard")
     held = 0 if p.fused_ce or not p.hold_logits else logits_bytes * tokens * shape.vocab_size
     recompute = (layer_tok if p.grad_ckpt else 0) * tokens
     block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes, p.kernels) * tokens + held
