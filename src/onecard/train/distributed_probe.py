@@ -43,7 +43,6 @@ def build_nf4(cfg, device: str):
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from onecard.bench.config import BenchConfig
     from onecard.bench.run import versions as bench_versions  # the same record onecard bench rows carry
     from onecard.train import distributed as D
 
@@ -64,13 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="FSDP backward_prefetch (accelerate's default is none; torch FSDP's own is pre)")
     args = ap.parse_args(argv)
     os.environ[D.STRATEGY_ENV] = args.strategy
-    cfg = BenchConfig(model=args.model, method=args.method, seq=args.seq, micro_batch=args.batch, rank=args.rank,
-                      grad_ckpt=True, kernels="none")
-    tree = cfg.recipe_tree()
-    tree["training"].update(num_gpus=D.world_size(), weight_decay=0.0)
-    from onecard.recipe import validate_recipe
-
-    recipe = validate_recipe(tree)
+    cfg, recipe = probe_recipe(args.model, args.method, args.seq, args.batch, args.rank, D.world_size())
     dist = D.init(recipe)
     fsdp_settings = _fsdp_variant(dist, args)
     if args.method == "qlora":
@@ -94,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
            "strategy": dist.strategy, "seq": args.seq, "batch": args.batch, "command": " ".join(sys.argv),
            "weights_gib_before_wrap": before / GIB, "weights_gib_after_wrap": after / GIB,
            "alloc_conf": {k: os.environ.get(k) for k in D.ALLOC_CONF_ENVS if os.environ.get(k)},
-           "versions": bench_versions(), "fsdp_settings": fsdp_settings,
+           "lora_rank": args.rank, "versions": bench_versions(), "fsdp_settings": fsdp_settings,
            "variant": _variant_name(args)}
     row.update(_steps(dist, model, recipe, cfg, args.steps, args.memory_snapshot))
     row["allocator_stats"] = _allocator_stats()
@@ -108,6 +101,19 @@ def main(argv: list[str] | None = None) -> None:
     dist.barrier()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def probe_recipe(model: str, method: str, seq: int, batch: int, lora_rank: int, world: int):
+    """The bench config and validated recipe a probe of this shape trains (pure: the report recomputes the planner's
+    figure for a recorded row with it, so a planner change is judged against old measurements)."""
+    from onecard.bench.config import BenchConfig
+    from onecard.recipe import validate_recipe
+
+    cfg = BenchConfig(model=model, method=method, seq=seq, micro_batch=batch, rank=lora_rank, grad_ckpt=True,
+                      kernels="none")
+    tree = cfg.recipe_tree()
+    tree["training"].update(num_gpus=world, weight_decay=0.0)
+    return cfg, validate_recipe(tree)
 
 
 def _variant_name(args) -> str:
