@@ -88,7 +88,8 @@ def _sharding(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"model": p["model"], "method": p["method"], "seq": p["seq"], "batch": p["batch"],
                     "rank": p["rank"], "world": p["world"], "acceptance": p.get("acceptance"),
                     "variant": variant(p), "date": p["date"], "raw_file": p.get("raw_file"),
-                    "weights_before_gib": p["weights_gib_before_wrap"], "weights_after_gib": p["weights_gib_after_wrap"],
+                    "weights_before_gib": p["weights_gib_before_wrap"],
+                    "weights_after_gib": p["weights_gib_after_wrap"],
                     "weights_fraction": fraction, "weights_sharded": abs(fraction - 1 / p["world"]) <= HALF_TOLERANCE,
                     "planned_weights_gib": now["predicted_weights_gib"],
                     "peak_reserved_gib": p["peak_reserved_gib"], "peak_allocated_gib": p["peak_allocated_gib"],
@@ -200,7 +201,8 @@ def _render_sharding(section: dict[str, Any]) -> str:
                      "planned GiB at run (reserved / plan)", "planned GiB now", "reserved / plan now",
                      "allocated / plan now", "s per step", "result (peak, now)"], rows)]
     if d["rows"]:
-        lines.append(f"Acceptance 3 (default settings, 70B rows): weights {'sharded' if d['weights_sharded'] else 'NOT sharded'}; "
+        sharded = "sharded" if d["weights_sharded"] else "NOT sharded"
+        lines.append(f"Acceptance 3 (default settings, 70B rows): weights {sharded}; "
                      f"reserved / plan now {_span(d)} -> **{'pass' if d['pass'] else 'fail'}**.")
     if h["rows"]:
         lines.append(f"Held-out shape (default settings): reserved / plan now {_span(h)} "
@@ -237,7 +239,8 @@ def _render_resume(rows: list[dict[str, Any]]) -> str:
         return ""
     return ("### Checkpoint / resume on 2 GPUs (killed after a checkpoint, resumed; compared with an uninterrupted run)"
             "\n\n" + _table(
-                ["strategy", "steps", "killed at", "max rel. loss diff after resume", "adapter tensors (full / resumed)",
+                ["strategy", "steps", "killed at", "max rel. loss diff after resume",
+                 "adapter tensors (full / resumed)",
                  "adapter max abs diff", "result", "command"],
                 [[r["strategy"], str(r["steps"]), str(r["crash_at"]), _f(r["max_rel_loss_diff_after_resume"], ".2e"),
                   " / ".join(str(k) for k in r["adapter_keys"]), _f(r["adapter_max_abs_diff"], ".2e"),
