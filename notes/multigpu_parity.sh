@@ -2,7 +2,8 @@
 # Issue 9 acceptance 1: the same small recipe on 1 GPU (micro-batch 4 x accum 2) and on 2 GPUs (micro-batch 2 x
 # accum 2 each: the same global batch of 8) for 50 steps; prints the largest relative loss difference (must be < 1%).
 # Usage (repo root, PYTHONPATH holding src and the wheels): bash notes/multigpu_parity.sh [OUT_DIR]
-# Env: STEPS (50), STRATEGY (auto | ddp | fsdp), KERNELS (none | auto: onecard's fused loss under DDP too), ONECARD_DISTRIBUTED_CPU=1 (CPU dry run).
+# Env: STEPS (50), STRATEGY (auto | ddp | fsdp), KERNELS (none | auto: onecard's fused loss under DDP too), METHOD (lora |
+# dora | full), ONECARD_DISTRIBUTED_CPU=1 (CPU dry run).
 set -euo pipefail
 OUT_DIR=${1:-/tmp/parity}; W=/tmp/parity-work; rm -rf "$W"; mkdir -p "$W" "$OUT_DIR"
 python - "$W" <<'PY'
@@ -15,8 +16,9 @@ rows = [{"messages": [{"role": "user", "content": f"count to {i % 13} please"},
         for i in range(800)]
 open(f"{w}/chat.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
 for name, mb in (("one", 4), ("two", 2)):
-    tree = {"name": name, "model": {"name_or_path": f"{w}/model", "dtype": "float32"}, "method": "lora",
-            "adapter": {"rank": 8}, "data": {"path": f"{w}/chat.jsonl", "seq_len": 128},
+    method = os.environ.get("METHOD", "lora")
+    tree = {"name": name, "model": {"name_or_path": f"{w}/model", "dtype": "float32"}, "method": method,
+            "data": {"path": f"{w}/chat.jsonl", "seq_len": 128}, **({} if method == "full" else {"adapter": {"rank": 8}}),
             "training": {"max_steps": int(os.environ.get("STEPS", 50)), "micro_batch_size": mb, "grad_accum": 2, "learning_rate": 2e-3,
                          "warmup_steps": 5, "seed": 1,
                          "kernels": os.environ.get("KERNELS", "none")},

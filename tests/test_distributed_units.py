@@ -297,3 +297,22 @@ def test_docs_multigpu_section_is_the_committed_2gpu_rows():
     assert not any("multigpu" in row["source"] for row in measurement_rows(records))
     for s in section["speedup"]:
         assert s["pass"] == (s["tokens_per_s_2gpus"] / s["tokens_per_s_1gpu"] >= 1.8)
+
+
+def test_fsdp_runs_without_kernels_and_says_so(monkeypatch):
+    """Under FSDP the fused LoRA ops would read sharded adapter weights: no kernels, one notice; DDP keeps them."""
+    from rich.console import Console
+
+    import onecard.train.loop as loop
+    from onecard.train.distributed import Dist
+    from onecard.train.distributed_loop import FSDP_KERNELS_NOTICE, kernels_for_strategy
+
+    applied = []
+    monkeypatch.setattr(loop, "apply_recipe_kernels", lambda *a, **k: applied.append(a) or loop.AppliedKernels("onecard", True))
+    r = recipe()
+    console = Console(record=True, width=400)
+    fsdp = kernels_for_strategy(Dist(None, "fsdp", "cuda:0"), object(), r, console)
+    assert fsdp.name == "none" and not fsdp.fused_loss and not applied
+    assert FSDP_KERNELS_NOTICE[:40] in console.export_text()
+    ddp = kernels_for_strategy(Dist(None, "ddp", "cuda:0"), object(), r, console)
+    assert ddp.name == "onecard" and len(applied) == 1

@@ -30,7 +30,7 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     from onecard.data import build_dataset
     from onecard.train import distributed as D
     from onecard.train.checkpoint import TrainState
-    from onecard.train.loop import apply_recipe_kernels, lint_or_stop, seed_everything
+    from onecard.train.loop import lint_or_stop, seed_everything
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer
     from onecard.train.optim import build_optimizer
     from onecard.train.rundir import check_run_dir, prepare_run_dir, recipe_changes
@@ -44,7 +44,7 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     lint_or_stop(recipe, main_console)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, dist.device)
-    kernels = apply_recipe_kernels(model, recipe, dist.device, main_console)  # before wrapping: patches the instance
+    kernels = kernels_for_strategy(dist, model, recipe, main_console)  # before wrapping: patches the instance
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = global_schedule(recipe, len(dataset.examples), dist.world)
     dist.barrier()  # every rank has read the run directory before rank 0 changes it
@@ -260,6 +260,24 @@ def restore_ranks(run_dir: Path, dist, model, optimizer):
         optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(blob["rng"])
     return ckpt["state"]
+
+
+FSDP_KERNELS_NOTICE = ("onecard's kernels are off under FSDP: its fused LoRA ops read adapter weights that FSDP "
+                       "shards into their own units (gathered only inside those modules' forward); running plain "
+                       "transformers (--strategy ddp keeps the kernels when the model fits one GPU)")
+
+
+def kernels_for_strategy(dist, model, recipe: Recipe, console=None):
+    """The recipe's kernels under DDP (or one process); none under FSDP, with a one-line notice. peft's FSDP wrap
+    policy makes every LoRA linear its own unit, whose parameters are whole only inside that linear's forward; the
+    fused ops (kernels/lora_linear.py, lora_mlp.py) read them from outside it."""
+    from onecard.train.loop import AppliedKernels, apply_recipe_kernels
+
+    if dist.strategy == "fsdp" and recipe.training.kernels != "none":
+        if console is not None:
+            console.print(f"[yellow]{FSDP_KERNELS_NOTICE}[/yellow]")
+        return AppliedKernels("none", False)
+    return apply_recipe_kernels(model, recipe, dist.device, console)
 
 
 # --------------------------------------------------------------------------- result
