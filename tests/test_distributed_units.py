@@ -316,3 +316,14 @@ def test_fsdp_runs_without_kernels_and_says_so(monkeypatch):
     assert FSDP_KERNELS_NOTICE[:40] in console.export_text()
     ddp = kernels_for_strategy(Dist(None, "ddp", "cuda:0"), object(), r, console)
     assert ddp.name == "onecard" and len(applied) == 1
+
+
+def test_dora_under_fsdp_is_refused_before_launch():
+    """peft's DoRA reads lora_A's weight outside its FSDP unit (IndexError on 2 x H200): a clean refusal instead."""
+    from onecard.errors import UserError
+    from onecard.train.distributed import check_strategy
+
+    with pytest.raises(UserError, match="DoRA does not run under FSDP"):
+        check_strategy(recipe(method="dora"), "fsdp")
+    check_strategy(recipe(method="dora"), "ddp")
+    check_strategy(recipe(method="lora"), "fsdp")

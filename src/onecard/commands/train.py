@@ -67,6 +67,7 @@ def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu:
     cpu = cpu or distributed.cpu_requested()
     distributed.check_launchable(recipe, n, cpu)
     chosen = distributed.choose_strategy(recipe, "ddp" if cpu and strategy == "auto" else strategy)
+    distributed.check_strategy(recipe, chosen)
     if cpu and chosen == "fsdp":
         from onecard.errors import UserError
 

@@ -64,6 +64,15 @@ def choose_strategy(recipe, requested: str = "auto") -> str:
         return "ddp"  # a model the planner has no shape for: replicate; --strategy fsdp overrides
 
 
+def check_strategy(recipe, strategy: str) -> None:
+    """What the chosen strategy cannot run. DoRA under FSDP: peft's DoRA magnitude layer (its own FSDP unit under
+    peft's wrap policy) reads lora_A's weight from outside lora_A's unit, where FSDP keeps it sharded and flat --
+    IndexError in peft/tuners/lora/dora.py get_lora_weight, seen on 2 x H200 (notes/multigpu.md, session 3)."""
+    if strategy == "fsdp" and recipe.method == "dora":
+        raise UserError("DoRA does not run under FSDP (peft's DoRA reads adapter weights FSDP keeps sharded)",
+                        where="method", fix="use --strategy ddp if the model fits one GPU, or method lora")
+
+
 def check_launchable(recipe, num_gpus: int, cpu: bool) -> None:
     """User errors caught in the parent, before N processes would each print them."""
     if recipe.task in ("dpo", "kto"):
@@ -225,6 +234,7 @@ def prepare_model(dist: Dist, model, recipe):
     """DDP or FSDP wrap through ``accelerator.prepare``. Under FSDP every flat parameter must hold one dtype: the
     adapters (fp32) are wrapped as their own units by peft's policy, and peft's fp32 upcast of frozen norms and
     embeddings for k-bit training is undone (bf16, as trl does for sharded QLoRA)."""
+    check_strategy(recipe, dist.strategy)
     if dist.strategy == "fsdp":
         if recipe.training.weight_decay:
             raise UserError("weight_decay under FSDP: matrices cannot be told from vectors once sharded",
