@@ -47,3 +47,16 @@ def test_user_error_is_one_message_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onecard.cli", "lint", str(recipe)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "learning_rate" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,says", [(["plan", "--seq-len", "2048"], "No such option: --seq-len"),
+                                       (["train"], "Missing argument"),
+                                       (["plan", "--batch", "abc"], "Invalid value for '--batch'")])
+def test_usage_errors_are_click_messages_exit_2(argv, says, capsys):
+    """typer >= 0.22 raises usage errors from its vendored click: they must still end as a message, never a
+    traceback (onecard.cli._is_click_error)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err

@@ -65,12 +65,21 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if _is_click_error(exc):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _is_click_error(exc: BaseException) -> bool:
+    """A click usage error (unknown option, missing argument, bad value). typer >= 0.22 raises those from its own
+    vendored copy of click (``typer._click``), whose classes are not ``click.exceptions``' -- matching by class
+    let ``onecard plan --no-such-option`` end in a traceback -- so they are recognised by what they carry."""
+    import click
+
+    if isinstance(exc, click.exceptions.ClickException):
+        return True
+    return callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
 if __name__ == "__main__":
