@@ -91,8 +91,11 @@ def test_dpo_lora_reference_is_adapter_disabled_full_reference_is_a_copy():
 
 
 def test_fsdp_shards_static_terms():
-    one = plan_memory(inputs("llama-3.2-1b", method="full"))
+    """num_gpus > 1 is FSDP, which onecard trains without its kernels: compared with one GPU without them too."""
+    one = plan_memory(inputs("llama-3.2-1b", method="full", kernels="none"))
     four = plan_memory(inputs("llama-3.2-1b", method="full", num_gpus=4))
+    assert four.inputs.kernels == "none" and not four.inputs.fused_ce
+    assert inputs("llama-3.2-1b", method="full").kernels == "onecard"
     for key in ("weights", "gradients", "optimizer"):
         assert four.component(key).bytes == pytest.approx(one.component(key).bytes / 4, abs=4)
     assert four.component("activations").bytes == one.component("activations").bytes

@@ -42,6 +42,13 @@ class PlanInputs:
     num_gpus: int = 1
     hold_logits: bool = False         # the loop keeps ``outputs.logits`` alive through backward (onecard frees them)
 
+    def __post_init__(self) -> None:
+        # num_gpus > 1 is FSDP here, and onecard trains FSDP without its kernels (train/distributed_loop.py
+        # kernels_for_strategy: the fused LoRA ops would read adapter weights FSDP keeps sharded).
+        if self.num_gpus > 1 and self.kernels != "none":
+            object.__setattr__(self, "kernels", "none")
+            object.__setattr__(self, "fused_ce", False)
+
     def with_(self, **changes) -> "PlanInputs":
         return replace(self, **changes)
 
