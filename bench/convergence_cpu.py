@@ -18,7 +18,7 @@ from pathlib import Path
 STEPS, LAST = 200, 50
 
 
-def run(kernels: str, out: Path, attn: str = "auto") -> list[float]:
+def run(kernels: str, out: Path, attn: str = "auto", lr: float = 2e-4) -> list[float]:
     from onecard.demo.dataset import TRAIN_FILE
     from onecard.recipe import validate_recipe
     from onecard.train.gguf_import import find_smollm2_gguf
@@ -28,7 +28,7 @@ def run(kernels: str, out: Path, attn: str = "auto") -> list[float]:
         "name": f"conv-{kernels}-{attn}", "model": {"name_or_path": str(find_smollm2_gguf()), "attn_implementation": attn},
         "method": "lora",
         "adapter": {"rank": 16}, "data": {"path": str(TRAIN_FILE), "seq_len": 256},
-        "training": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 1, "learning_rate": 2e-4,
+        "training": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 1, "learning_rate": lr,
                      "optimizer": "adamw_torch", "grad_ckpt": False, "kernels": kernels, "seed": 7},
         "output_dir": str(out / "{name}"),
     })

