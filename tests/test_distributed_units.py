@@ -115,7 +115,24 @@ def test_cli_num_gpus_without_gpus_is_a_clean_user_error(tmp_path, capsys):
     assert "2 GPUs asked for" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model,method,gpu", [("llama-3-70b", "qlora", "rtx4090"), ("llama-3-8b", "full", "rtx4090")])
+def test_no_gpu_count_is_proposed_when_each_gpu_cannot_load_the_whole_model():
+    """70B QLoRA shards to ~20 GiB per 4090 for the step, but every rank loads the whole NF4 model (~36 GiB) before
+    FSDP shards it: no N x rtx4090 is proposed, and a plan asked for 4 GPUs says why."""
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import plan_memory
+    from onecard.plan.suggest import suggest_fixes
+
+    r = validate_recipe({"model": {"name_or_path": "llama-3-70b"}, "method": "qlora", "plan": {"gpu": "rtx4090"}})
+    plan = plan_memory(inputs_from_recipe(r))
+    assert not [s for s in suggest_fixes(plan) if "training.num_gpus" in s.set]
+    four = plan_memory(inputs_from_recipe(r).with_(num_gpus=4))
+    assert four.verdict == "does not fit" and four.total_bytes < four.capacity_bytes  # the step alone would fit
+    assert any("loads the whole model" in n for n in four.notes)
+    assert plan_memory(inputs_from_recipe(r).with_(num_gpus=2, gpu=__import__("onecard.catalog.gpus",
+                                                   fromlist=["GPUS"]).GPUS["h100-sxm"])).fits
+
+
+@pytest.mark.parametrize("model,method,gpu", [("llama-3-8b", "full", "rtx4090")])
 def test_planner_names_the_gpu_count_that_fits(model, method, gpu):
     """When a recipe does not fit one card, the suggestions include N x the same card, re-planned per GPU.
     (Full SFT of 8B at micro-batch 1 fits one 80 GB H100 by the plan, 63.9 GiB: bf16 AdamW state; so the 24 GB card.)"""

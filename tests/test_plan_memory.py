@@ -122,9 +122,10 @@ def test_suggestions_each_fit_and_keep_effective_batch():
     assert suggest_fixes(plan_memory(inputs(micro_batch=1))) == []
 
 
-def test_70b_qlora_suggests_more_gpus_or_larger_card():
+def test_70b_qlora_on_a_4090_suggests_a_larger_card_not_more_4090s():
+    """More 4090s would hold the sharded step, but each must first load the whole NF4 model (~37 GiB)."""
     fixes = suggest_fixes(plan_memory(inputs("llama-3-70b", method="qlora")))
-    assert any("FSDP" in s.change for s in fixes) and any("larger card" in s.change for s in fixes)
+    assert any("larger card" in s.change for s in fixes) and not any("FSDP" in s.change for s in fixes)
 
 
 def test_recipe_kernels_auto_resolves_against_target_card():

@@ -242,6 +242,16 @@ def _reference_pass_bytes(p: PlanInputs, layer_tok: int, logits_bytes: int) -> i
     return layer_tok * tokens + logits
 
 
+def _whole_model_load_bytes(p: PlanInputs) -> int:
+    """Under FSDP (num_gpus > 1) onecard loads the whole model on every GPU, then shards it (train/distributed.py
+    prepare_model): a load phase outside the training step the rest of this plan describes, but one the card must
+    hold. Measured on 2 x H200: 37.59 GiB of Llama 3 70B NF4 (bf16 storage) before wrapping against 36.8 planned
+    here. 0 on one GPU (the static weights are the step's own)."""
+    if p.num_gpus <= 1:
+        return 0
+    return static.base_weight_bytes(p.shape, p.method, p.dtype_bytes, double_quant=p.double_quant) + CUDA_CONTEXT_BYTES
+
+
 def _fsdp_root_unit_bytes(p: PlanInputs) -> int:
     """FSDP1 gathers the root unit -- what no decoder-layer unit holds: the embeddings, an untied LM head, the final
     norm -- at full size on its all-gather stream. That block is freed before the backward peak but stays in the
@@ -276,7 +286,14 @@ def _finish(p: PlanInputs, comps: list[Component], peak_phase: str) -> MemoryPla
         verdict = "tight"
     else:
         verdict = "fits"
+    load = _whole_model_load_bytes(p)
+    if load > cap:
+        verdict = "does not fit"
     plan = MemoryPlan(p, comps, peak_phase, cap, allocator, required, spillable, host, verdict)
+    if load > cap:
+        plan.notes.append(f"every GPU loads the whole model ({load / GIB:.1f} GiB with the CUDA context) before FSDP "
+                          f"shards it, more than the card holds; the sharded step alone would need "
+                          f"{plan.total_bytes / GIB:.1f} GiB per GPU (notes/multigpu.md, known gaps)")
     if spillable and required <= cap < required + spillable:
         plan.notes.append("paged optimizer state does not all fit beside the rest: part of it will live on the "
                           "host and each optimizer step pages it over the host link (slower)")
