@@ -249,7 +249,8 @@ def _whole_model_load_bytes(p: PlanInputs) -> int:
     here. 0 on one GPU (the static weights are the step's own)."""
     if p.num_gpus <= 1:
         return 0
-    return static.base_weight_bytes(p.shape, p.method, p.dtype_bytes, double_quant=p.double_quant) + CUDA_CONTEXT_BYTES
+    return (static.base_weight_bytes(p.shape, p.method, p.dtype_bytes, double_quant=p.double_quant, kbit_upcast=False)
+            + CUDA_CONTEXT_BYTES)  # sharded QLoRA keeps norms/embeddings bf16 (train/distributed.py)
 
 
 def _fsdp_root_unit_bytes(p: PlanInputs) -> int:
