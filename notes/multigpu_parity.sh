@@ -8,13 +8,9 @@ set -euo pipefail
 OUT_DIR=${1:-/tmp/parity}; W=/tmp/parity-work; rm -rf "$W"; mkdir -p "$W" "$OUT_DIR"
 python - "$W" <<'PY'
 import json, os, sys, yaml
-from onecard.tiny import save_tiny_model
+from onecard.tiny import save_counting_job
 w = sys.argv[1]
-save_tiny_model(f"{w}/model", "llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4)
-rows = [{"messages": [{"role": "user", "content": f"count to {i % 13} please"},
-                      {"role": "assistant", "content": " ".join(str(k) for k in range(i % 13 + 1)) + " done"}]}
-        for i in range(800)]
-open(f"{w}/chat.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
+save_counting_job(w, 800)  # {w}/model and {w}/chat.jsonl
 for name, mb in (("one", 4), ("two", 2)):
     method = os.environ.get("METHOD", "lora")
     tree = {"name": name, "model": {"name_or_path": f"{w}/model", "dtype": "float32"}, "method": method,

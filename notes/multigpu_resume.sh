@@ -22,13 +22,9 @@ if [ "${ONECARD_DISTRIBUTED_CPU:-}" = 1 ] && [ "$STRATEGY" = fsdp ]; then
 fi
 python - "$W" <<'PY' || { echo '{"error": "setup failed"}' | tee "$OUT_DIR/resume.json"; exit 1; }
 import json, os, sys, yaml
-from onecard.tiny import save_tiny_model
+from onecard.tiny import save_counting_job
 w = sys.argv[1]
-save_tiny_model(f"{w}/model", "llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4)
-rows = [{"messages": [{"role": "user", "content": f"count to {i % 13} please"},
-                      {"role": "assistant", "content": " ".join(str(k) for k in range(i % 13 + 1)) + " done"}]}
-        for i in range(400)]
-open(f"{w}/chat.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
+save_counting_job(w, 400)  # {w}/model and {w}/chat.jsonl
 for name in ("full", "resumed"):  # identical but for the name (and so the run directory)
     tree = {"name": name, "model": {"name_or_path": f"{w}/model", "dtype": "float32"}, "method": "lora",
             "adapter": {"rank": 8, "dropout": float(os.environ.get("DROPOUT", 0.05))},

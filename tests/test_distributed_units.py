@@ -344,3 +344,18 @@ def test_dora_under_fsdp_is_refused_before_launch():
         check_strategy(recipe(method="dora"), "fsdp")
     check_strategy(recipe(method="dora"), "ddp")
     check_strategy(recipe(method="lora"), "fsdp")
+
+
+def test_counting_job_is_a_loadable_model_and_the_rows_asked_for(tmp_path):
+    """The multi-GPU checks' shared job (onecard.tiny.save_counting_job): a model transformers loads back and one
+    chat row per example, counting to i % 13."""
+    import json
+
+    from transformers import AutoConfig
+
+    from onecard.tiny import save_counting_job
+
+    model, chat = save_counting_job(tmp_path, 27)
+    assert AutoConfig.from_pretrained(model).num_hidden_layers == 4
+    rows = [json.loads(line) for line in chat.read_text().splitlines()]
+    assert len(rows) == 27 and rows[14]["messages"][1]["content"] == "0 1 done"

@@ -97,3 +97,19 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **over
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_counting_job(folder: str | Path, n_examples: int) -> tuple[Path, Path]:
+    """A tiny llama (hidden 256, 4 layers) and ``n_examples`` chat rows that count to 0..12, saved under ``folder``:
+    the small job the multi-GPU checks train (notes/multigpu_parity.sh, notes/multigpu_resume.sh). Returns
+    (model dir, chat.jsonl)."""
+    import json
+
+    folder = Path(folder)
+    model = save_tiny_model(folder / "model", "llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4)
+    rows = [{"messages": [{"role": "user", "content": f"count to {i % 13} please"},
+                          {"role": "assistant", "content": " ".join(str(k) for k in range(i % 13 + 1)) + " done"}]}
+            for i in range(n_examples)]
+    chat = folder / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return model, chat
