@@ -359,3 +359,17 @@ def test_counting_job_is_a_loadable_model_and_the_rows_asked_for(tmp_path):
     assert AutoConfig.from_pretrained(model).num_hidden_layers == 4
     rows = [json.loads(line) for line in chat.read_text().splitlines()]
     assert len(rows) == 27 and rows[14]["messages"][1]["content"] == "0 1 done"
+
+
+def test_planner_proposes_no_gpu_count_for_dora_and_says_why_under_fsdp():
+    """The planner agrees with train's refusal of DoRA under FSDP (distributed.check_strategy)."""
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import plan_memory
+    from onecard.plan.suggest import suggest_fixes
+
+    r = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "method": "dora", "plan": {"gpu": "rtx4090"},
+                         "training": {"micro_batch_size": 8}})
+    plan = plan_memory(inputs_from_recipe(r))
+    assert plan.verdict == "does not fit"
+    assert not [s for s in suggest_fixes(plan) if "training.num_gpus" in s.set]
+    assert any("DoRA does not run under FSDP" in n for n in plan_memory(inputs_from_recipe(r).with_(num_gpus=2)).notes)

@@ -295,6 +295,9 @@ def _finish(p: PlanInputs, comps: list[Component], peak_phase: str) -> MemoryPla
         plan.notes.append(f"every GPU loads the whole model ({load / GIB:.1f} GiB with the CUDA context) before FSDP "
                           f"shards it, more than the card holds; the sharded step alone would need "
                           f"{plan.total_bytes / GIB:.1f} GiB per GPU (notes/multigpu.md, known gaps)")
+    if p.num_gpus > 1 and p.method == "dora":
+        plan.notes.append("DoRA does not run under FSDP (peft's DoRA reads adapter weights FSDP keeps sharded; "
+                          "onecard train refuses it): --strategy ddp needs the model to fit one GPU, or use lora")
     if spillable and required <= cap < required + spillable:
         plan.notes.append("paged optimizer state does not all fit beside the rest: part of it will live on the "
                           "host and each optimizer step pages it over the host link (slower)")

@@ -108,7 +108,7 @@ def suggest_fixes(plan: MemoryPlan, max_gpus: int = 8) -> list[Suggestion]:
                 out.append(Suggestion(f"a larger card: {gpu.id} ({gpu.memory_gib:.0f} GiB)", {"plan.gpu": gpu.id},
                                       new.total_bytes, new.verdict))
                 break
-    for n in range(max(2, p.num_gpus + 1), max_gpus + 1):
+    for n in range(max(2, p.num_gpus + 1), (max_gpus if p.method != "dora" else 1) + 1):  # no DoRA under FSDP
         new = plan_memory(p.with_(num_gpus=n))
         if new.fits:
             out.append(Suggestion(f"{n} x {p.gpu.id} with FSDP (per-GPU total)", {"training.num_gpus": n},
