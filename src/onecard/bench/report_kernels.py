@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from onecard.bench.report_md import fmt, table
+
 KEY_FIELDS = ("label", "model", "method", "rank", "seq", "micro_batch", "grad_ckpt", "kernels",
               "offload_activations", "memory_cap_gib")
 SPEEDUP_VS_PLAIN = 2.0  # target 1 (and Mistral, target 4): tokens/s >= 2.0x plain transformers + peft
@@ -42,9 +44,6 @@ def _onecard(rec: dict[str, Any]) -> bool:
 def _ok(rec: dict[str, Any], prefix: str = "") -> bool:
     return rec.get(f"{prefix}status") == "ok" and bool(rec.get(f"{prefix}tokens_per_s"))
 
-
-def _f(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -102,7 +101,7 @@ def _vs_plain(rec, rows, min_speedup: float, max_memory: float | None, what: str
     xm = _ratio(rec.get("peak_reserved_gib"), base and base.get("baseline_peak_reserved_gib"))
     target = f">= {min_speedup}x plain tokens/s" + (f", <= {max_memory}x plain peak" if max_memory else "")
     met = _ok(rec) and x is not None and x >= min_speedup and (max_memory is None or (xm or 1e9) <= max_memory)
-    measured = "no plain baseline" if x is None else f"{x:.2f}x tokens/s, {_f(xm, '.3f')}x peak (plain: {note})"
+    measured = "no plain baseline" if x is None else f"{x:.2f}x tokens/s, {fmt(xm, '.3f')}x peak (plain: {note})"
     return {"target_id": what, "target": target, "x_plain": x, "x_plain_memory": xm, "measured": measured,
             "met": met}
 
@@ -134,7 +133,7 @@ def _vs_lora(rec, rows, min_ratio: float, max_peak_gib: float | None, what: str)
     base, _ = _plain_baseline(rec, rows)
     target = f">= {min_ratio}x onecard LoRA tokens/s" + (f", <= {max_peak_gib:g} GiB" if max_peak_gib else "")
     measured = ("no onecard LoRA row to compare" if ref is None else
-                f"{x:.3f}x onecard LoRA (`{ref['label']}`, {_where(rec, ref)}), {_f(peak, '.2f')} GiB")
+                f"{x:.3f}x onecard LoRA (`{ref['label']}`, {_where(rec, ref)}), {fmt(peak, '.2f')} GiB")
     return {"target_id": what, "target": target,
             "x_plain": _ratio(rec.get("tokens_per_s"), base and base.get("baseline_tokens_per_s")),
             "x_plain_memory": _ratio(peak, base and base.get("baseline_peak_reserved_gib")),
@@ -148,12 +147,12 @@ def _judge(rec, rows) -> dict[str, Any] | None:
     cap, model, method = rec.get("memory_cap_gib"), rec["model"], rec["method"]
     if cap is not None:
         return _under_cap(rec, rows) if (model, method, cap) == ("llama-3-8b", "lora", 24) else None
-    table = {("llama-3-8b", "lora"): lambda: _vs_plain(rec, rows, SPEEDUP_VS_PLAIN, MEMORY_VS_PLAIN, "1"),
+    judges = {("llama-3-8b", "lora"): lambda: _vs_plain(rec, rows, SPEEDUP_VS_PLAIN, MEMORY_VS_PLAIN, "1"),
              ("mistral-7b", "lora"): lambda: _vs_plain(rec, rows, SPEEDUP_VS_PLAIN, None, "4 (Mistral)"),
              ("qwen2.5-7b", "lora"): lambda: _vs_plain(rec, rows, QWEN_VS_PLAIN, None, "4 (Qwen)"),
              ("llama-3-8b", "qlora"): lambda: _vs_lora(rec, rows, QLORA_VS_LORA, QLORA_PEAK_GIB, "4 (QLoRA)"),
              ("llama-3-8b", "dora"): lambda: _vs_lora(rec, rows, DORA_VS_LORA, None, "DoRA")}
-    judge = table.get((model, method))
+    judge = judges.get((model, method))
     return judge() if judge else None
 
 
@@ -216,10 +215,6 @@ def kernels_section(records: list[dict[str, Any]]) -> dict[str, Any]:
             "issue_reference": ISSUE_REFERENCE}
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
 
 def _verdict(met: bool | None) -> str:
     return "-" if met is None else ("**met**" if met else "not met")
@@ -246,11 +241,11 @@ same model and shape row that has one, from the same run (the *measured* column 
 `--memory-cap-gib` means the step fit the cap). Verdicts are computed
 from the rows by `onecard/bench/report_kernels.py`.
 """]
-    out.append(_table(["configuration", "run", "tokens/s", "x plain", "peak reserved GiB", "x plain memory", "target",
+    out.append(table(["configuration", "run", "tokens/s", "x plain", "peak reserved GiB", "x plain memory", "target",
                        "measured", "result", "command"],
-                      [[e["configuration"], f"{e['file']} {e['date'][11:16]}", _f(e["tokens_per_s"], ",.0f"),
-                        _f(e["x_plain"], ".2f"),
-                        _f(e["peak_reserved_gib"], ".2f"), _f(e["x_plain_memory"], ".3f"),
+                      [[e["configuration"], f"{e['file']} {e['date'][11:16]}", fmt(e["tokens_per_s"], ",.0f"),
+                        fmt(e["x_plain"], ".2f"),
+                        fmt(e["peak_reserved_gib"], ".2f"), fmt(e["x_plain_memory"], ".3f"),
                         (f"{e['target_id']}: " if e["target_id"] else "") + e["target"], e["measured"] or "-",
                         _verdict(e["met"]) if e["status"] == "ok" else f"not met ({e['status']})"
                         if e["target_id"] else e["status"] or "-", f"`{e['command']}`"] for e in section["rows"]]))
@@ -273,8 +268,8 @@ def _earlier(section: dict[str, Any]) -> str:
     for e in section["earlier"]:
         cmds = [e["command"]] + ([e["command"] + "  (baseline half)"] if e["baseline"] else [])
         extra = "".join(f" `{c}`" for c in cmds if c not in shown)
-        plain = f", plain {_f(e['baseline_tokens_per_s'], ',.0f')}" if e["baseline"] else ""
-        parts.append(f"{e['configuration']}, {e['date']} ({e['file']}): {_f(e['tokens_per_s'], ',.0f')} tokens/s"
-                     f"{plain}, {_f(e['peak_reserved_gib'], '.2f')} GiB{extra}")
+        plain = f", plain {fmt(e['baseline_tokens_per_s'], ',.0f')}" if e["baseline"] else ""
+        parts.append(f"{e['configuration']}, {e['date']} ({e['file']}): {fmt(e['tokens_per_s'], ',.0f')} tokens/s"
+                     f"{plain}, {fmt(e['peak_reserved_gib'], '.2f')} GiB{extra}")
     return ("Earlier runs of these configurations (superseded by the rows above, kept in the raw files; same command "
             "unless written out): " + "; ".join(parts) + ".\n")

@@ -7,11 +7,13 @@ from typing import Any
 SUITE = "src/onecard/bench/suite.yaml"
 
 
-def _f(v, spec=",.0f") -> str:
+def fmt(v, spec=",.0f") -> str:
+    """A number in ``spec``, or "-" where it is missing (the generated report's tables)."""
     return "-" if v is None else format(v, spec)
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
+def table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (the generated report's sections share it)."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -43,10 +45,10 @@ the same model, recipe and optimizer, in the same process.
 """]
     out.append("## Seed workloads (throughput, with --baseline) - measured, H200\n")
     rows = [r for r in m if r["group"] == "throughput"]
-    out.append(_table(["recipe", "model", "seq", "batch", "path", "tokens/s", "h / 50k-sample epoch", "peak GiB",
+    out.append(table(["recipe", "model", "seq", "batch", "path", "tokens/s", "h / 50k-sample epoch", "peak GiB",
                        "command"],
-                      [[r["recipe"], r["model"], str(r["seq"]), str(r["batch"]), r["path"], _f(r["tokens_per_s"]),
-                        _f(r["hours_per_50k_epoch"], ".2f"), _f(r["peak_reserved_gib"], ".1f"), f"`{r['command']}`"]
+                      [[r["recipe"], r["model"], str(r["seq"]), str(r["batch"]), r["path"], fmt(r["tokens_per_s"]),
+                        fmt(r["hours_per_50k_epoch"], ".2f"), fmt(r["peak_reserved_gib"], ".1f"), f"`{r['command']}`"]
                        for r in rows]))
     pairs = [(a, b) for a, b in zip(rows[::2], rows[1::2])]
     out.append("\nSpeed-up of onecard over transformers + peft (same process): "
@@ -57,10 +59,10 @@ the same model, recipe and optimizer, in the same process.
                "The planner's figures for a 24 GiB RTX 4090 (onecard kernels), from the H200 efficiencies moved to the "
                "4090's FLOP/s and bandwidth (`onecard/plan/speed.py`); peak includes the CUDA context. The 24 GiB "
                "rows measured on the H200 below check the memory side.\n\n")
-    out.append(_table(["recipe", "model", "seq", "batch", "tokens/s (est.)", "h / 50k-sample epoch (est.)",
+    out.append(table(["recipe", "model", "seq", "batch", "tokens/s (est.)", "h / 50k-sample epoch (est.)",
                        "peak GiB (est.)", "fits 24 GiB?", "efficiency from", "command"],
-                      [[r["recipe"], r["model"], str(r["seq"]), str(r["batch"]), _f(r["tokens_per_s"]),
-                        _f(r["hours_per_50k_epoch"], ".2f"), _f(r["peak_gib"], ".1f"), r["verdict"],
+                      [[r["recipe"], r["model"], str(r["seq"]), str(r["batch"]), fmt(r["tokens_per_s"]),
+                        fmt(r["hours_per_50k_epoch"], ".2f"), fmt(r["peak_gib"], ".1f"), r["verdict"],
                         r["speed_label"] + ": " + r["speed_source"].split(" on h200")[0].replace("from ", ""),
                         f"`{r['command']}`"] for r in p["rtx4090"]]))
     out.append("\nThe speed planner takes a device efficiency from the closest device-bound H200 row and a host "
@@ -78,8 +80,8 @@ the same model, recipe and optimizer, in the same process.
                "(train/offload.py); the same configuration without it beside it, measured one after the other on the same machine.\n\n")
     out.append(_memory_table([r for r in m if r["group"] == "offload"]))
     out.append("\n## The seed's relative claims - measured, H200\n\n")
-    out.append(_table(["claim", "measured", "what"],
-                      [[c["claim"], _f(c["measured"], ".2f"), c["what"]] for c in p["claims"]]))
+    out.append(table(["claim", "measured", "what"],
+                      [[c["claim"], fmt(c["measured"], ".2f"), c["what"]] for c in p["claims"]]))
     out.append("\n## Memory matrix - measured peak vs the planner, H200\n\n"
                "Planned = `onecard.plan.memory.plan_memory` allocator figure for the same configuration (logits freed "
                "before backward, as in the bench). tests/test_bench_calibration.py holds every matrix and claim row "
@@ -90,11 +92,11 @@ the same model, recipe and optimizer, in the same process.
 
 
 def _memory_table(rows) -> str:
-    return _table(["recipe", "model", "seq", "batch", "status", "tokens/s", "peak reserved GiB", "allocated GiB",
+    return table(["recipe", "model", "seq", "batch", "status", "tokens/s", "peak reserved GiB", "allocated GiB",
                    "planned GiB", "error", "command"],
-                  [[r["recipe"], r["model"], str(r["seq"]), str(r["batch"]), r["status"], _f(r["tokens_per_s"]),
-                    _f(r["peak_reserved_gib"], ".2f"), _f(r["peak_allocated_gib"], ".2f"),
-                    _f(r.get("planned_reserved_gib"), ".2f"), _f(r.get("planned_error_pct"), "+.1f") + "%",
+                  [[r["recipe"], r["model"], str(r["seq"]), str(r["batch"]), r["status"], fmt(r["tokens_per_s"]),
+                    fmt(r["peak_reserved_gib"], ".2f"), fmt(r["peak_allocated_gib"], ".2f"),
+                    fmt(r.get("planned_reserved_gib"), ".2f"), fmt(r.get("planned_error_pct"), "+.1f") + "%",
                     f"`{r['command']}`"] for r in rows])
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from onecard.bench.report_md import fmt, table
+
 SPEEDUP_TARGET = 1.8  # issue 9: 2 GPUs >= 1.8 x one GPU's tokens/s
 PEAK_TOLERANCE = 0.10  # issue 9: per-GPU peak within +-10% of the planner
 PARITY_TOLERANCE = 0.01  # issue 9: loss curves within 1%
@@ -136,13 +138,6 @@ def _snapshots(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _f(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
 def render_multigpu(section: dict[str, Any]) -> str:
@@ -163,18 +158,18 @@ Parity rows: `notes/multigpu_parity.sh`, the same small recipe through `onecard 
 accum 2) and 2 GPUs (2 x 2 each, the same global batch), largest relative difference of the per-step losses.
 """]
     out.append("### Loss curves, 1 GPU vs 2 GPUs (target: within 1%)\n")
-    out.append(_table(["strategy", "kernels", "steps", "max rel. loss diff", "first loss (1 / 2 GPUs)",
+    out.append(table(["strategy", "kernels", "steps", "max rel. loss diff", "first loss (1 / 2 GPUs)",
                        "last loss (1 / 2 GPUs)", "result", "command"],
-                      [[r["strategy"], r["kernels"], str(r["steps"][0]), _f(r["max_rel_loss_diff"], ".2e"),
+                      [[r["strategy"], r["kernels"], str(r["steps"][0]), fmt(r["max_rel_loss_diff"], ".2e"),
                         f"{r['first'][0]:.4f} / {r['first'][1]:.4f}", f"{r['last'][0]:.4f} / {r['last'][1]:.4f}",
                         r["status"] + (f": {r['note']}" if r.get("note") else ""), f"`{r['run_command']}`"]
                        for r in section["parity"]]))
     out.append(f"### Tokens/s, 1 GPU vs 2 GPUs (target: >= {SPEEDUP_TARGET}x)\n")
-    out.append(_table(["model", "method", "strategy", "seq x batch per GPU", "tokens/s 1 GPU", "tokens/s 2 GPUs",
+    out.append(table(["model", "method", "strategy", "seq x batch per GPU", "tokens/s 1 GPU", "tokens/s 2 GPUs",
                        "ratio", "peak reserved GiB per GPU (1 / 2 GPUs)", "result", "command"],
                       [[r["model"], r["method"], r["strategy"], f"{r['seq']} x {r['batch']}",
-                        _f(r["tokens_per_s_1gpu"], ",.0f"), _f(r["tokens_per_s_2gpus"], ",.0f"),
-                        _f(r["ratio"], ".3f") + "x",
+                        fmt(r["tokens_per_s_1gpu"], ",.0f"), fmt(r["tokens_per_s_2gpus"], ",.0f"),
+                        fmt(r["ratio"], ".3f") + "x",
                         f"{r['peak_reserved_gib_1gpu']:.2f} / {r['peak_reserved_gib_2gpus']:.2f}",
                         "pass" if r["pass"] else "fail", f"`{r['command']}`"]
                        for r in section["speedup"]]))
@@ -187,16 +182,16 @@ def _render_sharding(section: dict[str, Any]) -> str:
     a3 = section["acceptance3"]
     rows = [[f"{r['model']} {r['method']} {r['seq']} x {r['batch']}", r["acceptance"] or "-", r["variant"],
              f"{r['rank']} of {r['world']}", f"{r['weights_before_gib']:.2f} / {r['weights_after_gib']:.2f}",
-             _f(r["planned_weights_gib"], ".2f"), _f(r["peak_reserved_gib"], ".2f"), _f(r["peak_allocated_gib"], ".2f"),
+             fmt(r["planned_weights_gib"], ".2f"), fmt(r["peak_reserved_gib"], ".2f"), fmt(r["peak_allocated_gib"], ".2f"),
              f"{r['planned_reserved_gib_at_run']:.2f} ({r['reserved_vs_plan_at_run']:.3f})",
-             _f(r["planned_reserved_gib"], ".2f"), _f(r["reserved_vs_plan"], ".3f"), _f(r["allocated_vs_plan"], ".3f"),
+             fmt(r["planned_reserved_gib"], ".2f"), fmt(r["reserved_vs_plan"], ".3f"), fmt(r["allocated_vs_plan"], ".3f"),
              ", ".join(f"{s:.2f}" for s in r["s_per_step"]),
              ("within +-10%" if r["peak_pass"] else "outside +-10%") + _judged(r)] for r in section["sharding"]]
     d, h = a3["default"], a3["heldout"]
     lines = ["### Sharded training, per GPU (targets: weights ~ half; peak within +-10% of the planner)\n",
              "Planned GiB are the planner's allocator figure (`onecard plan --num-gpus 2`) for the probe's recipe: "
              "'at run' as recorded in the row, 'now' recomputed by the current planner (the ratios judged).\n",
-             _table(["shape", "acceptance", "variant", "rank", "weights GiB before / after wrap",
+             table(["shape", "acceptance", "variant", "rank", "weights GiB before / after wrap",
                      "planned weights GiB (now)", "peak reserved GiB", "peak allocated GiB",
                      "planned GiB at run (reserved / plan)", "planned GiB now", "reserved / plan now",
                      "allocated / plan now", "s per step", "result (peak, now)"], rows)]
@@ -226,7 +221,7 @@ def _judged(r: dict[str, Any]) -> str:
 def _render_snapshots(snaps: list[dict[str, Any]]) -> str:
     if not snaps:
         return ""
-    return ("### Where reserved memory sits (allocator snapshot per stream, end of the steps)\n\n" + _table(
+    return ("### Where reserved memory sits (allocator snapshot per stream, end of the steps)\n\n" + table(
         ["shape", "variant", "rank", "stream", "reserved GiB", "allocated GiB", "inactive GiB", "idle segments GiB",
          "largest segment GiB", "peak sample"],
         [[f"{s['model']} {s['method']}", s["variant"], str(s["rank"]), s["stream"], f"{s['reserved_gib']:.3f}",
@@ -238,12 +233,12 @@ def _render_resume(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     return ("### Checkpoint / resume on 2 GPUs (killed after a checkpoint, resumed; compared with an uninterrupted run)"
-            "\n\n" + _table(
+            "\n\n" + table(
                 ["strategy", "steps", "killed at", "max rel. loss diff after resume",
                  "adapter tensors (full / resumed)",
                  "adapter max abs diff", "result", "command"],
-                [[r["strategy"], str(r["steps"]), str(r["crash_at"]), _f(r["max_rel_loss_diff_after_resume"], ".2e"),
-                  " / ".join(str(k) for k in r["adapter_keys"]), _f(r["adapter_max_abs_diff"], ".2e"),
+                [[r["strategy"], str(r["steps"]), str(r["crash_at"]), fmt(r["max_rel_loss_diff_after_resume"], ".2e"),
+                  " / ".join(str(k) for k in r["adapter_keys"]), fmt(r["adapter_max_abs_diff"], ".2e"),
                   r["status"] + (f": {r['note']}" if r.get("note") else ""),
                   f"`{r['run_command']}` ({r['part_command']})"] for r in rows]))
 
