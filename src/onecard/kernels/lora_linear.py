@@ -100,11 +100,6 @@ def shared_input_forward(x, projs, scales):
     return outs, xas, [n for _, _, n in eff]
 
 
-def _row_scaled(t, ratio, original):
-    """ratio x t: in place when t is a temporary (a dequantised copy), else into a new tensor."""
-    return t.mul_(ratio) if t is not original else torch.mul(t, ratio, out=torch.empty_like(t))
-
-
 def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs):
     """Backward of :func:`shared_input_forward`: (dx, per projection [dW, dA, dB, dm]); ``needs`` per projection
     for (W, A, B, m); ``douts`` entries may be None (output unused). ``outs``: DoRA outputs (for dm) or None.
@@ -122,7 +117,7 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs):
             grads[i][3] = dora_magnitude_grad(douts[i], outs[i], projs[i][4], norms[i], projs[i][1])
     dx = None
     if ranked:
-        bs = [_row_scaled(projs[i][3], ratios[i], projs[i][3]) if i in ratios else projs[i][3] for i in ranked]
+        bs = [row_scaled(projs[i][3], ratios[i], projs[i][3]) if i in ratios else projs[i][3] for i in ranked]
         q = torch.cat([(douts[i] @ b).mul_(scales[i]) for i, b in zip(ranked, bs)], dim=1)
         dx = q @ torch.cat([projs[i][2] for i in ranked])
         if any(needs[i][1] for i in ranked):
@@ -135,7 +130,7 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs):
     for i in live:
         w = dense(projs[i][0], douts[i].dtype)
         if i in ratios:
-            w = _row_scaled(w, ratios[i], projs[i][0])
+            w = row_scaled(w, ratios[i], projs[i][0])
         dx = douts[i] @ w if dx is None else dx.addmm_(douts[i], w)
         del w
         if needs[i][0]:
@@ -196,6 +191,12 @@ def dora_ratio(m, n):
     return (dora_divisor(m).to(n.dtype) / n)[:, None]
 
 
+def row_scaled(t, ratio, original):
+    """ratio x t in t's dtype, the product taken in ratio's (fp32): in place when t is a temporary (a dequantised
+    copy, not ``original``), else into a new tensor."""
+    return t.mul_(ratio) if t is not original else torch.mul(t, ratio, out=torch.empty_like(t))
+
+
 def dora_weights(w, a, b, s, m, dtype, n=None):
     """(W_s, B_s, n): DoRA as LoRA on row-scaled weights, W_s = (m/n) W and B_s = (m/n) B, so that
     x W_s^T + s (x A^T) B_s^T = (m/n) z with no pass over the activations. The product is taken in fp32 (m/n
@@ -206,8 +207,7 @@ def dora_weights(w, a, b, s, m, dtype, n=None):
     if n is None:
         n = dora_norm(wd, a, b, s, key=w)
     ratio = dora_ratio(m, n)
-    ws = wd.mul_(ratio) if wd is not w else torch.mul(wd, ratio, out=torch.empty_like(wd))
-    return ws, torch.mul(b, ratio, out=torch.empty_like(b)), n
+    return row_scaled(wd, ratio, w), row_scaled(b, ratio, b), n
 
 
 def dora_lin(x, w, a, b, s, m, bias=None):
