@@ -288,11 +288,11 @@ def test_worker_environment_carries_strategy_and_source_and_leaves_the_allocator
 
 
 def test_probe_compares_ddp_ranks_with_the_one_gpu_plan_and_fsdp_with_the_split():
-    from onecard.train.distributed_probe import _prediction
+    from onecard.train.distributed_probe import plan_prediction
 
     r = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "method": "lora",
                          "training": {"num_gpus": 2}, "plan": {"gpu": "h200"}})
-    ddp, fsdp = _prediction(r, "ddp"), _prediction(r, "fsdp")
+    ddp, fsdp = plan_prediction(r, "ddp"), plan_prediction(r, "fsdp")
     assert ddp["planned_num_gpus"] == 1 and fsdp["planned_num_gpus"] == 2
     assert fsdp["predicted_weights_gib"] == pytest.approx(ddp["predicted_weights_gib"] / 2, rel=0.01)
 

@@ -67,10 +67,10 @@ def lora_rank(row: dict[str, Any]) -> int:
 def planned_now(row: dict[str, Any]) -> dict[str, Any]:
     """The current planner's per-GPU figures for a probe row: the recipe the probe built
     (distributed_probe.probe_recipe) through the probe's own prediction (FSDP: num_gpus = world; DDP: one GPU)."""
-    from onecard.train.distributed_probe import _prediction, probe_recipe
+    from onecard.train.distributed_probe import plan_prediction, probe_recipe
 
     _, recipe = probe_recipe(row["model"], row["method"], row["seq"], row["batch"], lora_rank(row), row["world"])
-    return _prediction(recipe, row["strategy"])
+    return plan_prediction(recipe, row["strategy"])
 
 
 def variant(row: dict[str, Any]) -> str:

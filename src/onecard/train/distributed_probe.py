@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
            "variant": _variant_name(args)}
     row.update(_steps(dist, model, recipe, cfg, args.steps, args.memory_snapshot))
     row["allocator_stats"] = _allocator_stats()
-    row.update(_prediction(recipe, dist.strategy))
+    row.update(plan_prediction(recipe, dist.strategy))
     row["peak_vs_plan"] = row["peak_reserved_gib"] / row["predicted_reserved_gib"]
     line = json.dumps(row)
     print(line, flush=True)
@@ -243,7 +243,7 @@ def _snapshot_fields(keeper, snapshot_s: float, device_index: int) -> dict:
             "memory_snapshot_s_in_steps": snapshot_s}
 
 
-def _prediction(recipe, strategy: str) -> dict:
+def plan_prediction(recipe, strategy: str) -> dict:
     """The planner's per-GPU figures. Its ``num_gpus`` always means FSDP (weights divided); DDP replicates the
     model, so a DDP rank is compared with the one-GPU plan (the first 2 x H200 rows compared it with the split)."""
     from onecard.plan.inputs import inputs_from_recipe
