@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from onecard.plan import activations as act
 from onecard.plan import static
 from onecard.plan.inputs import PlanInputs
+from onecard.train.distributed import NOT_UNDER_FSDP, NOT_UNDER_FSDP_FIX  # torch-free
 
 GIB = 2**30
 # PyTorch's caching allocator reserves more than it allocates (block rounding, split blocks it cannot reuse).
@@ -295,9 +296,8 @@ def _finish(p: PlanInputs, comps: list[Component], peak_phase: str) -> MemoryPla
         plan.notes.append(f"every GPU loads the whole model ({load / GIB:.1f} GiB with the CUDA context) before FSDP "
                           f"shards it, more than the card holds; the sharded step alone would need "
                           f"{plan.total_bytes / GIB:.1f} GiB per GPU (notes/multigpu.md, known gaps)")
-    if p.num_gpus > 1 and p.method == "dora":
-        plan.notes.append("DoRA does not run under FSDP (peft's DoRA reads adapter weights FSDP keeps sharded; "
-                          "onecard train refuses it): --strategy ddp needs the model to fit one GPU, or use lora")
+    if p.num_gpus > 1 and p.method in NOT_UNDER_FSDP:
+        plan.notes.append(f"{NOT_UNDER_FSDP[p.method]}; onecard train refuses it: {NOT_UNDER_FSDP_FIX}")
     if spillable and required <= cap < required + spillable:
         plan.notes.append("paged optimizer state does not all fit beside the rest: part of it will live on the "
                           "host and each optimizer step pages it over the host link (slower)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from onecard.catalog.gpus import GPUS
 from onecard.plan.inputs import PlanInputs
 from onecard.plan.memory import GIB, MemoryPlan, plan_memory
+from onecard.train.distributed import NOT_UNDER_FSDP  # torch-free
 
 
 @dataclass
@@ -108,7 +109,8 @@ def suggest_fixes(plan: MemoryPlan, max_gpus: int = 8) -> list[Suggestion]:
                 out.append(Suggestion(f"a larger card: {gpu.id} ({gpu.memory_gib:.0f} GiB)", {"plan.gpu": gpu.id},
                                       new.total_bytes, new.verdict))
                 break
-    for n in range(max(2, p.num_gpus + 1), (max_gpus if p.method != "dora" else 1) + 1):  # no DoRA under FSDP
+    fsdp_counts = range(max(2, p.num_gpus + 1), max_gpus + 1) if p.method not in NOT_UNDER_FSDP else ()
+    for n in fsdp_counts:  # (a method onecard train refuses under FSDP gets no GPU count)
         new = plan_memory(p.with_(num_gpus=n))
         if new.fits:
             out.append(Suggestion(f"{n} x {p.gpu.id} with FSDP (per-GPU total)", {"training.num_gpus": n},

@@ -64,13 +64,18 @@ def choose_strategy(recipe, requested: str = "auto") -> str:
         return "ddp"  # a model the planner has no shape for: replicate; --strategy fsdp overrides
 
 
+# Methods onecard refuses under FSDP, with why. DoRA: peft's DoRA magnitude layer (its own FSDP unit under peft's
+# wrap policy) reads lora_A's weight from outside lora_A's unit, where FSDP keeps it sharded and flat -- IndexError
+# in peft/tuners/lora/dora.py get_lora_weight, seen on 2 x H200 (notes/multigpu.md, session 3). The planner reads
+# this too (plan/memory.py, plan/suggest.py): it must not propose what train refuses.
+NOT_UNDER_FSDP = {"dora": "DoRA does not run under FSDP (peft's DoRA reads adapter weights FSDP keeps sharded)"}
+NOT_UNDER_FSDP_FIX = "use --strategy ddp if the model fits one GPU, or method lora"
+
+
 def check_strategy(recipe, strategy: str) -> None:
-    """What the chosen strategy cannot run. DoRA under FSDP: peft's DoRA magnitude layer (its own FSDP unit under
-    peft's wrap policy) reads lora_A's weight from outside lora_A's unit, where FSDP keeps it sharded and flat --
-    IndexError in peft/tuners/lora/dora.py get_lora_weight, seen on 2 x H200 (notes/multigpu.md, session 3)."""
-    if strategy == "fsdp" and recipe.method == "dora":
-        raise UserError("DoRA does not run under FSDP (peft's DoRA reads adapter weights FSDP keeps sharded)",
-                        where="method", fix="use --strategy ddp if the model fits one GPU, or method lora")
+    """What the chosen strategy cannot run (:data:`NOT_UNDER_FSDP`)."""
+    if strategy == "fsdp" and recipe.method in NOT_UNDER_FSDP:
+        raise UserError(NOT_UNDER_FSDP[recipe.method], where="method", fix=NOT_UNDER_FSDP_FIX)
 
 
 def check_launchable(recipe, num_gpus: int, cpu: bool) -> None:
