@@ -66,12 +66,15 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int(lengths.max())
 
 
-def packed_varlen_attention(q, k, v, position_ids, scale=None):
-    """FlashAttention varlen over the examples (CUDA, fp16/bf16). Output layout as q."""
+def packed_varlen_attention(q, k, v, position_ids, scale=None, seqlens=None):
+    """FlashAttention varlen over the examples (CUDA, fp16/bf16). Output layout as q.
+
+    ``seqlens``: ``cu_seqlens(position_ids)`` computed already (it syncs with the host; a model's
+    layers share one, patch/packed.py)."""
     from torch.nn.attention.varlen import varlen_attn
 
     bsz, hq, seq, dim = q.shape
-    cu, longest = cu_seqlens(position_ids)
+    cu, longest = cu_seqlens(position_ids) if seqlens is None else seqlens
     params = inspect.signature(varlen_attn).parameters
     kw = {"scale": scale}
     n_rep = hq // k.shape[1]

@@ -19,6 +19,7 @@ from onecard.kernels.lora_mlp import lora_mlp
 from onecard.kernels.rms_norm import rms_norm
 from onecard.kernels.rope import apply_rope
 
+from .packed import packed_attention_or
 from .recompute import in_recompute
 
 
@@ -138,7 +139,8 @@ def make_attention_forward(sliding_window: str | None):
         q, k = apply_rope(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+        attn = packed_attention_or(ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager),
+                                   past_key_values)  # packed rows -> varlen (patch/packed.py)
         if sliding_window == "attr":
             kwargs["sliding_window"] = self.sliding_window
         elif sliding_window == "config":
