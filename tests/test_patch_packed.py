@@ -266,6 +266,18 @@ def test_mistral_window_cutting_an_example_stays_exact(force_varlen):
     _assert_same(result, _one_by_one_loss_and_grads(model, examples), "window 4")
 
 
+def test_eval_under_inference_mode_takes_varlen_and_matches(force_varlen, monkeypatch):
+    model = _model(lora=True)
+    model.eval()
+    batch = _packed_batch(_examples())
+    with torch.inference_mode():
+        varlen = model(**batch).loss
+        assert len(force_varlen) == 2
+        monkeypatch.setattr(packed, "tensors_supported", lambda q: False)
+        dense = model(**batch).loss
+    assert rel_err(varlen, dense) <= 1e-5
+
+
 def test_eval_and_generation_untouched(force_varlen):
     model = _model()
     model.eval()

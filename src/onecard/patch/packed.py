@@ -42,7 +42,7 @@ class PackedInfo:
     mask_is_document_causal: bool  # the 4-D mask equals the block-diagonal causal mask
 
 
-_cache: list[tuple[weakref.ref, int, weakref.ref, int, PackedInfo]] = []
+_cache: list[tuple[weakref.ref, weakref.ref, tuple[int, int], PackedInfo]] = []
 computations = 0  # how many times packed_info did the work (tests read it: once per forward)
 
 
@@ -82,14 +82,19 @@ def _compute(position_ids: torch.Tensor, mask: torch.Tensor, batch: int) -> Pack
     return PackedInfo(cu, longest, True, True)
 
 
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter; inference-mode tensors have none (and cannot change outside it)."""
+    return -1 if t.is_inference() else t._version
+
+
 def packed_info(position_ids: torch.Tensor, mask: torch.Tensor, batch: int) -> PackedInfo:
     """The packing facts of (position_ids, mask), computed once for the pair of tensor objects."""
-    for pos_ref, pos_version, mask_ref, mask_version, info in _cache:
-        if (pos_ref() is position_ids and mask_ref() is mask and pos_version == position_ids._version
-                and mask_version == mask._version):
+    key = (_version(position_ids), _version(mask))
+    for pos_ref, mask_ref, versions, info in _cache:
+        if pos_ref() is position_ids and mask_ref() is mask and versions == key:
             return info
     info = _compute(position_ids, mask, batch)
-    _cache.insert(0, (weakref.ref(position_ids), position_ids._version, weakref.ref(mask), mask._version, info))
+    _cache.insert(0, (weakref.ref(position_ids), weakref.ref(mask), key, info))
     del _cache[_CACHE_SIZE:]
     return info
 
