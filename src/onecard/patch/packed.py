@@ -118,7 +118,8 @@ def use_varlen(module, query, key, attention_mask, dropout, sliding_window, posi
     if not (info.packed and info.mask_is_document_causal):
         return None
     if sliding_window is not None and info.longest_tokens > sliding_window:
-        return None  # the window cuts an example (its mask would differ too); varlen 2.11 has no window
+        return None  # the window cuts an example (its mask differs too): windows are not passed to varlen_attn,
+        # whose window_size spelling changed between torch 2.11 and 2.12 (kernels/packing.py); untested there
     return info
 
 
