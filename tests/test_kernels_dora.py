@@ -296,9 +296,9 @@ def test_patched_dora_model_matches_peft(arch, checkpointed, monkeypatch):
         dora_calls["mlp"] += all(p[5] is not None for p in parts)
         return real_mlp(x, *parts, **kw)
 
-    def counting_projections(x, parts):
+    def counting_projections(x, parts, **kw):
         dora_calls["projections"] += all(p[5] is not None for p in parts)
-        return real_proj(x, parts)
+        return real_proj(x, parts, **kw)
 
     monkeypatch.setattr(modules, "lora_mlp", counting_mlp)
     monkeypatch.setattr(modules, "lora_projections", counting_projections)

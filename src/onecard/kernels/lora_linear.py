@@ -100,6 +100,12 @@ def shared_input_forward(x, projs, scales):
     return outs, xas, [n for _, _, n in eff]
 
 
+def skipped_forward(x, projs):
+    """Uninitialised outputs of the shapes :func:`shared_input_forward` returns (``skip_output``)."""
+    return [x.new_empty(x.shape[0], w.shape[0] if not is_quantized(w) else w.quant_state.shape[0])
+            for w, *_ in projs]
+
+
 def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs):
     """Backward of :func:`shared_input_forward`: (dx, per projection [dW, dA, dB, dm]); ``needs`` per projection
     for (W, A, B, m); ``douts`` entries may be None (output unused). ``outs``: DoRA outputs (for dm) or None.
@@ -245,11 +251,14 @@ class LoRAProjections(torch.autograd.Function):
     for the magnitude's gradient -- a view of what is returned, no extra memory)."""
 
     @staticmethod
-    def forward(ctx, x, scales, *params):
+    def forward(ctx, x, scales, skip_output, *params):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         projs = [params[P * i: P * i + P] for i in range(len(scales))]  # (W, bias, A, B, magnitude)
-        ys, xas, norms = shared_input_forward(x2, projs, scales)
+        if skip_output and all(p[4] is None for p in projs):
+            ys, xas, norms = skipped_forward(x2, projs), rank_products(x2, [p[2] for p in projs]), [None] * len(projs)
+        else:
+            ys, xas, norms = shared_input_forward(x2, projs, scales)
         dora_outs = [y if p[4] is not None else None for y, p in zip(ys, projs)]
         weights = keep_for_backward(ctx, params[0::P])
         adapters = [t for p in projs for t in p[1:]]  # bias, A, B, m
@@ -264,11 +273,11 @@ class LoRAProjections(torch.autograd.Function):
         x2, weights, adapters = saved[0], restore_weights(ctx, saved[1:1 + k]), saved[1 + k:1 + 5 * k]
         xas, outs, norms = saved[1 + 5 * k:1 + 6 * k], saved[1 + 6 * k:1 + 7 * k], saved[1 + 7 * k:]
         projs = [(weights[i], *adapters[4 * i: 4 * i + 4]) for i in range(k)]
-        needs = [tuple(ctx.needs_input_grad[2 + P * i + j] for j in (0, 2, 3, 4)) for i in range(k)]
+        needs = [tuple(ctx.needs_input_grad[3 + P * i + j] for j in (0, 2, 3, 4)) for i in range(k)]
         dys = [None if d is None else d.reshape(-1, d.shape[-1]) for d in douts]
         dx, per_proj = shared_input_backward(dys, x2, xas, outs, norms, projs, ctx.scales, needs)
         grads = [g for dw, da, db, dm in per_proj for g in (dw, None, da, db, dm)]
-        return (None if dx is None else dx.view(ctx.shape), None, *grads)
+        return (None if dx is None else dx.view(ctx.shape), None, None, *grads)
 
 
 def unpack_parts(p):
@@ -278,15 +287,20 @@ def unpack_parts(p):
     return w, a, b, s, (p[4] if len(p) > 4 else None), (p[5] if len(p) > 5 else None)
 
 
-def lora_projections(x, parts):
+def lora_projections(x, parts, skip_output: bool = False):
     """``parts``: per projection (W, A, B, scale[, bias[, magnitude]]) with A = B = None where no adapter and
-    magnitude None unless DoRA; returns the outputs."""
+    magnitude None unless DoRA; returns the outputs.
+
+    ``skip_output``: the caller will not read the outputs (a checkpoint's recompute of a block whose last op this
+    is: patch/recompute.py): they come back uninitialised, with no frozen GEMM or lora_B matmul run, while the
+    tensors saved for backward are the same as in a full forward (torch's checkpoint compares them). DoRA
+    projections save their output for the magnitude's gradient, so they always run."""
     flat, scales = [], []
     for p in parts:
         w, a, b, s, bias, m = unpack_parts(p)
         flat += [w, bias, a, b, m]
         scales.append(float(s))
-    return LoRAProjections.apply(x, tuple(scales), *flat)
+    return LoRAProjections.apply(x, tuple(scales), bool(skip_output), *flat)
 
 
 def lora_projections_reference(x, parts):

@@ -20,7 +20,7 @@ from onecard.kernels.rms_norm import rms_norm
 from onecard.kernels.rope import apply_rope
 
 from .packed import packed_attention_or
-from .recompute import in_recompute
+from .recompute import attention_output_unused, in_recompute
 
 
 def rms_norm_forward(self, hidden_states):
@@ -110,11 +110,12 @@ def make_mlp_forward(gelu: bool, skip_in_recompute: bool = False):
     return mlp_forward
 
 
-def _project(x, projs):
-    """The projections of one input: one fused LoRA op when every one can be fused, else each module."""
+def _project(x, projs, skip_output: bool = False):
+    """The projections of one input: one fused LoRA op when every one can be fused, else each module.
+    ``skip_output``: nothing will read the outputs (kernels/lora_linear.py ``lora_projections``)."""
     parts = [projection_parts(p, x.dtype, allow_bias=True) for p in projs]
     if _fusable(parts, x.dtype):
-        return lora_projections(x, parts)
+        return lora_projections(x, parts, skip_output=skip_output)
     return tuple(p(x) for p in projs)
 
 
@@ -148,6 +149,7 @@ def make_attention_forward(sliding_window: str | None):
         out, weights = attn(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
                             scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
-        return _project(out, (self.o_proj,))[0], weights
+        # In an attention half's recompute (offloaded checkpoints, patch/blocks.py) nothing reads the o projection.
+        return _project(out, (self.o_proj,), skip_output=attention_output_unused())[0], weights
 
     return attention_forward

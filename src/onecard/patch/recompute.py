@@ -8,6 +8,10 @@ non-reentrant checkpoint takes a ``context_fn`` returning two context managers, 
 forward and one around the recompute (torch.utils.checkpoint docs, "context_fn"): the second one sets a
 thread-local flag here. transformers' decoder layers call ``self._gradient_checkpointing_func``; we wrap it per
 layer instance (revertibly, through the PatchHandle), the same hook train/offload.py uses.
+
+Offloaded checkpoints split a layer into two checkpoints, attention half and MLP half (patch/blocks.py); the
+attention half's recompute then ends at the o projection, whose output nothing reads there either:
+:func:`attention_recompute_contexts` marks that recompute, :func:`attention_output_unused` asks.
 """
 
 from __future__ import annotations
@@ -23,18 +27,30 @@ def in_recompute() -> bool:
     return getattr(_STATE, "depth", 0) > 0
 
 
+def attention_output_unused() -> bool:
+    """Inside the recompute of an attention half (a checkpoint ending at the attention's o projection)."""
+    return getattr(_STATE, "attention_half", 0) > 0
+
+
 @contextlib.contextmanager
-def _recomputing():
+def _recomputing(attention_half: bool = False):
     _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    _STATE.attention_half = getattr(_STATE, "attention_half", 0) + int(attention_half)
     try:
         yield
     finally:
         _STATE.depth -= 1
+        _STATE.attention_half -= int(attention_half)
 
 
 def recompute_contexts():
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``."""
     return contextlib.nullcontext(), _recomputing()
+
+
+def attention_recompute_contexts():
+    """``context_fn`` for the checkpoint of an attention half (patch/blocks.py): its o projection is the last op."""
+    return contextlib.nullcontext(), _recomputing(attention_half=True)
 
 
 def _marking(checkpoint_fn):
