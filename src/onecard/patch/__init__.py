@@ -74,6 +74,10 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
         from .recompute import mark_recompute
 
         mark_recompute(base, handle)  # layers checkpointed before patching; onecard's own checkpointing marks itself
+    if mlp_fn is not None and attn_fn is not None and spec.decoder_class:
+        from .blocks import mark_split_layers
+
+        mark_split_layers(base, spec.decoder_class, handle)  # taken up by offloaded checkpoints only (train/offload.py)
     if fused_loss and hasattr(base, "lm_head") and hasattr(base, "model"):
         handle.set_forward(base, causal_lm_forward, "fused_linear_ce")
 

@@ -157,14 +157,27 @@ def _unpack(held):
 
 
 def offloaded_checkpoint(function, *args, **kwargs):
-    """``torch.utils.checkpoint.checkpoint`` (non-reentrant) whose saved inputs wait in pinned host memory."""
+    """``torch.utils.checkpoint.checkpoint`` (non-reentrant) whose saved inputs wait in pinned host memory.
+
+    A layer marked by onecard's kernels (patch/blocks.py) is checkpointed as two halves, attention and MLP, each
+    with its input offloaded: twice the host bytes, and a recompute that skips the o projection."""
+    from onecard.patch.blocks import split_halves
+    from onecard.patch.recompute import attention_recompute_contexts, recompute_contexts
+
+    kwargs["use_reentrant"] = False  # reentrant checkpoint saves no inputs through hooks: nothing would offload
+    halves = split_halves(function) if len(args) == 1 and "context_fn" not in kwargs else None
+    if halves is None:
+        kwargs.setdefault("context_fn", recompute_contexts)  # patched MLPs skip work the recompute does not need
+        return _checkpoint_offloaded(function, *args, **kwargs)
+    attention, mlp = halves
+    mid = _checkpoint_offloaded(attention, *args, context_fn=attention_recompute_contexts, **kwargs)
+    return _checkpoint_offloaded(mlp, mid, context_fn=recompute_contexts, **kwargs)
+
+
+def _checkpoint_offloaded(function, *args, **kwargs):
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from onecard.patch.recompute import recompute_contexts
-
-    kwargs["use_reentrant"] = False  # reentrant checkpoint saves no inputs through hooks: nothing would offload
-    kwargs.setdefault("context_fn", recompute_contexts)  # patched MLPs skip work the recompute does not need
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         return checkpoint(function, *args, **kwargs)
 
