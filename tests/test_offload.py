@@ -154,6 +154,7 @@ def test_gpu_checkpoints_wait_in_pinned_host_memory(tmp_path, tiny_model_factory
         out = model(input_ids=x, labels=x)
         torch.cuda.synchronize()
         held_gpu[on] = torch.cuda.memory_allocated() - before
+        assert not any(offload._COPYING.values())  # the decoder stack's end released every copied source
         stats = offload.stats()
         out.loss.backward()
         torch.cuda.synchronize()
@@ -166,3 +167,14 @@ def test_gpu_checkpoints_wait_in_pinned_host_memory(tmp_path, tiny_model_factory
     assert stats["held_on"] == ["cpu"]
     assert held_gpu[False] - held_gpu[True] >= 0.9 * expected
     assert max((a - b).abs().max().item() for a, b in zip(grads_by[False], grads_by[True])) == 0.0
+
+
+def test_the_decoder_stack_releases_offloaded_sources_once(tmp_path, tiny_llama_dir):
+    """enable_offloaded_checkpointing hooks the module holding the layers (before the LM head and the loss) to let go
+    of the offloaded sources; a second call adds no second hook."""
+    from onecard.train.offload import enable_offloaded_checkpointing, release_copied
+
+    model, _ = _model_and_batch(tmp_path, tiny_llama_dir, offload=True)
+    enable_offloaded_checkpointing(model)
+    hooked = [m for m in model.modules() if release_copied in m._forward_hooks.values()]
+    assert hooked == [model.get_base_model().model]

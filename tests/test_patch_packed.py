@@ -292,7 +292,7 @@ def test_varlen_matches_dense_mask_bf16_cuda(monkeypatch):
     model = _model(lora=True, dtype=torch.bfloat16, device="cuda", hidden_size=256, num_attention_heads=4,
                    num_key_value_heads=2)
     examples = _examples()
-    batch = {k: v.cuda() for k, v in _packed_batch(examples).items()}
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _packed_batch(examples).items()}
     real, calls = packing.packed_varlen_attention, []
     monkeypatch.setattr(packing, "packed_varlen_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     before = packed.computations

@@ -22,10 +22,17 @@ How (maintained mechanisms, one small piece by hand):
   transformers 5.17's ``gradient_checkpointing_enable(offload=True)`` wraps around ``checkpoint``):
   save_on_cpu packs with a *blocking* ``copy_`` into a fresh pinned tensor on the compute stream, so the host
   waits for every layer's copy and stops queueing kernels. Here the device-to-host copy runs with
-  ``non_blocking=True`` on a side stream (after waiting for the compute stream), the source tensor is kept from
-  reuse with ``record_stream`` until the copy is done, and the compute stream waits on the copy's event only in
-  backward, before the host-to-device copy (also ``non_blocking``, from pinned memory) -- the asynchronous copy
-  Unsloth's offloaded gradient checkpointing does, without replacing the checkpoint function itself.
+  ``non_blocking=True`` on a side stream (after waiting for the compute stream), and the host-to-device copy in
+  backward is ``non_blocking`` too, from pinned memory -- the asynchronous copy Unsloth's offloaded gradient
+  checkpointing does, without replacing the checkpoint function itself.
+- The source tensor must not be reused before its copy has read it. ``record_stream`` would do that, but a block
+  freed under it waits for the side stream's event before the allocator hands it out again, and meanwhile the
+  allocator reserves new segments: with two offloaded tensors per layer (patch/blocks.py) that was 22.95 GiB
+  reserved for 17.58 allocated on Llama 3 8B b8 (bench/results/h200-k9.jsonl). Instead the source is kept
+  referenced here until two more tensors have been packed, or the decoder stack's forward has ended (a forward hook
+  on the module holding the layers, so before the LM head and the loss), then the *compute* stream waits for its
+  copy (long done by then: no stall) and the reference is dropped: the block returns to the compute stream's pool
+  in stream order, reusable at once.
 - Prefetch: backward unpacks the layers' inputs in the reverse of the order forward packed them, so when one is
   unpacked the copy back of the one packed before it starts on the side stream (each held tensor keeps a weak
   reference to its predecessor), overlapping that copy with this layer's recompute and backward. One extra layer
@@ -38,6 +45,7 @@ instances), onecard's patched kernels (they replace modules inside the layer, no
 
 from __future__ import annotations
 
+import collections
 import threading
 import weakref
 from typing import Any
@@ -46,6 +54,8 @@ _STATS_LOCK = threading.Lock()
 _STATS: dict[str, Any] = {"tensors": 0, "bytes": 0, "pinned": 0, "live_bytes": 0, "prefetched": 0, "held_on": set()}
 _SIDE_STREAMS: dict[Any, Any] = {}
 _LAST_PACKED: dict[Any, Any] = {}  # device -> weakref to the _Held packed last (the next one's predecessor)
+_COPYING: dict[Any, Any] = {}  # device -> deque of (source tensor, event) whose device-to-host copy may still run
+SOURCES_KEPT = 2  # offloaded sources kept referenced after their copy starts (see the module docstring)
 
 
 def reset_stats() -> None:
@@ -107,11 +117,29 @@ def _pack(tensor):
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         host.copy_(tensor, non_blocking=True)
         event = side.record_event()
-    tensor.record_stream(side)  # its memory is not reused until the copy above has read it
+    _COPYING.setdefault(tensor.device, collections.deque()).append((tensor, event))
+    _release_copied(tensor.device, keep=SOURCES_KEPT)
     held = _Held(tensor.device, host, event, nbytes)
     held.prev = _LAST_PACKED.get(tensor.device)
     _LAST_PACKED[tensor.device] = weakref.ref(held)
     return held
+
+
+def release_copied(*_hook_args) -> None:
+    """Release every offloaded source whose copy has been queued (all devices); a forward hook's signature."""
+    for device in list(_COPYING):
+        _release_copied(device, keep=0)
+
+
+def _release_copied(device, keep: int) -> None:
+    """Drop the references to offloaded sources but the newest ``keep``, once the compute stream waits for their
+    device-to-host copies: their memory is then free in the compute stream's order."""
+    import torch
+
+    copying = _COPYING.get(device)
+    while copying and len(copying) > keep:
+        _, event = copying.popleft()
+        torch.cuda.current_stream(device).wait_event(event)
 
 
 def _copy_back(held, stream):
@@ -141,6 +169,7 @@ def _unpack(held):
         return held
     if held.device is None:
         return held.host
+    _release_copied(held.device, keep=0)  # backward has started: forward's last sources are not needed
     compute = torch.cuda.current_stream(held.device)
     if held.prefetched is None:
         tensor, event = _copy_back(held, compute)
@@ -193,11 +222,18 @@ def enable_offloaded_checkpointing(model) -> int:
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    n = 0
+    n, stacks = 0, {}
     for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-            module._gradient_checkpointing_func = offloaded_checkpoint
-            n += 1
+        for child in module.children():
+            if isinstance(child, GradientCheckpointingLayer) and child.gradient_checkpointing:
+                child._gradient_checkpointing_func = offloaded_checkpoint
+                stacks[id(module)] = module
+                n += 1
+    for layer_list in stacks.values():  # the ModuleList of layers never runs forward itself: hook its parent
+        for parent in model.modules():
+            if layer_list in parent.children() and not getattr(parent, "_onecard_releases_offloaded", False):
+                parent.register_forward_hook(release_copied)
+                parent._onecard_releases_offloaded = True
     if n == 0:
         raise RuntimeError(f"{type(model).__name__} has no checkpointed GradientCheckpointingLayer: "
                            "offloaded activation checkpoints need transformers' layer-wise checkpointing")
