@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from onecard.bench.calibrate import load_records
+from onecard.bench.report import probe_results
 from onecard.bench.report_kernels import kernels_section, latest_and_earlier, render_kernels
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -83,7 +84,7 @@ def test_the_latest_row_of_a_configuration_is_shown_and_earlier_ones_listed():
 
 def test_docs_kernels_section_matches_the_raw_results():
     doc = json.loads((DOCS / "benchmarks.json").read_text())
-    fresh = json.loads(json.dumps(kernels_section(load_records()), default=str))
+    fresh = json.loads(json.dumps(kernels_section(load_records(), probes=probe_results()), default=str))
     assert doc["kernels"] == fresh, "regenerate with `python -m onecard.bench.report`"
     assert render_kernels(fresh) in (DOCS / "benchmarks.md").read_text()
 
@@ -93,7 +94,21 @@ def test_a_row_of_reverted_code_is_never_the_latest():
     earlier rows even though it is the newest of its configuration."""
     from onecard.bench.calibrate import CE_CHUNK_EXPERIMENT
 
-    kept = _row("k6.jsonl", "2026-11-28T18:53", offload=True, tps=13_000, peak=20.0)
-    reverted = _row("k7.jsonl", CE_CHUNK_EXPERIMENT[0][:11] + "18:58", offload=True, tps=13_100, peak=20.7)
+    # not offloaded: offloaded rows of that time are superseded anyway (calibrate.SPLIT_OFFLOAD_SINCE)
+    kept = _row("k6.jsonl", "2026-11-28T18:53", tps=13_000, peak=22.7)
+    reverted = _row("k7.jsonl", CE_CHUNK_EXPERIMENT[0][:11] + "18:58", tps=13_100, peak=23.3)
     latest, earlier = latest_and_earlier([kept, reverted])
     assert latest == [kept] and earlier == [reverted]
+
+
+def test_target_3_shows_what_the_probe_measured_and_picked():
+    probe = {"_file": "e2e/probe_x.json", "seq": 2048, "cap_gib": 140.4, "set": ["training.micro_batch_size=8"],
+             "best": {"tokens_per_s": 13_681.4, "peak_reserved_gib": 101.35},
+             "tried": [{"micro_batch": 4, "grad_ckpt": False, "kernels": "onecard", "tokens_per_s": 13_627.9},
+                       {"micro_batch": 8, "grad_ckpt": False, "kernels": "onecard", "tokens_per_s": 13_681.4}]}
+    rows = [_row("k.jsonl", "2026-12-01T10:00", tps=13_000, peak=20.0, base_tps=6_500, base_peak=50.0)]
+    text = render_kernels(kernels_section(rows, probes=[probe]))
+    line = next(x for x in text.splitlines() if x.startswith("- 3 "))
+    assert "e2e/probe_x.json" in line and "b4 no ckpt onecard 13,628" in line
+    assert "`training.micro_batch_size=8`: 13,681 tokens/s at 101.3 GiB" in line
+    assert "not measured" in next(x for x in render_kernels(kernels_section(rows)).splitlines() if x.startswith("- 3 "))

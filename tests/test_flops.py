@@ -131,11 +131,14 @@ def test_six_n_rule_and_causal_attention_on_a_real_shape():
                                             "forward_attention", "lora_forward", "lora_backward"}
 
 
+@pytest.mark.parametrize("offloaded", [False, True])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_onecard_kernels_recompute_skips_the_down_projection_as_planned(method):
+def test_onecard_kernels_recompute_skips_the_down_projection_as_planned(method, offloaded):
     """With onecard's fused LoRA ops and checkpointing, PyTorch counts exactly the planner's onecard terms: the
     recompute leaves out the whole down projection (and its adapter), forward and backward are unchanged. DoRA
-    adds only its expanded norm's matmuls (W A^T, A A^T, B A A^T per forward pass); its scaling is elementwise."""
+    adds only its expanded norm's matmuls (W A^T, A A^T, B A A^T per forward pass); its scaling is elementwise.
+    Offloaded checkpoints split into halves (patch/blocks.py): the recompute also leaves out the o projection's
+    frozen GEMM and lora_B (not DoRA's, which saves its output)."""
     import peft
     import transformers
     from torch.utils.flop_counter import FlopCounterMode, mm_flop
@@ -150,8 +153,12 @@ def test_onecard_kernels_recompute_skips_the_down_projection_as_planned(method):
     model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, target_modules=ALL7, use_dora=method == "dora"))
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if offloaded:
+        from onecard.train.offload import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(model)
     handle = apply_kernels(model, "onecard", fused_loss=False)  # the fused loss moves the head's backward forward
-    assert handle.patched.get("recompute_marks") == cfg.num_hidden_layers
+    assert handle.patched.get("recompute_marks") == (None if offloaded else cfg.num_hidden_layers)
     ids = torch.randint(0, 320, (BATCH, SEQ))
     # the fused ops accumulate with in-place addmm_, which FlopCounterMode (torch 2.13) has no formula for
     inplace = {torch.ops.aten.addmm_: lambda s, a, b, *args, out_shape=None, **kw: mm_flop(a, b)}
@@ -163,8 +170,10 @@ def test_onecard_kernels_recompute_skips_the_down_projection_as_planned(method):
     total = sum(sum(c.get_flop_counts()["Global"].values()) for c in (fwd, bwd))
     shape = ModelShape.from_config(cfg.to_dict(), id="tiny-llama")
     kw = dict(method=method, seq_len=SEQ, micro_batch=BATCH, rank=RANK, targets=ALL7, grad_ckpt=True, attention="eager")
-    onecard = flops_per_token(shape, kernels="onecard", **kw)
+    onecard = flops_per_token(shape, kernels="onecard", split_halves=offloaded, **kw)
     plain = flops_per_token(shape, **kw)
+    whole = flops_per_token(shape, kernels="onecard", **kw)
+    assert (onecard.matmul_per_token < whole.matmul_per_token) == (offloaded and method == "lora")
     rotary = 2 * (shape.head_dim_ // 2) * SEQ
     assert total == pytest.approx(onecard.matmul_per_token * BATCH * SEQ + rotary, rel=1e-9)
     assert onecard.matmul_per_token < plain.matmul_per_token

@@ -168,3 +168,26 @@ def test_preference_suggestions_never_offer_fused_kernels():
                               "training": {"micro_batch_size": 4}, "plan": {"gpu": "rtx4090"}})
     fixes = suggest_fixes(plan_memory(inputs_from_recipe(recipe)))
     assert fixes and not any("kernels" in str(f) for f in fixes)
+
+
+def test_offloaded_checkpoints_of_patched_layers_are_planned_per_half():
+    """patch/blocks.py: with onecard's kernels each layer offloads two inputs (x and x + attn(x)) and recomputes one
+    half at a time; without the kernels, or on a family without a decoder_class, the layer stays whole."""
+    from onecard.plan.activations import head_activation_bytes_per_token, layer_activation_parts_per_token
+
+    split = inputs(gpu="h200", micro_batch=8, offload_activations=True)
+    whole = inputs(gpu="h200", micro_batch=8, offload_activations=True, kernels="none")
+    assert split.split_halves and not whole.split_halves
+    assert not inputs(gpu="h200", micro_batch=8).split_halves  # not offloaded: whole layers on the GPU
+    assert not inputs("gemma-2-2b", gpu="h200", micro_batch=8, offload_activations=True).split_halves
+    s = plan_memory(split)
+    unsplit = plan_memory(split.with_(kernels="onecard", offload_activations=False))
+    shape, tokens = split.shape, split.tokens_per_micro_batch
+    one_input = 2 * shape.hidden_size * tokens
+    head = head_activation_bytes_per_token(shape, "onecard") * tokens
+    assert s.component("activations").bytes == 2 * one_input  # in flight: one in use, one prefetched
+    assert s.component("activations_host").bytes == 2 * shape.num_hidden_layers * one_input + head - 2 * one_input
+    parts = layer_activation_parts_per_token(shape, method="lora", targets=split.targets, rank=16, kernels="onecard",
+                                             attn="sdpa", seq_len=2048)
+    saved = unsplit.component("block_backward").bytes - s.component("block_backward").bytes
+    assert saved == min(parts.values()) * tokens  # only the larger half is recomputed at a time

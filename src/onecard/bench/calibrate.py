@@ -49,6 +49,10 @@ DORA_SINCE = "2026-11-28T18:37"
 # Run K7 (h200-k7.jsonl) measured the fused loss with >= 2048-row chunks, reverted after it (0.6 GiB more at the peak
 # for ~2 ms per step, bench/results/ce_chunk_2026-11-28.json): its onecard rows describe code onecard no longer runs.
 CE_CHUNK_EXPERIMENT = ("2026-11-28T18:56", "2026-11-28T19:01")
+# Offloaded checkpoints of onecard-patched layers split into attention and MLP halves (patch/blocks.py), with copied
+# sources freed in compute-stream order (train/offload.py); run K9 had the split with record_stream (5.4 GiB reserved
+# and unused), run K10 (h200-k10.jsonl) the final code.
+SPLIT_OFFLOAD_SINCE = "2026-11-28T20:35"
 
 
 def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
@@ -57,7 +61,8 @@ def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
 
     - fp32-upcast QLoRA: train/model.py prepare_kbit casts back to bf16 since the second H200 run (h200-r2.jsonl);
     - older kernels: measured before :data:`KERNELS_SINCE`; offloaded checkpoints before :data:`OFFLOAD_SINCE`;
-      onecard DoRA before :data:`DORA_SINCE`; the reverted fused-loss chunking of :data:`CE_CHUNK_EXPERIMENT`."""
+      onecard DoRA before :data:`DORA_SINCE`; the reverted fused-loss chunking of :data:`CE_CHUNK_EXPERIMENT`;
+      onecard's offloaded checkpoints before :data:`SPLIT_OFFLOAD_SINCE`."""
     kernels = rec.get(f"{prefix}kernels_applied") or "none"
     if kernels == "none":
         return None
@@ -67,6 +72,9 @@ def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
         return "earlier onecard kernels"
     if rec.get("offload_activations") and not prefix and str(rec.get("date", "")) < OFFLOAD_SINCE:
         return "earlier offload prefetch"
+    if kernels == "onecard" and rec.get("offload_activations") and not prefix \
+            and str(rec.get("date", "")) < SPLIT_OFFLOAD_SINCE:
+        return "offloaded checkpoints before the split halves"
     if kernels == "onecard" and rec.get("method") == "dora" and str(rec.get("date", "")) < DORA_SINCE:
         return "earlier onecard DoRA"
     if kernels == "onecard" and CE_CHUNK_EXPERIMENT[0] <= str(rec.get("date", "")) < CE_CHUNK_EXPERIMENT[1]:

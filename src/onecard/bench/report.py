@@ -150,6 +150,13 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
         row["planned_error_pct"] = 100 * (row["planned_reserved_gib"] - m) / m if m and row["status"] == "ok" else None
 
 
+def probe_results() -> list[dict]:
+    """The ``onecard plan --probe`` results kept in bench/results/e2e/probe_*.json (issue 6, target 3), with their
+    file names."""
+    files = sorted((RESULTS_DIR / "e2e").glob("probe_*.json"))
+    return [json.loads(f.read_text()) | {"_file": f"e2e/{f.name}"} for f in files]
+
+
 def main() -> None:
     from onecard.bench.report_kernels import kernels_section, render_kernels  # issue 6's targets
     from onecard.bench.report_multigpu import multigpu_section, render_multigpu  # issue 9's 2-GPU rows
@@ -161,7 +168,7 @@ def main() -> None:
                "dates": sorted({r["date"][:10] for r in records if r.get("date")}),
                "epoch_samples": EPOCH_SAMPLES, "measured": measured, "rtx4090": rtx4090_rows(records),
                "claims": claims(records), "multigpu": multigpu_section(records),
-               "kernels": kernels_section(records)}
+               "kernels": kernels_section(records, probes=probe_results())}
     (DOCS / "benchmarks.json").write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
     from onecard.bench.report_md import render
 

@@ -194,9 +194,9 @@ def _targets(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out.values(), key=lambda t: TARGET_ORDER.index(t["target_id"]))
 
 
-def kernels_section(records: list[dict[str, Any]]) -> dict[str, Any]:
+def kernels_section(records: list[dict[str, Any]], probes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The latest row per configuration with its verdict, the target summary and the earlier runs (JSON-ready;
-    rendered by :func:`render_kernels`)."""
+    rendered by :func:`render_kernels`); ``probes``: saved ``onecard plan --probe`` results (target 3)."""
     latest, earlier = latest_and_earlier(records)
     rows = latest + earlier
     entries = []
@@ -212,7 +212,7 @@ def kernels_section(records: list[dict[str, Any]]) -> dict[str, Any]:
             "files": sorted({r.get("_file") for r in latest}), "dates": sorted({r["date"] for r in latest}),
             "earlier": [_entry(r, "", None) | {"baseline_tokens_per_s": r.get("baseline_tokens_per_s"),
                                                 "baseline": bool(r.get("baseline"))} for r in earlier],
-            "issue_reference": ISSUE_REFERENCE}
+            "issue_reference": ISSUE_REFERENCE, "probes": probes or []}
 
 
 
@@ -252,11 +252,27 @@ from the rows by `onecard/bench/report_kernels.py`.
     out.append("\nTargets (met when any checkpointing variant meets it, as issue 6 allows):\n")
     out += [f"- {t['target_id']}: {t['target']}: {_verdict(t['met'])}"
             + (f" (by {', '.join(t['met_by'])})" if t["met_by"] else "") for t in section["targets"]]
-    out.append("- 3 (`onecard plan --probe` picks the fastest setting): not measured by these rows.\n")
+    out.append(_probe_line(section.get("probes") or []))
     out.append("For reference, the issue's numbers (Unsloth 2026.10.9 as measured in the issue, not by onecard): "
                + "; ".join(section["issue_reference"]) + ".\n")
     out.append(_earlier(section))
     return "\n".join(out)
+
+
+def _probe_line(probes: list[dict[str, Any]]) -> str:
+    """Target 3 is a different measurement: what ``onecard plan --probe`` measured and picked (not judged here)."""
+    head = "- 3 (`onecard plan --probe` picks the fastest setting for a card with room): "
+    if not probes:
+        return head + "not measured.\n"
+    parts = []
+    for p in probes:
+        best, tried = p["best"], p.get("tried", [])
+        rates = ", ".join(f"b{t['micro_batch']} {'ckpt' if t['grad_ckpt'] else 'no ckpt'} {t['kernels']} "
+                          f"{fmt(t.get('tokens_per_s'), ',.0f')}" for t in tried)
+        parts.append(f"`bench/results/{p['_file']}` measured {rates} tokens/s (cap {p['cap_gib']:.1f} GiB, seq "
+                     f"{p['seq']}) and picked `{' '.join(p['set'])}`: {fmt(best.get('tokens_per_s'), ',.0f')} tokens/s "
+                     f"at {fmt(best.get('peak_reserved_gib'), '.1f')} GiB")
+    return head + "; ".join(parts) + " (recorded, not judged by this table).\n"
 
 
 def _earlier(section: dict[str, Any]) -> str:

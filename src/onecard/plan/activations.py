@@ -33,9 +33,23 @@ def _lora_inputs(shape: ModelShape, targets, *, shared: bool, elem_bytes: int) -
     return elem_bytes * sum(layers[g[0]] for g in groups if any(t in targets for t in g))
 
 
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets, rank: int, kernels: str,
                                      attn: str, seq_len: int, act_bytes: int = BF16) -> int:
-    """Bytes one decoder block saves for backward, per token of the micro-batch.
+    """Bytes one decoder block saves for backward, per token of the micro-batch (both halves of
+    :func:`layer_activation_parts_per_token`)."""
+    parts = layer_activation_parts_per_token(shape, method=method, targets=targets, rank=rank, kernels=kernels,
+                                             attn=attn, seq_len=seq_len, act_bytes=act_bytes)
+    return parts["attention"] + parts["mlp"]
+
+
+def layer_activation_parts_per_token(shape: ModelShape, *, method: str, targets, rank: int, kernels: str,
+                                     attn: str, seq_len: int, act_bytes: int = BF16) -> dict[str, int]:
+    """Bytes one decoder block saves for backward, per token of the micro-batch, by half: ``attention`` (input
+    norm, attention, q/k/v/o adapters) and ``mlp`` (post-attention norm, MLP, gate/up/down adapters). Offloaded
+    checkpoints of onecard-patched layers recompute one half at a time (patch/blocks.py).
 
     Plain transformers (kernels none), per block:
     - RMSNorm x2: ``hidden.to(float32)`` is saved by ``pow`` and by the ``* rsqrt`` multiply: 4h each (+2h for the
@@ -59,26 +73,35 @@ def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets,
     q, kv = shape.q_dim, shape.kv_dim
     full = method == "full"
     fused_norm = kernels in ("onecard", "liger")
-    norms = 2 * ((BF16 * h + FP32) if fused_norm else (FP32 * h + (BF16 * h if full else 0)))
+    norm = (BF16 * h + FP32) if fused_norm else (FP32 * h + (BF16 * h if full else 0))
     if attn == "eager":
         attention = act_bytes * 3 * q + 6 * heads * seq_len
     else:
         attention = act_bytes * (q + 2 * kv) + act_bytes * q + FP32 * heads
     mlp = act_bytes * (2 if fused_norm else 3) * i
-    if full:
-        trainable = _lora_inputs(shape, ("q_proj", "o_proj", "gate_proj", "down_proj"), shared=True, elem_bytes=BF16)
-    else:
-        fused_lora = kernels == "onecard"
-        trainable = _lora_inputs(shape, targets, shared=fused_lora, elem_bytes=BF16 if fused_lora else FP32)
-        trainable += FP32 * rank * sum(1 for name, _, _ in shape.linear_layers_per_block() if name in targets)
-        if method == "dora" and fused_lora:  # onecard's fused DoRA saves each projection's output for dm (the
-            # down projection's on ctx); gate/up's outputs are saved anyway (kernels/lora_mlp.py), so only the others add
-            trainable += BF16 * sum(n_out for name, _, n_out in shape.linear_layers_per_block()
-                                    if name in targets and name not in ("gate_proj", "up_proj"))
-        elif method == "dora":
-            outs = sum(n_out for name, _, n_out in shape.linear_layers_per_block() if name in targets)
-            trainable += (BF16 + FP32) * outs
-    return norms + attention + mlp + trainable
+    trainable = {half: _trainable_bytes_per_token(shape, method, targets, rank, kernels, half)
+                 for half in ("attention", "mlp")}
+    return {"attention": norm + attention + trainable["attention"], "mlp": norm + mlp + trainable["mlp"]}
+
+
+def _trainable_bytes_per_token(shape: ModelShape, method: str, targets, rank: int, kernels: str, half: str) -> int:
+    """What the trained linears of one half save: ``targets`` of that half (adapters), or all its linears (full)."""
+    if method == "full":
+        targets = ("q_proj", "o_proj", "gate_proj", "down_proj")  # one per distinct input
+    targets = [t for t in targets if (t in ATTENTION_TARGETS) == (half == "attention")]
+    if method == "full":
+        return _lora_inputs(shape, targets, shared=True, elem_bytes=BF16)
+    fused_lora = kernels == "onecard"
+    trainable = _lora_inputs(shape, targets, shared=fused_lora, elem_bytes=BF16 if fused_lora else FP32)
+    trainable += FP32 * rank * sum(1 for name, _, _ in shape.linear_layers_per_block() if name in targets)
+    if method == "dora" and fused_lora:  # onecard's fused DoRA saves each projection's output for dm (the
+        # down projection's on ctx); gate/up's outputs are saved anyway (kernels/lora_mlp.py), so only the others add
+        trainable += BF16 * sum(n_out for name, _, n_out in shape.linear_layers_per_block()
+                                if name in targets and name not in ("gate_proj", "up_proj"))
+    elif method == "dora":
+        outs = sum(n_out for name, _, n_out in shape.linear_layers_per_block() if name in targets)
+        trainable += (BF16 + FP32) * outs
+    return trainable
 
 
 def checkpoint_bytes_per_token(shape: ModelShape, act_bytes: int = BF16, dora_down_kept: bool = False) -> int:

@@ -126,13 +126,15 @@ def flops_per_token(
     embeddings_need_grad: bool | None = None,
     lora_dropout: float = 0.0,
     kernels: str = "none",
+    split_halves: bool = False,
 ) -> FlopsBreakdown:
     """The FLOPs of one trained token for ``method`` in lora | qlora | dora | full (terms in the module docstring).
 
     ``attention``: "flash" (causal kernels: sdpa on GPU, flash_attention_2, flex) or "eager" (full square).
     ``embeddings_need_grad``: default True for full fine-tuning (trainable embeddings) and under checkpointing
     (transformers makes the embedding output require grad then); False otherwise.
-    ``kernels``: "onecard" changes what the checkpoint's recompute runs (_recompute_skipped_per_layer).
+    ``kernels``: "onecard" changes what the checkpoint's recompute runs (_recompute_skipped_per_layer), and so do
+    ``split_halves`` (offloaded checkpoints per half-layer, PlanInputs.split_halves).
     """
     if method not in ("lora", "qlora", "dora", "full"):
         raise ValueError(f"unknown method {method!r}")
@@ -173,7 +175,7 @@ def flops_per_token(
     peft_dora = method == "dora" and kernels != "onecard"
     eye = layers * sum(2.0 * i * i * rank + 2.0 * i * rank * o for _, i, o in tgt) if peft_dora else 0.0
     if grad_ckpt:
-        skipped, what = _recompute_skipped_per_layer(shape, method, tgt, rank, kernels)
+        skipped, what = _recompute_skipped_per_layer(shape, method, tgt, rank, kernels, split_halves)
         terms += [
             FlopsTerm("recompute_forward", 2.0 * (p_layers + p_lora - layers * skipped) + eye / tokens_mb, MATMUL,
                       "backward", f"2 x (P_layers + P_lora - L x {what}) (+ DoRA's B A per step): blocks only, "
@@ -215,7 +217,7 @@ def flops_per_token(
 
 
 def _recompute_skipped_per_layer(shape: ModelShape, method: str, tgt, rank: int,
-                                 kernels: str = "none") -> tuple[int, str]:
+                                 kernels: str = "none", split_halves: bool = False) -> tuple[int, str]:
     """Weights per block whose matmul the recompute does *not* re-run, and a label.
 
     torch.utils.checkpoint (non-reentrant, early stop on by default) re-runs a block only until every tensor the
@@ -230,7 +232,14 @@ def _recompute_skipped_per_layer(shape: ModelShape, method: str, tgt, rank: int,
     down = [(i, o) for n, i, o in tgt if n == "down_proj"]
     if kernels == "onecard" and _mlp_feeds_residual(shape):
         lora_b = rank * down[0][1] if down else 0  # h A_d^T moved from the recompute to backward: same count
-        return shape.intermediate_size * shape.hidden_size + lora_b, "P_down (+ its lora_B; onecard's fused MLP)"
+        skipped = shape.intermediate_size * shape.hidden_size + lora_b
+        if split_halves and not (method == "dora" and any(n == "o_proj" for n, _, _ in tgt)):
+            # the attention half's recompute ends at the o projection: its frozen GEMM and lora_B are skipped (its
+            # lora_A still runs: x A^T is saved); a DoRA o projection saves its output, so it runs
+            o_lora_b = rank * shape.hidden_size if any(n == "o_proj" for n, _, _ in tgt) else 0
+            return (skipped + shape.q_dim * shape.hidden_size + o_lora_b,
+                    "P_down + P_o (+ their lora_B; onecard's fused MLP and o projection, split halves)")
+        return skipped, "P_down (+ its lora_B; onecard's fused MLP)"
     if method == "dora":
         return 0, "0"
     if down:

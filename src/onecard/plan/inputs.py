@@ -53,6 +53,18 @@ class PlanInputs:
         return replace(self, **changes)
 
     @property
+    def split_halves(self) -> bool:
+        """Offloaded checkpoints of a family onecard's kernels patch whole (patch/families.py ``decoder_class``) are
+        taken per half-layer, attention and MLP (patch/blocks.py): two offloaded inputs per layer, one half
+        recomputed at a time, and the attention half's recompute ends before the o projection."""
+        if not (self.offload_activations and self.grad_ckpt and self.kernels == "onecard"):
+            return False
+        from onecard.patch.families import FAMILY_KERNELS  # pure data, no torch
+
+        spec = FAMILY_KERNELS.get(self.shape.model_type)
+        return spec is not None and spec.decoder_class is not None
+
+    @property
     def is_adapter(self) -> bool:
         return self.method in ("lora", "qlora", "dora")
 

@@ -130,8 +130,11 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     layers = shape.num_hidden_layers
     dora_down_kept = p.method == "dora" and p.kernels == "onecard" and "down_proj" in p.targets
     per_layer_saved = act.checkpoint_bytes_per_token(shape, act_bytes, dora_down_kept) if p.grad_ckpt else layer_tok
-    saved = layers * per_layer_saved * tokens + act.head_activation_bytes_per_token(shape, p.kernels, act_bytes) * tokens
-    what = "block inputs (checkpoints)" if p.grad_ckpt else "all block activations"
+    # split halves (patch/blocks.py): each layer also keeps its MLP half's input, in host memory
+    per_layer_total = per_layer_saved + (act_bytes * shape.hidden_size if p.split_halves else 0)
+    saved = layers * per_layer_total * tokens + act.head_activation_bytes_per_token(shape, p.kernels, act_bytes) * tokens
+    what = ("half-layer inputs (checkpoints)" if p.split_halves else
+            "block inputs (checkpoints)" if p.grad_ckpt else "all block activations")
     offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (train/offload.py)
     if offloaded:
         in_flight = 2 * per_layer_saved * tokens
@@ -146,7 +149,7 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits,
                              in_place=p.kernels == "onecard")
     held = 0 if p.fused_ce or not p.hold_logits else logits_bytes * tokens * shape.vocab_size
-    recompute = (layer_tok if p.grad_ckpt else 0) * tokens
+    recompute = (_recomputed_bytes_per_token(p, layer_tok, act_bytes) if p.grad_ckpt else 0) * tokens
     block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes, p.kernels) * tokens + held
     # Gradients fill in during backward (zero_grad(set_to_none) frees them every step), so they are a per-phase
     # term, not static (bench calibration, issue 5: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%
@@ -175,7 +178,8 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
                 c.at_peak = False
     ce_label = "logits + cross-entropy " + ("(fused, chunked)" if p.fused_ce else "(fp32 upcast, full vocab)")
     comps.append(Component("logits", ce_label, ce, at_peak=peak_phase == "logits + cross-entropy", kind="estimated"))
-    blabel = ("one block recomputed + its gradients" if p.grad_ckpt else "gradients inside one block")
+    blabel = ("one half-block recomputed + its gradients" if p.split_halves else
+              "one block recomputed + its gradients" if p.grad_ckpt else "gradients inside one block")
     comps.append(Component("block_backward", blabel + (" (+ held logits)" if held else ""), block,
                            at_peak=peak_phase == "block backward", kind="estimated"))
     if "reference pass" in phases:
@@ -191,6 +195,17 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     comps.append(Component("cuda_context", "CUDA context (outside torch allocator)", CUDA_CONTEXT_BYTES,
                            in_allocator=False, kind="estimated"))
     return _finish(p, comps, peak_phase)
+
+
+def _recomputed_bytes_per_token(p: PlanInputs, layer_tok: int, act_bytes: int) -> int:
+    """What one recompute brings back: a whole block, or with split halves the larger half (the attention half's
+    tensors are gone while the MLP half's backward runs, patch/blocks.py)."""
+    if not p.split_halves:
+        return layer_tok
+    parts = act.layer_activation_parts_per_token(p.shape, method=p.method, targets=p.targets, rank=p.rank,
+                                                 kernels=p.kernels, attn=p.attn, seq_len=p.seq_len,
+                                                 act_bytes=act_bytes)
+    return max(parts.values())
 
 
 def _activation_bytes(p: PlanInputs) -> int:

@@ -215,12 +215,14 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     seq = seq_len or inp.seq_len
     fl = flops_per_token(shape, method=method, seq_len=seq, micro_batch=inp.micro_batch, rank=inp.rank,
                          targets=inp.targets, grad_ckpt=ckpt, attention="eager" if inp.attn == "eager" else "flash",
-                         lora_dropout=lora_dropout, kernels=inp.kernels)
+                         lora_dropout=lora_dropout, kernels=inp.kernels, split_halves=ckpt and inp.split_halves)
     compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt)
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
            "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7}
     eff, label, source, exact = lookup_efficiency(cfg, gpu, profile)
+    if exact is not None and ckpt and inp.split_halves:  # measured whole-layer rows: their efficiency, the split's FLOPs
+        label, source, exact = "calibrated", f"efficiency of {exact.id} ({exact.date}), split halves' FLOPs", None
     notes: list[str] = []
     if inp.kernels == "onecard" and not any(m.kernels == "onecard" for m in profile.measurements):
         notes.append("onecard's fused kernels have no measurement yet: the plain (unfused) efficiency is used")
@@ -272,7 +274,8 @@ def _optimizer_and_host_s(inp, memory_plan, bw: float) -> dict:
     if serial:
         out["host_serial_s"] = serial / inp.grad_accum
     if inp.offload_activations and inp.grad_ckpt:  # checkpoints out in forward (side stream), back in backward
-        ckpt_bytes = inp.shape.num_hidden_layers * inp.shape.hidden_size * 2 * inp.tokens_per_micro_batch
+        per_layer = 2 if inp.split_halves else 1  # split halves: the MLP half's input too (patch/blocks.py)
+        ckpt_bytes = per_layer * inp.shape.num_hidden_layers * inp.shape.hidden_size * 2 * inp.tokens_per_micro_batch
         out["host_overlapped_s"] = 2 * ckpt_bytes / link
     return out
 
