@@ -64,9 +64,10 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     setup = reset_peak_after_setup(device)
     state, timing = run_steps(model, tokenizer, optimizer, dataset, schedule, state, recipe, device, console,
                               fused_loss=kernels.fused_loss)
+    patched = dict(kernels.handle.patched) if kernels.handle is not None else {}  # what ran, before revert
     kernels.revert()  # the saved adapter/model and any later eval see plain transformers modules
     summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started,
-                     extra={"kernels": kernels.name, **setup})
+                     extra={"kernels": kernels.name, "kernels_patched": patched, **setup})
     if recipe.eval.at_end and has_eval_data(recipe):
         summary["eval"] = evaluate_and_save(model, tokenizer, recipe, summary)
     model.eval()
