@@ -61,7 +61,7 @@ def recipe(name: str, model_dir: Path, data: Path, **extra) -> Path:
 
     tree = {"name": name, "model": {"name_or_path": str(model_dir)}, "method": extra.pop("method", "lora"),
             "task": extra.pop("task", "sft"), "adapter": {"rank": 16},
-            "data": {"path": str(data), "format": extra.pop("format", "chat"), "seq_len": 512,
+            "data": {"path": str(data), "format": extra.pop("format", "chat"), "seq_len": extra.pop("seq_len", 512),
                      "packing": extra.pop("packing", False)},
             "training": {"max_steps": STEPS, "micro_batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3,
                          "grad_ckpt": True, "log_every_steps": 1, "save_every_steps": 0, **extra.pop("training", {})},
@@ -80,7 +80,8 @@ def run(name: str, recipe_path: Path) -> dict:
     summary_path = ROOT / "runs" / name / "summary.json"
     if summary_path.is_file():
         s = json.loads(summary_path.read_text())
-        out.update({k: s.get(k) for k in ("first_loss", "final_loss", "kernels", "kernels_patched", "dtype", "steps",
+        out.update({k: s.get(k) for k in ("first_loss", "final_loss", "kernels", "kernels_patched",
+                                          "varlen_attention_calls", "dtype", "steps",
                                           "tokens_per_s_measured", "steady_tokens_per_s_measured",
                                           "setup_peak_reserved_bytes_measured", "plan_vs_measured")})
         metrics = ROOT / "runs" / name / "metrics.jsonl"
@@ -98,7 +99,7 @@ def main() -> None:
     runs = [("e2e-lora", recipe("e2e-lora", model_dir, chat)),
             ("e2e-qlora", recipe("e2e-qlora", model_dir, chat, method="qlora")),
             # session 4: offloaded checkpoints (split into halves by the kernels) and packed rows (varlen attention)
-            ("e2e-lora-offload-packed", recipe("e2e-lora-offload-packed", model_dir, chat, packing=True,
+            ("e2e-lora-offload-packed", recipe("e2e-lora-offload-packed", model_dir, chat, packing=True, seq_len=2048,
                                                training={"offload_activations": True})),
             ("e2e-dpo", recipe("e2e-dpo", model_dir, pref, task="dpo", format="auto",
                                training={"learning_rate": 5e-5, "micro_batch_size": 2}))]

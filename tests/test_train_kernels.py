@@ -51,6 +51,7 @@ def test_kernels_on_and_off_train_alike_and_summary_says_which(tmp_path, tiny_ll
     assert summaries["none"]["kernels"] == "none" and summaries["onecard"]["kernels"] == "onecard"
     assert summaries["none"]["kernels_patched"] == {}
     assert summaries["onecard"]["kernels_patched"]["mlp"] == 2  # one per layer of the tiny llama
+    assert summaries["onecard"]["varlen_attention_calls"] == 0  # unpacked rows (and CPU)
     for a, b in zip(summaries["none"]["losses"], summaries["onecard"]["losses"]):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
 

@@ -44,6 +44,7 @@ class PackedInfo:
 
 _cache: list[tuple[weakref.ref, weakref.ref, tuple[int, int], PackedInfo]] = []
 computations = 0  # how many times packed_info did the work (tests read it: once per forward)
+varlen_calls = 0  # attention calls that went through varlen_attn (train's summary.json reports them)
 
 
 @lru_cache(maxsize=1)
@@ -137,6 +138,8 @@ def packed_attention_or(attn, past_key_values=None):
         info = use_varlen(module, query, key, attention_mask, dropout, sliding_window, position_ids)
         if info is None:
             return attn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        global varlen_calls
+        varlen_calls += 1
         if position_ids.shape[0] != query.shape[0]:
             position_ids = position_ids.expand(query.shape[0], -1)
         out = packing.packed_varlen_attention(query, key, value, position_ids, scale=scaling,

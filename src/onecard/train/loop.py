@@ -62,12 +62,13 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     started = state.global_step
     setup = reset_peak_after_setup(device)
+    varlen_before = kernels.varlen_calls()
     state, timing = run_steps(model, tokenizer, optimizer, dataset, schedule, state, recipe, device, console,
                               fused_loss=kernels.fused_loss)
-    patched = dict(kernels.handle.patched) if kernels.handle is not None else {}  # what ran, before revert
+    ran = {"kernels_patched": kernels.patched(), "varlen_attention_calls": kernels.varlen_calls() - varlen_before}
     kernels.revert()  # the saved adapter/model and any later eval see plain transformers modules
     summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started,
-                     extra={"kernels": kernels.name, "kernels_patched": patched, **setup})
+                     extra={"kernels": kernels.name, **ran, **setup})
     if recipe.eval.at_end and has_eval_data(recipe):
         summary["eval"] = evaluate_and_save(model, tokenizer, recipe, summary)
     model.eval()
@@ -112,6 +113,18 @@ class AppliedKernels:
     def revert(self) -> None:
         if self.handle is not None:
             self.handle.revert()
+
+    def patched(self) -> dict[str, int]:
+        """What the kernels replaced, module kind -> count (empty after revert)."""
+        return dict(self.handle.patched) if self.handle is not None else {}
+
+    def varlen_calls(self) -> int:
+        """Attention calls so far that packed rows sent through varlen_attn (onecard's attention only)."""
+        if self.name != "onecard":
+            return 0
+        from onecard.patch import packed
+
+        return packed.varlen_calls
 
 
 def resolve_kernels(recipe: Recipe, device: str) -> str:
