@@ -14,7 +14,8 @@ How (maintained mechanisms, one small piece by hand):
   ``_NoopSaveInputs.save_for_backward``), *outside* its own recompute hook, so a
   ``torch.autograd.graph.saved_tensors_hooks`` context around the checkpoint call sees exactly the layer inputs and
   nothing saved inside the layer (that goes through checkpoint's own hook). tests/test_offload.py counts it: one
-  tensor per layer, ``tokens x hidden`` each.
+  tensor per layer, ``tokens x hidden`` each -- two for a layer onecard's kernels checkpoint per half
+  (patch/blocks.py: the attention half's input and the MLP half's; tests/test_split_checkpoint.py).
 - transformers' decoder layers are ``GradientCheckpointingLayer``s that call ``self._gradient_checkpointing_func``;
   :func:`enable_offloaded_checkpointing` sets that attribute to :func:`offloaded_checkpoint` on every layer
   ``gradient_checkpointing_enable`` switched on -- what transformers' own ``_set_gradient_checkpointing`` does.
@@ -40,7 +41,8 @@ How (maintained mechanisms, one small piece by hand):
 - On the CPU there is nothing to offload: the tensor is kept as is (still counted, so the tests see the path).
 
 Works for anything transformers checkpoints layer by layer: peft-wrapped models (the layers are the same module
-instances), onecard's patched kernels (they replace modules inside the layer, not the layer call) and QLoRA.
+instances), onecard's patched kernels (they replace modules inside the layer; a layer they mark is checkpointed
+as two halves here) and QLoRA.
 """
 
 from __future__ import annotations
