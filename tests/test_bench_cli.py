@@ -108,6 +108,31 @@ def test_probe_picks_the_fastest_setting_that_fits_and_stops_a_line_at_oom():
     assert all(t["planned_gib"] <= 24 * 1.1 for t in out["tried"])
 
 
+def test_probe_tries_offloaded_checkpoints_and_says_how_to_get_them():
+    """Offloaded checkpoints are a line of their own, tried before checkpoints kept on the GPU; when they measure
+    fastest the answer turns them on, and the printed summary says which setting each row was."""
+    from onecard.bench.probe import CHECKPOINTING, candidates, probe, summary_lines
+    from onecard.bench.config import config_from_recipe
+    from onecard.recipe import validate_recipe
+
+    recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "data": {"seq_len": 2048}})
+    base = config_from_recipe(recipe, seq=2048, steps=1, warmup=0, gpu="rtx4090")
+    order = [(c.grad_ckpt, c.offload_activations) for c, _ in candidates(base, 24, "rtx4090") if c.kernels == "onecard"]
+    assert (True, True) in order and order.index((True, True)) < order.index((True, False))
+    assert sorted(set(order), key=CHECKPOINTING.index) == [o for o in CHECKPOINTING if o in order]
+
+    def fake_measure(cfg):
+        if not cfg.grad_ckpt and cfg.micro_batch > 1:
+            return {"status": "oom"}
+        speed = cfg.micro_batch * 100 * (1.05 if cfg.offload_activations else 1.0)
+        return {"status": "ok", "tokens_per_s": speed, "peak_reserved_gib": 20.0}
+
+    out = probe(recipe, cap_gib=24, gpu="rtx4090", measure=fake_measure)
+    assert out["best"]["offload_activations"] and "training.offload_activations=true" in out["set"]
+    text = "\n".join(summary_lines(out, 24))
+    assert "checkpointing offloaded" in text and "--set training.offload_activations=true" in text
+
+
 def test_probe_ends_a_line_once_doubling_the_micro_batch_stops_paying():
     """Saturation: b2 no faster than b1 (within 3%) means b4 and up are not measured on that line."""
     from onecard.bench.probe import probe

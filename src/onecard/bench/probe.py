@@ -3,8 +3,10 @@
 The planner ranks the candidates and prunes the ones it expects not to fit (with a 10% margin: the memory matrix
 holds it within 10%); then each survivor is *measured* at the longest sequence of the user's data, fastest
 expected first, and an OOM ends that candidate (the cap is the card, or ``--memory-cap-gib``). The answer is
-printed as ``--set`` overrides. Candidates: micro-batch (powers of two up to 16), gradient checkpointing on/off,
-fused kernels (fused cross-entropy) on/off.
+printed as ``--set`` overrides. Candidates: micro-batch (powers of two up to 16), checkpointing (none, offloaded to
+host memory, on the GPU), fused kernels (fused cross-entropy) on/off. Offloaded checkpoints come before checkpoints
+kept on the GPU: they hold less, and with onecard's kernels they also recompute less (patch/blocks.py; measured
+13,200 vs 12,906 tokens/s on Llama 3 8B b8, bench/results/h200-k10.jsonl).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ MICRO_BATCHES = (1, 2, 4, 8, 16)
 PLAN_MARGIN = 1.10
 SATURATION = 1.03
 PLAN_SLOWER = 0.75
+# (grad_ckpt, offload_activations), in the order a line is tried: no recompute, offloaded, on the GPU
+CHECKPOINTING = ((False, False), (True, True), (True, False))
 
 
 def longest_sequence(recipe) -> int:
@@ -53,13 +57,19 @@ def candidates(base: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchC
 
     out = []
     for kernels in ("onecard", "none"):
-        for grad_ckpt in (False, True):
+        for grad_ckpt, offload in CHECKPOINTING:
             for mb in MICRO_BATCHES:
-                cfg = dataclasses.replace(base, micro_batch=mb, grad_ckpt=grad_ckpt, kernels=kernels, baseline=False)
+                cfg = dataclasses.replace(base, micro_batch=mb, grad_ckpt=grad_ckpt, offload_activations=offload,
+                                          kernels=kernels, baseline=False)
                 planned = plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=gpu)).required_bytes / GIB
                 if planned <= cap_gib * PLAN_MARGIN:
                     out.append((cfg, planned))
-    return sorted(out, key=lambda c: (c[0].grad_ckpt, c[0].kernels != "onecard", c[0].micro_batch))
+    return sorted(out, key=lambda c: (CHECKPOINTING.index(_checkpointing(c[0])), c[0].kernels != "onecard",
+                                      c[0].micro_batch))
+
+
+def _checkpointing(cfg: BenchConfig) -> tuple[bool, bool]:
+    return cfg.grad_ckpt, cfg.offload_activations
 
 
 def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], dict[str, Any]],
@@ -73,7 +83,7 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
     base.memory_cap_gib = cap_gib
     tried, oom_from, last_rate = [], {}, {}
     for cfg, planned in candidates(base, cap_gib, gpu):
-        line = (cfg.grad_ckpt, cfg.kernels)
+        line = (*_checkpointing(cfg), cfg.kernels)
         if cfg.micro_batch >= oom_from.get(line, 10**9):
             continue
         best_rate = max(last_rate.values(), default=0.0)
@@ -86,7 +96,8 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
         if line in last_rate and rate < last_rate[line] * SATURATION:
             oom_from[line] = min(oom_from.get(line, 10**9), cfg.micro_batch * 2)
         last_rate[line] = max(rate, last_rate.get(line, 0.0))
-        tried.append({"micro_batch": cfg.micro_batch, "grad_ckpt": cfg.grad_ckpt, "kernels": cfg.kernels,
+        tried.append({"micro_batch": cfg.micro_batch, "grad_ckpt": cfg.grad_ckpt,
+                      "offload_activations": cfg.offload_activations, "kernels": cfg.kernels,
                       "planned_gib": round(planned, 2), "status": rec.get("status"),
                       "tokens_per_s": rec.get("tokens_per_s"), "peak_reserved_gib": rec.get("peak_reserved_gib")})
         if rec.get("status") == "oom":
@@ -96,5 +107,20 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
         return {"best": None, "tried": tried, "seq": base.seq, "cap_gib": cap_gib}
     best = max(ok, key=lambda t: t["tokens_per_s"])
     sets = [f"training.micro_batch_size={best['micro_batch']}", f"training.grad_ckpt={str(best['grad_ckpt']).lower()}",
+            f"training.offload_activations={str(best['offload_activations']).lower()}",
             f"training.kernels={best['kernels']}", f"training.fused_ce={'true' if best['kernels'] != 'none' else 'false'}"]
     return {"best": best, "set": sets, "tried": tried, "seq": base.seq, "cap_gib": cap_gib}
+
+
+def summary_lines(result: dict[str, Any], cap_gib: float) -> list[str]:
+    """The human report of :func:`probe`'s result: every setting measured, then the pick as --set overrides."""
+    if result["best"] is None:
+        return [f"nothing fit in {cap_gib:g} GiB at seq {result['seq']} (tried {len(result['tried'])} settings)"]
+    lines = []
+    for t in result["tried"]:
+        ckpt = ("offloaded" if t.get("offload_activations") else "on") if t["grad_ckpt"] else "off"
+        lines.append(f"  b{t['micro_batch']} checkpointing {ckpt} kernels={t['kernels']}: {t['status']} "
+                     f"{(t['tokens_per_s'] or 0):,.0f} tokens/s (measured), planned {t['planned_gib']} GiB")
+    lines.append(f"fastest that fits: {result['best']['tokens_per_s']:,.0f} tokens/s (measured) with "
+                 + " ".join(f"--set {s}" for s in result["set"]))
+    return lines

@@ -259,6 +259,12 @@ from the rows by `onecard/bench/report_kernels.py`.
     return "\n".join(out)
 
 
+def _checkpointing(tried: dict[str, Any]) -> str:
+    if not tried["grad_ckpt"]:
+        return "no ckpt"
+    return "ckpt+offload" if tried.get("offload_activations") else "ckpt"
+
+
 def _probe_line(probes: list[dict[str, Any]]) -> str:
     """Target 3 is a different measurement: what ``onecard plan --probe`` measured and picked (not judged here)."""
     head = "- 3 (`onecard plan --probe` picks the fastest setting for a card with room): "
@@ -267,8 +273,8 @@ def _probe_line(probes: list[dict[str, Any]]) -> str:
     parts = []
     for p in probes:
         best, tried = p["best"], p.get("tried", [])
-        rates = ", ".join(f"b{t['micro_batch']} {'ckpt' if t['grad_ckpt'] else 'no ckpt'} {t['kernels']} "
-                          f"{fmt(t.get('tokens_per_s'), ',.0f')}" for t in tried)
+        rates = ", ".join(f"b{t['micro_batch']} {_checkpointing(t)} {t['kernels']} {fmt(t.get('tokens_per_s'), ',.0f')}"
+                          for t in tried)
         parts.append(f"`bench/results/{p['_file']}` measured {rates} tokens/s (cap {p['cap_gib']:.1f} GiB, seq "
                      f"{p['seq']}) and picked `{' '.join(p['set'])}`: {fmt(best.get('tokens_per_s'), ',.0f')} tokens/s "
                      f"at {fmt(best.get('peak_reserved_gib'), '.1f')} GiB")

@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _run_probe(recipe_path, sets, device, gpu_id, memory_cap_gib, command, as_json) -> None:
-    from onecard.bench.probe import probe
+    from onecard.bench.probe import probe, summary_lines
     from onecard.bench.run import run_config
     from onecard.catalog.gpus import get_gpu
     from onecard.recipe import load_recipe
@@ -99,13 +99,8 @@ def _run_probe(recipe_path, sets, device, gpu_id, memory_cap_gib, command, as_js
     result = probe(recipe, cap_gib=cap, gpu=gpu_id, measure=lambda cfg: run_config(cfg, device, command=command))
     if as_json:
         _print_json_line(result)
-    elif result["best"] is None:
-        typer.echo(f"nothing fit in {cap:g} GiB at seq {result['seq']} (tried {len(result['tried'])} settings)")
     else:
-        for t in result["tried"]:
-            typer.echo(f"  b{t['micro_batch']} ckpt={t['grad_ckpt']} kernels={t['kernels']}: {t['status']} "
-                       f"{(t['tokens_per_s'] or 0):,.0f} tokens/s, planned {t['planned_gib']} GiB")
-        typer.echo("fastest that fits: " + " ".join(f"--set {s}" for s in result["set"]))
+        typer.echo("\n".join(summary_lines(result, cap)))
     if result["best"] is None:
         raise typer.Exit(1)
 

@@ -180,7 +180,7 @@ def _probe(recipe, memory_cap_gib: Optional[float], as_json: bool) -> None:
     only here, so a plain ``onecard plan`` stays fast)."""
     import sys
 
-    from onecard.bench.probe import probe
+    from onecard.bench.probe import probe, summary_lines
     from onecard.bench.run import detect_device, gpu_catalog_id, run_config
     from onecard.catalog.gpus import get_gpu
 
@@ -191,14 +191,7 @@ def _probe(recipe, memory_cap_gib: Optional[float], as_json: bool) -> None:
     result = probe(recipe, cap_gib=cap, gpu=gpu_id, measure=lambda cfg: run_config(cfg, "cuda", command=command))
     if as_json:
         print_json(result)
-    elif result["best"] is None:
-        typer.echo(f"nothing fit in {cap:g} GiB at seq {result['seq']} (tried {len(result['tried'])} settings)")
     else:
-        for t in result["tried"]:
-            typer.echo(f"  b{t['micro_batch']} ckpt={t['grad_ckpt']} kernels={t['kernels']}: {t['status']} "
-                       f"{(t['tokens_per_s'] or 0):,.0f} tokens/s (measured), planned {t['planned_gib']} GiB")
-        best = result["best"]
-        typer.echo(f"fastest that fits: {best['tokens_per_s']:,.0f} tokens/s (measured) with "
-                   + " ".join(f"--set {s}" for s in result["set"]))
+        typer.echo("\n".join(summary_lines(result, cap)))
     if result["best"] is None:
         raise typer.Exit(1)
