@@ -275,7 +275,8 @@ def _probe_line(probes: list[dict[str, Any]]) -> str:
         best, tried = p["best"], p.get("tried", [])
         rates = ", ".join(f"b{t['micro_batch']} {_checkpointing(t)} {t['kernels']} {fmt(t.get('tokens_per_s'), ',.0f')}"
                           for t in tried)
-        parts.append(f"`bench/results/{p['_file']}` measured {rates} tokens/s (cap {p['cap_gib']:.1f} GiB, seq "
+        when = f" ({p['date'][:10]} {p['date'][11:16]} UTC)" if p.get("date") else ""
+        parts.append(f"`bench/results/{p['_file']}`{when} measured {rates} tokens/s (cap {p['cap_gib']:.1f} GiB, seq "
                      f"{p['seq']}) and picked `{' '.join(p['set'])}`: {fmt(best.get('tokens_per_s'), ',.0f')} tokens/s "
                      f"at {fmt(best.get('peak_reserved_gib'), '.1f')} GiB")
     return head + "; ".join(parts) + " (recorded, not judged by this table).\n"

@@ -89,11 +89,16 @@ def _trainable_bytes_per_token(shape: ModelShape, method: str, targets, rank: in
     if method == "full":
         targets = ("q_proj", "o_proj", "gate_proj", "down_proj")  # one per distinct input
     targets = [t for t in targets if (t in ATTENTION_TARGETS) == (half == "attention")]
-    if method == "full":
-        return _lora_inputs(shape, targets, shared=True, elem_bytes=BF16)
     fused_lora = kernels == "onecard"
-    trainable = _lora_inputs(shape, targets, shared=fused_lora, elem_bytes=BF16 if fused_lora else FP32)
-    trainable += FP32 * rank * sum(1 for name, _, _ in shape.linear_layers_per_block() if name in targets)
+    # onecard's fused MLP saves x, gate and up only: the GLU backward rebuilds the down projection's input h, and
+    # h A_d^T from it (kernels/lora_mlp.py). Measured without checkpointing (Llama 3 8B, H200, b1 to b4): ~115 KB per
+    # token and layer against 148 planned with h counted (bench/results/e2e/probe_llama3-8b_s4_2026-11-28.json).
+    saving = [t for t in targets if not (fused_lora and t == "down_proj")]
+    if method == "full":
+        return _lora_inputs(shape, saving, shared=True, elem_bytes=BF16)
+    trainable = _lora_inputs(shape, saving, shared=fused_lora, elem_bytes=BF16 if fused_lora else FP32)
+    rank_bytes = BF16 if fused_lora else FP32  # x A^T: in the compute dtype in onecard's ops, fp32 in peft's
+    trainable += rank_bytes * rank * sum(1 for name, _, _ in shape.linear_layers_per_block() if name in saving)
     if method == "dora" and fused_lora:  # onecard's fused DoRA saves each projection's output for dm (the
         # down projection's on ctx); gate/up's outputs are saved anyway (kernels/lora_mlp.py), so only the others add
         trainable += BF16 * sum(n_out for name, _, n_out in shape.linear_layers_per_block()

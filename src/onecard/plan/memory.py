@@ -132,18 +132,20 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     per_layer_saved = act.checkpoint_bytes_per_token(shape, act_bytes, dora_down_kept) if p.grad_ckpt else layer_tok
     # split halves (patch/blocks.py): each layer also keeps its MLP half's input, in host memory
     per_layer_total = per_layer_saved + (act_bytes * shape.hidden_size if p.split_halves else 0)
-    saved = layers * per_layer_total * tokens + act.head_activation_bytes_per_token(shape, p.kernels, act_bytes) * tokens
+    head = act.head_activation_bytes_per_token(shape, p.kernels, act_bytes) * tokens  # after the layers: never offloaded
+    saved = layers * per_layer_total * tokens + head
     what = ("half-layer inputs (checkpoints)" if p.split_halves else
             "block inputs (checkpoints)" if p.grad_ckpt else "all block activations")
     offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (train/offload.py)
     if offloaded:
         in_flight = 2 * per_layer_saved * tokens
-        comps.append(Component("activations", f"saved activations: 2 {what} in flight", in_flight, kind="estimated"))
-        comps.append(Component("activations_host", f"saved activations: {what} offloaded", saved - in_flight,
-                               where="host", kind="estimated"))
+        comps.append(Component("activations", f"saved activations: 2 {what} in flight + the head's", in_flight + head,
+                               kind="estimated"))
+        comps.append(Component("activations_host", f"saved activations: {what} offloaded",
+                               saved - head - in_flight, where="host", kind="estimated"))
     else:
         comps.append(Component("activations", f"saved activations: {what}", saved, kind="estimated"))
-    saved_device = in_flight if offloaded else saved
+    saved_device = in_flight + head if offloaded else saved
 
     logits_bytes = static.FP32 if (p.method == "qlora" and p.kbit_upcast) else p.dtype_bytes
     ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits,
