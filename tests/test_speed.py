@@ -137,3 +137,24 @@ def test_profile_rows_load_with_sources():
     rows = load_profile().measurements
     assert {m.gpu for m in rows} == {"h200"} and all(m.source and m.date for m in rows)
     assert isinstance(rows[0], Measurement)
+
+
+def _row(mb: int, ckpt: bool, tps: float, kernels: str = "onecard") -> Measurement:
+    return Measurement(f"r-{mb}-{ckpt}-{kernels}", "h200", "llama-3-8b", "lora", 16, 2048, mb, ckpt, kernels, tps,
+                       "2026-11-28", "test")
+
+
+def test_host_time_per_layer_is_fitted_per_checkpointing_and_bounded_by_device_bound_pairs():
+    """A host-bound small micro-batch gives the host time; a pair whose small micro-batch keeps up with the large one
+    only bounds it from above (its step time); without a fit for the asked checkpointing, the class's fit is used,
+    capped by that bound."""
+    from onecard.plan.speed import layer_overhead_s
+
+    ckpt_pair = (_row(1, True, 5_000), _row(8, True, 13_000))  # b1 host-bound: 2048 / 5000 s over 32 layers
+    profile = Profile(ckpt_pair + (_row(2, False, 15_400), _row(8, False, 17_000)), 0.35, "", "test")
+    host_ckpt = 2048 / 5_000 / 32
+    assert layer_overhead_s(profile, "h200", "onecard", True) == pytest.approx(host_ckpt)
+    assert layer_overhead_s(profile, "h200", "onecard", False) == pytest.approx(2 * 2048 / 15_400 / 32)  # the bound
+    unbounded = Profile(ckpt_pair + (_row(1, False, 12_000), _row(8, False, 17_000)), 0.35, "", "test")
+    assert layer_overhead_s(unbounded, "h200", "onecard", False) == pytest.approx(2048 / 12_000 / 32)
+    assert layer_overhead_s(Profile(ckpt_pair, 0.35, "", "test"), "h200", "onecard", False) == pytest.approx(host_ckpt)

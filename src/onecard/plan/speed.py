@@ -104,31 +104,43 @@ def _layers(model: str) -> int:
     return resolve_shape(model).num_hidden_layers
 
 
-def layer_overhead_s(profile: Profile, gpu_id: str, kclass: str) -> float:
+def layer_overhead_s(profile: Profile, gpu_id: str, kclass: str, grad_ckpt: bool | None = None) -> float:
     """Host time per decoder layer per optimizer step: Python dispatch and kernel launches of a layer's forward,
     recompute and backward (peft's per-projection modules, autograd bookkeeping, Triton launches). The host
     enqueues work asynchronously, so a step takes max(host time, device time): small micro-batches are
     host-bound. Fitted from pairs of measured rows that differ only in micro-batch: when the small one runs well
     below the large one's rate, its step time *is* the host time. Measured on the H200 (bench, issue 5): Llama 3 8B
     LoRA onecard b1 0.43 s/step against 0.21 s of device work (b8 runs 1.69 s for 8x the tokens): ~13 ms per layer;
-    plain peft b1 0.39 s (seq 512 b1 also 0.38 s, while seq 4096 b1 is device-bound). Averaged over the pairs of
-    the asked kernel class on the card (any class, then any card, if none); 0 without pairs."""
+    plain peft b1 0.39 s (seq 512 b1 also 0.38 s, while seq 4096 b1 is device-bound). Checkpointing changes it:
+    onecard's kernels at b1 took 0.38 s per step with checkpointing and 0.16 s without (H200, Llama 3 8B,
+    bench/results/h200-k11.jsonl), since non-reentrant checkpointing's recompute and bookkeeping run on the host too.
+    Averaged over the pairs of the asked kernel class and ``grad_ckpt`` on the card; failing those, the class with
+    either checkpointing, then any class, then any card; 0 without pairs."""
     groups: dict[tuple, list[Measurement]] = {}
     for m in profile.measurements:
-        if gpu_id in (m.gpu, "*") and (kclass == "*" or KERNEL_CLASS.get(m.kernels, m.kernels) == kclass):
+        if gpu_id in (m.gpu, "*") and (kclass == "*" or KERNEL_CLASS.get(m.kernels, m.kernels) == kclass) \
+                and grad_ckpt in (None, m.grad_ckpt):
             groups.setdefault((m.model, m.method, m.rank, m.seq_len, m.grad_ckpt, m.kernels, m.targets), []).append(m)
-    fits = []
+    fits, bounds = [], []
     for rows in groups.values():
         lo = min(rows, key=lambda m: m.micro_batch)
         hi = max(rows, key=lambda m: m.micro_batch)
-        if hi.micro_batch <= lo.micro_batch or lo.tokens_per_s > HOST_BOUND_RATE * hi.tokens_per_s:
-            continue  # no pair, or the small micro-batch is not host-bound: says nothing about the host time
-        fits.append(lo.micro_batch * lo.seq_len / lo.tokens_per_s / _layers(lo.model))
-    if not fits and kclass != "*":
-        return layer_overhead_s(profile, gpu_id, "*")
-    if not fits and gpu_id != "*":  # host-side cost: a card without pairs takes the other cards' (CPU-bound)
-        return layer_overhead_s(profile, "*", kclass)
-    return sum(fits) / len(fits) if fits else 0.0
+        if hi.micro_batch <= lo.micro_batch:
+            continue  # no pair
+        per_layer_s = lo.micro_batch * lo.seq_len / lo.tokens_per_s / _layers(lo.model)
+        # host-bound: its step time is the host time; else the host time is at most its step time
+        (bounds if lo.tokens_per_s > HOST_BOUND_RATE * hi.tokens_per_s else fits).append(per_layer_s)
+    if fits:
+        return sum(fits) / len(fits)
+    if grad_ckpt is not None:
+        fallback = layer_overhead_s(profile, gpu_id, kclass)
+    elif kclass != "*":
+        fallback = layer_overhead_s(profile, gpu_id, "*")
+    elif gpu_id != "*":  # host-side cost: a card without pairs takes the other cards' (CPU-bound)
+        fallback = layer_overhead_s(profile, "*", kclass)
+    else:
+        fallback = 0.0
+    return min([fallback, *bounds])
 
 
 def host_bound(m: Measurement, host_per_layer_s: float) -> bool:
@@ -179,10 +191,10 @@ def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str
                 and m.seq_len == cfg["seq_len"] and m.micro_batch == cfg["micro_batch"]
                 and m.grad_ckpt == cfg["grad_ckpt"] and cfg.get("all_linear", True)):
             return measurement_efficiency(m, gpu), "measured", f"measured: {m.id} ({m.date})", m
-    host_s = layer_overhead_s(profile, gpu.id, kclass)
-    device_bound = [m for m in same_method if not host_bound(m, host_s)]
+    host_s = {ckpt: layer_overhead_s(profile, gpu.id, kclass, ckpt) for ckpt in (False, True)}
+    device_bound = [m for m in same_method if not host_bound(m, host_s[m.grad_ckpt])]
     same_method = [m for m in same_method if m in device_bound] or same_method  # see host_bound
-    rows = [m for m in rows if not host_bound(m, host_s)] or rows
+    rows = [m for m in rows if not host_bound(m, host_s[m.grad_ckpt])] or rows
     here = sorted((m for m in same_method if m.gpu == gpu.id), key=lambda m: _score(m, cfg))
     if here:
         return measurement_efficiency(here[0], gpu), "calibrated", f"efficiency of {here[0].id} ({here[0].date})", None
@@ -243,7 +255,7 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     steps.update(_optimizer_and_host_s(inp, memory_plan, bw))
     device_s = (max(steps["matmul_s"], steps["weights_read_s"], steps.get("host_overlapped_s", 0.0))
                 + sum(v for k, v in steps.items() if k not in ("matmul_s", "weights_read_s", "host_overlapped_s")))
-    steps["host_dispatch_s"] = layer_overhead_s(profile, gpu.id, KERNEL_CLASS.get(inp.kernels, "none")) \
+    steps["host_dispatch_s"] = layer_overhead_s(profile, gpu.id, KERNEL_CLASS.get(inp.kernels, "none"), ckpt) \
         * shape.num_hidden_layers
     step = max(device_s, steps["host_dispatch_s"])  # the host enqueues asynchronously: the slower side sets the pace
     estimate = min(ceiling, tokens / step)
