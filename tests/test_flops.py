@@ -177,3 +177,28 @@ def test_onecard_kernels_recompute_skips_the_down_projection_as_planned(method, 
     rotary = 2 * (shape.head_dim_ // 2) * SEQ
     assert total == pytest.approx(onecard.matmul_per_token * BATCH * SEQ + rotary, rel=1e-9)
     assert onecard.matmul_per_token < plain.matmul_per_token
+
+
+def test_packed_rows_through_varlen_pay_attention_over_their_examples_only():
+    """data.packing with onecard's kernels (varlen attention, patch/packed.py): the attention terms are an example's
+    (data.mean_tokens_per_example), every other term is unchanged; other kernels run the masked attention over the
+    whole row; unknown example length: the whole row."""
+    from onecard.plan.flops import flops_for_recipe
+    from onecard.recipe import validate_recipe
+
+    def recipe(packing, kernels, mean=300):
+        return validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "training": {"kernels": kernels},
+                                "data": {"seq_len": 2048, "packing": packing, "mean_tokens_per_example": mean}})
+
+    from onecard.catalog.models import PRESETS
+
+    row = flops_for_recipe(recipe(False, "onecard", None))  # no mean, not packed: the whole row
+    packed = flops_for_recipe(recipe(True, "onecard"))
+    masked = flops_for_recipe(recipe(True, "none"))
+    shape = PRESETS["llama-3-8b"]
+    assert packed.term("forward_attention") == attention_forward_per_token(shape, 300)
+    assert row.term("forward_attention") == attention_forward_per_token(shape, 2048)
+    assert masked.term("forward_attention") == row.term("forward_attention")
+    for name in ("forward_matmul", "backward_input_grads", "lora_forward", "recompute_forward"):
+        assert packed.term(name) == row.term(name)
+    assert flops_for_recipe(recipe(True, "onecard", None)).term("forward_attention") == row.term("forward_attention")

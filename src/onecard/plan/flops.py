@@ -127,6 +127,7 @@ def flops_per_token(
     lora_dropout: float = 0.0,
     kernels: str = "none",
     split_halves: bool = False,
+    attention_span: int | None = None,
 ) -> FlopsBreakdown:
     """The FLOPs of one trained token for ``method`` in lora | qlora | dora | full (terms in the module docstring).
 
@@ -135,6 +136,8 @@ def flops_per_token(
     (transformers makes the embedding output require grad then); False otherwise.
     ``kernels``: "onecard" changes what the checkpoint's recompute runs (_recompute_skipped_per_layer), and so do
     ``split_halves`` (offloaded checkpoints per half-layer, PlanInputs.split_halves).
+    ``attention_span``: the sequence the attention runs over when shorter than ``seq_len`` -- packed rows through
+    varlen attention attend within their example only (:func:`varlen_span`).
     """
     if method not in ("lora", "qlora", "dora", "full"):
         raise ValueError(f"unknown method {method!r}")
@@ -151,7 +154,7 @@ def flops_per_token(
     p_lora = layers * sum(rank * (i + o) for _, i, o in tgt)
     first_qkv = 0 if emb_grad else h * (shape.q_dim + 2 * shape.kv_dim)
     first_lora_a = 0 if emb_grad else sum(rank * i for n, i, _ in tgt if n in ("q_proj", "k_proj", "v_proj"))
-    attn_fwd = attention_forward_per_token(shape, seq_len, attention)
+    attn_fwd = attention_forward_per_token(shape, min(seq_len, attention_span or seq_len), attention)
     attn_bwd_factor = 2.5 if attention == "flash" else 2.0
 
     terms = [
@@ -273,6 +276,23 @@ def effective_seq_len(recipe) -> int:
     return max(1, min(seq, int(round(mean))))
 
 
+def packed_example_tokens(recipe) -> int | None:
+    """The example length inside packed rows, for :func:`varlen_span`; None without packing or a known mean."""
+    data = recipe.data
+    if not data.packing or not data.mean_tokens_per_example:
+        return None
+    return max(1, min(data.seq_len, int(round(data.mean_tokens_per_example))))
+
+
+def varlen_span(example_tokens: int | None, kernels: str) -> int | None:
+    """Tokens a packed row's attention spans. With onecard's kernels on a CUDA card (every catalog card), packed rows
+    go through varlen attention (patch/packed.py), each example attending within itself: the attention term is that
+    of an example, not of the whole row. The exact span is the token-weighted mean example length (sum L^2 / sum L);
+    only the mean is known, which is exact for equal lengths and low otherwise. Other kernels run the dense masked
+    attention over the whole row: None."""
+    return example_tokens if kernels == "onecard" else None
+
+
 def flops_for_recipe(recipe, shape: ModelShape | None = None, *, grad_ckpt: bool | None = None,
                      method: str | None = None) -> FlopsBreakdown:
     """:func:`flops_per_token` with the recipe's settings (``method``/``grad_ckpt`` override for what-ifs)."""
@@ -287,4 +307,5 @@ def flops_for_recipe(recipe, shape: ModelShape | None = None, *, grad_ckpt: bool
         targets=lora_targets_for(recipe, shape), attention=attn,
         grad_ckpt=recipe.training.grad_ckpt if grad_ckpt is None else grad_ckpt,
         lora_dropout=recipe.adapter.dropout, kernels=resolve_kernels(recipe.training.kernels, shape),
+        attention_span=varlen_span(packed_example_tokens(recipe), resolve_kernels(recipe.training.kernels, shape)),
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 from onecard.catalog.gpus import GPU, get_gpu
 from onecard.catalog.models import ModelShape, resolve_shape
+from onecard.plan.flops import packed_example_tokens
 
 # Families onecard's fused kernels patch (issue 6: Llama, Mistral, Qwen2, Gemma, Gemma 2); others fall back to none.
 KERNEL_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
@@ -41,6 +42,7 @@ class PlanInputs:
     reference: str = "adapter-disabled"  # DPO/KTO: adapter-disabled (LoRA) | copy (full)
     num_gpus: int = 1
     hold_logits: bool = False         # the loop keeps ``outputs.logits`` alive through backward (onecard frees them)
+    packed_example_tokens: int | None = None  # mean example length in packed rows (flops.varlen_span)
 
     def __post_init__(self) -> None:
         # num_gpus > 1 is FSDP here, and onecard trains FSDP without its kernels (train/distributed_loop.py
@@ -112,4 +114,5 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
         offload_activations=t.offload_activations, kernels=kernels, fused_ce=resolve_fused_ce(t.fused_ce, kernels),
         attn="sdpa" if attn == "auto" else attn, dtype_bytes=4 if recipe.model.dtype == "float32" else 2,
         double_quant=recipe.quant.double_quant, reference=reference, num_gpus=t.num_gpus,
+        packed_example_tokens=packed_example_tokens(recipe),
     )

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from onecard.calibration import Measurement, Profile, load_profile
 from onecard.catalog.gpus import GPU
-from onecard.plan.flops import FlopsBreakdown, flops_per_token
+from onecard.plan.flops import FlopsBreakdown, flops_per_token, varlen_span
 
 # Prior for a method/kernel with no measurement anywhere: about the MFU plain HF + PEFT LoRA reaches on H200
 # (6,517 tokens/s x 46.6 GFLOP/token / 989.4 TFLOP/s = 0.31), rounded down.
@@ -225,16 +225,23 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     gpu, shape, method = inp.gpu, inp.shape, inp.method
     ckpt = inp.grad_ckpt if grad_ckpt is None else grad_ckpt
     seq = seq_len or inp.seq_len
+    fl_span = varlen_span(inp.packed_example_tokens, inp.kernels)
     fl = flops_per_token(shape, method=method, seq_len=seq, micro_batch=inp.micro_batch, rank=inp.rank,
                          targets=inp.targets, grad_ckpt=ckpt, attention="eager" if inp.attn == "eager" else "flash",
-                         lora_dropout=lora_dropout, kernels=inp.kernels, split_halves=ckpt and inp.split_halves)
+                         lora_dropout=lora_dropout, kernels=inp.kernels, split_halves=ckpt and inp.split_halves,
+                         attention_span=fl_span)
     compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt)
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
            "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7}
     eff, label, source, exact = lookup_efficiency(cfg, gpu, profile)
-    if exact is not None and ckpt and inp.split_halves:  # measured whole-layer rows: their efficiency, the split's FLOPs
-        label, source, exact = "calibrated", f"efficiency of {exact.id} ({exact.date}), split halves' FLOPs", None
+    exact_id, exact_date = (exact.id, exact.date) if exact is not None else (None, None)
+    other_work = [why for why, on in (("split halves", ckpt and inp.split_halves),
+                                      ("attention within packed examples", fl_span is not None and fl_span < seq))
+                  if on]
+    if exact is not None and other_work:  # a measured row of other work: its efficiency, this configuration's FLOPs
+        label, exact = "calibrated", None
+        source = f"efficiency of {exact_id} ({exact_date}), with the FLOPs of {' and '.join(other_work)}"
     notes: list[str] = []
     if inp.kernels == "onecard" and not any(m.kernels == "onecard" for m in profile.measurements):
         notes.append("onecard's fused kernels have no measurement yet: the plain (unfused) efficiency is used")
