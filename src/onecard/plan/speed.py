@@ -235,13 +235,10 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
            "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7}
     eff, label, source, exact = lookup_efficiency(cfg, gpu, profile)
-    exact_id, exact_date = (exact.id, exact.date) if exact is not None else (None, None)
-    other_work = [why for why, on in (("split halves", ckpt and inp.split_halves),
-                                      ("attention within packed examples", fl_span is not None and fl_span < seq))
-                  if on]
+    other_work = _unlike_measured_rows(inp, ckpt, fl_span, seq)
     if exact is not None and other_work:  # a measured row of other work: its efficiency, this configuration's FLOPs
-        label, exact = "calibrated", None
-        source = f"efficiency of {exact_id} ({exact_date}), with the FLOPs of {' and '.join(other_work)}"
+        label, source = "calibrated", f"efficiency of {exact.id} ({exact.date}), with the FLOPs of {other_work}"
+        exact = None
     notes: list[str] = []
     if inp.kernels == "onecard" and not any(m.kernels == "onecard" for m in profile.measurements):
         notes.append("onecard's fused kernels have no measurement yet: the plain (unfused) efficiency is used")
@@ -274,6 +271,14 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     notes.append(f"{bound}-bound at micro-batch {inp.micro_batch} x {seq} tokens")
     return Throughput(gpu.id, method, fl, ceiling, compute_ceiling, memory_ceiling, estimate, label, eff, source,
                       {**steps, "step_s": step}, notes)
+
+
+def _unlike_measured_rows(inp, ckpt: bool, span: int | None, seq: int) -> str:
+    """What this configuration does that bench rows of the same shape do not (they run whole layers on unpacked
+    rows), as words; empty when nothing."""
+    work = [why for why, on in (("split halves", ckpt and inp.split_halves),
+                                ("attention within packed examples", span is not None and span < seq)) if on]
+    return " and ".join(work)
 
 
 def _optimizer_and_host_s(inp, memory_plan, bw: float) -> dict:
