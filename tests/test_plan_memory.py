@@ -191,3 +191,19 @@ def test_offloaded_checkpoints_of_patched_layers_are_planned_per_half():
                                              attn="sdpa", seq_len=2048)
     saved = unsplit.component("block_backward").bytes - s.component("block_backward").bytes
     assert saved == min(parts.values()) * tokens  # only the larger half is recomputed at a time
+
+
+def test_a_fitting_plan_with_checkpoints_on_the_gpu_is_told_about_offloading_them():
+    """also_worth_it: offloading with onecard's kernels (split halves) holds less and recomputes less, so a plan that
+    fits hears of it; not without the kernels, not when already offloaded, not without checkpointing."""
+    from onecard.plan.suggest import also_worth_it
+
+    plan = plan_memory(inputs(micro_batch=8))  # 8B LoRA b8 on the 4090: tight, checkpoints on the GPU
+    (extra,) = also_worth_it(plan)
+    offloaded = plan_memory(inputs(micro_batch=8, offload_activations=True))
+    assert extra.set == {"training.offload_activations": True} and extra.total_bytes == offloaded.total_bytes
+    assert offloaded.total_bytes < plan.total_bytes and "halves" in extra.change
+    assert also_worth_it(plan_memory(inputs(micro_batch=1, kernels="none"))) == []
+    assert also_worth_it(offloaded) == []
+    no_ckpt = plan_memory(inputs(gpu="h200", micro_batch=1, grad_ckpt=False))
+    assert no_ckpt.fits and also_worth_it(no_ckpt) == []

@@ -60,18 +60,28 @@ def load_plan_recipe(recipe_path: Path | None, overrides: list[str]):
 def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
-    from onecard.plan.suggest import suggest_fixes
+    from onecard.plan.suggest import also_worth_it, suggest_fixes
 
     inputs = inputs_from_recipe(recipe, gpu=gpu)
     plan = plan_memory(inputs)
     fixes = suggest_fixes(plan)
-    payload = {"memory": plan.to_dict(), "suggestions": [s.to_dict() for s in fixes]}
+    extras = also_worth_it(plan)
+    payload = {"memory": plan.to_dict(), "suggestions": [s.to_dict() for s in fixes],
+               "also_worth_it": [s.to_dict() for s in extras]}
     renderables = memory_renderables(plan, fixes)
+    renderables += [_also_text(s) for s in extras]
     for section in SECTIONS:
         key, part, extra = section(recipe, inputs, plan)
         payload[key] = part
         renderables.extend(extra)
     return payload, renderables
+
+
+def _also_text(suggestion):
+    from rich.text import Text
+
+    sets = " ".join(f"--set {k}={str(v).lower()}" for k, v in suggestion.set.items())
+    return Text(f"also worth it: {suggestion.change}: {sets}", style="cyan")
 
 
 def memory_renderables(plan, fixes) -> list:
