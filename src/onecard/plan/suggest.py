@@ -2,8 +2,9 @@
 
 Order is the cost to the user (speed, quality, money), cheapest first: a smaller micro-batch with more
 accumulation keeps the effective batch and the maths; checkpointing and fused CE cost a little speed; an 8-bit or
-paged optimizer and activation offload cost a little more; QLoRA changes the model's numerics; a bigger card or more
-GPUs cost money. Each suggestion is a real :func:`plan_memory` call, never a rule of thumb.
+paged optimizer and activation offload cost a little more (offload costs nothing with onecard's kernels, which then
+recompute less: :func:`also_worth_it` says so even when the plan fits); QLoRA changes the model's numerics; a bigger
+card or more GPUs cost money. Each suggestion is a real :func:`plan_memory` call, never a rule of thumb.
 """
 
 from __future__ import annotations
