@@ -137,13 +137,10 @@ def test_recipe_kernels_auto_resolves_against_target_card():
 
 
 def test_plan_never_imports_torch():
-    import subprocess
-    import sys
+    from _no_torch import assert_runs_without_torch
 
-    code = ("import sys; from onecard.plan.scope import scope_table; from onecard.catalog.gpus import GPUS; "
-            "import onecard.commands.plan, onecard.lint; scope_table(GPUS['rtx4090']); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_runs_without_torch("from onecard.plan.scope import scope_table; from onecard.catalog.gpus import GPUS; "
+                              "import onecard.commands.plan, onecard.lint; scope_table(GPUS['rtx4090'])")
 
 
 def test_preference_tasks_are_planned_without_fused_kernels():
