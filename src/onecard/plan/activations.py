@@ -36,15 +36,6 @@ def _lora_inputs(shape: ModelShape, targets, *, shared: bool, elem_bytes: int) -
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def layer_activation_bytes_per_token(shape: ModelShape, *, method: str, targets, rank: int, kernels: str,
-                                     attn: str, seq_len: int, act_bytes: int = BF16) -> int:
-    """Bytes one decoder block saves for backward, per token of the micro-batch (both halves of
-    :func:`layer_activation_parts_per_token`)."""
-    parts = layer_activation_parts_per_token(shape, method=method, targets=targets, rank=rank, kernels=kernels,
-                                             attn=attn, seq_len=seq_len, act_bytes=act_bytes)
-    return parts["attention"] + parts["mlp"]
-
-
 def layer_activation_parts_per_token(shape: ModelShape, *, method: str, targets, rank: int, kernels: str,
                                      attn: str, seq_len: int, act_bytes: int = BF16) -> dict[str, int]:
     """Bytes one decoder block saves for backward, per token of the micro-batch, by half: ``attention`` (input

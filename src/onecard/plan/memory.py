@@ -124,9 +124,10 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     comps = _static_components(p)
     tokens = p.tokens_per_micro_batch
     act_bytes = _activation_bytes(p)
-    layer_tok = act.layer_activation_bytes_per_token(shape, method=p.method, targets=p.targets, rank=p.rank,
-                                                     kernels=p.kernels, attn=p.attn, seq_len=p.seq_len,
-                                                     act_bytes=act_bytes)
+    halves = act.layer_activation_parts_per_token(shape, method=p.method, targets=p.targets, rank=p.rank,
+                                                  kernels=p.kernels, attn=p.attn, seq_len=p.seq_len,
+                                                  act_bytes=act_bytes)
+    layer_tok = sum(halves.values())
     layers = shape.num_hidden_layers
     dora_down_kept = p.method == "dora" and p.kernels == "onecard" and "down_proj" in p.targets
     per_layer_saved = act.checkpoint_bytes_per_token(shape, act_bytes, dora_down_kept) if p.grad_ckpt else layer_tok
@@ -151,7 +152,10 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits,
                              in_place=p.kernels == "onecard")
     held = 0 if p.fused_ce or not p.hold_logits else logits_bytes * tokens * shape.vocab_size
-    recompute = (_recomputed_bytes_per_token(p, layer_tok, act_bytes) if p.grad_ckpt else 0) * tokens
+    # one recompute brings back a whole block, or with split halves the larger half (the attention half's tensors
+    # are gone while the MLP half's backward runs, patch/blocks.py)
+    recomputed = max(halves.values()) if p.split_halves else layer_tok
+    recompute = (recomputed if p.grad_ckpt else 0) * tokens
     block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes, p.kernels) * tokens + held
     # Gradients fill in during backward (zero_grad(set_to_none) frees them every step), so they are a per-phase
     # term, not static (bench calibration, issue 5: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%
@@ -199,20 +203,9 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     return _finish(p, comps, peak_phase)
 
 
-def _recomputed_bytes_per_token(p: PlanInputs, layer_tok: int, act_bytes: int) -> int:
-    """What one recompute brings back: a whole block, or with split halves the larger half (the attention half's
-    tensors are gone while the MLP half's backward runs, patch/blocks.py)."""
-    if not p.split_halves:
-        return layer_tok
-    parts = act.layer_activation_parts_per_token(p.shape, method=p.method, targets=p.targets, rank=p.rank,
-                                                 kernels=p.kernels, attn=p.attn, seq_len=p.seq_len,
-                                                 act_bytes=act_bytes)
-    return max(parts.values())
-
-
 def _activation_bytes(p: PlanInputs) -> int:
     """Element size of the residual stream: fp32 for QLoRA after prepare_model_for_kbit_training (fp32 embeddings and
-    norms make the hidden states fp32; see activations.layer_activation_bytes_per_token), else bf16."""
+    norms make the hidden states fp32; see activations.layer_activation_parts_per_token), else bf16."""
     return static.FP32 if (p.method == "qlora" and p.kbit_upcast) else act.BF16
 
 
