@@ -125,9 +125,10 @@ def also_worth_it(plan: MemoryPlan) -> list[Suggestion]:
     halves (PlanInputs.split_halves), which holds less on the GPU *and* recomputes less -- measured faster on the H200
     (Llama 3 8B b8: 13,200 vs 12,906 tokens/s, bench/results/h200-k10.jsonl), at the cost of pinned host memory."""
     p = plan.inputs
-    if not plan.fits or not p.grad_ckpt or p.offload_activations or not p.with_(offload_activations=True).split_halves:
+    offloaded = p.with_(offload_activations=True)
+    if not plan.fits or not p.grad_ckpt or p.offload_activations or not offloaded.split_halves:
         return []
-    new = plan_memory(p.with_(offload_activations=True))
+    new = plan_memory(offloaded)
     saved_gib = (plan.total_bytes - new.total_bytes) / GIB
     change = (f"offload activation checkpoints to host ({saved_gib:.1f} GiB less on the GPU, "
               f"{new.host_bytes / GIB:.1f} GiB pinned host memory; the layers are then checkpointed in halves, "
