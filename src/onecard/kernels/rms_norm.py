@@ -55,7 +55,9 @@ if HAS_TRITON:
         for i in range(0, rows_per_prog):
             row = pid * rows_per_prog + i
             row64 = row.to(tl.int64)
-            m = mask & (row < n_rows)
+            # One block-vs-scalar compare: `mask & (row < n_rows)` (block & scalar i1) is mis-typed by
+            # Triton 3.9's CPU interpreter ("mask has unsupported dtype"); compiled, both are the same IR.
+            m = cols < tl.where(row < n_rows, n_cols, 0)
             dy = tl.load(DY + row64 * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
             x = tl.load(X + row64 * stride_x + cols, mask=m, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + row64, mask=row < n_rows, other=0.0)
