@@ -115,17 +115,70 @@ def test_plain_checkpointing_keeps_whole_layers(monkeypatch):
     assert calls["o_skipped"] == 0 and calls["mlp_skipped"] == model.config.num_hidden_layers
 
 
-def test_a_layer_with_hooks_is_checkpointed_whole():
+def _hooks_inside_checkpoint() -> bool:
+    """transformers 5.17 checkpoints ``nn.Module.__call__`` (module hooks inside); 5.24 checkpoints ``forward``."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class Probe(GradientCheckpointingLayer):
+        def forward(self, x):
+            return x
+
+    probe, seen = Probe(), []
+    probe.gradient_checkpointing = True
+    probe._gradient_checkpointing_func = lambda fn, *args: seen.append(fn) or fn(*args)
+    probe.register_forward_pre_hook(lambda mod, args: seen.append("hook"))
+    probe.train()
+    probe(torch.ones(1, requires_grad=True))
+    return seen[0] != "hook"  # hooks inside: the checkpoint function was called before the hook ran
+
+
+def test_installed_transformers_checkpoint_form_is_recognised():
+    """A transformers release that hands its checkpoint function in a new form must fail here, not fall back to
+    whole layers in silence (the planner plans halves)."""
+    from onecard.patch.blocks import checkpoint_form_recognised
+
+    assert checkpoint_form_recognised()
+
+
+def test_unrecognised_checkpoint_form_says_so_and_marks_nothing(monkeypatch):
+    from onecard.patch import blocks
+
+    monkeypatch.setattr(blocks, "checkpoint_form_recognised", lambda: False)
+    model = _model("llama", lora=True)
+    handle = apply_kernels(model, "onecard")
+    assert "split_layers" not in handle.patched
+    assert "offloaded checkpoints stay whole layers" in handle.notice
+    handle.revert()
+
+
+def test_a_layer_with_hooks_is_split_only_when_its_hooks_stay_outside_the_checkpoint():
+    """With hooks inside the checkpointed call (transformers 5.17) the halves would skip them: that layer stays
+    whole. With ``forward`` checkpointed (5.24) the hooks run around the whole checkpoint, split or not."""
     model = _model("llama", lora=True)
     ids, labels = _batch()
     plain, g_plain = _loss_and_grads(model, ids, labels)
     _checkpoint_offloaded(model)
     apply_kernels(model, "onecard")
-    model.get_base_model().model.layers[0].register_forward_pre_hook(lambda mod, args: None)
+    hook_calls = []
+    model.get_base_model().model.layers[0].register_forward_pre_hook(lambda mod, args: hook_calls.append(1))
     offload.reset_stats()
     split, g_split = _loss_and_grads(model, ids, labels)
     _assert_same(split, g_split, plain, g_plain)
-    assert offload.stats()["tensors"] == 2 * model.config.num_hidden_layers - 1
+    whole = 1 if _hooks_inside_checkpoint() else 0
+    assert offload.stats()["tensors"] == 2 * model.config.num_hidden_layers - whole
+    assert hook_calls  # the hook still ran
+
+
+def test_split_checkpoints_are_counted():
+    from onecard.patch import blocks
+
+    model = _model("llama", lora=True)
+    ids, labels = _batch()
+    _checkpoint_offloaded(model)
+    apply_kernels(model, "onecard")
+    before = blocks.CALLS["split"]
+    _loss_and_grads(model, ids, labels)
+    assert blocks.CALLS["split"] - before == model.config.num_hidden_layers
 
 
 def test_dora_o_projection_is_not_skipped(monkeypatch):

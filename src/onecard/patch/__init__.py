@@ -11,12 +11,9 @@ Only the instance is touched (see handle.py). Families: llama, mistral, qwen2, g
 
 from __future__ import annotations
 
-import logging
-
 from .families import FAMILY_KERNELS, GEGLU_ACTS, SWIGLU_ACTS
 from .handle import PatchHandle
 
-log = logging.getLogger("onecard.patch")
 KERNEL_CHOICES = ("onecard", "liger", "none")
 
 
@@ -94,8 +91,7 @@ def _apply_liger(base, handle: PatchHandle) -> PatchHandle:
 
 
 def _notice(handle: PatchHandle, line: str) -> PatchHandle:
-    handle.notice = line if handle.notice is None else f"{handle.notice}; {line}"
-    log.warning(line)
+    handle.add_notice(line)
     return handle
 
 

@@ -21,6 +21,9 @@ LlamaDecoderLayer.forward of transformers 5.17 line by line (Mistral, Qwen2 and 
 from __future__ import annotations
 
 import functools
+import inspect
+
+import torch
 
 SPLIT_FLAG = "onecard_split_halves"
 
@@ -38,21 +41,73 @@ def mlp_half(layer, hidden_states):
 
 def split_halves(function):
     """(attention half, MLP half) as one-argument callables when ``function`` -- what GradientCheckpointingLayer
-    hands its checkpoint function: ``partial(<layer>.__call__ bound as nn.Module.__call__, **layer kwargs)`` -- is
-    the call of a layer marked by :func:`mark_split_layers`; else None (checkpoint it whole). A layer with module
-    hooks is not split: the halves call its submodules, not the layer."""
-    bound = getattr(function, "func", None)
-    layer = getattr(bound, "__self__", None)
-    if layer is None or not getattr(layer, SPLIT_FLAG, False) or getattr(function, "args", ()):
+    hands its checkpoint function -- is the call of a layer marked by :func:`mark_split_layers`; else None
+    (checkpoint it whole). Splits are counted in :data:`CALLS`, for the run's summary."""
+    layer = checkpointed_layer(function)
+    if layer is None or not getattr(layer, SPLIT_FLAG, False):
         return None
-    if layer._forward_hooks or layer._forward_pre_hooks:
-        return None
+    CALLS["split"] += 1
     kwargs = dict(function.keywords)
     return functools.partial(attention_half, layer, **kwargs), functools.partial(mlp_half, layer)
 
 
+CALLS = {"split": 0}  # checkpoints taken as two halves since import (summary.json: split_checkpoint_calls)
+
+
+def checkpointed_layer(function):
+    """The decoder layer whose plain forward ``function`` runs, in either form transformers hands it:
+
+    - ``partial(<layer>.__call__ bound as nn.Module.__call__, **kwargs)`` (transformers 5.17): the layer's module
+      hooks run inside, so a layer with hooks is not recognised (the halves call its submodules, not the layer);
+    - ``partial(<class forward>, <layer>, **kwargs)`` (transformers 5.24): module hooks stay outside the checkpoint.
+
+    None for anything else, and for a layer whose instance ``forward`` was replaced (e.g. accelerate's hooks wrap
+    it): the halves would skip that wrapper's work."""
+    if not isinstance(function, functools.partial):
+        return None
+    bound = function.func
+    if not function.args and isinstance(getattr(bound, "__self__", None), torch.nn.Module):
+        layer = bound.__self__
+        if getattr(bound, "__func__", None) is not torch.nn.Module.__call__:
+            return None
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            return None
+    elif len(function.args) == 1 and isinstance(function.args[0], torch.nn.Module):
+        layer = function.args[0]
+        if inspect.unwrap(bound) is not inspect.unwrap(type(layer).forward):
+            return None
+    else:
+        return None
+    return None if "forward" in layer.__dict__ else layer
+
+
+@functools.lru_cache(maxsize=1)
+def checkpoint_form_recognised() -> bool:
+    """Whether the installed transformers hands its checkpoint function in a form :func:`checkpointed_layer`
+    knows: a two-line GradientCheckpointingLayer is checkpointed once with a function that only looks."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class _Probe(GradientCheckpointingLayer):
+        def forward(self, hidden_states, scale=1.0):
+            return hidden_states * scale
+
+    probe, seen = _Probe(), []
+    probe.gradient_checkpointing = True
+    probe._gradient_checkpointing_func = lambda fn, *args: seen.append(checkpointed_layer(fn)) or fn(*args)
+    probe.train()
+    with torch.enable_grad():
+        probe(torch.ones(1, requires_grad=True), scale=2.0)
+    return seen == [probe]
+
+
 def mark_split_layers(base, decoder_class: str, handle) -> int:
     """Flag every ``decoder_class`` layer of ``base`` for splitting (revertibly); returns how many."""
+    if not checkpoint_form_recognised():
+        import transformers
+
+        handle.add_notice(f"offloaded checkpoints stay whole layers: transformers {transformers.__version__} "
+                           "checkpoints layers in a form onecard's half-layer split does not recognise")
+        return 0
     n = 0
     for module in base.modules():
         if type(module).__name__ != decoder_class:

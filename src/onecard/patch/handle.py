@@ -7,6 +7,7 @@ exactly what was there (an instance ``forward`` that existed before, e.g. from a
 
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import dataclass, field
 
@@ -38,6 +39,11 @@ class PatchHandle:
 
         self.add_undo(undo)
         self.patched[what] = self.patched.get(what, 0) + 1
+
+    def add_notice(self, line: str) -> None:
+        """Say in one line what fell back (logged now, shown by the caller)."""
+        self.notice = line if self.notice is None else f"{self.notice}; {line}"
+        logging.getLogger("onecard.patch").warning(line)
 
     def add_undo(self, fn) -> None:
         self._undo.append(fn)

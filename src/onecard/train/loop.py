@@ -62,10 +62,13 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     started = state.global_step
     setup = reset_peak_after_setup(device)
-    varlen_before = kernels.varlen_calls()
+    from onecard.patch import blocks as split_blocks
+
+    varlen_before, split_before = kernels.varlen_calls(), split_blocks.CALLS["split"]
     state, timing = run_steps(model, tokenizer, optimizer, dataset, schedule, state, recipe, device, console,
                               fused_loss=kernels.fused_loss)
-    ran = {"kernels_patched": kernels.patched(), "varlen_attention_calls": kernels.varlen_calls() - varlen_before}
+    ran = {"kernels_patched": kernels.patched(), "varlen_attention_calls": kernels.varlen_calls() - varlen_before,
+           "split_checkpoint_calls": split_blocks.CALLS["split"] - split_before}
     kernels.revert()  # the saved adapter/model and any later eval see plain transformers modules
     summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started,
                      extra={"kernels": kernels.name, **ran, **setup})
