@@ -5,7 +5,7 @@
     handle.revert()
 
 Only the instance is touched (see handle.py). Families: llama, mistral, qwen2, gemma, gemma2
-(families.py). Anything else keeps plain transformers and ``handle.notice`` says so in one line.
+(onecard.catalog.families). Anything else keeps plain transformers and ``handle.notice`` says so in one line.
 ``kernels="liger"`` hands the model to liger-kernel's ``_apply_liger_kernel_to_instance``.
 """
 
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from .families import FAMILY_KERNELS, GEGLU_ACTS, SWIGLU_ACTS
+from onecard.catalog.families import GEGLU_ACTS, SWIGLU_ACTS, kernels_for
+
 from .handle import PatchHandle
 
 log = logging.getLogger("onecard.patch")
@@ -29,7 +30,7 @@ def base_causal_lm(model):
 
 
 def supports(model_type: str | None) -> bool:
-    return model_type in FAMILY_KERNELS
+    return kernels_for(model_type) is not None
 
 
 def apply_kernels(model, kernels: str = "onecard", *, rope: bool = True, fused_loss: bool = True) -> PatchHandle:
@@ -43,7 +44,7 @@ def apply_kernels(model, kernels: str = "onecard", *, rope: bool = True, fused_l
         return handle
     if kernels == "liger":
         return _apply_liger(base, handle)
-    spec = FAMILY_KERNELS.get(model_type)
+    spec = kernels_for(model_type)
     if spec is None:
         return _notice(handle, f"no onecard kernels for model_type {model_type!r}: plain transformers")
     _apply_onecard(base, spec, handle, rope=rope, fused_loss=fused_loss)
@@ -99,4 +100,4 @@ def _notice(handle: PatchHandle, line: str) -> PatchHandle:
     return handle
 
 
-__all__ = ["PatchHandle", "apply_kernels", "base_causal_lm", "supports", "KERNEL_CHOICES", "FAMILY_KERNELS"]
+__all__ = ["PatchHandle", "apply_kernels", "base_causal_lm", "supports", "KERNEL_CHOICES"]

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from onecard.catalog.families import NOT_UNDER_FSDP, NOT_UNDER_FSDP_FIX
 from onecard.plan import activations as act
 from onecard.plan import static
 from onecard.plan.inputs import PlanInputs
-from onecard.train.distributed import NOT_UNDER_FSDP, NOT_UNDER_FSDP_FIX  # torch-free
 
 GIB = 2**30
 # PyTorch's caching allocator reserves more than it allocates (block rounding, split blocks it cannot reuse).

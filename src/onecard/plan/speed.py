@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from onecard.calibration import Measurement, Profile, load_profile
 from onecard.catalog.gpus import GPU
-from onecard.plan.flops import FlopsBreakdown, flops_per_token, varlen_span
+from onecard.plan.flops import FlopsBreakdown, flops_for_inputs, flops_per_token, varlen_span
 
 # Prior for a method/kernel with no measurement anywhere: about the MFU plain HF + PEFT LoRA reaches on H200
 # (6,517 tokens/s x 46.6 GFLOP/token / 989.4 TFLOP/s = 0.31), rounded down.
@@ -226,10 +226,7 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     ckpt = inp.grad_ckpt if grad_ckpt is None else grad_ckpt
     seq = seq_len or inp.seq_len
     fl_span = varlen_span(inp.packed_example_tokens, inp.kernels)
-    fl = flops_per_token(shape, method=method, seq_len=seq, micro_batch=inp.micro_batch, rank=inp.rank,
-                         targets=inp.targets, grad_ckpt=ckpt, attention="eager" if inp.attn == "eager" else "flash",
-                         lora_dropout=lora_dropout, kernels=inp.kernels, split_halves=ckpt and inp.split_halves,
-                         attention_span=fl_span)
+    fl = flops_for_inputs(inp, seq_len=seq, grad_ckpt=ckpt, lora_dropout=lora_dropout)
     compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt)
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
