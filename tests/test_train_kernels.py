@@ -58,7 +58,7 @@ def test_kernels_on_and_off_train_alike_and_summary_says_which(tmp_path, tiny_ll
 
 def test_summary_on_gpu_carries_plan_vs_measured_lines():
     """The comparison the trainer attaches on CUDA renders with errors in % (checked without a GPU)."""
-    from onecard.bench.compare import format_lines, plan_vs_measured
+    from onecard.plan.compare import format_lines, plan_vs_measured
     from onecard.recipe import validate_recipe
 
     recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "data": {"seq_len": 2048},
@@ -73,7 +73,7 @@ def test_summary_on_gpu_carries_plan_vs_measured_lines():
 
 def test_plan_vs_measured_plans_the_run_s_real_lengths():
     """Memory is planned at the longest example, speed at the mean one, not at the recipe's seq_len ceiling."""
-    from onecard.bench.compare import plan_vs_measured
+    from onecard.plan.compare import plan_vs_measured
     from onecard.recipe import validate_recipe
 
     recipe = validate_recipe({"model": {"name_or_path": "llama-3.2-1b"}, "data": {"seq_len": 2048},

@@ -95,7 +95,7 @@ def _print_summary(console, summary: dict) -> None:
         table.add_row(key, value)
     console.print(table)
     if summary.get("plan_vs_measured"):  # on a GPU: the planner checked against this very run
-        from onecard.bench.compare import format_lines
+        from onecard.plan.compare import format_lines
 
         for line in format_lines(summary["plan_vs_measured"]):
             console.print(line)
