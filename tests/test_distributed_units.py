@@ -288,7 +288,7 @@ def test_worker_environment_carries_strategy_and_source_and_leaves_the_allocator
 
 
 def test_probe_compares_ddp_ranks_with_the_one_gpu_plan_and_fsdp_with_the_split():
-    from onecard.train.distributed_probe import plan_prediction
+    from onecard.bench.distributed_probe import plan_prediction
 
     r = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "method": "lora",
                          "training": {"num_gpus": 2}, "plan": {"gpu": "h200"}})

@@ -40,7 +40,7 @@ def kbit_upcast(rec: dict[str, Any], prefix: str = "") -> bool:
 # projections, the MLP's down projection skipped in the checkpoint's recompute, the in-place GLU backward and DoRA
 # through the fused ops. onecard-kernel rows measured before it timed code onecard no longer runs.
 KERNELS_SINCE = "2026-11-28T17:19"
-# Offloaded checkpoints whose prefetch buffer is allocated on the compute stream (train/offload.py _copy_back);
+# Offloaded checkpoints whose prefetch buffer is allocated on the compute stream (patch/offload.py _copy_back);
 # the run before (h200-k2.jsonl) allocated it on the side stream, which left 3.5 GiB reserved but unused.
 OFFLOAD_SINCE = "2026-11-28T17:24"
 # onecard's DoRA as LoRA on row-scaled weights, with the down projection's output kept for the recompute skip
@@ -50,7 +50,7 @@ DORA_SINCE = "2026-11-28T18:37"
 # for ~2 ms per step, bench/results/ce_chunk_2026-11-28.json): its onecard rows describe code onecard no longer runs.
 CE_CHUNK_EXPERIMENT = ("2026-11-28T18:56", "2026-11-28T19:01")
 # Offloaded checkpoints of onecard-patched layers split into attention and MLP halves (patch/blocks.py), with copied
-# sources freed in compute-stream order (train/offload.py); run K9 had the split with record_stream (5.4 GiB reserved
+# sources freed in compute-stream order (patch/offload.py); run K9 had the split with record_stream (5.4 GiB reserved
 # and unused), run K10 (h200-k10.jsonl) the final code.
 SPLIT_OFFLOAD_SINCE = "2026-11-28T20:35"
 

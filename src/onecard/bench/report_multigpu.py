@@ -1,6 +1,6 @@
 """The 'Multi-GPU (issue 9)' section of docs/benchmarks.md, from bench/results/h200x2-*.jsonl.
 
-Those rows come from ``onecard.train.distributed_probe`` (acceptances 2 and 3), ``notes/multigpu_parity.sh``
+Those rows come from ``onecard.bench.distributed_probe`` (acceptances 2 and 3), ``notes/multigpu_parity.sh``
 (acceptance 1) and ``notes/multigpu_resume.sh`` (FSDP checkpoint/resume), not from ``onecard bench``; they carry
 ``group: multigpu`` and no ``device`` key, so the single-GPU tables and the calibration (which read
 ``device == "cuda"`` rows) never see them. Every figure below is read from those rows, is a ratio of two of them, or
@@ -67,7 +67,7 @@ def lora_rank(row: dict[str, Any]) -> int:
 def planned_now(row: dict[str, Any]) -> dict[str, Any]:
     """The current planner's per-GPU figures for a probe row: the recipe the probe built
     (distributed_probe.probe_recipe) through the probe's own prediction (FSDP: num_gpus = world; DDP: one GPU)."""
-    from onecard.train.distributed_probe import plan_prediction, probe_recipe
+    from onecard.bench.distributed_probe import plan_prediction, probe_recipe
 
     _, recipe = probe_recipe(row["model"], row["method"], row["seq"], row["batch"], lora_rank(row), row["world"])
     return plan_prediction(recipe, row["strategy"])

@@ -78,7 +78,7 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
     if mlp_fn is not None and attn_fn is not None and spec.decoder_class:
         from .blocks import mark_split_layers
 
-        mark_split_layers(base, spec.decoder_class, handle)  # taken up by offloaded checkpoints only (train/offload.py)
+        mark_split_layers(base, spec.decoder_class, handle)  # taken up by offloaded checkpoints only (patch/offload.py)
     if fused_loss and hasattr(base, "lm_head") and hasattr(base, "model"):
         handle.set_forward(base, causal_lm_forward, "fused_linear_ce")
 

@@ -137,7 +137,7 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     saved = layers * per_layer_total * tokens + head
     what = ("half-layer inputs (checkpoints)" if p.split_halves else
             "block inputs (checkpoints)" if p.grad_ckpt else "all block activations")
-    offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (train/offload.py)
+    offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (patch/offload.py)
     if offloaded:
         in_flight = 2 * per_layer_saved * tokens
         comps.append(Component("activations", f"saved activations: 2 {what} in flight + the head's", in_flight + head,
@@ -268,7 +268,7 @@ def _fsdp_root_unit_bytes(p: PlanInputs) -> int:
     """FSDP1 gathers the root unit -- what no decoder-layer unit holds: the embeddings, an untied LM head, the final
     norm -- at full size on its all-gather stream. That block is freed before the backward peak but stays in the
     caching allocator's pool of *that* stream, which the compute stream cannot reuse: reserved, never allocated at
-    the peak. Found in torch.cuda.memory_snapshot() on 2 x H200 (train/distributed_probe.py --memory-snapshot,
+    the peak. Found in torch.cuda.memory_snapshot() on 2 x H200 (bench/distributed_probe.py --memory-snapshot,
     bench/results/h200x2-multigpu.jsonl, session 3): the all-gather stream held 4.72 GiB with nothing allocated, its
     largest block 3.916 GiB = Llama 3 70B's embeddings + head (2 x 128256 x 8192 x 2 bytes), the rest two layer
     units; on Llama 3 8B 2.78 GiB = 1.96 (its root) + two layers."""
