@@ -23,7 +23,8 @@ TOL = 1e-6
 
 def _model_and_batch(tmp_path, model_dir, offload: bool, kernels: str = "none", method: str = "lora"):
     from onecard.data import build_dataset, collate, pad_token_id
-    from onecard.train.loop import apply_recipe_kernels, seed_everything
+    from onecard.train.sft import apply_recipe_kernels
+    from onecard.train.spine import seed_everything
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer
 
     recipe = recipe_for(tmp_path, model_dir, grad_ckpt=True, offload_activations=offload, kernels=kernels)

@@ -1,6 +1,6 @@
-"""Issue 9 acceptances 2 and 3 (GPU only): training steps of a preset shape, random weights, N GPUs.
+"""Multi-GPU speed and per-GPU memory (GPU only): training steps of a preset shape, random weights, N GPUs.
 
-First run on 2 x H200 on 2026-11-28: bench/results/h200x2-multigpu.jsonl.
+Its rows: bench/results/h200x2-multigpu.jsonl.
 
 Acceptance 3 (default): QLoRA with random NF4 weights under FSDP1. Acceptance 2: ``--method lora --strategy ddp``
 (bf16 random base from onecard.bench.build), run once as plain ``python -m`` (1 GPU) and once under torchrun.
@@ -185,7 +185,7 @@ def _steps(dist, model, recipe, cfg, steps: int, memory_snapshot: bool = False) 
     import torch
 
     from onecard.bench.step import random_batch
-    from onecard.train.loop import token_ce_sum
+    from onecard.train.sft import token_ce_sum
     from onecard.train.optim import build_optimizer
 
     optimizer = build_optimizer(model, recipe, dist.device)

@@ -54,10 +54,9 @@ def register(app: typer.Typer) -> None:
 def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu: bool, flags: list[str]) -> int:
     """Check what the parent can check (one clean message instead of N), then run the N-process job."""
     from onecard.train import distributed
-    from onecard.train.distributed_loop import check_resume_world
+    from onecard.train.checkpoint import check_resume_world
     from onecard.train.rundir import check_run_dir
-
-    from onecard.train.loop import lint_or_stop
+    from onecard.train.spine import lint_or_stop
 
     n = recipe.training.num_gpus
     check_run_dir(recipe.run_dir, "--resume" in flags, "--overwrite" in flags)
