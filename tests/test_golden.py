@@ -37,9 +37,8 @@ def plan_output(recipe: Path, as_json: bool) -> str:
 
 def benchmarks_docs(out_dir: Path) -> dict[str, str]:
     """docs/benchmarks.{md,json} as ``python -m onecard.bench.report`` writes them, written into ``out_dir``."""
-    code = ("import sys; from pathlib import Path; import onecard.bench.report as r; "
-            "r.DOCS = Path(sys.argv[1]); r.main()")
-    proc = subprocess.run([sys.executable, "-c", code, str(out_dir)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "onecard.bench.report", "--docs", str(out_dir)],
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     return {name: (out_dir / name).read_text(encoding="utf-8") for name in ("benchmarks.md", "benchmarks.json")}
 

@@ -13,13 +13,19 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-RESULTS_DIR = Path(__file__).resolve().parents[3] / "bench" / "results"
+# The checkout's committed measurements, relative to the working directory: the tools that read them regenerate the
+# checkout's docs and calibration and run from its root. The installed package holds no results of its own.
+RESULTS_DIR = Path("bench") / "results"
 PROFILE_KEYS = ("gpu", "model", "method", "rank", "seq_len", "micro_batch", "grad_ckpt", "kernels")
 
 
-def load_records(paths: Iterable[str | Path] | None = None) -> list[dict[str, Any]]:
-    """All JSON lines of ``paths`` (default: bench/results/*.jsonl), in file order."""
-    files = sorted(Path(p) for p in paths) if paths else sorted(RESULTS_DIR.glob("*.jsonl"))
+def load_records(paths: Iterable[str | Path] | None = None, *, results_dir: str | Path = RESULTS_DIR
+                 ) -> list[dict[str, Any]]:
+    """All JSON lines of ``paths`` (default: ``results_dir``/*.jsonl), in file order."""
+    if not paths and not Path(results_dir).is_dir():
+        raise FileNotFoundError(f"no bench results directory at {Path(results_dir).resolve()}: run from the onecard "
+                                "checkout's root, or pass the directory")
+    files = sorted(Path(p) for p in paths) if paths else sorted(Path(results_dir).glob("*.jsonl"))
     out = []
     for f in files:
         for line in f.read_text(encoding="utf-8").splitlines():
