@@ -7,7 +7,7 @@ from functools import cached_property
 from typing import Callable
 
 from onecard.catalog.families import FAMILIES, family_for, is_llama3
-from onecard.lint import FLASH_ATTN_MIN, Finding, _version_tuple
+from onecard.lint.findings import FLASH_ATTN_MIN, Finding, _version_tuple
 
 
 @dataclass
