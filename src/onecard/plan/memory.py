@@ -158,7 +158,7 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     recompute = (recomputed if p.grad_ckpt else 0) * tokens
     block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes, p.kernels) * tokens + held
     # Gradients fill in during backward (zero_grad(set_to_none) frees them every step), so they are a per-phase
-    # term, not static (bench calibration, issue 5: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%
+    # term, not static (bench calibration: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%
     # high when all gradients sat beside the logits). At the logits phase only the LM head's gradient exists (the
     # tied embedding's, for tied models); in block j's backward the later blocks' gradients exist while the earlier
     # blocks' saved activations still wait -- linear in j, so the worst case is an end: max(head grad, all grads
@@ -221,7 +221,7 @@ def _head_grad_bytes(p: PlanInputs) -> int:
 
 
 def _freed_logits_blocks_bytes(p: PlanInputs, logits_bytes: int) -> int:
-    """Reserved-but-unusable memory of the unfused loss (bench calibration, issue 5).
+    """Reserved-but-unusable memory of the unfused loss (bench calibration).
 
     The unfused cross-entropy frees an fp32 tokens x vocab tensor (the upcast of the logits) before backward
     allocates its own fp32 tokens x vocab gradients; the caching allocator keeps the freed block, and on the H200
@@ -269,7 +269,7 @@ def _fsdp_root_unit_bytes(p: PlanInputs) -> int:
     norm -- at full size on its all-gather stream. That block is freed before the backward peak but stays in the
     caching allocator's pool of *that* stream, which the compute stream cannot reuse: reserved, never allocated at
     the peak. Found in torch.cuda.memory_snapshot() on 2 x H200 (bench/distributed_probe.py --memory-snapshot,
-    bench/results/h200x2-multigpu.jsonl, session 3): the all-gather stream held 4.72 GiB with nothing allocated, its
+    bench/results/h200x2-multigpu.jsonl): the all-gather stream held 4.72 GiB with nothing allocated, its
     largest block 3.916 GiB = Llama 3 70B's embeddings + head (2 x 128256 x 8192 x 2 bytes), the rest two layer
     units; on Llama 3 8B 2.78 GiB = 1.96 (its root) + two layers."""
     s = p.shape
