@@ -17,8 +17,10 @@ def test_every_verb_has_help(verb, capsys):
         main([verb, "--help"])
     except SystemExit as exc:
         assert exc.code in (0, None)
-    out = capsys.readouterr().out
-    assert "Usage" in out and "not built yet" not in out.lower()
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    usage = next(i for i, line in enumerate(lines) if line.startswith("Usage:"))
+    assert f" {verb} " in lines[usage] + " "
+    assert lines[usage + 1][0].isalpha(), "no description under the usage line (the command needs a docstring)"
 
 
 def test_exit_codes_from_commands_are_kept(monkeypatch):

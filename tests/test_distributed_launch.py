@@ -69,7 +69,8 @@ def test_two_cpu_processes_match_one_and_resume(tmp_path, tiny_llama_dir):
 
     from onecard.errors import UserError
     from onecard.recipe import validate_recipe
-    from onecard.train.loop import CRASH_ENV, train
+    from onecard.train.loop import train
+    from onecard.train.spine import CRASH_ENV
 
     single = validate_recipe(recipe_tree(tmp_path, tiny_llama_dir, "single", micro_batch=4))
     assert train(single)["steps"] == STEPS

@@ -84,7 +84,7 @@ def test_launch_refusals():
 
 
 def test_resume_refused_on_a_different_number_of_processes(tmp_path):
-    from onecard.train.distributed_loop import check_resume_world
+    from onecard.train.checkpoint import check_resume_world
 
     step = tmp_path / "checkpoints" / "step-4"
     step.mkdir(parents=True)
@@ -194,7 +194,7 @@ class _TinyLM:
 
 
 class _FakeAccelerator:
-    """What optimizer_step uses of accelerate.Accelerator, one process; records the parameters handed to
+    """What a RankStep uses of accelerate.Accelerator, one process; records the parameters handed to
     ``clip_grad_norm_`` (which, for a subset under FSDP, clips each rank by its own shard's norm)."""
 
     num_processes, process_index, is_main_process, device = 1, 0, True, "cpu"
@@ -218,9 +218,11 @@ class _FakeAccelerator:
 def _one_step(strategy: str):
     import torch
 
-    from onecard.data.collate import collate
+    from types import SimpleNamespace
+
     from onecard.train.distributed import Dist
-    from onecard.train.distributed_loop import optimizer_step
+    from onecard.train.distributed_loop import RankStep
+    from onecard.train.spine import optimizer_step
 
     class OneProcess(Dist):
         def all_sum(self, values):
@@ -229,8 +231,9 @@ def _one_step(strategy: str):
     model, accelerator = _TinyLM(), _FakeAccelerator()
     dist = OneProcess(accelerator, strategy, "cpu")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    batch = collate([{"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5]}], 0)
-    record = optimizer_step(dist, model, optimizer, [(batch, 1.0)], recipe(max_grad_norm=0.5), 3, 10)
+    dataset = SimpleNamespace(examples=[{"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5]}])
+    step = RankStep(model, optimizer, recipe(max_grad_norm=0.5), dist, dataset, 0, fused_loss=False)
+    record = optimizer_step(step, [[0]], 3, 10)
     return model, accelerator, record
 
 
@@ -288,7 +291,7 @@ def test_worker_environment_carries_strategy_and_source_and_leaves_the_allocator
 
 
 def test_probe_compares_ddp_ranks_with_the_one_gpu_plan_and_fsdp_with_the_split():
-    from onecard.train.distributed_probe import plan_prediction
+    from onecard.bench.distributed_probe import plan_prediction
 
     r = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "method": "lora",
                          "training": {"num_gpus": 2}, "plan": {"gpu": "h200"}})
@@ -320,12 +323,14 @@ def test_fsdp_runs_without_kernels_and_says_so(monkeypatch):
     """Under FSDP the fused LoRA ops would read sharded adapter weights: no kernels, one notice; DDP keeps them."""
     from rich.console import Console
 
-    import onecard.train.loop as loop
+    import onecard.train.distributed_loop as distributed_loop
     from onecard.train.distributed import Dist
     from onecard.train.distributed_loop import FSDP_KERNELS_NOTICE, kernels_for_strategy
+    from onecard.train.sft import AppliedKernels
 
     applied = []
-    monkeypatch.setattr(loop, "apply_recipe_kernels", lambda *a, **k: applied.append(a) or loop.AppliedKernels("onecard", True))
+    monkeypatch.setattr(distributed_loop, "apply_recipe_kernels",
+                        lambda *a, **k: applied.append(a) or AppliedKernels("onecard", True))
     r = recipe()
     console = Console(record=True, width=400)
     fsdp = kernels_for_strategy(Dist(None, "fsdp", "cuda:0"), object(), r, console)

@@ -18,7 +18,7 @@ LABELS = {"measured", "calibrated", "extrapolated", "estimated"}
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_shipped_example_validates(path):
     recipe = load_recipe(path)
-    assert recipe.name
+    assert recipe.name == path.stem  # set in the file (the default is "run"): runs/<name> says which example ran
 
 
 def test_named_workloads_are_shipped():

@@ -165,7 +165,7 @@ def test_onecard_kernels_recompute_skips_the_down_projection_as_planned(method, 
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if offloaded:
-        from onecard.train.offload import enable_offloaded_checkpointing
+        from onecard.patch.offload import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model)
     handle = apply_kernels(model, "onecard", fused_loss=False)  # the fused loss moves the head's backward forward
@@ -193,7 +193,7 @@ def test_packed_rows_through_varlen_pay_attention_over_their_examples_only():
     """data.packing with onecard's kernels (varlen attention, patch/packed.py): the attention terms are an example's
     (data.mean_tokens_per_example), every other term is unchanged; other kernels run the masked attention over the
     whole row; unknown example length: the whole row."""
-    from onecard.plan.flops import flops_for_recipe
+    from onecard.plan.inputs import flops_for_recipe
     from onecard.recipe import validate_recipe
 
     def recipe(packing, kernels, mean=300):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from onecard.train.memory_snapshot import BUCKETS_BYTES, gib_view, summarize_snapshot
+from onecard.bench.memory_snapshot import BUCKETS_BYTES, gib_view, summarize_snapshot
 
 MIB = 2**20
 
@@ -94,7 +94,7 @@ def test_json_and_gib_view():
 
 
 def test_probe_keeps_the_peak_reserved_snapshot():
-    from onecard.train.distributed_probe import PeakSnapshot
+    from onecard.bench.distributed_probe import PeakSnapshot
 
     reserved = iter([100, 300, 300, 200])
     snaps = iter([[seg(0, [(n * MIB, "inactive")])] for n in (1, 2, 3, 4)])
@@ -113,7 +113,7 @@ def test_probe_fsdp_variant_flags_reach_the_plugin():
     from types import SimpleNamespace as NS
 
     from onecard.train import distributed as D
-    from onecard.train.distributed_probe import _fsdp_variant, _variant_name
+    from onecard.bench.distributed_probe import _fsdp_variant, _variant_name
 
     def run(**flags):
         args = NS(**{"no_limit_all_gathers": False, "forward_prefetch": False, "backward_prefetch": None, **flags})
@@ -142,7 +142,7 @@ def test_probe_steps_record_snapshots(monkeypatch):
     from onecard.bench.build import build_base
     from onecard.bench.config import BenchConfig
     from onecard.recipe import validate_recipe
-    from onecard.train.distributed_probe import _steps
+    from onecard.bench.distributed_probe import _steps
     from onecard.train.model import apply_adapter
 
     reserved = iter([10, 50, 50, 40, 30, 30])

@@ -1,4 +1,4 @@
-"""Offloaded activation checkpoints (train/offload.py): same numbers, and the layer inputs really are what is held.
+"""Offloaded activation checkpoints (patch/offload.py): same numbers, and the layer inputs really are what is held.
 
 On the CPU the "host" is where the tensors already are, so the proof is by accounting: exactly one tensor per
 checkpointed layer goes through the offload hooks, ``tokens x hidden x dtype`` bytes each, held from forward until
@@ -23,7 +23,8 @@ TOL = 1e-6
 
 def _model_and_batch(tmp_path, model_dir, offload: bool, kernels: str = "none", method: str = "lora"):
     from onecard.data import build_dataset, collate, pad_token_id
-    from onecard.train.loop import apply_recipe_kernels, seed_everything
+    from onecard.train.sft import apply_recipe_kernels
+    from onecard.train.spine import seed_everything
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer
 
     recipe = recipe_for(tmp_path, model_dir, grad_ckpt=True, offload_activations=offload, kernels=kernels)
@@ -65,7 +66,7 @@ def test_offload_gives_the_same_loss_and_gradients(tmp_path, tiny_llama_dir, met
 
 
 def test_exactly_the_layer_inputs_are_held_until_backward(tmp_path, tiny_llama_dir):
-    from onecard.train import offload
+    from onecard.patch import offload
 
     model, batch = _model_and_batch(tmp_path, tiny_llama_dir, offload=True)
     cfg = model.config
@@ -87,7 +88,7 @@ def test_exactly_the_layer_inputs_are_held_until_backward(tmp_path, tiny_llama_d
 
 
 def test_without_offload_nothing_goes_through_the_hooks(tmp_path, tiny_llama_dir):
-    from onecard.train import offload
+    from onecard.patch import offload
 
     model, batch = _model_and_batch(tmp_path, tiny_llama_dir, offload=False)
     offload.reset_stats()
@@ -98,7 +99,7 @@ def test_without_offload_nothing_goes_through_the_hooks(tmp_path, tiny_llama_dir
 def test_offload_on_a_model_without_checkpointed_layers_is_refused():
     import torch
 
-    from onecard.train.offload import enable_offloaded_checkpointing
+    from onecard.patch.offload import enable_offloaded_checkpointing
 
     with pytest.raises(RuntimeError, match="no checkpointed"):
         enable_offloaded_checkpointing(torch.nn.Linear(2, 2))
@@ -107,7 +108,7 @@ def test_offload_on_a_model_without_checkpointed_layers_is_refused():
 def test_onecard_train_with_offload_runs_end_to_end(tmp_path, tiny_llama_dir, capsys):
     import json
 
-    from onecard.train import offload
+    from onecard.patch import offload
 
     recipe = write_recipe(tmp_path, tiny_llama_dir)
     offload.reset_stats()
@@ -133,8 +134,8 @@ def test_gpu_checkpoints_wait_in_pinned_host_memory(tmp_path, tiny_model_factory
     import torch
 
     from onecard.tiny import tiny_config
-    from onecard.train import offload
-    from onecard.train.offload import enable_offloaded_checkpointing
+    from onecard.patch import offload
+    from onecard.patch.offload import enable_offloaded_checkpointing
 
     from transformers import AutoModelForCausalLM
 
@@ -172,7 +173,7 @@ def test_gpu_checkpoints_wait_in_pinned_host_memory(tmp_path, tiny_model_factory
 def test_the_decoder_stack_releases_offloaded_sources_once(tmp_path, tiny_llama_dir):
     """enable_offloaded_checkpointing hooks the module holding the layers (before the LM head and the loss) to let go
     of the offloaded sources; a second call adds no second hook."""
-    from onecard.train.offload import enable_offloaded_checkpointing, release_copied
+    from onecard.patch.offload import enable_offloaded_checkpointing, release_copied
 
     model, _ = _model_and_batch(tmp_path, tiny_llama_dir, offload=True)
     enable_offloaded_checkpointing(model)

@@ -47,7 +47,8 @@ def assert_same_as_straight(run_dir, straight_dir):
 
 def test_dpo_from_sft_adapter_killed_and_resumed(tmp_path, tiny_llama_dir):
     from onecard.recipe import validate_recipe
-    from onecard.train.loop import CRASH_ENV, train
+    from onecard.train.loop import train
+    from onecard.train.spine import CRASH_ENV
 
     sft = str(make_run(tmp_path / "sft", tiny_llama_dir, method="lora", seed=7))
     sections = dict(adapter={"init_adapter": sft, "dropout": 0.3})
@@ -75,7 +76,8 @@ class Killed(BaseException):
 
 def test_kto_interrupted_and_resumed(tmp_path, tiny_llama_dir, monkeypatch):
     from onecard.recipe import validate_recipe
-    from onecard.train.loop import CRASH_ENV, train
+    from onecard.train.loop import train
+    from onecard.train.spine import CRASH_ENV
 
     tree = tree_for(tmp_path, tiny_llama_dir, "kto", "resumed", adapter={"dropout": 0.3})
     monkeypatch.setenv(CRASH_ENV, "4")

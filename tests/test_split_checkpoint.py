@@ -22,7 +22,7 @@ from test_patch_families import _batch, _loss_and_grads, _model  # noqa: E402
 from onecard.kernels._triton import reference_only  # noqa: E402
 from onecard.patch import apply_kernels, modules  # noqa: E402
 from onecard.patch.recompute import recompute_contexts  # noqa: E402
-from onecard.train import offload  # noqa: E402
+from onecard.patch import offload  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def test_split_halves_match_and_skip_both_last_projections(arch, monkeypatch):
 
 
 def test_kernels_first_then_offloaded_checkpointing_still_splits(monkeypatch):
-    """train/loop.py applies the kernels before it enables checkpointing; the bench does the reverse."""
+    """train/sft.py applies the kernels before it enables checkpointing; the bench does the reverse."""
     calls = _count_calls(monkeypatch)
     model = _model("llama", lora=True)
     ids, labels = _batch()

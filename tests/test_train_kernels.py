@@ -17,7 +17,8 @@ from test_train_accum import grads, max_diff, recipe_for  # noqa: E402
 
 def test_fused_loss_gives_the_same_window_gradient(tmp_path, tiny_llama_dir):
     from onecard.data import build_dataset, collate, pad_token_id
-    from onecard.train.loop import accumulate_gradients, apply_recipe_kernels, seed_everything
+    from onecard.train.sft import accumulate_gradients, apply_recipe_kernels
+    from onecard.train.spine import seed_everything
     from onecard.train.model import load_model_and_tokenizer
 
     recipe = recipe_for(tmp_path, tiny_llama_dir, kernels="onecard")
@@ -58,7 +59,7 @@ def test_kernels_on_and_off_train_alike_and_summary_says_which(tmp_path, tiny_ll
 
 def test_summary_on_gpu_carries_plan_vs_measured_lines():
     """The comparison the trainer attaches on CUDA renders with errors in % (checked without a GPU)."""
-    from onecard.bench.compare import format_lines, plan_vs_measured
+    from onecard.plan.compare import format_lines, plan_vs_measured
     from onecard.recipe import validate_recipe
 
     recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "data": {"seq_len": 2048},
@@ -73,7 +74,7 @@ def test_summary_on_gpu_carries_plan_vs_measured_lines():
 
 def test_plan_vs_measured_plans_the_run_s_real_lengths():
     """Memory is planned at the longest example, speed at the mean one, not at the recipe's seq_len ceiling."""
-    from onecard.bench.compare import plan_vs_measured
+    from onecard.plan.compare import plan_vs_measured
     from onecard.recipe import validate_recipe
 
     recipe = validate_recipe({"model": {"name_or_path": "llama-3.2-1b"}, "data": {"seq_len": 2048},

@@ -48,7 +48,8 @@ def load_weights(run_dir):
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_llama_dir):
     from onecard.recipe import validate_recipe
-    from onecard.train.loop import CRASH_ENV, train
+    from onecard.train.loop import train
+    from onecard.train.spine import CRASH_ENV
 
     tree = recipe_tree(tmp_path, tiny_llama_dir, "resumed")
     recipe_file = tmp_path / "resumed.yaml"
@@ -80,7 +81,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_llama_dir):
 def test_resume_without_rng_restore_differs(tmp_path, tiny_llama_dir, monkeypatch):
     """Control: with RNG restore disabled the resumed run diverges, so the test above can fail."""
     from onecard.recipe import validate_recipe
-    from onecard.train import checkpoint, loop
+    from onecard.train import checkpoint, loop, spine
 
     tree = recipe_tree(tmp_path, tiny_llama_dir, "norng")
     tree["training"]["max_steps"] = 6
@@ -89,7 +90,7 @@ def test_resume_without_rng_restore_differs(tmp_path, tiny_llama_dir, monkeypatc
     straight = load_weights(recipe.run_dir)
     # Resume from the step-3 checkpoint, once with RNG restore switched off.
     (recipe.run_dir / "checkpoints" / "latest").write_text("step-3\n")
-    monkeypatch.setattr(loop, "restore", _restore_without_rng(checkpoint))
+    monkeypatch.setattr(spine, "restore", _restore_without_rng(checkpoint))
     loop.train(recipe, resume=True)
     diff = max((load_weights(recipe.run_dir)[k] - straight[k]).abs().max().item() for k in straight)
     assert diff > 1e-6

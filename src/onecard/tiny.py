@@ -101,7 +101,7 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **over
 
 def save_counting_job(folder: str | Path, n_examples: int) -> tuple[Path, Path]:
     """A tiny llama (hidden 256, 4 layers) and ``n_examples`` chat rows that count to 0..12, saved under ``folder``:
-    the small job the multi-GPU checks train (notes/multigpu_parity.sh, notes/multigpu_resume.sh). Returns
+    the small job the multi-GPU checks train (tests/test_multigpu_gpu.py). Returns
     (model dir, chat.jsonl)."""
     import json
 

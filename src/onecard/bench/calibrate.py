@@ -13,13 +13,19 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-RESULTS_DIR = Path(__file__).resolve().parents[3] / "bench" / "results"
+# The checkout's committed measurements, relative to the working directory: the tools that read them regenerate the
+# checkout's docs and calibration and run from its root. The installed package holds no results of its own.
+RESULTS_DIR = Path("bench") / "results"
 PROFILE_KEYS = ("gpu", "model", "method", "rank", "seq_len", "micro_batch", "grad_ckpt", "kernels")
 
 
-def load_records(paths: Iterable[str | Path] | None = None) -> list[dict[str, Any]]:
-    """All JSON lines of ``paths`` (default: bench/results/*.jsonl), in file order."""
-    files = sorted(Path(p) for p in paths) if paths else sorted(RESULTS_DIR.glob("*.jsonl"))
+def load_records(paths: Iterable[str | Path] | None = None, *, results_dir: str | Path = RESULTS_DIR
+                 ) -> list[dict[str, Any]]:
+    """All JSON lines of ``paths`` (default: ``results_dir``/*.jsonl), in file order."""
+    if not paths and not Path(results_dir).is_dir():
+        raise FileNotFoundError(f"no bench results directory at {Path(results_dir).resolve()}: run from the onecard "
+                                "checkout's root, or pass the directory")
+    files = sorted(Path(p) for p in paths) if paths else sorted(Path(results_dir).glob("*.jsonl"))
     out = []
     for f in files:
         for line in f.read_text(encoding="utf-8").splitlines():
@@ -40,7 +46,7 @@ def kbit_upcast(rec: dict[str, Any], prefix: str = "") -> bool:
 # projections, the MLP's down projection skipped in the checkpoint's recompute, the in-place GLU backward and DoRA
 # through the fused ops. onecard-kernel rows measured before it timed code onecard no longer runs.
 KERNELS_SINCE = "2026-11-28T17:19"
-# Offloaded checkpoints whose prefetch buffer is allocated on the compute stream (train/offload.py _copy_back);
+# Offloaded checkpoints whose prefetch buffer is allocated on the compute stream (patch/offload.py _copy_back);
 # the run before (h200-k2.jsonl) allocated it on the side stream, which left 3.5 GiB reserved but unused.
 OFFLOAD_SINCE = "2026-11-28T17:24"
 # onecard's DoRA as LoRA on row-scaled weights, with the down projection's output kept for the recompute skip
@@ -50,7 +56,7 @@ DORA_SINCE = "2026-11-28T18:37"
 # for ~2 ms per step, bench/results/ce_chunk_2026-11-28.json): its onecard rows describe code onecard no longer runs.
 CE_CHUNK_EXPERIMENT = ("2026-11-28T18:56", "2026-11-28T19:01")
 # Offloaded checkpoints of onecard-patched layers split into attention and MLP halves (patch/blocks.py), with copied
-# sources freed in compute-stream order (train/offload.py); run K9 had the split with record_stream (5.4 GiB reserved
+# sources freed in compute-stream order (patch/offload.py); run K9 had the split with record_stream (5.4 GiB reserved
 # and unused), run K10 (h200-k10.jsonl) the final code.
 SPLIT_OFFLOAD_SINCE = "2026-11-28T20:35"
 

@@ -25,7 +25,7 @@ class BenchConfig:
     rank: int = 16
     grad_ckpt: bool = True
     kernels: str = "none"
-    offload_activations: bool = False  # checkpoints in pinned host memory (train/offload.py); needs grad_ckpt
+    offload_activations: bool = False  # checkpoints in pinned host memory (patch/offload.py); needs grad_ckpt
     steps: int = 4                  # timed optimizer steps
     warmup: int = 2                 # untimed steps first (allocator, autotuning, optimizer state)
     baseline: bool = False          # also run plain transformers + peft, same process

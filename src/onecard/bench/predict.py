@@ -1,44 +1,31 @@
 """What the planner says for a bench configuration: peak memory, tokens/s, FLOPs per token.
 
-Each planner piece is imported lazily and independently: a missing or failing piece gives ``None`` with a note,
-never a crash, so a benchmark still measures when the planner is incomplete (and the note says why a column is
-empty). MFU follows PaLM (Chowdhery et al. 2022, appendix B) as nanoGPT does: *model* FLOPs per token (no
-gradient-checkpointing recompute) x tokens/s / peak dense bf16 FLOP/s; HFU counts the recompute too.
+A planner piece that raises gives ``None`` with a note, never a crash: a planner bug must not lose a measurement
+(and the note says why a column is empty). MFU follows PaLM (Chowdhery et al. 2022, appendix B) as nanoGPT does:
+*model* FLOPs per token (no gradient-checkpointing recompute) x tokens/s / peak dense bf16 FLOP/s; HFU counts the
+recompute too.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from onecard.plan.inputs import flops_for_recipe, inputs_from_recipe
+from onecard.plan.memory import plan_memory
+from onecard.plan.speed import estimate_throughput
+
 GIB = 2**30
 
 
-def _shape(cfg):
-    from onecard.catalog.models import resolve_shape
-
-    return resolve_shape(cfg.model)
-
-
 def flops(cfg) -> dict[str, Any]:
-    """Model and hardware FLOPs per token from onecard.plan.flops (6N-style fallback, labelled, if absent)."""
+    """Model FLOPs per token (no checkpoint recompute) and hardware FLOPs (with it), from the planner."""
     if cfg.model == "tiny":
         return {"model_flops_per_token": None, "hardware_flops_per_token": None, "flops_source": "tiny model: n/a"}
     recipe = cfg.to_recipe()
-    try:
-        from onecard.plan.flops import flops_for_recipe
-
-        with_ckpt = flops_for_recipe(recipe)
-        no_ckpt = flops_for_recipe(recipe, grad_ckpt=False)
-        return {"model_flops_per_token": no_ckpt.matmul_per_token,
-                "hardware_flops_per_token": with_ckpt.matmul_per_token, "flops_source": "onecard.plan.flops"}
-    except ImportError:
-        shape = _shape(cfg)
-        n = shape.non_embedding_params() + shape.vocab_size * shape.hidden_size
-        k = 6.0 if cfg.method == "full" else 4.0  # adapters: no weight gradients for the frozen base
-        model = k * n
-        hw = model + (2.0 * shape.non_embedding_params() if cfg.grad_ckpt else 0.0)
-        return {"model_flops_per_token": model, "hardware_flops_per_token": hw,
-                "flops_source": f"{k:g}N fallback (plan.flops missing), attention FLOPs left out"}
+    with_ckpt = flops_for_recipe(recipe)
+    no_ckpt = flops_for_recipe(recipe, grad_ckpt=False)
+    return {"model_flops_per_token": no_ckpt.matmul_per_token,
+            "hardware_flops_per_token": with_ckpt.matmul_per_token, "flops_source": "onecard.plan.flops"}
 
 
 def peak_memory(cfg) -> dict[str, Any]:
@@ -49,11 +36,6 @@ def peak_memory(cfg) -> dict[str, Any]:
     """
     if cfg.model == "tiny":
         return {"predicted_peak_gib": None, "predicted_note": "tiny model: not planned"}
-    try:
-        from onecard.plan.inputs import inputs_from_recipe
-        from onecard.plan.memory import plan_memory
-    except ImportError as exc:
-        return {"predicted_peak_gib": None, "predicted_note": f"memory planner unavailable: {exc}"}
     try:
         plan = plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=cfg.gpu))
     except Exception as exc:  # a planner bug must not lose a measurement
@@ -66,11 +48,6 @@ def speed(cfg) -> dict[str, Any]:
     """The speed planner's tokens/s for this configuration on ``cfg.gpu``."""
     if cfg.model == "tiny":
         return {"predicted_tokens_per_s": None}
-    try:  # (the first H200 runs called a planner function that never existed: their speed column is empty)
-        from onecard.plan.inputs import inputs_from_recipe
-        from onecard.plan.speed import estimate_throughput
-    except ImportError as exc:
-        return {"predicted_tokens_per_s": None, "predicted_speed_note": f"speed planner unavailable: {exc}"}
     try:
         est = estimate_throughput(inputs_from_recipe(cfg.to_recipe(), gpu=cfg.gpu))
     except Exception as exc:  # noqa: BLE001 -- a planner bug must not lose a measurement

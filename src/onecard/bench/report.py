@@ -1,4 +1,5 @@
-"""docs/benchmarks.md and docs/benchmarks.json from the committed measurements (``python -m onecard.bench.report``).
+"""docs/benchmarks.md and docs/benchmarks.json from the committed measurements (``python -m onecard.bench.report``,
+from the checkout's root; ``--results DIR`` and ``--docs DIR`` point elsewhere).
 
 Every number in the measured tables is read from bench/results/*.jsonl; the RTX 4090 rows are the planner's
 calibrated estimates (labelled so), computed here with the shipped calibration profile.
@@ -12,7 +13,7 @@ from typing import Any
 
 from onecard.bench.calibrate import RESULTS_DIR, kbit_upcast, load_records, superseded, superseded_reason
 
-DOCS = RESULTS_DIR.parents[1] / "docs"
+DOCS = Path("docs")
 EPOCH_SAMPLES = 50_000
 GIB = 2**30
 
@@ -109,7 +110,7 @@ def claims(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {"claim": "QLoRA ~80% of LoRA's speed", "measured": qlora["tokens_per_s"] / r16["tokens_per_s"],
          "what": "speed ratio QLoRA/LoRA (kernels none)"},
     ]
-    def seed_b8(method):  # the seed shape on onecard's current kernels (issue 6's part K re-measured it)
+    def seed_b8(method):  # the seed shape on onecard's current kernels (suite part K re-measures it)
         return [r for r in records if r.get("status") == "ok" and not superseded(r)
                 and r.get("group") in ("throughput", "kernels") and r.get("model") == "llama-3-8b"
                 and r.get("method") == method and r.get("micro_batch") == 8 and r.get("seq") == 2048
@@ -150,31 +151,36 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
         row["planned_error_pct"] = 100 * (row["planned_reserved_gib"] - m) / m if m and row["status"] == "ok" else None
 
 
-def probe_results() -> list[dict]:
-    """The ``onecard plan --probe`` results kept in bench/results/e2e/probe_*.json (issue 6, target 3), with their
-    file names."""
-    files = sorted((RESULTS_DIR / "e2e").glob("probe_*.json"))
+def probe_results(results_dir: Path = RESULTS_DIR) -> list[dict]:
+    """The ``onecard plan --probe`` results kept in bench/results/e2e/probe_*.json, with their file names."""
+    files = sorted((Path(results_dir) / "e2e").glob("probe_*.json"))
     return [json.loads(f.read_text()) | {"_file": f"e2e/{f.name}"} for f in files]
 
 
-def main() -> None:
-    from onecard.bench.report_kernels import kernels_section, render_kernels  # issue 6's targets
-    from onecard.bench.report_multigpu import multigpu_section, render_multigpu  # issue 9's 2-GPU rows
+def main(argv: list[str] | None = None) -> None:
+    import argparse
 
-    records = load_records()
+    from onecard.bench.report_kernels import kernels_section, render_kernels
+    from onecard.bench.report_multigpu import multigpu_section, render_multigpu
+
+    parser = argparse.ArgumentParser(prog="python -m onecard.bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="bench results directory")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="where benchmarks.md and benchmarks.json go")
+    args = parser.parse_args(argv)
+    records = load_records(results_dir=args.results)
     measured = measured_rows(records)
     add_planned(measured)
     payload = {"versions": next(r["versions"] for r in records if r.get("device") == "cuda"),
                "dates": sorted({r["date"][:10] for r in records if r.get("date")}),
                "epoch_samples": EPOCH_SAMPLES, "measured": measured, "rtx4090": rtx4090_rows(records),
                "claims": claims(records), "multigpu": multigpu_section(records),
-               "kernels": kernels_section(records, probes=probe_results())}
-    (DOCS / "benchmarks.json").write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
+               "kernels": kernels_section(records, probes=probe_results(args.results))}
+    (args.docs / "benchmarks.json").write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
     from onecard.bench.report_md import render
 
-    (DOCS / "benchmarks.md").write_text(render(payload) + render_kernels(payload["kernels"])
+    (args.docs / "benchmarks.md").write_text(render(payload) + render_kernels(payload["kernels"])
                                         + render_multigpu(payload["multigpu"]), encoding="utf-8")
-    print(f"wrote {DOCS / 'benchmarks.md'} and benchmarks.json ({len(measured)} measured rows)")
+    print(f"wrote {args.docs / 'benchmarks.md'} and benchmarks.json ({len(measured)} measured rows)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Those rows come from ``onecard bench --suite src/onecard/bench/suite.yaml --part K`` (bench/results/h200-k*.jsonl).
 A configuration can be measured again by a later run; the section shows the latest row of each configuration (by
 ``date``) and lists the earlier ones in one line (they stay in the raw files). Every verdict is computed here from
-the rows against issue 6's thresholds; the only hand-written figures are the issue's own Unsloth numbers, labelled so.
+the rows against the kernel targets' thresholds; the only hand-written figures are the targets' own Unsloth numbers, labelled so.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ CAP_VS_BEST_PLAIN = 2.2  # target 2: >= 2.2x the best plain setting that fits th
 QWEN_VS_PLAIN = 1.9  # target 4
 QLORA_VS_LORA = 0.95  # target 4: onecard QLoRA >= 0.95x onecard LoRA ...
 QLORA_PEAK_GIB = 11.0  # ... at <= 11 GiB
-DORA_VS_LORA = 0.85  # issue 6's Build list: DoRA >= 0.85x onecard's LoRA
+DORA_VS_LORA = 0.85  # the kernel target: DoRA >= 0.85x onecard's LoRA
 TARGET_ORDER = ["1", "2", "4 (Mistral)", "4 (Qwen)", "4 (QLoRA)", "DoRA"]
-# Issue 6's own numbers (Unsloth 2026.10.9 as measured in the issue, H200, not by onecard): set beside ours only.
+# The targets' own Unsloth numbers (Unsloth 2026.10.9, H200, not measured by onecard): set beside ours only.
 ISSUE_REFERENCE = [
     "target 1: Unsloth 11,227 tokens/s (1.72x plain) at 20.0 GiB (plain 6,517 tokens/s at 50.5 GiB)",
     "target 2: Unsloth 11,233 tokens/s at micro-batch 8 under a 24 GB cap (plain fits micro-batch 1: 5,201)",
@@ -141,7 +141,7 @@ def _vs_lora(rec, rows, min_ratio: float, max_peak_gib: float | None, what: str)
 
 
 def _judge(rec, rows) -> dict[str, Any] | None:
-    """Which of issue 6's targets a onecard row answers, and the verdict (None: no target for it)."""
+    """Which kernel target a onecard row answers, and the verdict (None: no target for it)."""
     if not (_onecard(rec) and _is(rec, seq=2048, rank=16, micro_batch=8, grad_ckpt=True)):
         return None
     cap, model, method = rec.get("memory_cap_gib"), rec["model"], rec["method"]
@@ -182,7 +182,7 @@ def _entry(rec: dict[str, Any], prefix: str, verdict: dict[str, Any] | None) -> 
 
 
 def _targets(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One verdict per target: met when any of its rows is (issue 6 allows any checkpointing strategy)."""
+    """One verdict per target: met when any of its rows is (any checkpointing strategy counts)."""
     out: dict[str, dict[str, Any]] = {}
     for e in entries:
         if e["target_id"]:

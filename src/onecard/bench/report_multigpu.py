@@ -1,8 +1,8 @@
-"""The 'Multi-GPU (issue 9)' section of docs/benchmarks.md, from bench/results/h200x2-*.jsonl.
+"""The 'Multi-GPU' section of docs/benchmarks.md, from bench/results/h200x2-*.jsonl.
 
-Those rows come from ``onecard.train.distributed_probe`` (acceptances 2 and 3), ``notes/multigpu_parity.sh``
-(acceptance 1) and ``notes/multigpu_resume.sh`` (FSDP checkpoint/resume), not from ``onecard bench``; they carry
-``group: multigpu`` and no ``device`` key, so the single-GPU tables and the calibration (which read
+Those rows come from ``onecard.bench.distributed_probe`` (speed and memory) and from the parity and resume checks
+(now tests/test_multigpu_gpu.py; the rows were written by their former shell scripts), not from ``onecard bench``;
+they carry ``group: multigpu`` and no ``device`` key, so the single-GPU tables and the calibration (which read
 ``device == "cuda"`` rows) never see them. Every figure below is read from those rows, is a ratio of two of them, or
 is the *current* planner's figure for a row's recipe: acceptance 3 is judged against the planner as it is now (a
 row's own ``predicted_reserved_gib`` is the planner of the day it ran, shown beside it), so a planner change is
@@ -16,9 +16,9 @@ from typing import Any
 
 from onecard.bench.report_md import fmt, table
 
-SPEEDUP_TARGET = 1.8  # issue 9: 2 GPUs >= 1.8 x one GPU's tokens/s
-PEAK_TOLERANCE = 0.10  # issue 9: per-GPU peak within +-10% of the planner
-PARITY_TOLERANCE = 0.01  # issue 9: loss curves within 1%
+SPEEDUP_TARGET = 1.8  # the multi-GPU target: 2 GPUs >= 1.8 x one GPU's tokens/s
+PEAK_TOLERANCE = 0.10  # per-GPU peak within +-10% of the planner
+PARITY_TOLERANCE = 0.01  # loss curves within 1%
 HALF_TOLERANCE = 0.05  # "per-GPU weight bytes ~ half": after/before wrap within 1/N +- this
 PROBE_LORA_RANK = 16  # distributed_probe's --rank default (rows before 'lora_rank' was recorded never passed it)
 GIB = 2**30
@@ -56,7 +56,7 @@ def _speedup(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def lora_rank(row: dict[str, Any]) -> int:
-    """The adapter rank a probe row trained: recorded since session 3's fix, else its command's --rank, else the
+    """The adapter rank a probe row trained: recorded in the row where it has the field, else its command's --rank, else the
     probe's default (the row's own ``rank`` is the process rank)."""
     if row.get("lora_rank"):
         return int(row["lora_rank"])
@@ -67,7 +67,7 @@ def lora_rank(row: dict[str, Any]) -> int:
 def planned_now(row: dict[str, Any]) -> dict[str, Any]:
     """The current planner's per-GPU figures for a probe row: the recipe the probe built
     (distributed_probe.probe_recipe) through the probe's own prediction (FSDP: num_gpus = world; DDP: one GPU)."""
-    from onecard.train.distributed_probe import plan_prediction, probe_recipe
+    from onecard.bench.distributed_probe import plan_prediction, probe_recipe
 
     _, recipe = probe_recipe(row["model"], row["method"], row["seq"], row["batch"], lora_rank(row), row["world"])
     return plan_prediction(recipe, row["strategy"])

@@ -85,7 +85,7 @@ def measure(cfg: BenchConfig, device: str, *, baseline: bool) -> dict[str, Any]:
     batch = random_batch(vocab, cfg.micro_batch, cfg.seq, device)
     # onecard's path: the training spine's loss unless a kernel patch supplies the (fused) loss behind labels=.
     loss_path = "hf" if baseline or kernels_info["kernels_applied"] != "none" else "spine"
-    from onecard.train import offload
+    from onecard.patch import offload
 
     offload.reset_stats()
     result = timed_steps(model, batch, steps=cfg.steps, warmup=cfg.warmup, device=device, loss_path=loss_path)
@@ -100,16 +100,16 @@ def measure(cfg: BenchConfig, device: str, *, baseline: bool) -> dict[str, Any]:
 
 
 def apply_kernels(model, kernels: str) -> dict[str, Any]:
-    """onecard.patch.apply_kernels if the patch layer exists; the record says what was really applied."""
-    try:
-        from onecard.patch import apply_kernels as _apply
-    except ImportError as exc:
-        return {"kernels_applied": "none", "kernels_note": f"onecard.patch unavailable ({exc}); ran without kernels"}
-    try:
-        info = _apply(model, kernels=kernels)
-    except Exception as exc:  # noqa: BLE001 -- record, run unpatched, never fake a kernel row
-        return {"kernels_applied": "none", "kernels_note": f"apply_kernels failed: {type(exc).__name__}: {exc}"}
-    return {"kernels_applied": kernels, "kernels_detail": info if isinstance(info, (dict, list, str)) else str(info)}
+    """onecard.patch.apply_kernels; the record says what was really applied: "none" (with the patch layer's
+    notice) when nothing was patched, as ``onecard train`` records it."""
+    from onecard.patch import apply_kernels as _apply
+
+    handle = _apply(model, kernels=kernels)
+    info: dict[str, Any] = {"kernels_applied": kernels if handle.active else "none",
+                            "kernels_detail": dict(handle.patched)}
+    if handle.notice:
+        info["kernels_note"] = handle.notice
+    return info
 
 
 def _guarded(cfg: BenchConfig, device: str, baseline: bool) -> dict[str, Any]:

@@ -22,23 +22,20 @@ def random_batch(vocab_size: int, micro_batch: int, seq: int, device: str, seed:
 
 
 def build_optimizer(model, device: str, lr: float = 1e-5):
-    """The training spine's optimizer (fused AdamW on CUDA) when available; plain torch otherwise."""
+    """The training spine's parameter groups in torch's AdamW (fused on CUDA)."""
     import torch
 
-    try:
-        from onecard.train.optim import param_groups
+    from onecard.train.optim import param_groups
 
-        groups = param_groups(model, 0.0)
-    except ImportError:  # the training spine is optional for bench
-        groups = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, 0.0)
     return torch.optim.AdamW(groups, lr=lr, fused=True if device.startswith("cuda") else None)
 
 
 def train_step(model, optimizer, batch, loss_path: str = "hf") -> float:
     """One optimizer step. ``loss_path``: "hf" = ``model(labels=...)`` (transformers' loss, or a patched fused
-    loss); "spine" = logits then ``onecard.train.loop.token_ce_sum`` / token count, as ``onecard train`` does."""
+    loss); "spine" = logits then ``onecard.train.sft.token_ce_sum`` / token count, as ``onecard train`` does."""
     if loss_path == "spine":
-        from onecard.train.loop import token_ce_sum
+        from onecard.train.sft import token_ce_sum
 
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits
         loss_sum, n_tokens = token_ce_sum(logits, batch["labels"])

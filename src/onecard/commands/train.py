@@ -54,10 +54,9 @@ def register(app: typer.Typer) -> None:
 def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu: bool, flags: list[str]) -> int:
     """Check what the parent can check (one clean message instead of N), then run the N-process job."""
     from onecard.train import distributed
-    from onecard.train.distributed_loop import check_resume_world
+    from onecard.train.checkpoint import check_resume_world
     from onecard.train.rundir import check_run_dir
-
-    from onecard.train.loop import lint_or_stop
+    from onecard.train.spine import lint_or_stop
 
     n = recipe.training.num_gpus
     check_run_dir(recipe.run_dir, "--resume" in flags, "--overwrite" in flags)
@@ -95,7 +94,7 @@ def _print_summary(console, summary: dict) -> None:
         table.add_row(key, value)
     console.print(table)
     if summary.get("plan_vs_measured"):  # on a GPU: the planner checked against this very run
-        from onecard.bench.compare import format_lines
+        from onecard.plan.compare import format_lines
 
         for line in format_lines(summary["plan_vs_measured"]):
             console.print(line)

@@ -123,7 +123,7 @@ def _load_base(recipe):
 
 def _evaluate(model, tokenizer, recipe, prompts):
     from onecard.demo.evaluate import evaluate_style
-    from onecard.train.loop import seed_everything
+    from onecard.train.spine import seed_everything
 
     seed_everything(SEED)
     return evaluate_style(model, tokenizer, recipe, prompts, seed=SEED)

@@ -27,9 +27,9 @@ in forward or backward. Backward: dm = sum over tokens of dy z / n = sum dy (y -
 (saved; gate/up save it anyway for the GLU), dx and dA from LoRA's backward on (W_s, B_s), dB row-scaled by m/n.
 m/n stays fp32 and the row scaling is computed in fp32 before its one rounding to bf16: a bf16 m/n (spacing 2^-7
 near 1) would round away the small magnitude updates DoRA learns. m stays fp32 (not cast like A and B) for the
-same reason. The first version
-of this module scaled the outputs (z + z (m/n - 1)) and formed W + s B A in fp32 for the norm: 0.748x onecard's
-LoRA speed on the H200 (8B b8, bench/results/h200-k2.jsonl).
+same reason. Why the weight is scaled rather than the outputs: scaling the outputs (z + z (m/n - 1)) with
+W + s B A formed in fp32 for the norm ran at 0.748x onecard's LoRA speed on the H200 (8B b8,
+bench/results/h200-k2.jsonl).
 """
 
 from __future__ import annotations

@@ -8,25 +8,11 @@ It never imports torch; the tokenizer checks import transformers only when a loc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from onecard.catalog.families import FAMILIES, family_for, is_llama3
-
-FLASH_ATTN_MIN = (2, 6, 3)   # first release with the fixes onecard relies on (softcapping, varlen fixes)
-
-
-@dataclass(frozen=True)
-class Finding:
-    id: str
-    severity: str        # error | warning | info
-    message: str
-    why: str
-    fix: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from onecard.lint.findings import FLASH_ATTN_MIN, Finding
 
 
 def installed_version(dist: str) -> str | None:
@@ -58,14 +44,6 @@ def read_power_limits() -> list[tuple[str, float, float]]:
         return out
     except Exception:  # no driver / no GPU: the rule does not apply
         return []
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
 
 
 def _load_config(recipe) -> dict | None:

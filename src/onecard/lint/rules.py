@@ -7,7 +7,7 @@ from functools import cached_property
 from typing import Callable
 
 from onecard.catalog.families import FAMILIES, family_for, is_llama3
-from onecard.lint import FLASH_ATTN_MIN, Finding, _version_tuple
+from onecard.lint.findings import FLASH_ATTN_MIN, Finding, _version_tuple
 
 
 @dataclass
@@ -83,7 +83,7 @@ def grad_ckpt_off(ctx: LintContext) -> list[Finding]:
 
 def offload_without_ckpt(ctx: LintContext) -> list[Finding]:
     """Offloading moves the *checkpoints* (each layer's input) to host memory: without checkpointing there are none,
-    and the trainer does not offload a layer's other activations (train/offload.py)."""
+    and the trainer does not offload a layer's other activations (patch/offload.py)."""
     t = ctx.recipe.training
     if not t.offload_activations or t.grad_ckpt:
         return []

@@ -5,13 +5,14 @@
     handle.revert()
 
 Only the instance is touched (see handle.py). Families: llama, mistral, qwen2, gemma, gemma2
-(families.py). Anything else keeps plain transformers and ``handle.notice`` says so in one line.
+(onecard.catalog.families). Anything else keeps plain transformers and ``handle.notice`` says so in one line.
 ``kernels="liger"`` hands the model to liger-kernel's ``_apply_liger_kernel_to_instance``.
 """
 
 from __future__ import annotations
 
-from .families import FAMILY_KERNELS, GEGLU_ACTS, SWIGLU_ACTS
+from onecard.catalog.families import GEGLU_ACTS, SWIGLU_ACTS, kernels_for
+
 from .handle import PatchHandle
 
 KERNEL_CHOICES = ("onecard", "liger", "none")
@@ -26,7 +27,7 @@ def base_causal_lm(model):
 
 
 def supports(model_type: str | None) -> bool:
-    return model_type in FAMILY_KERNELS
+    return kernels_for(model_type) is not None
 
 
 def apply_kernels(model, kernels: str = "onecard", *, rope: bool = True, fused_loss: bool = True) -> PatchHandle:
@@ -40,7 +41,7 @@ def apply_kernels(model, kernels: str = "onecard", *, rope: bool = True, fused_l
         return handle
     if kernels == "liger":
         return _apply_liger(base, handle)
-    spec = FAMILY_KERNELS.get(model_type)
+    spec = kernels_for(model_type)
     if spec is None:
         return _notice(handle, f"no onecard kernels for model_type {model_type!r}: plain transformers")
     _apply_onecard(base, spec, handle, rope=rope, fused_loss=fused_loss)
@@ -74,7 +75,7 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
     if mlp_fn is not None and attn_fn is not None and spec.decoder_class:
         from .blocks import mark_split_layers
 
-        mark_split_layers(base, spec.decoder_class, handle)  # taken up by offloaded checkpoints only (train/offload.py)
+        mark_split_layers(base, spec.decoder_class, handle)  # taken up by offloaded checkpoints only (patch/offload.py)
     if fused_loss and hasattr(base, "lm_head") and hasattr(base, "model"):
         handle.set_forward(base, causal_lm_forward, "fused_linear_ce")
 
@@ -95,4 +96,4 @@ def _notice(handle: PatchHandle, line: str) -> PatchHandle:
     return handle
 
 
-__all__ = ["PatchHandle", "apply_kernels", "base_causal_lm", "supports", "KERNEL_CHOICES", "FAMILY_KERNELS"]
+__all__ = ["PatchHandle", "apply_kernels", "base_causal_lm", "supports", "KERNEL_CHOICES"]

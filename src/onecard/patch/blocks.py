@@ -9,7 +9,7 @@ checkpointed apart (input ``x`` of the attention half, input ``h = x + attn(x)``
 - the attention half's recomputed tensors (q, k, v, attention output, normed input) are no longer alive during the
   MLP's backward.
 The price is one more saved tensor per layer (``h``, tokens x hidden): on the GPU that is 4 GiB for Llama 3 8B at
-16k tokens, so onecard splits only when the checkpoints are offloaded to host memory (train/offload.py), where it
+16k tokens, so onecard splits only when the checkpoints are offloaded to host memory (patch/offload.py), where it
 costs host memory and a second copy per layer each way.
 
 Why by hand: transformers offers only whole-layer checkpointing (GradientCheckpointingLayer), and torch's

@@ -7,7 +7,7 @@ straight into the residual add (Llama, Mistral, Qwen2, Gemma) can skip its down 
 non-reentrant checkpoint takes a ``context_fn`` returning two context managers, one entered around the first
 forward and one around the recompute (torch.utils.checkpoint docs, "context_fn"): the second one sets a
 thread-local flag here. transformers' decoder layers call ``self._gradient_checkpointing_func``; we wrap it per
-layer instance (revertibly, through the PatchHandle), the same hook train/offload.py uses.
+layer instance (revertibly, through the PatchHandle), the same hook patch/offload.py uses.
 
 Offloaded checkpoints split a layer into two checkpoints, attention half and MLP half (patch/blocks.py); the
 attention half's recompute then ends at the o projection, whose output nothing reads there either:
@@ -66,7 +66,7 @@ def _marking(checkpoint_fn):
 def _needs_marking(fn) -> bool:
     """A non-reentrant checkpoint function that does not mark the recompute itself: ``partial(checkpoint,
     use_reentrant=False)`` without a ``context_fn``. onecard's own (train/model.py enable_grad_ckpt's partial,
-    train/offload.py's offloaded_checkpoint, this module's wrapper) already mark it; reentrant checkpointing has no
+    patch/offload.py's offloaded_checkpoint, this module's wrapper) already mark it; reentrant checkpointing has no
     ``context_fn``; a caller's own ``context_fn`` is left alone."""
     if fn is None or getattr(fn, "onecard_marks_recompute", False):
         return False

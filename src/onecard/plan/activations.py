@@ -54,7 +54,7 @@ def layer_activation_parts_per_token(shape: ModelShape, *, method: str, targets,
       the lora_B output per target (bf16 + fp32) for the magnitude rescale.
     onecard / liger kernels: fused RMSNorm saves the bf16 input and an fp32 rstd; fused SwiGLU saves gate and up and
     recomputes silu. onecard's LoRA projections save each distinct bf16 input once; liger leaves LoRA to peft.
-    ``act_bytes`` (bench calibration, issue 5): element size of the residual stream. QLoRA after
+    ``act_bytes`` (bench calibration): element size of the residual stream. QLoRA after
     prepare_model_for_kbit_training has fp32 embeddings and norm weights, so hidden states are fp32 and
     bitsandbytes' Linear4bit returns its output in the input's dtype: q/k/v/o and the MLP run in fp32 (4 bytes).
     Measured on the H200 (Llama 3 8B QLoRA, seq 512 x 8, no checkpointing): 65.7 GiB allocated against 50.0

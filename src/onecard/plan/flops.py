@@ -56,6 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from onecard.catalog.families import kernels_for
 from onecard.catalog.models import ModelShape
 
 MATMUL, ELEMENTWISE = "matmul", "elementwise"
@@ -251,37 +252,8 @@ def _recompute_skipped_per_layer(shape: ModelShape, method: str, tgt, rank: int,
 
 
 def _mlp_feeds_residual(shape: ModelShape) -> bool:
-    from onecard.patch.families import FAMILY_KERNELS  # pure data: which families get the recompute skip
-
-    spec = FAMILY_KERNELS.get(shape.model_type)
+    spec = kernels_for(shape.model_type)  # which families get the recompute skip
     return spec is not None and spec.mlp_feeds_residual
-
-
-def lora_targets_for(recipe, shape: ModelShape) -> list[str]:
-    """The recipe's LoRA target names; "auto" = the family's table (catalog.families), else all 7 projections."""
-    if recipe.adapter.target_modules != "auto":
-        return list(recipe.adapter.target_modules)
-    from onecard.catalog.families import family_for
-
-    fam = family_for(shape.model_type)
-    return list(fam.lora_targets) if fam else [n for n, _, _ in shape.linear_layers_per_block()]
-
-
-def effective_seq_len(recipe) -> int:
-    """Positions per sequence: seq_len when packing, else the mean example length (capped at seq_len) if known."""
-    seq = recipe.data.seq_len
-    mean = recipe.data.mean_tokens_per_example
-    if recipe.data.packing or not mean:
-        return seq
-    return max(1, min(seq, int(round(mean))))
-
-
-def packed_example_tokens(recipe) -> int | None:
-    """The example length inside packed rows, for :func:`varlen_span`; None without packing or a known mean."""
-    data = recipe.data
-    if not data.packing or not data.mean_tokens_per_example:
-        return None
-    return max(1, min(data.seq_len, int(round(data.mean_tokens_per_example))))
 
 
 def varlen_span(example_tokens: int | None, kernels: str) -> int | None:
@@ -293,19 +265,13 @@ def varlen_span(example_tokens: int | None, kernels: str) -> int | None:
     return example_tokens if kernels == "onecard" else None
 
 
-def flops_for_recipe(recipe, shape: ModelShape | None = None, *, grad_ckpt: bool | None = None,
-                     method: str | None = None) -> FlopsBreakdown:
-    """:func:`flops_per_token` with the recipe's settings (``method``/``grad_ckpt`` override for what-ifs)."""
-    from onecard.catalog.models import resolve_shape
-    from onecard.plan.inputs import resolve_kernels
-
-    shape = shape or resolve_shape(recipe.model.name_or_path)
-    attn = "eager" if recipe.model.attn_implementation == "eager" else "flash"
-    return flops_per_token(
-        shape, method=method or recipe.method, seq_len=effective_seq_len(recipe),
-        micro_batch=recipe.training.micro_batch_size, rank=recipe.adapter.rank,
-        targets=lora_targets_for(recipe, shape), attention=attn,
-        grad_ckpt=recipe.training.grad_ckpt if grad_ckpt is None else grad_ckpt,
-        lora_dropout=recipe.adapter.dropout, kernels=resolve_kernels(recipe.training.kernels, shape),
-        attention_span=varlen_span(packed_example_tokens(recipe), resolve_kernels(recipe.training.kernels, shape)),
-    )
+def flops_for_inputs(inp, *, seq_len: int | None = None, grad_ckpt: bool | None = None, method: str | None = None,
+                     lora_dropout: float = 0.0) -> FlopsBreakdown:
+    """:func:`flops_per_token` for resolved planner inputs (:class:`onecard.plan.inputs.PlanInputs`): its kernels,
+    targets, split halves and packed span. ``seq_len`` / ``grad_ckpt`` / ``method`` override for what-ifs."""
+    ckpt = inp.grad_ckpt if grad_ckpt is None else grad_ckpt
+    return flops_per_token(inp.shape, method=method or inp.method, seq_len=seq_len or inp.seq_len,
+                           micro_batch=inp.micro_batch, rank=inp.rank, targets=inp.targets, grad_ckpt=ckpt,
+                           attention="eager" if inp.attn == "eager" else "flash", lora_dropout=lora_dropout,
+                           kernels=inp.kernels, split_halves=ckpt and inp.split_halves,
+                           attention_span=varlen_span(inp.packed_example_tokens, inp.kernels))

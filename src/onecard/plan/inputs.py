@@ -1,4 +1,5 @@
-"""What the memory planner needs to know, resolved from a recipe or from command-line arguments.
+"""Every recipe-to-number resolution of the planner: a validated recipe in, :class:`PlanInputs` (and the FLOPs of
+a recipe) out. flops.py, memory.py and speed.py take these plain inputs and never read a recipe themselves.
 
 ``kernels: auto`` resolves against the *target* card of the plan (every catalog card is a CUDA card, so auto ->
 onecard's kernels where onecard has them for the model family), never against the machine running ``onecard plan``.
@@ -8,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from onecard.catalog.families import kernels_for
 from onecard.catalog.gpus import GPU, get_gpu
 from onecard.catalog.models import ModelShape, resolve_shape
-from onecard.plan.flops import packed_example_tokens
+from onecard.plan.flops import FlopsBreakdown, flops_for_inputs
 
-# Families onecard's fused kernels patch (issue 6: Llama, Mistral, Qwen2, Gemma, Gemma 2); others fall back to none.
-KERNEL_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,14 +56,12 @@ class PlanInputs:
 
     @property
     def split_halves(self) -> bool:
-        """Offloaded checkpoints of a family onecard's kernels patch whole (patch/families.py ``decoder_class``) are
-        taken per half-layer, attention and MLP (patch/blocks.py): two offloaded inputs per layer, one half
+        """Offloaded checkpoints of a family onecard's kernels patch whole (catalog/families.py ``decoder_class``)
+        are taken per half-layer, attention and MLP (patch/blocks.py): two offloaded inputs per layer, one half
         recomputed at a time, and the attention half's recompute ends before the o projection."""
         if not (self.offload_activations and self.grad_ckpt and self.kernels == "onecard"):
             return False
-        from onecard.patch.families import FAMILY_KERNELS  # pure data, no torch
-
-        spec = FAMILY_KERNELS.get(self.shape.model_type)
+        spec = kernels_for(self.shape.model_type)
         return spec is not None and spec.decoder_class is not None
 
     @property
@@ -76,21 +74,41 @@ class PlanInputs:
         return self.micro_batch * self.seq_len * (2 if self.task == "dpo" else 1)
 
 
-def resolve_kernels(kernels: str, shape: ModelShape, gpu: GPU | None = None) -> str:
+def planned_kernels(kernels: str, shape: ModelShape) -> str:
     """auto -> onecard on the target card (all catalog cards are CUDA) when the family has kernels, else none."""
     if kernels != "auto":
         return kernels
-    return "onecard" if shape.model_type in KERNEL_FAMILIES else "none"
+    return "onecard" if kernels_for(shape.model_type) is not None else "none"
 
 
 def resolve_fused_ce(fused_ce, kernels: str) -> bool:
     return kernels in ("onecard", "liger") if fused_ce == "auto" else bool(fused_ce)
 
 
-def _targets(target_modules) -> tuple[str, ...]:
+def lora_targets(target_modules) -> tuple[str, ...]:
+    """The LoRA targets in :class:`ModelShape`'s names. ``auto`` is every family's table in catalog/families.py:
+    all linear layers of the decoder block, which a ModelShape spells Llama's way (q/k/v/o, gate/up/down; Phi-3's
+    fused qkv_proj and gate_up_proj are the same weights), so all seven."""
     if target_modules == "auto" or target_modules is None:
         return ALL_TARGETS
     return tuple(str(t) for t in target_modules)
+
+
+def effective_seq_len(recipe) -> int:
+    """Positions per sequence: seq_len when packing, else the mean example length (capped at seq_len) if known."""
+    seq = recipe.data.seq_len
+    mean = recipe.data.mean_tokens_per_example
+    if recipe.data.packing or not mean:
+        return seq
+    return max(1, min(seq, int(round(mean))))
+
+
+def packed_example_tokens(recipe) -> int | None:
+    """The example length inside packed rows, for ``flops.varlen_span``; None without packing or a known mean."""
+    data = recipe.data
+    if not data.packing or not data.mean_tokens_per_example:
+        return None
+    return max(1, min(data.seq_len, int(round(data.mean_tokens_per_example))))
 
 
 def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None = None) -> PlanInputs:
@@ -98,7 +116,7 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
     shape = shape or resolve_shape(recipe.model.name_or_path)
     card = get_gpu(gpu or recipe.plan.gpu)
     t = recipe.training
-    kernels = resolve_kernels(t.kernels, shape, card)
+    kernels = planned_kernels(t.kernels, shape)
     if recipe.task in ("dpo", "kto"):
         # onecard's preference step needs per-sequence log-probs from full logits, which the fused linear-CE
         # loss does not give: it runs on plain transformers modules (train/preference.py), so plan it so.
@@ -110,9 +128,19 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
     return PlanInputs(
         shape=shape, gpu=card, method=recipe.method, task=recipe.task, seq_len=recipe.data.seq_len,
         micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, rank=recipe.adapter.rank,
-        targets=_targets(recipe.adapter.target_modules), optimizer=t.optimizer, grad_ckpt=t.grad_ckpt,
+        targets=lora_targets(recipe.adapter.target_modules), optimizer=t.optimizer, grad_ckpt=t.grad_ckpt,
         offload_activations=t.offload_activations, kernels=kernels, fused_ce=resolve_fused_ce(t.fused_ce, kernels),
         attn="sdpa" if attn == "auto" else attn, dtype_bytes=4 if recipe.model.dtype == "float32" else 2,
         double_quant=recipe.quant.double_quant, reference=reference, num_gpus=t.num_gpus,
         packed_example_tokens=packed_example_tokens(recipe),
     )
+
+
+def flops_for_recipe(recipe, shape: ModelShape | None = None, *, grad_ckpt: bool | None = None,
+                     method: str | None = None) -> FlopsBreakdown:
+    """The FLOPs per token of what the recipe really runs (the same inputs as its plan: kernels as resolved, off
+    for DPO/KTO and under FSDP, split halves) at its effective sequence length; ``method`` / ``grad_ckpt`` override
+    for what-ifs."""
+    inp = inputs_from_recipe(recipe, shape=shape)
+    return flops_for_inputs(inp, seq_len=effective_seq_len(recipe), grad_ckpt=grad_ckpt, method=method,
+                            lora_dropout=recipe.adapter.dropout)

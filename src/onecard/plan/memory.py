@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from onecard.catalog.families import NOT_UNDER_FSDP, NOT_UNDER_FSDP_FIX
 from onecard.plan import activations as act
 from onecard.plan import static
 from onecard.plan.inputs import PlanInputs
-from onecard.train.distributed import NOT_UNDER_FSDP, NOT_UNDER_FSDP_FIX  # torch-free
 
 GIB = 2**30
 # PyTorch's caching allocator reserves more than it allocates (block rounding, split blocks it cannot reuse).
@@ -137,7 +137,7 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     saved = layers * per_layer_total * tokens + head
     what = ("half-layer inputs (checkpoints)" if p.split_halves else
             "block inputs (checkpoints)" if p.grad_ckpt else "all block activations")
-    offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (train/offload.py)
+    offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (patch/offload.py)
     if offloaded:
         in_flight = 2 * per_layer_saved * tokens
         comps.append(Component("activations", f"saved activations: 2 {what} in flight + the head's", in_flight + head,
@@ -158,7 +158,7 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     recompute = (recomputed if p.grad_ckpt else 0) * tokens
     block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes, p.kernels) * tokens + held
     # Gradients fill in during backward (zero_grad(set_to_none) frees them every step), so they are a per-phase
-    # term, not static (bench calibration, issue 5: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%
+    # term, not static (bench calibration: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%
     # high when all gradients sat beside the logits). At the logits phase only the LM head's gradient exists (the
     # tied embedding's, for tied models); in block j's backward the later blocks' gradients exist while the earlier
     # blocks' saved activations still wait -- linear in j, so the worst case is an end: max(head grad, all grads
@@ -221,7 +221,7 @@ def _head_grad_bytes(p: PlanInputs) -> int:
 
 
 def _freed_logits_blocks_bytes(p: PlanInputs, logits_bytes: int) -> int:
-    """Reserved-but-unusable memory of the unfused loss (bench calibration, issue 5).
+    """Reserved-but-unusable memory of the unfused loss (bench calibration).
 
     The unfused cross-entropy frees an fp32 tokens x vocab tensor (the upcast of the logits) before backward
     allocates its own fp32 tokens x vocab gradients; the caching allocator keeps the freed block, and on the H200
@@ -268,8 +268,8 @@ def _fsdp_root_unit_bytes(p: PlanInputs) -> int:
     """FSDP1 gathers the root unit -- what no decoder-layer unit holds: the embeddings, an untied LM head, the final
     norm -- at full size on its all-gather stream. That block is freed before the backward peak but stays in the
     caching allocator's pool of *that* stream, which the compute stream cannot reuse: reserved, never allocated at
-    the peak. Found in torch.cuda.memory_snapshot() on 2 x H200 (train/distributed_probe.py --memory-snapshot,
-    bench/results/h200x2-multigpu.jsonl, session 3): the all-gather stream held 4.72 GiB with nothing allocated, its
+    the peak. Found in torch.cuda.memory_snapshot() on 2 x H200 (bench/distributed_probe.py --memory-snapshot,
+    bench/results/h200x2-multigpu.jsonl): the all-gather stream held 4.72 GiB with nothing allocated, its
     largest block 3.916 GiB = Llama 3 70B's embeddings + head (2 x 128256 x 8192 x 2 bytes), the rest two layer
     units; on Llama 3 8B 2.78 GiB = 1.96 (its root) + two layers."""
     s = p.shape

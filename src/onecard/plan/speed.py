@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from onecard.calibration import Measurement, Profile, load_profile
 from onecard.catalog.gpus import GPU
-from onecard.plan.flops import FlopsBreakdown, flops_per_token, varlen_span
+from onecard.plan.flops import FlopsBreakdown, flops_for_inputs, flops_per_token, varlen_span
 
 # Prior for a method/kernel with no measurement anywhere: about the MFU plain HF + PEFT LoRA reaches on H200
 # (6,517 tokens/s x 46.6 GFLOP/token / 989.4 TFLOP/s = 0.31), rounded down.
@@ -41,7 +41,7 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 * 1.0 + 4 / (64 * 256)  # 4-bit codes + int8 
 DEQUANT_BYTES_PER_PARAM = NF4_BYTES_PER_PARAM + 2.0       # read NF4, write the bf16 copy (the matmul's read is below)
 ADAM_STEP_BYTES_PER_PARAM = {"adamw_torch_fused": 28, "adamw_torch": 28, "adamw_cpu_offload": 0,
                              "adamw_8bit": 16, "paged_adamw_8bit": 16}  # bf16 p r/w, grad r, m/v r/w (+fp32 master)
-# onecard is its own class now that onecard bench measured it (issue 5); lookup_efficiency falls back to the plain
+# onecard is its own class: onecard bench measures it apart (bench/results/); lookup_efficiency falls back to the plain
 # rows when a profile holds no row of the asked class.
 KERNEL_CLASS = {"none": "none", "onecard": "onecard", "liger": "liger", "unsloth": "unsloth"}
 
@@ -109,7 +109,7 @@ def layer_overhead_s(profile: Profile, gpu_id: str, kclass: str, grad_ckpt: bool
     recompute and backward (peft's per-projection modules, autograd bookkeeping, Triton launches). The host
     enqueues work asynchronously, so a step takes max(host time, device time): small micro-batches are
     host-bound. Fitted from pairs of measured rows that differ only in micro-batch: when the small one runs well
-    below the large one's rate, its step time *is* the host time. Measured on the H200 (bench, issue 5): Llama 3 8B
+    below the large one's rate, its step time *is* the host time. Measured on the H200 (onecard bench): Llama 3 8B
     LoRA onecard b1 0.43 s/step against 0.21 s of device work (b8 runs 1.69 s for 8x the tokens): ~13 ms per layer;
     plain peft b1 0.39 s (seq 512 b1 also 0.38 s, while seq 4096 b1 is device-bound). Checkpointing changes it:
     onecard's kernels at b1 took 0.38 s per step with checkpointing and 0.16 s without (H200, Llama 3 8B,
@@ -183,7 +183,7 @@ def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str
 
     kclass = KERNEL_CLASS.get(cfg["kernels"], "none")
     rows = [m for m in profile.measurements if KERNEL_CLASS.get(m.kernels, m.kernels) == kclass]
-    if not rows and kclass == "onecard":  # no onecard measurement in this profile: plain efficiency (bench, issue 5)
+    if not rows and kclass == "onecard":  # no onecard measurement in this profile: plain efficiency
         rows = [m for m in profile.measurements if KERNEL_CLASS.get(m.kernels, m.kernels) == "none"]
     same_method = [m for m in rows if m.method == cfg["method"]]
     for m in same_method:
@@ -226,10 +226,7 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     ckpt = inp.grad_ckpt if grad_ckpt is None else grad_ckpt
     seq = seq_len or inp.seq_len
     fl_span = varlen_span(inp.packed_example_tokens, inp.kernels)
-    fl = flops_per_token(shape, method=method, seq_len=seq, micro_batch=inp.micro_batch, rank=inp.rank,
-                         targets=inp.targets, grad_ckpt=ckpt, attention="eager" if inp.attn == "eager" else "flash",
-                         lora_dropout=lora_dropout, kernels=inp.kernels, split_halves=ckpt and inp.split_halves,
-                         attention_span=fl_span)
+    fl = flops_for_inputs(inp, seq_len=seq, grad_ckpt=ckpt, lora_dropout=lora_dropout)
     compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt)
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onecard.catalog.families import NOT_UNDER_FSDP
 from onecard.catalog.gpus import GPUS
 from onecard.plan.inputs import PlanInputs
 from onecard.plan.memory import GIB, MemoryPlan, plan_memory
-from onecard.train.distributed import NOT_UNDER_FSDP  # torch-free
 
 
 @dataclass

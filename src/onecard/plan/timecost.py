@@ -12,7 +12,7 @@ import math
 
 from onecard.catalog.gpus import GPUS
 from onecard.plan import cost as money
-from onecard.plan.flops import effective_seq_len
+from onecard.plan.inputs import effective_seq_len
 from onecard.plan.speed import claim_check, estimate_throughput
 
 TARGETS_H = ((4.0, "daily iteration (under 4 h)"), (12.0, "overnight (~12 h)"), (60.0, "a weekend (~60 h)"))

@@ -1,24 +1,29 @@
 """Atomic training checkpoints: ``checkpoints/step-<N>/`` plus a ``latest`` pointer.
 
 A checkpoint is written into a temporary directory next to its final place, every file fsynced, then
-renamed into place (rename is atomic within one filesystem, POSIX rename(2)); only then is ``latest``
-replaced, itself through a temp file and ``os.replace``. A crash at any moment therefore leaves either the
-old checkpoint or the new one complete, never a half-written one that ``load_latest`` would pick.
+renamed into place (train/files.py ``write_atomic``); only then is ``latest`` replaced, the same way. A crash at
+any moment therefore leaves either the old checkpoint or the new one complete, never a half-written one that
+``load_latest`` would pick.
 
 Contents: trainable weights (safetensors: the LoRA/DoRA tensors, or every weight for full fine-tuning),
 optimizer state, scheduler step, every RNG state (Python, NumPy, torch CPU, CUDA) so dropout continues
 identically, epoch and position inside the epoch, global step, and the metrics logged so far.
+
+A run on N processes adds ``ranks-step-<N>/`` beside ``step-<N>/``: ``world.json`` and one ``rank-<r>.pt`` per
+rank (train/distributed_loop.py). It resumes on the same number of processes only (:func:`check_resume_world`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from onecard.errors import UserError
+from onecard.train.files import sweep_leftovers, write_atomic, write_text_atomic
 
 KEEP_CHECKPOINTS = 2  # the newest and its predecessor: enough to survive a crash while writing the next one
 _STATE_FILE = "state.json"  # written last inside the temp dir: its presence marks a complete checkpoint
@@ -32,19 +37,6 @@ class TrainState:
     tokens_seen: int = 0
     trained_tokens: int = 0
     metrics: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -91,35 +83,18 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, schedule
 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.global_step}"
-    tmp = root / f".tmp-step-{state.global_step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler_state, "rng": rng_state()},
-               tmp / "optimizer_rng.pt")
-    (tmp / _STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
-    for child in tmp.iterdir():
-        _fsync_file(child)
-    _fsync_dir(tmp)
-    old = root / f".old-step-{state.global_step}-{os.getpid()}"
-    if final.exists():  # a re-save of the same step after resume: move the old one aside, drop it after
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_latest(root, final.name)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        tmp.mkdir()
+        save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler_state, "rng": rng_state()},
+                   tmp / "optimizer_rng.pt")
+        (tmp / _STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+
+    final = write_atomic(root / f"step-{state.global_step}", fill)  # a re-save after resume replaces the old one
+    write_text_atomic(root / "latest", final.name + "\n")
     _prune(root, keep=KEEP_CHECKPOINTS)
     return final
-
-
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".latest.tmp-{os.getpid()}"
-    tmp.write_text(name + "\n", encoding="utf-8")
-    _fsync_file(tmp)
-    os.replace(tmp, root / "latest")
-    _fsync_dir(root)
 
 
 def _complete_steps(root: Path) -> list[int]:
@@ -133,8 +108,28 @@ def _complete_steps(root: Path) -> list[int]:
 def _prune(root: Path, keep: int) -> None:
     for step in _complete_steps(root)[:-keep]:
         shutil.rmtree(root / f"step-{step}", ignore_errors=True)
-    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+    sweep_leftovers(root, "step-*")
+    for ranks in root.glob("ranks-step-*"):  # a multi-GPU run's rank files go with their step directory
+        if not (root / ranks.name[len("ranks-"):]).is_dir():
+            shutil.rmtree(ranks, ignore_errors=True)
+
+
+def ranks_dir(step_dir: Path) -> Path:
+    """Where the rank files of a multi-GPU checkpoint ``step_dir`` live."""
+    return step_dir.parent / f"ranks-{step_dir.name}"
+
+
+def check_resume_world(run_dir: Path, world: int) -> None:
+    """Refuse to resume on a different number of processes than wrote the checkpoint (also for one GPU)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return
+    meta = ranks_dir(path) / "world.json"
+    written = json.loads(meta.read_text(encoding="utf-8"))["world_size"] if meta.is_file() else 1
+    if written != world:
+        raise UserError(f"the checkpoint was written by {written} process(es); resuming on {world} is not supported "
+                        "(the data split and sharded states depend on the number of GPUs)", where=str(path),
+                        fix=f"resume with --num-gpus {written}" if written > 1 else "resume without --num-gpus")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onecard.catalog.families import NOT_UNDER_FSDP, NOT_UNDER_FSDP_FIX
 from onecard.errors import UserError
 
 CPU_ENV = "ONECARD_DISTRIBUTED_CPU"            # "1": N CPU processes on gloo (tests, CI)
@@ -62,14 +63,6 @@ def choose_strategy(recipe, requested: str = "auto") -> str:
         return "ddp" if plan_memory(inputs).fits else "fsdp"
     except UserError:
         return "ddp"  # a model the planner has no shape for: replicate; --strategy fsdp overrides
-
-
-# Methods onecard refuses under FSDP, with why. DoRA: peft's DoRA magnitude layer (its own FSDP unit under peft's
-# wrap policy) reads lora_A's weight from outside lora_A's unit, where FSDP keeps it sharded and flat -- IndexError
-# in peft/tuners/lora/dora.py get_lora_weight, seen on 2 x H200 (notes/multigpu.md, session 3). The planner reads
-# this too (plan/memory.py, plan/suggest.py): it must not propose what train refuses.
-NOT_UNDER_FSDP = {"dora": "DoRA does not run under FSDP (peft's DoRA reads adapter weights FSDP keeps sharded)"}
-NOT_UNDER_FSDP_FIX = "use --strategy ddp if the model fits one GPU, or method lora"
 
 
 def check_strategy(recipe, strategy: str) -> None:

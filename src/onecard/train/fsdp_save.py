@@ -5,7 +5,7 @@ prefixes taken from ``model.named_modules()`` and strips only a *leading* ``_fsd
 (peft/tuners/tuners_utils.py ``_get_tuner_state_dict_key_prefixes``). onecard auto-wraps every decoder layer, and
 peft's ``fsdp_auto_wrap_policy`` every LoRA linear, as FSDP units, so the wrapper's name sits in the middle of
 those prefixes, nothing in accelerate's clean full state dict matches them, and peft writes an adapter with no
-tensors -- seen on 2 x H200 (notes/multigpu.md, session 3) and reproduced on CPU in
+tensors -- seen on 2 x H200 (notes/multigpu.md) and reproduced on CPU in
 tests/test_fsdp_save.py. Putting each unit's wrapped module back in its parent's place for the duration of
 the save gives peft (and transformers) the plain model's names; the gathered tensors come from the state dict,
 so the sharded parameters are never read.

@@ -271,14 +271,14 @@ def target_modules(model, recipe: Recipe) -> list[str]:
 def enable_grad_ckpt(model, recipe: Recipe) -> None:
     """Non-reentrant checkpointing: works with frozen inputs and keeps dropout's RNG state on recompute.
 
-    ``training.offload_activations``: the layers' checkpoint inputs wait in pinned host memory (train/offload.py).
+    ``training.offload_activations``: the layers' checkpoint inputs wait in pinned host memory (patch/offload.py).
     """
     from onecard.patch.recompute import recompute_contexts  # lets patched MLPs skip work nothing reads
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
                                                                        "context_fn": recompute_contexts})
     if recipe.training.offload_activations:
-        from onecard.train.offload import enable_offloaded_checkpointing
+        from onecard.patch.offload import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model)
     if recipe.is_adapter and hasattr(model, "enable_input_require_grads"):

@@ -2,23 +2,23 @@
 
 Own loop rather than trl's ``DPOTrainer`` / ``KTOTrainer`` (trl 1.16.0 read for this choice):
 - the GPU image has no trl (nor ``datasets``, which both trainers build their data with);
-- the SFT spine (train/loop.py, checkpoint.py) already gives atomic checkpoints with every RNG state and the
+- the spine (train/spine.py, checkpoint.py) already gives atomic checkpoints with every RNG state and the
   position inside the epoch, so a killed run resumes bit-identically; trl's resume goes through Trainer's
   data-loader state, which is not exact mid-epoch;
 - the reference with a continued adapter must be the *starting* adapter loaded a second time, frozen; trl does
   the same (``ref`` adapter) but only when handed a PeftModel it prepared itself;
 - the loss formulas are a few lines, restated with the trl source they mirror in train/preference_loss.py.
-What is reused: model loading, optimizer and LR schedule, checkpoints, metrics files, run-directory handling,
-``Schedule`` (example order and accumulation windows) and ``finish`` from the SFT loop.
+What it supplies to the spine (train/spine.py) is its step, :class:`PreferenceStep`; the rest is the spine's:
+model loading, the step loop, optimizer and LR schedule, checkpoints, metrics, run-directory handling, ``finish``.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from onecard.errors import UserError
 from onecard.recipe import Recipe
+from onecard.train.spine import Schedule, Step, lint_or_stop, run_steps, seed_everything, start_run
 
 
 def train_preference(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> dict[str, Any]:
@@ -28,8 +28,8 @@ def train_preference(recipe: Recipe, resume: bool = False, console=None, overwri
 
 def train_preference_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False):
     """:func:`train_preference`, also handing back the trained model and tokenizer: (model, tokenizer, summary)."""
+    from onecard.data import pad_token_id
     from onecard.data.preference import build_preference_dataset
-    from onecard.train.loop import Schedule, lint_or_stop, seed_everything, start_run
     from onecard.train.model import load_model_and_tokenizer, resolve_device
     from onecard.train.preference_reference import setup_reference
     from onecard.train.rundir import check_run_dir
@@ -49,11 +49,10 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     # after setup_reference: the optimizer sees the trained weights only
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     started = state.global_step
-    state, timing = run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedule, state, recipe,
-                                         device, console)
+    step = PreferenceStep(model, optimizer, recipe, device, reference, dataset, pad_token_id(tokenizer))
+    state, timing = run_steps(step, schedule, state, console)
     summary_extra = _final_metrics(state.metrics)
     if eval_set.examples:
-        from onecard.data import pad_token_id
         from onecard.train.preference_step import evaluate_preferences
 
         summary_extra.update(evaluate_preferences(model, reference, eval_set, recipe, device, pad_token_id(tokenizer)))
@@ -89,50 +88,22 @@ def _say_no_kernels(recipe: Recipe, console) -> None:
                       "preference steps run on plain transformers modules[/yellow]")
 
 
-def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedule, state, recipe: Recipe,
-                         device: str, console):
-    """The optimisation loop (the SFT loop's structure, with the DPO/KTO step); returns (state, timing)."""
-    import torch
+class PreferenceStep(Step):
+    """The DPO or KTO step over one window (train/preference_step.py), the reference policy beside the model."""
 
-    from onecard.data import epoch_order, pad_token_id
-    from onecard.train.loop import Rate, _checkpoint_if_due, _clip, account_step
-    from onecard.train.metrics import MetricsLogger, TrainProgress
-    from onecard.train.optim import set_lr
-    from onecard.train.preference_step import dpo_step, kto_step
+    def __init__(self, model, optimizer, recipe: Recipe, device: str, reference, dataset, pad_id: int):
+        super().__init__(model, optimizer, recipe, device)
+        self.reference, self.dataset, self.pad_id = reference, dataset, pad_id
 
-    t = recipe.training
-    step_fn = dpo_step if recipe.task == "dpo" else kto_step
-    params = [p for p in model.parameters() if p.requires_grad]
-    logger = MetricsLogger(recipe.run_dir, state.metrics)
-    progress = TrainProgress(console, schedule.total_steps, state.global_step)
-    orders: dict[int, list[int]] = {}
-    pad_id = pad_token_id(tokenizer)
-    rate = Rate()
-    model.train()
-    try:
-        while state.global_step < schedule.total_steps:
-            state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
-            if state.epoch not in orders:
-                orders = {state.epoch: epoch_order(schedule.n_examples, t.seed, state.epoch, shuffle=recipe.data.shuffle)}
-            micro = [[dataset.examples[i] for i in idx] for idx in schedule.window(orders[state.epoch],
-                                                                                   state.step_in_epoch)]
-            lr = set_lr(optimizer, recipe, state.global_step, schedule.total_steps)
-            metrics = step_fn(model, reference, micro, recipe, device, pad_id)
-            grad_norm = _clip(params, t.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = {**metrics, "lr": lr, "grad_norm": grad_norm}
-            account_step(state, record, schedule, recipe, rate, device, logger)
-            progress.update(state.global_step, metrics["loss"], record["tokens_per_s"], record["peak_memory_bytes"],
-                            progress_text(metrics))
-            _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger)
-    finally:
-        progress.close()
-        logger.close()
-    state.metrics = list(logger.records)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return state, {"seconds": time.perf_counter() - rate.start, "tokens": rate.tokens}
+    def backward(self, window: list[list[int]]) -> dict[str, Any]:
+        from onecard.train.preference_step import dpo_step, kto_step
+
+        step_fn = dpo_step if self.recipe.task == "dpo" else kto_step
+        micro = [[self.dataset.examples[i] for i in idx] for idx in window]
+        return step_fn(self.model, self.reference, micro, self.recipe, self.device, self.pad_id)
+
+    def progress_text(self, record: dict[str, Any]) -> str:
+        return progress_text(record)
 
 
 _SUMMARY_KEYS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "reward_desirable",

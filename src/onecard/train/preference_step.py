@@ -1,6 +1,6 @@
 """One optimizer step's gradients for DPO and KTO, and held-out preference evaluation.
 
-Normalisation under gradient accumulation follows the SFT loop's rule (train/loop.py): each micro-batch's
+Normalisation under gradient accumulation follows the spine's rule (train/spine.py): each micro-batch's
 *summed* per-pair (DPO) or per-example (KTO) loss is divided by the number in the whole accumulation window, so
 the gradient equals that of one batch holding the window, whatever the micro-batch split. trl takes the mean per
 micro-batch instead, which differs when the last window of an epoch is short.

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from onecard.errors import UserError
 from onecard.recipe import Recipe, dump_recipe
+from onecard.train.files import write_atomic, write_text_atomic
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -59,15 +59,6 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> None:
     write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -77,19 +68,12 @@ def save_result(run_dir: Path, model, tokenizer, is_adapter: bool) -> Path:
 
     Written to a temp directory and renamed, so a crash here never leaves a half-written result.
     """
-    name = "adapter" if is_adapter else "model"
-    final = run_dir / name
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = True  # switched off for gradient checkpointing; generation wants it back
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    old = run_dir / f".{name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    return write_atomic(run_dir / ("adapter" if is_adapter else "model"), fill)

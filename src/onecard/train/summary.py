@@ -48,7 +48,7 @@ def cuda_measurements(recipe: Recipe, dataset, summary: dict[str, Any]) -> dict[
     """Peak reserved/allocated since the training loop began (setup peak kept apart) and the plan beside them."""
     import torch
 
-    from onecard.bench.compare import plan_vs_measured
+    from onecard.plan.compare import plan_vs_measured
 
     lengths = [row_length(ex) for ex in dataset.examples] or [recipe.data.seq_len]
     out = {"cuda_peak_reserved_bytes_measured": int(torch.cuda.max_memory_reserved()),

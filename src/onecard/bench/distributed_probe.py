@@ -1,12 +1,12 @@
-"""Issue 9 acceptances 2 and 3 (GPU only): training steps of a preset shape, random weights, N GPUs.
+"""Multi-GPU speed and per-GPU memory (GPU only): training steps of a preset shape, random weights, N GPUs.
 
-First run on 2 x H200 on 2026-11-28: bench/results/h200x2-multigpu.jsonl.
+Its rows: bench/results/h200x2-multigpu.jsonl.
 
 Acceptance 3 (default): QLoRA with random NF4 weights under FSDP1. Acceptance 2: ``--method lora --strategy ddp``
 (bf16 random base from onecard.bench.build), run once as plain ``python -m`` (1 GPU) and once under torchrun.
 
 Run under torchrun, one process per GPU (commands in notes/multigpu.md):
-    python -m torch.distributed.run --nproc_per_node 2 -m onecard.train.distributed_probe --model llama-3-70b
+    python -m torch.distributed.run --nproc_per_node 2 -m onecard.bench.distributed_probe --model llama-3-70b
 Each rank builds the model as onecard.bench.build does (meta skeleton, one bf16 layer at a time on the GPU,
 quantised to NF4) but with ``quant_storage=bfloat16``, the storage FSDP1 can flatten and shard; wraps it exactly as
 ``onecard train --num-gpus N --strategy fsdp`` does (distributed.prepare_model); runs ``--steps`` optimizer steps on
@@ -16,7 +16,7 @@ Peak statistics are reset after wrapping: the build holds the whole NF4 model on
 planner does not model; see notes/multigpu.md).
 
 Where reserved-but-unallocated memory sits (``--memory-snapshot``): per-stream summaries of
-``torch.cuda.memory_snapshot()`` (onecard.train.memory_snapshot) at the end of the steps and at the sample with the
+``torch.cuda.memory_snapshot()`` (onecard.bench.memory_snapshot) at the end of the steps and at the sample with the
 highest reserved memory. FSDP variants without code edits on the device: ``--no-limit-all-gathers``,
 ``--forward-prefetch``, ``--backward-prefetch pre|post|none``; the row records the plugin's settings as used.
 """
@@ -158,7 +158,7 @@ class PeakSnapshot:
         self.reserved_bytes, self.where, self.summary, self.samples = -1, None, None, 0
 
     def sample(self, where: str) -> None:
-        from onecard.train.memory_snapshot import summarize_snapshot
+        from onecard.bench.memory_snapshot import summarize_snapshot
 
         self.samples += 1
         reserved = int(self._reserved())
@@ -185,7 +185,7 @@ def _steps(dist, model, recipe, cfg, steps: int, memory_snapshot: bool = False) 
     import torch
 
     from onecard.bench.step import random_batch
-    from onecard.train.loop import token_ce_sum
+    from onecard.train.sft import token_ce_sum
     from onecard.train.optim import build_optimizer
 
     optimizer = build_optimizer(model, recipe, dist.device)
@@ -234,7 +234,7 @@ def _sample(keeper, where: str) -> float:
 def _snapshot_fields(keeper, snapshot_s: float, device_index: int) -> dict:
     import torch
 
-    from onecard.train.memory_snapshot import gib_view, summarize_snapshot
+    from onecard.bench.memory_snapshot import gib_view, summarize_snapshot
 
     end = summarize_snapshot(torch.cuda.memory_snapshot(), device=device_index)
     return {"memory_snapshot": end, "memory_snapshot_gib": gib_view(end),

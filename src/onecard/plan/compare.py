@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-GIB = 2**30
+from onecard.catalog.gpus import match_device_name
+from onecard.plan.inputs import inputs_from_recipe
+from onecard.plan.memory import GIB, plan_memory
+from onecard.plan.speed import estimate_throughput
 
 
 def _pct(predicted: float | None, measured: float | None) -> float | None:
@@ -29,10 +32,6 @@ def plan_vs_measured(recipe, measured: dict[str, Any], gpu: str | None = None, *
     gpu_id = gpu or _gpu_from_name(measured.get("device_name")) or recipe.plan.gpu
     out["gpu"] = gpu_id
     try:
-        from onecard.plan.inputs import inputs_from_recipe
-        from onecard.plan.memory import plan_memory
-        from onecard.plan.speed import estimate_throughput
-
         inp = inputs_from_recipe(recipe, gpu=gpu_id)
         plan = plan_memory(inp.with_(seq_len=seq_len_memory or inp.seq_len))
         speed_inp = inp.with_(seq_len=seq_len_speed or inp.seq_len)
@@ -56,8 +55,6 @@ def plan_vs_measured(recipe, measured: dict[str, Any], gpu: str | None = None, *
 def _gpu_from_name(name: str | None) -> str | None:
     if not name:
         return None
-    from onecard.catalog.gpus import match_device_name
-
     gpu = match_device_name(name)
     return gpu.id if gpu else None
 

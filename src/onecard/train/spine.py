@@ -1,0 +1,257 @@
+"""The training spine every task and strategy shares: setup pieces and the one step loop.
+
+A task (SFT/pretrain, DPO/KTO) or strategy (several GPUs) supplies a :class:`Step`: its batch-to-loss backward
+over one accumulation window, its gradient clipping and its checkpoint. Everything else is here, once: the
+epoch order, the LR schedule, the optimizer step, counting, logging, progress, checkpoint timing, timing.
+
+Two properties the tests pin down, and why the loop is onecard's own rather than ``transformers.Trainer``:
+- the loss under gradient accumulation is the summed loss of the whole accumulation window divided by the
+  window's count (trained tokens, pairs or examples), so micro-batch 1 x accumulation 4 gives the same gradient
+  as micro-batch 4 x accumulation 1 (averaging per-micro-batch means does not, see tests/test_train_accum.py);
+- mid-epoch resume is exact: the data order is a pure function of (seed, epoch), the position inside the
+  epoch and every RNG state are checkpointed, so a killed-and-resumed run ends with the same weights.
+Both are hard to guarantee through Trainer's callbacks and data-loader state across its versions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onecard.errors import UserError
+from onecard.recipe import Recipe
+
+CRASH_ENV = "ONECARD_TEST_CRASH_AT_STEP"  # test hook: os._exit right after the checkpoint of this step
+
+
+# --------------------------------------------------------------------------- setup, in order
+
+
+def lint_or_stop(recipe: Recipe, console=None) -> None:
+    """Stop on pre-flight errors from ``onecard.lint`` (the first one, with a count of the rest).
+
+    A crash *inside* lint (a bug there, not the user's) is reported and training goes on: lint is advice.
+    """
+    from onecard.lint import lint_recipe
+
+    try:
+        findings = lint_recipe(recipe)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        if console is not None:
+            console.print(f"[yellow]lint skipped: it failed with {type(exc).__name__}: {exc}[/yellow]")
+        return
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more lint error(s); run onecard lint)" if len(errors) > 1 else ""
+        raise UserError(f"lint {first.id}: {first.message}{more}", fix=first.fix)
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)  # python, numpy, torch CPU and CUDA
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How examples map to optimizer steps: each step consumes ``examples_per_step`` examples in epoch order."""
+
+    n_examples: int
+    micro_batch_size: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, n_examples: int, world: int = 1) -> "Schedule":
+        """``world`` processes: micro-batch sets of ``micro_batch_size x world`` (the global batch)."""
+        t = recipe.training
+        if n_examples == 0:
+            raise UserError("no training examples left after loading", where=f"data.path: {recipe.data.path}")
+        per_step = t.micro_batch_size * world * t.grad_accum
+        steps_per_epoch = math.ceil(n_examples / per_step)
+        total = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+        return cls(n_examples, t.micro_batch_size * world, t.grad_accum, steps_per_epoch, total)
+
+    def window(self, order: list[int], step_in_epoch: int) -> list[list[int]]:
+        """Example indices of one optimizer step, split into micro-batches (the epoch's last may be short)."""
+        per_step = self.micro_batch_size * self.grad_accum
+        chosen = order[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
+        return [chosen[i:i + self.micro_batch_size] for i in range(0, len(chosen), self.micro_batch_size)]
+
+
+def start_run(model, recipe: Recipe, device: str, resume: bool, overwrite: bool, console=None):
+    """Once model and data have loaded: write the run directory, checkpointing, optimizer, restored state.
+
+    Returns (optimizer, state). Build the optimizer only after everything that decides which weights train.
+    """
+    from onecard.train.checkpoint import TrainState
+    from onecard.train.model import enable_grad_ckpt
+    from onecard.train.optim import build_optimizer
+    from onecard.train.rundir import prepare_run_dir, recipe_changes
+
+    run_dir = recipe.run_dir
+    if resume and console is not None and (changed := recipe_changes(run_dir, recipe)):
+        console.print(f"[yellow]resuming with a recipe that differs from the run's in: {', '.join(changed)}[/yellow]")
+    prepare_run_dir(run_dir, recipe, overwrite)  # only now: bad input leaves nothing half-written
+    if recipe.training.grad_ckpt:
+        enable_grad_ckpt(model, recipe)
+    optimizer = build_optimizer(model, recipe, device, console)
+    state = restore(run_dir, model, optimizer) if resume else TrainState()
+    return optimizer, state
+
+
+def restore(run_dir: Path, model, optimizer):
+    from onecard.train.checkpoint import load_latest, load_trainable, set_rng_state
+
+    ckpt = load_latest(run_dir)
+    if ckpt is None:  # check_run_dir already verified one exists; a race with deletion lands here
+        raise UserError("no checkpoint to resume from", where=str(run_dir))
+    load_trainable(model, ckpt["trainable"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])  # last: nothing after this may draw random numbers before the next step
+    return ckpt["state"]
+
+
+# --------------------------------------------------------------------------- what a task supplies
+
+
+class Step:
+    """One task's (or strategy's) part of an optimizer step. ``backward(window)`` gets the example indices of one
+    accumulation window (one list per micro-batch), runs the backward passes and returns the step's metrics:
+    ``loss``, ``tokens``, ``trained_tokens`` and any task metrics. ``logs``: this process writes metrics."""
+
+    logs = True
+
+    def __init__(self, model, optimizer, recipe: Recipe, device: str):
+        self.model, self.optimizer, self.recipe, self.device = model, optimizer, recipe, device
+
+    def backward(self, window: list[list[int]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def clip(self, max_grad_norm: float | None) -> float | None:
+        import torch
+
+        if max_grad_norm is None:
+            return None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+
+    def save(self, state) -> None:
+        from onecard.train.checkpoint import save_checkpoint
+
+        save_checkpoint(self.recipe.run_dir, self.model, self.optimizer, state,
+                        {"kind": self.recipe.training.lr_scheduler, "step": state.global_step})
+
+    def after_step(self, step: int, logger) -> None:
+        """Work between steps (SFT: the held-out eval when due)."""
+
+    def progress_text(self, record: dict[str, Any]) -> str:
+        """What the progress bar shows beside the loss."""
+        return ""
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Rate:
+    """Tokens processed by this process since it started the loop (a resumed run counts from its restart)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+
+    def add(self, tokens: int) -> float:
+        self.tokens += tokens
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
+def run_steps(step: Step, schedule: Schedule, state, console):
+    """The optimisation loop: every task's and strategy's. Returns (state, timing)."""
+    import torch
+
+    from onecard.data import epoch_order
+    from onecard.train.metrics import MetricsLogger, TrainProgress
+
+    recipe, model = step.recipe, step.model
+    logger = MetricsLogger(recipe.run_dir, state.metrics) if step.logs else None
+    progress = TrainProgress(console, schedule.total_steps, state.global_step)
+    order: tuple[int, list[int]] = (-1, [])
+    rate, steady = Rate(), None
+    model.train()
+    try:
+        while state.global_step < schedule.total_steps:
+            epoch, position = divmod(state.global_step, schedule.steps_per_epoch)
+            if order[0] != epoch:  # the order is a pure function of (seed, epoch): resume-exact
+                order = (epoch, epoch_order(schedule.n_examples, recipe.training.seed, epoch,
+                                            shuffle=recipe.data.shuffle))
+            record = optimizer_step(step, schedule.window(order[1], position), state.global_step,
+                                    schedule.total_steps)
+            account_step(state, record, schedule, recipe, rate, step.device, logger)
+            progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"],
+                            step.progress_text(record))
+            step.after_step(state.global_step, logger)
+            if steady is None:  # the first step pays compilation and warm-up: the steady rate starts after it
+                steady = (time.perf_counter(), rate.tokens)
+            checkpoint_if_due(step, state, schedule, logger)
+    finally:
+        progress.close()
+        if logger is not None:
+            logger.close()
+    state.metrics = list(logger.records) if logger is not None else []
+    if step.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    timing = {"seconds": end - rate.start, "tokens": rate.tokens}
+    if steady is not None and rate.tokens > steady[1]:
+        timing.update(steady_seconds=end - steady[0], steady_tokens=rate.tokens - steady[1])
+    return state, timing
+
+
+def optimizer_step(step: Step, window: list[list[int]], global_step: int, total_steps: int) -> dict[str, Any]:
+    """Set the LR, the task's backward over the window, clip, step. Returns the step's record."""
+    from onecard.train.optim import set_lr
+
+    lr = set_lr(step.optimizer, step.recipe, global_step, total_steps)
+    metrics = step.backward(window)
+    grad_norm = step.clip(step.recipe.training.max_grad_norm)
+    step.optimizer.step()
+    step.optimizer.zero_grad(set_to_none=True)
+    return {"loss": metrics.pop("loss"), "lr": lr, "grad_norm": grad_norm, **metrics}
+
+
+def account_step(state, record: dict, schedule: Schedule, recipe: Recipe, rate: Rate, device: str, logger) -> None:
+    """Count a finished optimizer step into the run state, add its rate and peak memory to its record, log it.
+
+    ``logger`` None: a rank other than 0 of a multi-GPU run, which keeps the state but writes nothing.
+    """
+    from onecard.train.metrics import peak_memory_bytes
+
+    state.global_step += 1
+    state.tokens_seen += record["tokens"]
+    state.trained_tokens += record["trained_tokens"]
+    record["tokens_per_s"] = rate.add(record["tokens"])
+    record["peak_memory_bytes"], _ = peak_memory_bytes(device)
+    if logger is not None and (state.global_step % recipe.training.log_every_steps == 0
+                               or state.global_step == schedule.total_steps):
+        logger.log({"step": state.global_step, "epoch": round(state.global_step / schedule.steps_per_epoch, 4),
+                    **record})
+
+
+def checkpoint_if_due(step: Step, state, schedule: Schedule, logger) -> None:
+    every = step.recipe.training.save_every_steps
+    if not every or state.global_step % every:
+        return
+    state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
+    if logger is not None:
+        state.metrics = list(logger.records)
+    step.save(state)
+    if int(os.environ.get(CRASH_ENV, "0") or 0) == state.global_step:
+        os._exit(17)  # simulate a killed process (tests only): no cleanup, no flush; every rank alike
