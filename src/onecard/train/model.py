@@ -135,6 +135,10 @@ def load_base(recipe: Recipe, device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
+    if recipe.quant.base == "fp8":  # refused before anything is read or downloaded
+        from onecard.patch.fp8 import check_fp8_device
+
+        check_fp8_device(device)
     source = resolve_source(recipe)
     config = _read_config(source, recipe)
     dtype = resolve_dtype(recipe, device, config)
@@ -175,6 +179,10 @@ def load_model_and_tokenizer(recipe: Recipe, device: str | None = None):
     set_seed(recipe.training.seed)  # adapter init draws random numbers: same seed, same adapter
     if recipe.is_adapter:
         model = apply_adapter(model, recipe)
+        if recipe.quant.base == "fp8":
+            from onecard.patch.fp8 import apply_fp8_base
+
+            model.onecard_fp8_base = apply_fp8_base(model)  # the handle: .revert() gives a bf16 base back
     else:
         for param in model.parameters():
             param.requires_grad_(True)

@@ -1,0 +1,172 @@
+"""FP8 base weights (kernels/fp8.py) and the quantising producers (RMSNorm, GLU), under the Triton interpreter.
+
+Two kinds of tolerance: the fused quantisers are compared bit for bit with the torch reference (same e4m3 grid,
+round-half-even); the FP8 GEMMs against (a) the exact quantised algebra in fp32 (1e-5: only summation order differs)
+and (b) the unquantised fp32 result (5e-2: e4m3 keeps 3 mantissa bits, ~2-3% relative error on random data).
+"""
+
+import _kernel_env  # noqa: F401
+import pytest
+import torch
+from _kernel_env import assert_close_rel, triton_active
+
+from onecard.kernels.fp8 import (E4M3, Fp8Weight, fp8_linear, fp8_linear_reference, quantize_rows,
+                                 quantize_rows_reference)
+from onecard.kernels.glu import glu_backward, glu_backward_fp8, glu_forward, glu_forward_fp8
+from onecard.kernels.lora_linear import lora_projections, lora_projections_reference
+from onecard.kernels.lora_mlp import lora_mlp, lora_mlp_reference
+from onecard.kernels.rms_norm import fp8_rows_of, rms_norm
+
+needs_triton = pytest.mark.skipif(not triton_active(), reason="needs triton (interpreter on CPU)")
+
+
+def _same_bits(a, b, what=""):
+    assert a.dtype == b.dtype == E4M3, what
+    diff = (a.view(torch.uint8) != b.view(torch.uint8)).sum().item()
+    assert diff == 0, f"{what}: {diff} e4m3 codes differ"
+
+
+@needs_triton
+@pytest.mark.parametrize("cols", [48, 300, 2049, 5000])
+@pytest.mark.parametrize("with_col_scale", [False, True])
+def test_quantize_rows_matches_reference_bit_for_bit(cols, with_col_scale):
+    torch.manual_seed(cols)
+    x = torch.randn(6, cols) * 3
+    x[1] = 0.0  # an all-zero row: tiny scale, zero codes, no NaN
+    x[2, :7] = torch.tensor([1e-6, -1e-7, 448.0, 31.0, 100.0, -3.3, 1e-3])
+    cs = torch.rand(cols) + 0.25 if with_col_scale else None
+    q, s = quantize_rows(x, cs)
+    qr, sr = quantize_rows_reference(x, cs)
+    _same_bits(q, qr, "codes")
+    assert torch.equal(s, sr)
+    assert not torch.isnan(q.float()).any()
+    src = x if cs is None else x * cs
+    assert_close_rel(q.float() * s, src, 6e-2, "dequantised")  # e4m3 rounding, not something grosser
+
+
+def test_weight_scales_are_per_output_channel():
+    torch.manual_seed(0)
+    w = torch.randn(40, 24)
+    w[3] *= 1000.0  # one large row must not coarsen the others
+    fw = Fp8Weight.from_dense(w)
+    assert fw.scale.shape == (40,)
+    assert torch.allclose(fw.scale, w.abs().amax(1) / 448.0)
+    err = (fw.dequantize(torch.float32) - w).abs() / w.abs().amax(1, keepdim=True)
+    assert float(err.max()) <= 2.0**-4 * 448 / 448  # half an e4m3 step at the row's top binade
+    assert fw.nbytes() == 40 * 24 + 40 * 4
+
+
+@needs_triton
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_is_the_quantised_algebra(bias):
+    torch.manual_seed(1)
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    w = Fp8Weight.from_dense(torch.randn(48, 64) / 8)
+    b = torch.randn(48) if bias else None
+    y = fp8_linear(x, w, b)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    # exact algebra: y = diag(t) Xq Q^T diag(s);  dx = diag(u) rowquant(dy diag(s)) Q
+    x2, dy2 = x.detach().reshape(-1, 64), dy.reshape(-1, 48)
+    xq, t = quantize_rows_reference(x2)
+    expect = (xq.float() * t) @ (w.qdata.float() * w.scale[:, None]).t() + (0 if b is None else b)
+    assert_close_rel(y.reshape(-1, 48), expect, 1e-5, "y")
+    dq, u = quantize_rows_reference(dy2, w.scale)
+    assert_close_rel(x.grad.reshape(-1, 64), (dq.float() * u) @ w.qdata.float(), 1e-5, "dx")
+    # and close to the unquantised linear
+    x.grad = None
+    ref = fp8_linear_reference(x, w, b)
+    ref.backward(dy)
+    assert_close_rel(y, ref, 5e-2, "y vs unquantised")
+
+
+@needs_triton
+def test_rms_norm_attaches_its_fp8_copy():
+    torch.manual_seed(2)
+    x = torch.randn(3, 5, 96)
+    w = torch.rand(96) + 0.5
+    y = rms_norm(x, w, 1e-6, fp8=True)
+    q, s = fp8_rows_of(y)
+    qr, sr = quantize_rows_reference(y.reshape(-1, 96))
+    _same_bits(q, qr, "rms codes")
+    assert torch.equal(s, sr)
+    assert torch.equal(y, rms_norm(x, w, 1e-6))  # the bf16/fp32 output is unchanged
+    assert fp8_rows_of(rms_norm(x, w, 1e-6)) is None
+
+
+@needs_triton
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("cols", [40, 1500])
+def test_glu_fp8_forward_and_backward(gelu, cols):
+    torch.manual_seed(3)
+    g, u, dh = (torch.randn(7, cols) * 2 for _ in range(3))
+    cg, cu = torch.rand(cols) + 0.1, torch.rand(cols) + 0.1
+    h, (q, s) = glu_forward_fp8(g, u, gelu)
+    assert torch.equal(h, glu_forward(g, u, gelu))
+    qr, sr = quantize_rows_reference(h)
+    _same_bits(q, qr, "h codes")
+    assert torch.equal(s, sr)
+    ref = glu_backward(dh, g, u, gelu)
+    for inplace in (False, True):
+        args = [t.clone() for t in (dh, g, u)]
+        h2, dg, du, (qg, sg), (qu, su) = glu_backward_fp8(*args, cg, cu, gelu, inplace=inplace)
+        for a, b in zip((h2, dg, du), ref):
+            assert torch.equal(a, b)
+        for (qq, ss), (d, c) in (((qg, sg), (ref[1], cg)), ((qu, su), (ref[2], cu))):
+            qr, sr = quantize_rows_reference(d, c)
+            _same_bits(qq, qr, f"grad codes inplace={inplace}")
+            assert torch.equal(ss, sr)
+
+
+def _proj(out_f, in_f, rank, fp8, seed, adapter=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    a = (torch.randn(rank, in_f, generator=g) / in_f**0.5).requires_grad_() if adapter else None
+    b = (torch.randn(out_f, rank, generator=g) * 0.1).requires_grad_() if adapter else None
+    return (Fp8Weight.from_dense(w) if fp8 else w, a, b, 2.0)
+
+
+@needs_triton
+def test_fused_lora_projections_on_fp8_weights():
+    torch.manual_seed(4)
+    x = torch.randn(2, 11, 64, requires_grad=True)
+    parts = [_proj(64, 64, 4, True, 10), _proj(32, 64, 4, True, 11), _proj(32, 64, 4, True, 12, adapter=False)]
+    outs = lora_projections(x, parts)
+    dys = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward(outs, dys)
+    got = [x.grad] + [t.grad for p in parts[:2] for t in p[1:3]]
+    for t in [x] + [t for p in parts[:2] for t in p[1:3]]:
+        t.grad = None
+    dense = [(p[0].dequantize(torch.float32), *p[1:]) for p in parts]  # same W values, x and dy not quantised
+    refs = lora_projections_reference(x, dense)
+    torch.autograd.backward(refs, dys)
+    want = [x.grad] + [t.grad for p in parts[:2] for t in p[1:3]]
+    for o, r in zip(outs, refs):
+        assert_close_rel(o, r, 5e-2, "out")
+    for a, b in zip(got, want):
+        assert_close_rel(a, b, 5e-2, "grad")
+    # the producer's copy of x gives the same result as quantising here
+    xq = quantize_rows(x.detach().reshape(-1, 64))
+    again = lora_projections(x.detach(), parts, x_fp8=xq)
+    for a, b in zip(again, outs):
+        assert torch.equal(a, b.detach())
+
+
+@needs_triton
+def test_fused_lora_mlp_on_fp8_weights():
+    torch.manual_seed(5)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    gate, up, down = _proj(80, 32, 4, True, 20), _proj(80, 32, 4, True, 21), _proj(32, 80, 4, True, 22)
+    y = lora_mlp(x, gate, up, down)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [x] + [t for p in (gate, up, down) for t in p[1:3]]
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    dq = [(p[0].dequantize(torch.float32), *p[1:]) for p in (gate, up, down)]
+    ref = lora_mlp_reference(x, *dq)
+    ref.backward(dy)
+    assert_close_rel(y, ref, 5e-2, "y")
+    for a, t in zip(got, leaves):
+        assert_close_rel(a, t.grad, 6e-2, "grad")
