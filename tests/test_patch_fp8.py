@@ -132,3 +132,38 @@ def test_recipe_and_bench_refuse_fp8_with_other_methods(method):
         BenchConfig(model="llama-3-8b", method=method, quant_base="fp8")
     cfg = BenchConfig(model="llama-3-8b", quant_base="fp8")
     assert "--quant-base fp8" in cfg.command() and cfg.to_recipe().quant.base == "fp8"
+
+
+def test_bench_cli_fp8_refused_on_cpu_then_emulated(monkeypatch, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from onecard.cli import app
+
+    args = ["bench", "--cpu", "--json", "--steps", "1", "--warmup", "0", "--seq", "32", "--quant-base", "fp8"]
+    monkeypatch.delenv(EMULATE_ENV, raising=False)
+    res = CliRunner().invoke(app, args)  # onecard's main() turns a UserError into exit 2
+    assert isinstance(res.exception, UserError) and "compute capability" in str(res.exception)
+    monkeypatch.setenv(EMULATE_ENV, "1")
+    out = tmp_path / "r.jsonl"
+    res = CliRunner().invoke(app, args + ["--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["status"] == "ok" and record["quant_base"] == "fp8" and "--quant-base fp8" in record["config_command"]
+
+
+def test_linears_whose_dims_scaled_mm_cannot_take_stay_dense():
+    import transformers
+
+    from onecard.tiny import tiny_config
+
+    cfg = tiny_config("llama", vocab_size=300, intermediate_size=88)  # 88: not a multiple of 16
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).requires_grad_(False)
+    handle = apply_fp8_base(model)
+    mlp = model.model.layers[0].mlp
+    assert type(mlp.gate_proj) is torch.nn.Linear and type(mlp.down_proj) is torch.nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Fp8Linear)
+    assert handle.patched["fp8_linear"] == 2 * 4 and handle.patched["kept_bf16_not_multiple_of_16"] == 2 * 3
+    assert "divisible by 16" in handle.notice
+    assert FP8_NORM_FLAG not in model.model.layers[0].post_attention_layernorm.__dict__  # gate stays dense

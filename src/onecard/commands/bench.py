@@ -80,6 +80,10 @@ def register(app: typer.Typer) -> None:
                 cfg.method = "lora" if cfg.method == "qlora" and cfg.model != "tiny" else cfg.method
                 cfg.seq = min(cfg.seq, 256)
             cfg.gpu = gpu_id
+        if any(cfg.quant_base == "fp8" for cfg in configs):  # refused up front, not as a failed row per entry
+            from onecard.patch.fp8 import check_fp8_device
+
+            check_fp8_device(device)
         printer = _print_json_line if as_json else _print_table
         records = run_many(configs, device, out=out, command=command, time_budget_s=time_budget_s, on_record=printer)
         if any(r.get("status") == "error" for r in records):

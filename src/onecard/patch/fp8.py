@@ -108,12 +108,20 @@ def _targets(root, in_layers_only: bool):
     return found
 
 
+def _gemm_ready(linear: torch.nn.Linear) -> bool:
+    """torch._scaled_mm needs both of W's dims divisible by 16 (the token count may be anything)."""
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
 def fp8_linears_(root, in_layers_only: bool = True) -> PatchHandle:
     """Replace every frozen decoder-layer nn.Linear under ``root`` by an :class:`Fp8Linear` (its bf16 weight is
     freed); returns the handle whose ``revert()`` puts nn.Linear layers with the dequantised weights back."""
     handle = PatchHandle(kernels="fp8-base")
     for parent, attr in _targets(root, in_layers_only):
         old = getattr(parent, attr)
+        if not _gemm_ready(old):
+            handle.patched["kept_bf16_not_multiple_of_16"] = handle.patched.get("kept_bf16_not_multiple_of_16", 0) + 1
+            continue
         new = Fp8Linear(old)
         setattr(parent, attr, new)
         del old
@@ -153,6 +161,11 @@ def apply_fp8_base(model) -> PatchHandle:
         log.warning(handle.notice)
     else:
         log.info("quant.base fp8: %d frozen linears now e4m3 with per-output-channel scales", n)
+    kept = handle.patched.get("kept_bf16_not_multiple_of_16", 0)
+    if kept:
+        line = f"quant.base fp8: {kept} linears kept in the model dtype (a dim not divisible by 16: torch._scaled_mm)"
+        handle.notice = line if handle.notice is None else f"{handle.notice}; {line}"
+        log.warning(line)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return handle
