@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from onecard.errors import UserError
-from onecard.patch.fp8 import EMULATE_ENV, FP8_NORM_FLAG, Fp8Linear, apply_fp8_base, check_fp8_device
+from onecard.patch.fp8 import (EMULATE_ENV, FP8_NORM_FLAG, Fp8Linear, apply_fp8_base, block_linear_bytes,
+                              check_fp8_device)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -71,7 +72,10 @@ def test_revert_gives_the_fp8_rounded_weights_and_the_adapter_loads_on_a_dense_b
 
     model = _lora_model()
     dense = model.base_model.model.model.layers[1].self_attn.v_proj.base_layer.weight.detach().clone()
+    before = block_linear_bytes(model)
     handle = apply_fp8_base(model)
+    rows = sum(m.out_features for m in model.modules() if isinstance(m, Fp8Linear))
+    assert block_linear_bytes(model) == before // 4 + 4 * rows  # fp32 -> 1 byte per weight, + fp32 scales
     fp8 = model.base_model.model.model.layers[1].self_attn.v_proj.base_layer
     assert fp8.weight_fp8.dtype == torch.float8_e4m3fn and fp8.weight_scale.shape == (dense.shape[0],)
     rounded = fp8.weight.detach().clone()
@@ -167,3 +171,21 @@ def test_linears_whose_dims_scaled_mm_cannot_take_stay_dense():
     assert handle.patched["fp8_linear"] == 2 * 4 and handle.patched["kept_bf16_not_multiple_of_16"] == 2 * 3
     assert "divisible by 16" in handle.notice
     assert FP8_NORM_FLAG not in model.model.layers[0].post_attention_layernorm.__dict__  # gate stays dense
+
+
+def test_revert_after_peft_wrapped_the_fp8_layers():
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from onecard.patch.fp8 import fp8_layers_to_device
+    from onecard.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300), dtype=torch.float32)
+    handle = fp8_layers_to_device(model, "cpu")
+    assert handle.patched["fp8_linear"] == 2 * len(TARGETS)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS))
+    q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q.base_layer, Fp8Linear) and q.lora_A["default"].weight.dtype == torch.float32
+    handle.revert()
+    assert type(q.base_layer) is torch.nn.Linear

@@ -5,6 +5,9 @@ wraps them) for :class:`Fp8Linear`, with revert.
     ...train the adapter...
     handle.revert()                     # nn.Linear again, with the dequantised (FP8-rounded) weights
 
+Loading a checkpoint (train/model.py) uses :func:`fp8_layers_to_device` instead: host-loaded weights quantised one
+decoder layer at a time on the device, before peft wraps them.
+
 The LoRA layers stay peft's, in their own dtype, so the adapter saved is an ordinary peft adapter that loads on the
 bf16 base. The LM head and embeddings stay in the model dtype (the fused cross-entropy reads the head; both are a
 small share of the GEMM time). The RMSNorms whose outputs feed FP8 projections are marked to emit their row-wise
@@ -126,12 +129,36 @@ def fp8_linears_(root, in_layers_only: bool = True) -> PatchHandle:
         setattr(parent, attr, new)
         del old
 
-        def undo(parent=parent, attr=attr):
-            setattr(parent, attr, getattr(parent, attr).to_linear())
-
-        handle.add_undo(undo)
+        handle.add_undo(lambda parent=parent, attr=attr: _restore(parent, attr))
         handle.patched["fp8_linear"] = handle.patched.get("fp8_linear", 0) + 1
     _mark_norms(root, handle)
+    return handle
+
+
+def _restore(parent, attr: str) -> None:
+    """Put an nn.Linear back where an Fp8Linear was swapped in, also when peft has wrapped it since (base_layer)."""
+    current = getattr(parent, attr)
+    if isinstance(current, Fp8Linear):
+        setattr(parent, attr, current.to_linear())
+    elif isinstance(getattr(current, "base_layer", None), Fp8Linear):
+        current.base_layer = current.base_layer.to_linear()
+
+
+def fp8_layers_to_device(model, device) -> PatchHandle:
+    """A model loaded on the host, moved to ``device`` one decoder layer at a time with its linears quantised there
+    (per output channel), so the device never holds more than one bf16 layer: a 14B base loads into 24 GiB. The rest
+    (embeddings, head, final norm) follows in the model dtype. Before peft wraps the model; one handle for all."""
+    handle = PatchHandle(kernels="fp8-base")
+    for layer in model.get_decoder().layers:
+        layer.requires_grad_(False)  # the frozen base (peft freezes it too); fp8_linears_ swaps frozen layers only
+        layer.to(device)
+        part = fp8_linears_(layer, in_layers_only=False)
+        handle._undo += part._undo
+        for key, n in part.patched.items():
+            handle.patched[key] = handle.patched.get(key, 0) + n
+    model.to(device)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return handle
 
 
@@ -150,6 +177,20 @@ def _mark_norms(root, handle: PatchHandle) -> None:
             if norm is not None and isinstance(getattr(proj, "base_layer", proj), Fp8Linear):
                 setattr(norm, FP8_NORM_FLAG, True)
                 handle.add_undo(lambda norm=norm: norm.__dict__.pop(FP8_NORM_FLAG, None))
+
+
+def block_linear_bytes(model) -> int:
+    """Bytes of the frozen decoder-layer linear weights as held now: nn.Linear weights, or Fp8Linear's e4m3 codes
+    and scales (what the FP8 target's "base weights <= 0.52x their bf16 bytes" compares)."""
+    total = 0
+    for name, module in model.named_modules():
+        if ".layers." not in f".{name}." or "lora_" in name:
+            continue
+        if isinstance(module, Fp8Linear):
+            total += module.weight_fp8.nbytes + module.weight_scale.nbytes
+        elif type(module) is torch.nn.Linear and not module.weight.requires_grad:
+            total += module.weight.nbytes
+    return total
 
 
 def apply_fp8_base(model) -> PatchHandle:
