@@ -170,3 +170,50 @@ def test_fused_lora_mlp_on_fp8_weights():
     assert_close_rel(y, ref, 5e-2, "y")
     for a, t in zip(got, leaves):
         assert_close_rel(a, t.grad, 6e-2, "grad")
+
+
+_COMPILE_SM90 = """
+import json, re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from onecard.kernels import fp8, rms_norm, glu
+cases = {
+ "quant_rows": (fp8._quant_rows, {"X": "*bf16", "CS": "*fp32", "Q": "*fp8e4nv", "S": "*fp32", "stride_x": "i32", "stride_q": "i32", "n_cols": "i32", "HAS_CS": "constexpr", "CHUNK": "constexpr"}, {"HAS_CS": True, "CHUNK": 2048}, 8),
+ "rms_fwd_fp8": (rms_norm._rms_fwd, {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "RSTD": "*fp32", "Q": "*fp8e4nv", "S": "*fp32", "stride_x": "i32", "stride_y": "i32", "n_cols": "i32", "eps": "fp32", "GEMMA": "constexpr", "FP8": "constexpr", "BLOCK": "constexpr"}, {"GEMMA": False, "FP8": True, "BLOCK": 4096}, 8),
+ "glu_fwd_fp8": (glu._glu_fwd_fp8, {"G": "*bf16", "U": "*bf16", "H": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "n_cols": "i32", "GELU": "constexpr", "CHUNK": "constexpr"}, {"GELU": False, "CHUNK": 1024}, 4),
+ "glu_bwd_fp8": (glu._glu_bwd_fp8, {"DH": "*bf16", "G": "*bf16", "U": "*bf16", "H": "*bf16", "DG": "*bf16", "DU": "*bf16", "CG": "*fp32", "CU": "*fp32", "QG": "*fp8e4nv", "SG": "*fp32", "QU": "*fp8e4nv", "SU": "*fp32", "n_cols": "i32", "GELU": "constexpr", "CHUNK": "constexpr"}, {"GELU": False, "CHUNK": 1024}, 4),
+}
+out = {}
+for name, (fn, sig, consts, warps) in cases.items():
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = tempfile.mktemp(suffix=".ptx"); open(ptx, "w").write(k.asm["ptx"])
+    r = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", "/dev/null"], capture_output=True, text=True, check=True)
+    out[name] = int(re.search(r"([0-9]+) bytes spill stores", r.stdout + r.stderr).group(1))
+    out[name + "_cvt"] = len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2", k.asm["ptx"])) > 0
+    out[name + "_inexact_div"] = len(re.findall(r"div\.(full|approx)\.f32", k.asm["ptx"]))
+print(json.dumps(out))
+"""
+
+
+def test_fp8_kernels_compile_for_sm90_exactly_and_without_spills():
+    """The interpreter does not run Triton's compiler: compile each quantising kernel for sm_90 here (no GPU needed):
+    no register spills, the hardware's round-to-nearest e4m3 conversion, and in the row quantiser IEEE divisions
+    only (Triton's fp32 ``/`` is div.full / div.approx, a last bit off torch's, which flips codes; the scale and code
+    use tl.math.div_rn). The GLU's sigmoid and the RMSNorm's rstd keep their approximate divisions, as before."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "ptxas" in out.stderr and "No such file" in out.stderr:
+        pytest.skip("triton's bundled ptxas is missing")
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("quant_rows", "rms_fwd_fp8", "glu_fwd_fp8", "glu_bwd_fp8"):
+        assert res[name] == 0 and res[name + "_cvt"], (name, res)
+    assert res["quant_rows_inexact_div"] == 0, res  # its only divisions are the scale's and the code's

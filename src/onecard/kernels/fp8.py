@@ -50,9 +50,21 @@ if HAS_TRITON:
         bits = v.to(tl.int32, bitcast=True)
         e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
         step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-        r = tl.abs(v) / step
+        inv_step = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)  # exact powers of two: no division
+        r = tl.abs(v) * inv_step
         r = ((r + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: round half to even for |r| < 2^22
         return tl.where(bits < 0, -r, r)  # the sign bit kept, on -0.0 and on values that round to zero (as torch)
+
+    @triton.jit
+    def e4m3_scale(amax):
+        """A row's scale, amax / 448 (a zero row: 1e-12 / 448), with IEEE division: Triton's ``/`` on fp32 compiles
+        to div.full/div.approx, which differ from torch's division in the last bit (and so would flip codes)."""
+        return tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+
+    @triton.jit
+    def e4m3_code(x, scale):
+        """x / scale (IEEE) clamped to +-448 and rounded onto the e4m3 grid, in fp32: the value the cast stores."""
+        return e4m3_rounded(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
 
     @triton.jit
     def _quant_rows(X, CS, Q, S, stride_x, stride_q, n_cols, HAS_CS: tl.constexpr, CHUNK: tl.constexpr):
@@ -66,14 +78,14 @@ if HAS_TRITON:
             if HAS_CS:
                 x = x * tl.load(CS + cols, mask=m, other=0.0)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+        scale = e4m3_scale(tl.max(amax, axis=0))
         for c0 in range(0, n_cols, CHUNK):
             cols = c0 + tl.arange(0, CHUNK)
             m = cols < n_cols
             x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
             if HAS_CS:
                 x = x * tl.load(CS + cols, mask=m, other=0.0)
-            q = e4m3_rounded(tl.clamp(x / scale, -448.0, 448.0))
+            q = e4m3_code(x, scale)
             tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=m)
         tl.store(S + row, scale)
 

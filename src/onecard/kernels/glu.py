@@ -62,7 +62,7 @@ if HAS_TRITON:
         tl.store(DU + offs, (dh * a).to(DU.dtype.element_ty), mask=m)
 
 
-    from .fp8 import e4m3_rounded
+    from .fp8 import e4m3_code, e4m3_scale
 
     @triton.jit
     def _glu_fwd_fp8(G, U, H, Q, S, n_cols, GELU: tl.constexpr, CHUNK: tl.constexpr):
@@ -77,13 +77,13 @@ if HAS_TRITON:
             h = (a * tl.load(U + base + cols, mask=m, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
             tl.store(H + base + cols, h, mask=m)
             amax = tl.maximum(amax, tl.abs(h.to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+        scale = e4m3_scale(tl.max(amax, axis=0))
         for c0 in range(0, n_cols, CHUNK):
             cols = c0 + tl.arange(0, CHUNK)
             m = cols < n_cols
             a, _ = _act_and_grad(tl.load(G + base + cols, mask=m, other=0.0).to(tl.float32), GELU)
             h = (a * tl.load(U + base + cols, mask=m, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
-            q = e4m3_rounded(tl.clamp(h.to(tl.float32) / scale, -448.0, 448.0))
+            q = e4m3_code(h.to(tl.float32), scale)
             tl.store(Q + base + cols, q.to(Q.dtype.element_ty), mask=m)
         tl.store(S + tl.program_id(0), scale)
 
@@ -109,18 +109,16 @@ if HAS_TRITON:
             tl.store(DU + base + cols, du, mask=m)
             amax_g = tl.maximum(amax_g, tl.abs(dg.to(tl.float32) * tl.load(CG + cols, mask=m, other=0.0)))
             amax_u = tl.maximum(amax_u, tl.abs(du.to(tl.float32) * tl.load(CU + cols, mask=m, other=0.0)))
-        scale_g = tl.maximum(tl.max(amax_g, axis=0), 1e-12) / 448.0
-        scale_u = tl.maximum(tl.max(amax_u, axis=0), 1e-12) / 448.0
+        scale_g = e4m3_scale(tl.max(amax_g, axis=0))
+        scale_u = e4m3_scale(tl.max(amax_u, axis=0))
         tl.debug_barrier()
         for c0 in range(0, n_cols, CHUNK):
             cols = c0 + tl.arange(0, CHUNK)
             m = cols < n_cols
             dg = tl.load(DG + base + cols, mask=m, other=0.0).to(tl.float32) * tl.load(CG + cols, mask=m, other=0.0)
             du = tl.load(DU + base + cols, mask=m, other=0.0).to(tl.float32) * tl.load(CU + cols, mask=m, other=0.0)
-            tl.store(QG + base + cols, e4m3_rounded(tl.clamp(dg / scale_g, -448.0, 448.0)).to(QG.dtype.element_ty),
-                     mask=m)
-            tl.store(QU + base + cols, e4m3_rounded(tl.clamp(du / scale_u, -448.0, 448.0)).to(QU.dtype.element_ty),
-                     mask=m)
+            tl.store(QG + base + cols, e4m3_code(dg, scale_g).to(QG.dtype.element_ty), mask=m)
+            tl.store(QU + base + cols, e4m3_code(du, scale_u).to(QU.dtype.element_ty), mask=m)
         tl.store(SG + tl.program_id(0), scale_g)
         tl.store(SU + tl.program_id(0), scale_u)
 

@@ -24,7 +24,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .fp8 import e4m3_rounded
+    from .fp8 import e4m3_code, e4m3_scale
 
     @triton.jit
     def _rms_fwd(X, W, Y, RSTD, Q, S, stride_x, stride_y, n_cols, eps, GEMMA: tl.constexpr, FP8: tl.constexpr,
@@ -45,8 +45,8 @@ if HAS_TRITON:
         tl.store(RSTD + row, rstd)
         if FP8:  # the row-wise e4m3 copy of the rounded output, for an FP8 GEMM reading it (kernels/fp8.py)
             yf = y.to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(yf), axis=0), 1e-12) / 448.0
-            q = e4m3_rounded(tl.clamp(yf / scale, -448.0, 448.0))
+            scale = e4m3_scale(tl.max(tl.abs(yf), axis=0))
+            q = e4m3_code(yf, scale)
             tl.store(Q + row * n_cols + cols, q.to(Q.dtype.element_ty), mask=mask)
             tl.store(S + row, scale)
 
