@@ -217,3 +217,52 @@ def test_fp8_kernels_compile_for_sm90_exactly_and_without_spills():
     for name in ("quant_rows", "rms_fwd_fp8", "glu_fwd_fp8", "glu_bwd_fp8"):
         assert res[name] == 0 and res[name + "_cvt"], (name, res)
     assert res["quant_rows_inexact_div"] == 0, res  # its only divisions are the scale's and the code's
+
+
+def test_fp8_projection_with_frozen_bias_and_dora_on_fp8_weights():
+    """A frozen bias (Qwen2's q/k/v) is added after the FP8 GEMM; DoRA on an FP8 W runs on its dequantised values
+    (x not quantised): the same as the reference on those values to fp32 precision."""
+    torch.manual_seed(6)
+    x = torch.randn(13, 48, requires_grad=True)
+    w, a, b, s = _proj(32, 48, 4, True, 30)
+    bias = torch.randn(32)
+    (y,) = lora_projections(x, [(w, a, b, s, bias)])
+    xq = quantize_rows_reference(x.detach())
+    expect = ((xq[0].float() * xq[1]) @ w.dequantize(torch.float32).t() + bias
+              + s * (x.detach() @ a.detach().t()) @ b.detach().t())
+    assert_close_rel(y, expect, 1e-5, "biased fp8 projection")
+    m = (torch.rand(32) + 0.5).requires_grad_()
+    (yd,) = lora_projections(x, [(w, a, b, s, None, m)])
+    dy = torch.randn_like(yd)
+    yd.backward(dy)
+    got = [t.grad.clone() for t in (x, a, b, m)]
+    for t in (x, a, b, m):
+        t.grad = None
+    (ref,) = lora_projections_reference(x, [(w.dequantize(torch.float32), a, b, s, None, m)])
+    ref.backward(dy)
+    assert_close_rel(yd, ref, 1e-5, "dora y")
+    for g, t in zip(got, (x, a, b, m)):
+        assert_close_rel(g, t.grad, 1e-4, "dora grad")
+
+
+def test_dora_mlp_on_fp8_weights_is_dora_on_their_values():
+    torch.manual_seed(7)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    parts = [(*_proj(o, i, 4, True, 40 + k), None, (torch.rand(o) + 0.5).requires_grad_())
+             for k, (o, i) in enumerate(((80, 32), (80, 32), (32, 80)))]
+    for skip in (False, True):
+        y = lora_mlp(x, *parts, skip_output=skip)
+        assert y.shape == (2, 5, 32)
+    y = lora_mlp(x, *parts)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [x] + [t for p in parts for t in (p[1], p[2], p[5])]
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    dense = [(p[0].dequantize(torch.float32), *p[1:]) for p in parts]
+    ref = lora_mlp_reference(x, *dense)
+    ref.backward(dy)
+    assert_close_rel(y, ref, 1e-5, "y")
+    for g, t in zip(got, leaves):
+        assert_close_rel(g, t.grad, 1e-4, "grad")

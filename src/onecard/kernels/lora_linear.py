@@ -178,7 +178,8 @@ def row_sq_norms(w, dtype) -> torch.Tensor:
 def _cached_row_sq_norms(key, w, dtype):
     """:func:`row_sq_norms` of the frozen W, computed once per weight: W never changes during adapter training.
     Kept on ``key`` (the weight parameter, or the packed NF4 one) with its version, so an in-place change of W
-    (merging, loading) recomputes it."""
+    (merging, loading) recomputes it. An FP8 weight caches on its e4m3 codes."""
+    key = key.qdata if is_fp8(key) else key
     tag = (key._version, key.data_ptr(), dtype)
     cached = getattr(key, "_onecard_row_sq", None)
     if cached is None or cached[0] != tag:
