@@ -47,6 +47,13 @@ def test_grad_ckpt_off():
     assert "grad-ckpt-off" not in ids(recipe("training.grad_ckpt=true", "data.seq_len=4096"))
 
 
+def test_fp8_base_needs_an_fp8_card():
+    found = ids(recipe("quant.base=fp8", "plan.gpu=rtx3090", "training.micro_batch_size=1"))["fp8-base-gpu"]
+    assert found.severity == "error" and "rtx3090" in found.message
+    assert "fp8-base-gpu" not in ids(recipe("quant.base=fp8", "plan.gpu=rtx4090"))
+    assert "fp8-base-gpu" not in ids(recipe("plan.gpu=rtx3090", "training.micro_batch_size=1"))
+
+
 def test_fp16():
     assert ids(recipe("model.dtype=float16"))["fp16-unsafe-model"].severity == "error"
     assert "fp16-on-bf16-card" in ids(recipe("model.dtype=float16", model="mistral-7b"))

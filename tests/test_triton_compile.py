@@ -8,6 +8,7 @@ subprocess because ``TRITON_INTERPRET`` (set for the other tests) is read when a
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -23,8 +24,9 @@ TARGETS = (89, 90)
 # Launch signatures, as the wrappers call them: pointer dtypes, scalar types, and one value per constexpr.
 # Kernels called only from other kernels (inlined helpers) are listed with None.
 KERNELS = {
-    "rms_norm._rms_fwd": ({"X": "*bf16", "W": "*bf16", "Y": "*bf16", "RSTD": "*fp32", "stride_x": "i32",
-                           "stride_y": "i32", "n_cols": "i32", "eps": "fp32"}, {"GEMMA": False, "BLOCK": 4096}),
+    "rms_norm._rms_fwd": ({"X": "*bf16", "W": "*bf16", "Y": "*bf16", "RSTD": "*fp32", "Q": "*fp8e4nv", "S": "*fp32",
+                           "stride_x": "i32", "stride_y": "i32", "n_cols": "i32", "eps": "fp32"},
+                          {"GEMMA": False, "FP8": True, "BLOCK": 4096}),
     "rms_norm._rms_bwd": ({"DY": "*bf16", "X": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DX": "*bf16",
                            "DW": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
                            "n_rows": "i32", "n_cols": "i32"}, {"rows_per_prog": 4, "GEMMA": True, "BLOCK": 4096}),
@@ -32,6 +34,16 @@ KERNELS = {
     "glu._glu_fwd": ({"G": "*bf16", "U": "*bf16", "H": "*bf16", "n": "i64"}, {"GELU": False, "BLOCK": 1024}),
     "glu._glu_bwd": ({"DH": "*bf16", "G": "*bf16", "U": "*bf16", "H": "*bf16", "DG": "*bf16", "DU": "*bf16",
                       "n": "i64"}, {"GELU": True, "BLOCK": 1024}),
+    "glu._glu_fwd_fp8": ({"G": "*bf16", "U": "*bf16", "H": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "n_cols": "i32"},
+                         {"GELU": False, "CHUNK": 1024}),
+    "glu._glu_bwd_fp8": ({"DH": "*bf16", "G": "*bf16", "U": "*bf16", "H": "*bf16", "DG": "*bf16", "DU": "*bf16",
+                          "CG": "*fp32", "CU": "*fp32", "QG": "*fp8e4nv", "SG": "*fp32", "QU": "*fp8e4nv",
+                          "SU": "*fp32", "n_cols": "i32"}, {"GELU": True, "CHUNK": 1024}),
+    "fp8.e4m3_rounded": None,
+    "fp8.e4m3_scale": None,
+    "fp8.e4m3_code": None,
+    "fp8._quant_rows": ({"X": "*bf16", "CS": "*fp32", "Q": "*fp8e4nv", "S": "*fp32", "stride_x": "i32",
+                         "stride_q": "i32", "n_cols": "i32"}, {"HAS_CS": True, "CHUNK": 2048}),
     "rope._rope_kernel": ({"X": "*bf16", "OUT": "*bf16", "COS": "*bf16", "SIN": "*bf16", "seq_len": "i32",
                            "n_heads": "i32", "half": "i32", "sxb": "i32", "sxh": "i32", "sxs": "i32", "sob": "i32",
                            "soh": "i32", "sos": "i32", "scb": "i32", "scs": "i32"},
@@ -102,7 +114,7 @@ def test_the_signature_table_names_real_parameters():
         if spec is None:
             continue
         module, name = key.split(".")
-        fn = getattr(__import__(f"onecard.kernels.{module}", fromlist=[name]), name)
+        fn = getattr(importlib.import_module(f"onecard.kernels.{module}"), name)
         params = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
         types, constexprs = spec
         assert set(types) | set(constexprs) == set(params), key

@@ -51,8 +51,12 @@ class AdapterSection(_Strict):
 
 
 class QuantSection(_Strict):
-    """QLoRA settings (bitsandbytes 4-bit)."""
+    """How the frozen base is stored: QLoRA's bitsandbytes 4-bit settings, or an FP8 base for lora/dora."""
 
+    base: Literal["none", "fp8"] = Field(
+        "none", description="fp8: the frozen decoder-layer linears are quantised to e4m3 at load (per output "
+        "channel) and their GEMMs run in FP8; needs compute capability 8.9+ (RTX 40xx, L4, L40S, H100, H200). "
+        "With method lora or dora. none: the model dtype (qlora: NF4/FP4 below).")
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
@@ -140,6 +144,9 @@ class Recipe(_Strict):
             raise ValueError(f"task {self.task!r} needs data.format {self.task!r} or 'auto', not {self.data.format!r}")
         if self.method == "full" and self.adapter.init_adapter:
             raise ValueError("adapter.init_adapter continues an adapter; it cannot be combined with method 'full'")
+        if self.quant.base == "fp8" and self.method not in ("lora", "dora"):
+            raise ValueError(f"quant.base fp8 is for method lora or dora (a frozen base), not {self.method!r}: "
+                             "set method: lora, or quant.base: none")
         return self
 
     @property

@@ -8,7 +8,8 @@ Why layer by layer for QLoRA: a 70B model in bf16 is 141 GB, more than the H200 
 ``meta`` device (no memory), then each decoder layer is materialised in bf16 on the GPU, filled, and its linears are
 replaced by bitsandbytes ``Linear4bit`` with NF4 ``Params4bit`` weights (quantised on the GPU), so at most one bf16
 layer exists at a time. This is what ``transformers``' bitsandbytes loader does per tensor; we do it per layer
-because there is no checkpoint to stream from.
+because there is no checkpoint to stream from. An FP8 base (``quant_base: fp8``) is built the same way, each layer's
+linears swapped for e4m3 ``Fp8Linear`` (patch/fp8.py) before peft wraps them, so a 14B base fits a 24 GiB cap.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def build_base(cfg: BenchConfig, device: str):
 
             raise UserError("qlora (bitsandbytes NF4) benchmarks of presets need a CUDA GPU", where="--method")
         return build_nf4_layerwise(config, device)
+    if cfg.quant_base == "fp8":
+        return build_layerwise(config, device, fp8_layer_)
     # no_init_weights: skip transformers' per-module init (we overwrite every tensor with fill_random_ anyway).
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -94,6 +97,22 @@ def build_nf4_layerwise(config, device: str, quant_storage=None):
 
     ``quant_storage``: bitsandbytes' storage dtype of the packed weights (bf16 makes them FSDP-shardable).
     """
+    model = build_layerwise(config, device, lambda layer: quantize_linears_(layer, device, quant_storage=quant_storage))
+    model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit (peft/tuners/lora/model.py)
+    return model
+
+
+def fp8_layer_(layer) -> None:
+    """The decoder layer's linears as frozen e4m3 Fp8Linear (per output channel), its bf16 weights freed."""
+    from onecard.patch.fp8 import fp8_linears_
+
+    layer.requires_grad_(False)  # a frozen base (peft freezes it anyway); fp8_linears_ swaps frozen linears only
+    fp8_linears_(layer, in_layers_only=False)
+
+
+def build_layerwise(config, device: str, convert_layer):
+    """A random model built one decoder layer at a time: each layer made in bf16, filled, then ``convert_layer``-ed
+    (quantised), so at most one bf16 layer exists on the device."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -112,7 +131,7 @@ def build_nf4_layerwise(config, device: str, quant_storage=None):
     for layer in decoder.layers:
         layer.to_empty(device=device)
         fill_random_(layer)
-        quantize_linears_(layer, device, quant_storage=quant_storage)
+        convert_layer(layer)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if config.tie_word_embeddings:
@@ -122,8 +141,7 @@ def build_nf4_layerwise(config, device: str, quant_storage=None):
         fill_random_(model.lm_head)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise RuntimeError(f"NF4 build left tensors on meta: {left[:5]}")
-    model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit (peft/tuners/lora/model.py)
+        raise RuntimeError(f"layer-wise build left tensors on meta: {left[:5]}")
     return model
 
 
@@ -160,6 +178,14 @@ def build_model(cfg: BenchConfig, device: str, plain: bool = False):
 
     from onecard.train.model import apply_adapter, enable_grad_ckpt, load_model_and_tokenizer, prepare_kbit
 
+    if plain and cfg.quant_base != "none":  # the --baseline half is plain transformers + peft on a bf16 base
+        from dataclasses import replace
+
+        cfg = replace(cfg, quant_base="none")
+    if cfg.quant_base == "fp8":
+        from onecard.patch.fp8 import check_fp8_device
+
+        check_fp8_device(device)
     recipe = cfg.to_recipe() if cfg.model != "tiny" else _tiny_recipe(cfg)
     if cfg.model != "tiny" and not is_preset(cfg.model) and Path(cfg.model).expanduser().is_dir():
         model, _tok = load_model_and_tokenizer(recipe, device)

@@ -14,6 +14,7 @@ from onecard.errors import UserError
 
 METHODS = ("lora", "qlora", "dora", "full")
 KERNELS = ("none", "onecard", "liger", "auto")
+QUANT_BASES = ("none", "fp8")
 
 
 @dataclass
@@ -26,6 +27,7 @@ class BenchConfig:
     grad_ckpt: bool = True
     kernels: str = "none"
     offload_activations: bool = False  # checkpoints in pinned host memory (patch/offload.py); needs grad_ckpt
+    quant_base: str = "none"        # "fp8": e4m3 frozen base (recipe quant.base; patch/fp8.py), lora/dora only
     steps: int = 4                  # timed optimizer steps
     warmup: int = 2                 # untimed steps first (allocator, autotuning, optimizer state)
     baseline: bool = False          # also run plain transformers + peft, same process
@@ -42,6 +44,11 @@ class BenchConfig:
         for key in ("seq", "micro_batch", "rank", "steps"):
             if int(getattr(self, key)) < 1:
                 raise UserError(f"{key} must be at least 1", where=f"--{key.replace('_', '-')}")
+        if self.quant_base not in QUANT_BASES:
+            raise UserError(f"unknown quant_base {self.quant_base!r}", where="--quant-base", fix=f"use one of {QUANT_BASES}")
+        if self.quant_base == "fp8" and self.method not in ("lora", "dora"):
+            raise UserError(f"an FP8 base is for lora or dora, not {self.method}", where="--quant-base",
+                            fix="use --method lora, or drop --quant-base")
         if self.warmup < 0:
             raise UserError("warmup must be >= 0", where="--warmup")
         if self.offload_activations and not self.grad_ckpt:
@@ -67,7 +74,9 @@ class BenchConfig:
 
     def label(self) -> str:
         ck = ("ckpt+offload" if self.offload_activations else "ckpt") if self.grad_ckpt else "no-ckpt"
-        return self.name or f"{self.model} {self.method} r{self.rank} seq{self.seq} b{self.micro_batch} {ck} {self.kernels}"
+        base = " fp8-base" if self.quant_base == "fp8" else ""
+        return self.name or (f"{self.model} {self.method}{base} r{self.rank} seq{self.seq} b{self.micro_batch} {ck} "
+                             f"{self.kernels}")
 
     def command(self) -> str:
         """The single-configuration command line that reproduces this row."""
@@ -77,6 +86,8 @@ class BenchConfig:
                  f"--steps {self.steps}", f"--warmup {self.warmup}"]
         if self.offload_activations:
             parts.append("--offload-activations")
+        if self.quant_base != "none":
+            parts.append(f"--quant-base {self.quant_base}")
         if self.baseline:
             parts.append("--baseline")
         if self.memory_cap_gib:
@@ -90,6 +101,7 @@ class BenchConfig:
             "model": {"name_or_path": self.model, "dtype": "auto"},  # bf16 on CUDA, fp32 on CPU
             "method": self.method,
             "adapter": {"rank": self.rank},
+            "quant": {"base": self.quant_base},
             "data": {"seq_len": self.seq},
             "training": {"micro_batch_size": self.micro_batch, "grad_accum": 1, "grad_ckpt": self.grad_ckpt,
                          "offload_activations": self.offload_activations, "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused"},
@@ -108,6 +120,7 @@ def config_from_recipe(recipe, **overrides) -> BenchConfig:
     kernels = t.kernels if t.kernels != "auto" else "onecard"
     base = dict(model=recipe.model.name_or_path, method=recipe.method, seq=recipe.data.seq_len,
                 micro_batch=t.micro_batch_size, rank=recipe.adapter.rank, grad_ckpt=t.grad_ckpt, kernels=kernels,
-                offload_activations=t.offload_activations and t.grad_ckpt, gpu=recipe.plan.gpu)
+                offload_activations=t.offload_activations and t.grad_ckpt, gpu=recipe.plan.gpu,
+                quant_base=recipe.quant.base)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return BenchConfig(**base)

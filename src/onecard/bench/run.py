@@ -81,6 +81,9 @@ def measure(cfg: BenchConfig, device: str, *, baseline: bool) -> dict[str, Any]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     weights_gib = torch.cuda.memory_allocated() / GIB if device.startswith("cuda") else None
+    from onecard.patch.fp8 import block_linear_bytes
+
+    frozen_linear_gib = block_linear_bytes(model) / GIB  # bf16 vs FP8 base: the block linears alone
     build_s = time.perf_counter() - t0
     batch = random_batch(vocab, cfg.micro_batch, cfg.seq, device)
     # onecard's path: the training spine's loss unless a kernel patch supplies the (fused) loss behind labels=.
@@ -92,7 +95,8 @@ def measure(cfg: BenchConfig, device: str, *, baseline: bool) -> dict[str, Any]:
     held = offload.stats()  # what really went to host memory (0 unless the checkpoints were offloaded)
     result.update(offloaded_gib_per_step=held["bytes"] / GIB / max(1, cfg.steps + cfg.warmup),
                   offloaded_tensors_pinned=held["pinned"], offloaded_tensors=held["tensors"])
-    result.update(kernels_info, build_s=build_s, model_state_gib=weights_gib, loss_path=loss_path,
+    result.update(kernels_info, build_s=build_s, model_state_gib=weights_gib, frozen_linear_gib=frozen_linear_gib,
+                  loss_path=loss_path,
                   kbit_upcast=kbit_upcast, trainable_dtype=adapter_dtype)
     del model, batch
     free_cuda()

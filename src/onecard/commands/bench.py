@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         kernels: Optional[str] = typer.Option(None, "--kernels", help="none | onecard | liger | auto"),
         offload_activations: bool = typer.Option(False, "--offload-activations",
                                                  help="Keep the layers' checkpoints in pinned host memory."),
+        quant_base: Optional[str] = typer.Option(None, "--quant-base", help="none | fp8: e4m3 frozen base (lora/dora)."),
         steps: int = typer.Option(4, "--steps", help="Timed optimizer steps."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up steps."),
         baseline: bool = typer.Option(False, "--baseline", help="Also run plain transformers + peft, same process."),
@@ -59,12 +60,12 @@ def register(app: typer.Typer) -> None:
 
             configs = [config_from_recipe(load_recipe(recipe, sets or []), method=method, seq=seq, micro_batch=batch,
                                           rank=rank, grad_ckpt=grad_ckpt, kernels=kernels,
-                                          offload_activations=offload_activations or None)]
+                                          offload_activations=offload_activations or None, quant_base=quant_base)]
         elif model is not None or cpu:
             configs = [BenchConfig(model=model or "tiny", method=method or "lora", seq=seq or (64 if cpu else 2048),
                                    micro_batch=batch or 1, rank=rank or 16,
                                    grad_ckpt=True if grad_ckpt is None else grad_ckpt, kernels=kernels or "none",
-                                   offload_activations=offload_activations)]
+                                   offload_activations=offload_activations, quant_base=quant_base or "none")]
         else:
             raise UserError("nothing to measure", where="onecard bench",
                             fix="give a RECIPE, --model PRESET (onecard models), --suite FILE, or --cpu")
@@ -79,6 +80,10 @@ def register(app: typer.Typer) -> None:
                 cfg.method = "lora" if cfg.method == "qlora" and cfg.model != "tiny" else cfg.method
                 cfg.seq = min(cfg.seq, 256)
             cfg.gpu = gpu_id
+        if any(cfg.quant_base == "fp8" for cfg in configs):  # refused up front, not as a failed row per entry
+            from onecard.patch.fp8 import check_fp8_device
+
+            check_fp8_device(device)
         printer = _print_json_line if as_json else _print_table
         records = run_many(configs, device, out=out, command=command, time_budget_s=time_budget_s, on_record=printer)
         if any(r.get("status") == "error" for r in records):

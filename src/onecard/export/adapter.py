@@ -24,7 +24,8 @@ def load_exported_adapter(out: Path, ref):
     from onecard.train.model import load_base
 
     source_recipe = ref.recipe.model_copy(update={"method": "lora",
-                                                  "model": ref.recipe.model.model_copy(update={"dtype": "float32"})})
+                                                  "model": ref.recipe.model.model_copy(update={"dtype": "float32"}),
+                                                  "quant": ref.recipe.quant.model_copy(update={"base": "none"})})
     base, _, _ = load_base(source_recipe, ref.device)
     model = PeftModel.from_pretrained(base, str(out))
     model.eval()

@@ -37,7 +37,11 @@ def load_reference(run_dir: str | Path, device: str | None = None) -> Reference:
         "method": "lora" if adapter is not None else "full",  # qlora -> load the base unquantised
         "model": recipe.model.model_copy(update={"dtype": "float32",
                                                   **({} if adapter is not None else {"name_or_path": str(full)})}),
+        "quant": recipe.quant.model_copy(update={"base": "none"}),  # an FP8 base -> the checkpoint's own weights
     })
+    if recipe.quant.base == "fp8":
+        notes.append(f"FP8-base run: the adapter was applied to the original weights of {recipe.model.name_or_path} "
+                     "(float32), not to their e4m3 rounding it was trained on")
     if recipe.method == "qlora":
         notes.append(f"QLoRA run: the 4-bit base was not used; the adapter was applied to the original "
                      f"unquantised weights of {recipe.model.name_or_path} (dequantised base, float32)")

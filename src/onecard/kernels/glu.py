@@ -62,6 +62,67 @@ if HAS_TRITON:
         tl.store(DU + offs, (dh * a).to(DU.dtype.element_ty), mask=m)
 
 
+    from .fp8 import e4m3_code, e4m3_scale
+
+    @triton.jit
+    def _glu_fwd_fp8(G, U, H, Q, S, n_cols, GELU: tl.constexpr, CHUNK: tl.constexpr):
+        """Row r of h = act(g) u, and its row-wise e4m3 copy: pass 1 writes h and takes the row's amax, pass 2
+        recomputes h from g, u (no read-after-write across threads) and writes q = h / scale."""
+        base = tl.program_id(0).to(tl.int64) * n_cols
+        amax = tl.zeros((CHUNK,), dtype=tl.float32)
+        for c0 in range(0, n_cols, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            m = cols < n_cols
+            a, _ = _act_and_grad(tl.load(G + base + cols, mask=m, other=0.0).to(tl.float32), GELU)
+            h = (a * tl.load(U + base + cols, mask=m, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + base + cols, h, mask=m)
+            amax = tl.maximum(amax, tl.abs(h.to(tl.float32)))
+        scale = e4m3_scale(tl.max(amax, axis=0))
+        for c0 in range(0, n_cols, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            m = cols < n_cols
+            a, _ = _act_and_grad(tl.load(G + base + cols, mask=m, other=0.0).to(tl.float32), GELU)
+            h = (a * tl.load(U + base + cols, mask=m, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            q = e4m3_code(h.to(tl.float32), scale)
+            tl.store(Q + base + cols, q.to(Q.dtype.element_ty), mask=m)
+        tl.store(S + tl.program_id(0), scale)
+
+    @triton.jit
+    def _glu_bwd_fp8(DH, G, U, H, DG, DU, CG, CU, QG, SG, QU, SU, n_cols, GELU: tl.constexpr, CHUNK: tl.constexpr):
+        """Row r of :func:`_glu_bwd`, plus row-wise e4m3 copies of dg * cg and du * cu (cg, cu: the gate's and up's
+        per-output-channel weight scales, folded in for the FP8 input-gradient GEMM, kernels/fp8.py). Pass 2 reads
+        back this program's own dg, du after a barrier (they may overwrite g, u: in place)."""
+        base = tl.program_id(0).to(tl.int64) * n_cols
+        amax_g = tl.zeros((CHUNK,), dtype=tl.float32)
+        amax_u = tl.zeros((CHUNK,), dtype=tl.float32)
+        for c0 in range(0, n_cols, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            m = cols < n_cols
+            dh = tl.load(DH + base + cols, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(G + base + cols, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(U + base + cols, mask=m, other=0.0).to(tl.float32)
+            a, da = _act_and_grad(g, GELU)
+            dg = (dh * u * da).to(DG.dtype.element_ty)
+            du = (dh * a).to(DU.dtype.element_ty)
+            tl.store(H + base + cols, (a * u).to(H.dtype.element_ty), mask=m)
+            tl.store(DG + base + cols, dg, mask=m)
+            tl.store(DU + base + cols, du, mask=m)
+            amax_g = tl.maximum(amax_g, tl.abs(dg.to(tl.float32) * tl.load(CG + cols, mask=m, other=0.0)))
+            amax_u = tl.maximum(amax_u, tl.abs(du.to(tl.float32) * tl.load(CU + cols, mask=m, other=0.0)))
+        scale_g = e4m3_scale(tl.max(amax_g, axis=0))
+        scale_u = e4m3_scale(tl.max(amax_u, axis=0))
+        tl.debug_barrier()
+        for c0 in range(0, n_cols, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            m = cols < n_cols
+            dg = tl.load(DG + base + cols, mask=m, other=0.0).to(tl.float32) * tl.load(CG + cols, mask=m, other=0.0)
+            du = tl.load(DU + base + cols, mask=m, other=0.0).to(tl.float32) * tl.load(CU + cols, mask=m, other=0.0)
+            tl.store(QG + base + cols, e4m3_code(dg, scale_g).to(QG.dtype.element_ty), mask=m)
+            tl.store(QU + base + cols, e4m3_code(du, scale_u).to(QU.dtype.element_ty), mask=m)
+        tl.store(SG + tl.program_id(0), scale_g)
+        tl.store(SU + tl.program_id(0), scale_u)
+
+
 def _act_reference(g: torch.Tensor, gelu: bool):
     """(act(g), act'(g)) in g's dtype's fp32 upcast; the formulas of this module's docstring."""
     gf = g.float() if g.dtype != torch.float64 else g
@@ -135,3 +196,39 @@ def glu_reference(g: torch.Tensor, u: torch.Tensor, gelu: bool = False) -> torch
     """transformers' path: ACT2FN[...](gate) * up, in the input dtype."""
     act = torch.nn.functional.gelu(g, approximate="tanh") if gelu else torch.nn.functional.silu(g)
     return act * u
+
+
+_FP8_CHUNK = 1024
+
+
+def glu_forward_fp8(g: torch.Tensor, u: torch.Tensor, gelu: bool = False):
+    """(h, (q, scale)): h = act(g) u for 2-D g, u, and h's row-wise e4m3 copy (kernels/fp8.py), from one kernel."""
+    from .fp8 import quantize_rows_reference
+
+    if use_triton(g, u) and g.dtype != torch.float64:
+        g, u = g.contiguous(), u.contiguous()
+        h = torch.empty_like(g)
+        q = torch.empty(g.shape, dtype=torch.float8_e4m3fn, device=g.device)
+        scale = torch.empty((g.shape[0], 1), dtype=torch.float32, device=g.device)
+        _glu_fwd_fp8[(g.shape[0],)](g, u, h, q, scale, g.shape[1], GELU=gelu, CHUNK=_FP8_CHUNK, num_warps=4)
+        return h, (q, scale)
+    h = glu_forward(g, u, gelu)
+    return h, quantize_rows_reference(h)
+
+
+def glu_backward_fp8(dh, g, u, col_scale_g, col_scale_u, gelu: bool = False, inplace: bool = False):
+    """:func:`glu_backward` for 2-D tensors, plus the row-wise e4m3 copies of dg * col_scale_g and du * col_scale_u
+    (each (q, scale)): (h, dg, du, dg_fp8, du_fp8). ``inplace`` as in :func:`glu_backward`."""
+    from .fp8 import quantize_rows_reference
+
+    if use_triton(dh, g, u) and g.dtype != torch.float64:
+        dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
+        h, dg, du = (dh, g, u) if inplace else (torch.empty_like(g), torch.empty_like(g), torch.empty_like(u))
+        n, cols = g.shape
+        qg, qu = (torch.empty(g.shape, dtype=torch.float8_e4m3fn, device=g.device) for _ in range(2))
+        sg, su = (torch.empty((n, 1), dtype=torch.float32, device=g.device) for _ in range(2))
+        _glu_bwd_fp8[(n,)](dh, g, u, h, dg, du, col_scale_g, col_scale_u, qg, sg, qu, su, cols, GELU=gelu,
+                           CHUNK=_FP8_CHUNK, num_warps=4)
+        return h, dg, du, (qg, sg), (qu, su)
+    h, dg, du = glu_backward(dh, g, u, gelu)
+    return h, dg, du, quantize_rows_reference(dg, col_scale_g), quantize_rows_reference(du, col_scale_u)

@@ -30,11 +30,19 @@ near 1) would round away the small magnitude updates DoRA learns. m stays fp32 (
 same reason. Why the weight is scaled rather than the outputs: scaling the outputs (z + z (m/n - 1)) with
 W + s B A formed in fp32 for the norm ran at 0.748x onecard's LoRA speed on the H200 (8B b8,
 bench/results/h200-k2.jsonl).
+
+FP8 base: a W may be an e4m3 :class:`~onecard.kernels.fp8.Fp8Weight` (per-output-channel scales). Its frozen GEMMs
+(forward, recompute, and dx's dy W) run through torch._scaled_mm on row-wise quantised x and dy (kernels/fp8.py);
+x's quantised copy may come from its producer (``x_fp8``: the FP8 RMSNorm), else one Triton pass makes it, once for
+all projections of x. The rank-r path stays in the input's dtype. DoRA on an FP8 W dequantises it per use (the bf16
+path's speed, correct results).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .fp8 import fp8_forward, fp8_input_grad, is_fp8, quantize_rows
 
 
 def is_quantized(w) -> bool:
@@ -44,6 +52,8 @@ def is_quantized(w) -> bool:
 
 def dense(w, dtype):
     """W as a dense (out x in) matrix of ``dtype``: dequantised when NF4/FP4, else W itself."""
+    if is_fp8(w):
+        return w.dequantize(dtype)
     if not is_quantized(w):
         return w
     import bitsandbytes.functional as bnbf
@@ -61,15 +71,22 @@ def lora_first(d_in: int, d_out: int) -> bool:
     return 4 * d_out > d_in
 
 
-def lin(x, w, a, b, s, bias=None):
+def out_features(w) -> int:
+    return int(w.quant_state.shape[0]) if is_quantized(w) else int(w.shape[0])
+
+
+def lin(x, w, a, b, s, bias=None, x_fp8=None):
     """x W^T + bias + s (x A^T) B^T for 2-D x; returns (out, x A^T or None)."""
     xa = None if a is None else x @ a.t()
-    return lin_from(x, w, xa, b, s, bias), xa
+    return lin_from(x, w, xa, b, s, bias, x_fp8), xa
 
 
-def lin_from(x, w, xa, b, s, bias=None):
+def lin_from(x, w, xa, b, s, bias=None, x_fp8=None):
     """x W^T + bias + s xa B^T, the rank-r product xa = x A^T given (None: no adapter), in :func:`lora_first`'s
-    order."""
+    order. An FP8 W: the frozen GEMM first (torch._scaled_mm cannot add into an output), on ``x_fp8`` if given."""
+    if is_fp8(w):
+        out = fp8_forward(x, w, x_fp8, bias)
+        return out if xa is None else out.addmm_(xa, b.t(), alpha=s)
     wt = dense(w, x.dtype).t()
     if xa is not None and lora_first(wt.shape[0], wt.shape[1]):
         xas = xa * s
@@ -90,30 +107,33 @@ def rank_products(x, adapters):
     return [None if a is None else next(pieces) for a in adapters]
 
 
-def shared_input_forward(x, projs, scales):
+def shared_input_forward(x, projs, scales, x_fp8=None):
     """Projections of one 2-D input, ``projs`` = (W, bias, A, B, magnitude) each: (outputs, x A^T per projection,
-    DoRA norms). DoRA projections run as LoRA on their row-scaled (W_s, B_s) (:func:`dora_weights`)."""
+    DoRA norms). DoRA projections run as LoRA on their row-scaled (W_s, B_s) (:func:`dora_weights`). FP8 weights
+    share one row-wise quantised x (``x_fp8`` from x's producer, else made here)."""
     eff = [(w, b, None) if m is None else dora_weights(w, a, b, s, m, x.dtype)
            for (w, _, a, b, m), s in zip(projs, scales)]
+    if x_fp8 is None and any(is_fp8(we) for we, _, _ in eff):
+        x_fp8 = quantize_rows(x)
     xas = rank_products(x, [p[2] for p in projs])
-    outs = [lin_from(x, we, xa, be, s, p[1]) for p, (we, be, _), xa, s in zip(projs, eff, xas, scales)]
+    outs = [lin_from(x, we, xa, be, s, p[1], x_fp8) for p, (we, be, _), xa, s in zip(projs, eff, xas, scales)]
     return outs, xas, [n for _, _, n in eff]
 
 
 def skipped_forward(x, projs):
     """Uninitialised outputs of the shapes :func:`shared_input_forward` returns (``skip_output``)."""
-    return [x.new_empty(x.shape[0], w.shape[0] if not is_quantized(w) else w.quant_state.shape[0])
-            for w, *_ in projs]
+    return [x.new_empty(x.shape[0], out_features(w)) for w, *_ in projs]
 
 
-def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs):
+def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_fp8=None):
     """Backward of :func:`shared_input_forward`: (dx, per projection [dW, dA, dB, dm]); ``needs`` per projection
     for (W, A, B, m); ``douts`` entries may be None (output unused). ``outs``: DoRA outputs (for dm) or None.
 
     Per adapter p, Q_p = s_p dy_p B_p (N x r). dx = [Q_p]_p [A_p]_p (one K = sum r matmul, written first) plus
     sum_p dy_p W_p (each added onto dx by its GEMM, beta=1: lora_first); dA = [Q_p]_p^T x (x read once);
     dB_p = s_p dy_p^T (x A_p^T). DoRA: B_s and W_s in place of B and W, dB and dW row-scaled by m/n, dm from
-    the output."""
+    the output. An FP8 W (not DoRA): dy_p W_p through :func:`~onecard.kernels.fp8.fp8_input_grad`, on
+    ``dy_fp8[p]`` (rowquant(dy_p diag(s_p)) from dy's producer) when given."""
     grads = [[None] * 4 for _ in projs]
     live = [i for i, d in enumerate(douts) if d is not None]
     ranked = [i for i in live if projs[i][2] is not None]
@@ -134,6 +154,10 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs):
                 db = (douts[i].t() @ xas[i]).mul_(scales[i])
                 grads[i][2] = db.mul_(ratios[i]) if i in ratios else db
     for i in live:
+        if is_fp8(projs[i][0]) and i not in ratios:
+            d = fp8_input_grad(douts[i], projs[i][0], None if dy_fp8 is None else dy_fp8[i])
+            dx = d if dx is None else dx.add_(d)
+            continue
         w = dense(projs[i][0], douts[i].dtype)
         if i in ratios:
             w = row_scaled(w, ratios[i], projs[i][0])
@@ -154,7 +178,8 @@ def row_sq_norms(w, dtype) -> torch.Tensor:
 def _cached_row_sq_norms(key, w, dtype):
     """:func:`row_sq_norms` of the frozen W, computed once per weight: W never changes during adapter training.
     Kept on ``key`` (the weight parameter, or the packed NF4 one) with its version, so an in-place change of W
-    (merging, loading) recomputes it."""
+    (merging, loading) recomputes it. An FP8 weight caches on its e4m3 codes."""
+    key = key.qdata if is_fp8(key) else key
     tag = (key._version, key.data_ptr(), dtype)
     cached = getattr(key, "_onecard_row_sq", None)
     if cached is None or cached[0] != tag:
@@ -234,8 +259,8 @@ def dora_magnitude_grad(dy, y, m, n, bias=None):
 def keep_for_backward(ctx, weights):
     """4-bit weights are frozen parameters: kept by reference on ctx (save_for_backward would drop the
     quant_state they need to be dequantised); returns the list with those replaced by None."""
-    ctx.quantized = [w if is_quantized(w) else None for w in weights]
-    return [None if is_quantized(w) else w for w in weights]
+    ctx.quantized = [w if is_quantized(w) or is_fp8(w) else None for w in weights]
+    return [None if is_quantized(w) or is_fp8(w) else w for w in weights]
 
 
 def restore_weights(ctx, weights):
@@ -251,14 +276,14 @@ class LoRAProjections(torch.autograd.Function):
     for the magnitude's gradient -- a view of what is returned, no extra memory)."""
 
     @staticmethod
-    def forward(ctx, x, scales, skip_output, *params):
+    def forward(ctx, x, scales, skip_output, x_fp8, *params):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         projs = [params[P * i: P * i + P] for i in range(len(scales))]  # (W, bias, A, B, magnitude)
         if skip_output and all(p[4] is None for p in projs):
             ys, xas, norms = skipped_forward(x2, projs), rank_products(x2, [p[2] for p in projs]), [None] * len(projs)
         else:
-            ys, xas, norms = shared_input_forward(x2, projs, scales)
+            ys, xas, norms = shared_input_forward(x2, projs, scales, x_fp8)
         dora_outs = [y if p[4] is not None else None for y, p in zip(ys, projs)]
         weights = keep_for_backward(ctx, params[0::P])
         adapters = [t for p in projs for t in p[1:]]  # bias, A, B, m
@@ -273,11 +298,11 @@ class LoRAProjections(torch.autograd.Function):
         x2, weights, adapters = saved[0], restore_weights(ctx, saved[1:1 + k]), saved[1 + k:1 + 5 * k]
         xas, outs, norms = saved[1 + 5 * k:1 + 6 * k], saved[1 + 6 * k:1 + 7 * k], saved[1 + 7 * k:]
         projs = [(weights[i], *adapters[4 * i: 4 * i + 4]) for i in range(k)]
-        needs = [tuple(ctx.needs_input_grad[3 + P * i + j] for j in (0, 2, 3, 4)) for i in range(k)]
+        needs = [tuple(ctx.needs_input_grad[4 + P * i + j] for j in (0, 2, 3, 4)) for i in range(k)]
         dys = [None if d is None else d.reshape(-1, d.shape[-1]) for d in douts]
         dx, per_proj = shared_input_backward(dys, x2, xas, outs, norms, projs, ctx.scales, needs)
         grads = [g for dw, da, db, dm in per_proj for g in (dw, None, da, db, dm)]
-        return (None if dx is None else dx.view(ctx.shape), None, None, *grads)
+        return (None if dx is None else dx.view(ctx.shape), None, None, None, *grads)
 
 
 def unpack_parts(p):
@@ -287,20 +312,22 @@ def unpack_parts(p):
     return w, a, b, s, (p[4] if len(p) > 4 else None), (p[5] if len(p) > 5 else None)
 
 
-def lora_projections(x, parts, skip_output: bool = False):
+def lora_projections(x, parts, skip_output: bool = False, x_fp8=None):
     """``parts``: per projection (W, A, B, scale[, bias[, magnitude]]) with A = B = None where no adapter and
     magnitude None unless DoRA; returns the outputs.
 
     ``skip_output``: the caller will not read the outputs (a checkpoint's recompute of a block whose last op this
     is: patch/recompute.py): they come back uninitialised, with no frozen GEMM or lora_B matmul run, while the
     tensors saved for backward are the same as in a full forward (torch's checkpoint compares them). DoRA
-    projections save their output for the magnitude's gradient, so they always run."""
+    projections save their output for the magnitude's gradient, so they always run.
+
+    ``x_fp8``: x's row-wise e4m3 copy (q (N x in), scale (N x 1)) from x's producer, for FP8 weights."""
     flat, scales = [], []
     for p in parts:
         w, a, b, s, bias, m = unpack_parts(p)
         flat += [w, bias, a, b, m]
         scales.append(float(s))
-    return LoRAProjections.apply(x, tuple(scales), bool(skip_output), *flat)
+    return LoRAProjections.apply(x, tuple(scales), bool(skip_output), x_fp8, *flat)
 
 
 def lora_projections_reference(x, parts):

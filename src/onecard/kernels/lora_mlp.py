@@ -31,36 +31,46 @@ to the compute dtype right before each use -- once in forward, once in backward 
 ``bitsandbytes.functional.dequantize_4bit`` (bnb's own fast CUDA path; bnb's MatMul4Bit does the same per
 projection), and only the packed 4-bit tensor is kept for backward, so the fused LoRA math above runs on
 QLoRA layers too and no bf16 copy of a weight outlives its matmul.
+
+FP8 base (kernels/fp8.py): for an e4m3 W_d the GLU kernel writes h's row-wise e4m3 copy beside h (one pass), and in
+backward, for e4m3 W_g and W_u, the GLU backward kernel writes rowquant(dg diag(s_g)) and rowquant(du diag(s_u))
+beside dg and du, so the FP8 input-gradient GEMMs dg W_g + du W_u read no separate quantisation pass; dy for
+dy W_d is quantised by one Triton pass. x's copy comes from the FP8 RMSNorm (``x_fp8``) or is made here.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .glu import glu_backward, glu_forward
+from .fp8 import fp8_input_grad, is_fp8
+from .glu import glu_backward, glu_backward_fp8, glu_forward, glu_forward_fp8
 from .lora_linear import (dense, dora_lin, dora_magnitude_grad, dora_norm, dora_ratio, dora_weights, is_quantized,
-                          keep_for_backward, lin, restore_weights, shared_input_backward, shared_input_forward,
-                          unpack_parts)
+                          keep_for_backward, lin, out_features, restore_weights, shared_input_backward,
+                          shared_input_forward, unpack_parts)
 
 __all__ = ["lora_mlp", "lora_mlp_reference", "dense", "is_quantized"]
 
 
 class LoRAMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, wg, ag, bg, mg, wu, au, bu, mu, wd, ad, bd, md, sg, su, sd, gelu, skip_output):
+    def forward(ctx, x, wg, ag, bg, mg, wu, au, bu, mu, wd, ad, bd, md, sg, su, sd, gelu, skip_output, x_fp8):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         (g, u), (xag, xau), (ng, nu) = shared_input_forward(x2, [(wg, None, ag, bg, mg), (wu, None, au, bu, mu)],
-                                                            (sg, su))
+                                                            (sg, su), x_fp8)
         nd = None
         if skip_output:  # a checkpoint's recompute: nothing reads y, nor h (see lora_mlp)
-            y = x2.new_empty(x2.shape[0], _out_features(wd))
+            y = x2.new_empty(x2.shape[0], out_features(wd))
             if md is not None:  # saved in the first forward too: the saved tensors must match
                 nd = dora_norm(dense(wd, x2.dtype), ad, bd, sd, key=wd)
         else:
-            h = glu_forward(g, u, gelu)
+            h_fp8 = None
+            if is_fp8(wd) and md is None:
+                h, h_fp8 = glu_forward_fp8(g, u, gelu)
+            else:
+                h = glu_forward(g, u, gelu)
             if md is None:
-                y, _ = lin(h, wd, ad, bd, sd)
+                y, _ = lin(h, wd, ad, bd, sd, x_fp8=h_fp8)
             else:
                 y, _, nd = dora_lin(h, wd, ad, bd, sd, md)
                 # DoRA's dm_d needs y_d. Kept on ctx, not saved: a checkpoint keeps ctx attributes of the first
@@ -84,7 +94,7 @@ class LoRAMLP(torch.autograd.Function):
         # down projection: dh (rank-r part first, kernels/lora_linear.py lora_first) and its adapter's A-side; its
         # grads need h, recomputed below
         if md is None:
-            wd_dense, bd_used = dense(wd, dy2.dtype), bd
+            wd_dense, bd_used = (wd if is_fp8(wd) else dense(wd, dy2.dtype)), bd
         else:  # DoRA: LoRA's backward on the row-scaled weights; y_d from forward (ctx, see forward)
             wd_dense, bd_used = _dora_down(wd, ad, bd, sd, md, nd, dy2.dtype)
             if ctx.dora_down_output is None:
@@ -92,16 +102,23 @@ class LoRAMLP(torch.autograd.Function):
                                    "first backward; onecard's fused DoRA path does not support that")
             dmd = dora_magnitude_grad(dy2, ctx.dora_down_output, md, nd) if n[12] else None
             ctx.dora_down_output = None  # freed now: ctx outlives backward while the caller holds the loss
-        dyb = None
-        if ad is None:
+        dyb = None if ad is None else dy2 @ bd_used
+        if is_fp8(wd_dense):  # FP8 frozen GEMM first: _scaled_mm cannot add into an output
+            dh = fp8_input_grad(dy2, wd_dense)
+            if dyb is not None:
+                dh.addmm_(dyb, ad, alpha=sd)
+        elif ad is None:
             dh = dy2 @ wd_dense
         else:
-            dyb = dy2 @ bd_used
             dh = (dyb * sd) @ ad
             dh.addmm_(dy2, wd_dense)
         del wd_dense
         # in place (LoRA): dh, and g/u (saved for this backward alone) are overwritten; DoRA's dm needs g and u after
-        h, dg, du = glu_backward(dh, g, u, ctx.gelu, inplace=mg is None and mu is None)
+        inplace, dy_fp8 = mg is None and mu is None, None
+        if inplace and is_fp8(wg) and is_fp8(wu):
+            h, dg, du, *dy_fp8 = glu_backward_fp8(dh, g, u, wg.scale, wu.scale, ctx.gelu, inplace=True)
+        else:
+            h, dg, du = glu_backward(dh, g, u, ctx.gelu, inplace=inplace)
         del dh
         dwd = dy2.t() @ h if n[9] else None
         dad = (dyb.t() @ h).mul_(sd) if (ad is not None and n[10]) else None
@@ -113,9 +130,9 @@ class LoRAMLP(torch.autograd.Function):
         del h
         dx, ((dwg, dag, dbg, dmg), (dwu, dau, dbu, dmu)) = shared_input_backward(
             [dg, du], x2, [xag, xau], [g, u], [ng, nu], [(wg, None, ag, bg, mg), (wu, None, au, bu, mu)], (sg, su),
-            [n[1:5], n[5:9]])
+            [n[1:5], n[5:9]], dy_fp8)
         return (dx.view(ctx.shape), dwg, dag, dbg, dmg, dwu, dau, dbu, dmu, dwd, dad, dbd, dmd,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _dora_down(wd, ad, bd, sd, md, nd, dtype):
@@ -124,11 +141,7 @@ def _dora_down(wd, ad, bd, sd, md, nd, dtype):
     return ws, bs
 
 
-def _out_features(w) -> int:
-    return int(w.quant_state.shape[0]) if is_quantized(w) else int(w.shape[0])
-
-
-def lora_mlp(x, gate, up, down, gelu: bool = False, skip_output: bool = False):
+def lora_mlp(x, gate, up, down, gelu: bool = False, skip_output: bool = False, x_fp8=None):
     """Fused gated MLP. ``gate``/``up``/``down``: (W, A, B, scale[, bias (must be None)[, magnitude]]) with
     A = B = None where no adapter and magnitude None unless DoRA.
 
@@ -138,11 +151,13 @@ def lora_mlp(x, gate, up, down, gelu: bool = False, skip_output: bool = False):
     last saved tensor (this op's) is packed -- and backward rebuilds h from g and u anyway. It saves the largest
     recomputed GEMM, a quarter of the layer's recompute FLOPs on Llama 3 8B (patch/recompute.py). A DoRA down
     projection still runs (its pre-scale output is saved for the magnitude's gradient).
+
+    ``x_fp8``: x's row-wise e4m3 copy from its producer (the FP8 RMSNorm), for FP8 gate/up weights.
     """
     (wg, ag, bg, sg, cg, mg), (wu, au, bu, su, cu, mu), (wd, ad, bd, sd, cd, md) = map(unpack_parts, (gate, up, down))
     assert cg is None and cu is None and cd is None, "the fused MLP takes no biases"
     return LoRAMLP.apply(x, wg, ag, bg, mg, wu, au, bu, mu, wd, ad, bd, md, float(sg), float(su), float(sd),
-                         bool(gelu), bool(skip_output))
+                         bool(gelu), bool(skip_output), x_fp8)
 
 
 def lora_mlp_reference(x, gate, up, down, gelu: bool = False):

@@ -24,8 +24,11 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .fp8 import e4m3_code, e4m3_scale
+
     @triton.jit
-    def _rms_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+    def _rms_fwd(X, W, Y, RSTD, Q, S, stride_x, stride_y, n_cols, eps, GEMMA: tl.constexpr, FP8: tl.constexpr,
+                 BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -37,8 +40,15 @@ if HAS_TRITON:
             y = n * (w + 1.0)
         else:
             y = n.to(X.dtype.element_ty).to(tl.float32) * w
-        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y = y.to(Y.dtype.element_ty)
+        tl.store(Y + row * stride_y + cols, y, mask=mask)
         tl.store(RSTD + row, rstd)
+        if FP8:  # the row-wise e4m3 copy of the rounded output, for an FP8 GEMM reading it (kernels/fp8.py)
+            yf = y.to(tl.float32)
+            scale = e4m3_scale(tl.max(tl.abs(yf), axis=0))
+            q = e4m3_code(yf, scale)
+            tl.store(Q + row * n_cols + cols, q.to(Q.dtype.element_ty), mask=mask)
+            tl.store(S + row, scale)
 
     @triton.jit
     def _rms_bwd(
@@ -80,8 +90,10 @@ def _n_programs(n_rows: int, device: torch.device) -> int:
 
 
 class TritonRMSNorm(torch.autograd.Function):
+    """Returns (y, q, scale): q, scale the row-wise e4m3 copy of y when ``fp8`` (else empty), not differentiable."""
+
     @staticmethod
-    def forward(ctx, x, weight, eps, gemma):
+    def forward(ctx, x, weight, eps, gemma, fp8=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.stride(-1) != 1:
@@ -90,15 +102,18 @@ class TritonRMSNorm(torch.autograd.Function):
         out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        q = torch.empty((n_rows if fp8 else 0, n_cols), dtype=torch.float8_e4m3fn, device=x.device)
+        scale = torch.empty((n_rows if fp8 else 0, 1), dtype=torch.float32, device=x.device)
         block, warps = row_block(n_cols)
-        _rms_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                            GEMMA=gemma, BLOCK=block, num_warps=warps)
+        _rms_fwd[(n_rows,)](x2, weight, y, rstd, q if fp8 else y, scale if fp8 else rstd, x2.stride(0), y.stride(0),
+                            n_cols, eps, GEMMA=gemma, FP8=fp8, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.gemma, ctx.shape = gemma, shape
-        return y.view(*shape[:-1], n_cols)
+        ctx.mark_non_differentiable(q, scale)
+        return y.view(*shape[:-1], n_cols), q, scale
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _dq=None, _ds=None):
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
         dy2 = dy.reshape(-1, n_cols)
@@ -112,7 +127,7 @@ class TritonRMSNorm(torch.autograd.Function):
         _rms_bwd[(progs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
                            n_rows, n_cols, rows_per_prog, GEMMA=ctx.gemma, BLOCK=block, num_warps=warps)
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(ctx.shape), dw, None, None
+        return dx.view(ctx.shape), dw, None, None, None
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
@@ -126,8 +141,23 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma:
     return weight * xf.to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
-    """RMSNorm over the last dim; ``gemma=True`` for the (1 + weight) variant. Triton where it can run."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False,
+             fp8: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim; ``gemma=True`` for the (1 + weight) variant. Triton where it can run.
+
+    ``fp8``: the kernel also writes the output's row-wise e4m3 copy, attached to it as ``FP8_ATTR`` (q, scale), so
+    an FP8 GEMM that reads this output (kernels/fp8.py) needs no separate quantisation pass over it."""
     if use_triton(x, weight) and x.dtype != torch.float64:
-        return TritonRMSNorm.apply(x, weight, float(eps), bool(gemma))
+        y, q, scale = TritonRMSNorm.apply(x, weight, float(eps), bool(gemma), bool(fp8))
+        if fp8:
+            setattr(y, FP8_ATTR, (q, scale))
+        return y
     return rms_norm_reference(x, weight, eps, gemma)
+
+
+FP8_ATTR = "_onecard_fp8_rows"  # on a producer's output: its row-wise e4m3 copy (q (N x C), scale (N x 1))
+
+
+def fp8_rows_of(x: torch.Tensor):
+    """The row-wise e4m3 copy a producer attached to ``x`` (:func:`rms_norm` with fp8), or None."""
+    return getattr(x, FP8_ATTR, None)

@@ -92,6 +92,24 @@ def offload_without_ckpt(ctx: LintContext) -> list[Finding]:
                     "set training.grad_ckpt: true, or training.offload_activations: false")]
 
 
+def fp8_base_gpu(ctx: LintContext) -> list[Finding]:
+    """An FP8 base needs e4m3 tensor cores on the card the recipe is planned for (the loader refuses it elsewhere)."""
+    from onecard.catalog.gpus import get_gpu
+    from onecard.errors import UserError
+
+    if ctx.recipe.quant.base != "fp8":
+        return []
+    try:
+        gpu = get_gpu(ctx.recipe.plan.gpu)
+    except UserError:
+        return []
+    if gpu.fp8_dense_tflops is not None:
+        return []
+    return [Finding("fp8-base-gpu", "error", f"quant.base fp8 on {gpu.id}, which has no FP8 tensor cores",
+                    "FP8 GEMMs need compute capability 8.9+ (Ada, Hopper, Blackwell): training would be refused",
+                    "set quant.base: none (bf16 base) or method: qlora, or plan for an FP8 card (plan.gpu)")]
+
+
 def fp16(ctx: LintContext) -> list[Finding]:
     r = ctx.recipe
     if r.model.dtype != "float16":
@@ -228,5 +246,5 @@ def power_limit(ctx: LintContext) -> list[Finding]:
     return out
 
 
-RULES = [does_not_fit, qlora_optimizer, grad_ckpt_off, offload_without_ckpt, fp16, lora_targets, flash_attn,
+RULES = [does_not_fit, qlora_optimizer, grad_ckpt_off, offload_without_ckpt, fp8_base_gpu, fp16, lora_targets, flash_attn,
          lr_and_rank, qlora_grad_norm, seq_above_context, template_masking, template_mismatch, power_limit]

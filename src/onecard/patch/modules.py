@@ -16,21 +16,23 @@ import torch
 
 from onecard.kernels.lora_linear import is_quantized, lora_projections
 from onecard.kernels.lora_mlp import lora_mlp
-from onecard.kernels.rms_norm import rms_norm
+from onecard.kernels.rms_norm import fp8_rows_of, rms_norm
 from onecard.kernels.rope import apply_rope
 
+from .fp8 import FP8_NORM_FLAG, Fp8Linear
 from .packed import packed_attention_or
 from .recompute import attention_output_unused, in_recompute
 
 
 def rms_norm_forward(self, hidden_states):
     """LlamaRMSNorm / Qwen2RMSNorm / MistralRMSNorm.forward."""
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon, gemma=False)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon, gemma=False,
+                    fp8=FP8_NORM_FLAG in self.__dict__)  # it feeds FP8 projections (patch/fp8.py)
 
 
 def gemma_rms_norm_forward(self, x):
     """GemmaRMSNorm / Gemma2RMSNorm.forward: (1 + weight), output cast after the multiply."""
-    return rms_norm(x, self.weight, self.eps, gemma=True)
+    return rms_norm(x, self.weight, self.eps, gemma=True, fp8=FP8_NORM_FLAG in self.__dict__)
 
 
 def _plain_weight(linear, allow_bias: bool = False) -> torch.Tensor | None:
@@ -39,6 +41,8 @@ def _plain_weight(linear, allow_bias: bool = False) -> torch.Tensor | None:
     bias = getattr(linear, "bias", None)
     if bias is not None and (not allow_bias or bias.requires_grad):
         return None
+    if isinstance(linear, Fp8Linear):
+        return linear.fp8_weight
     w = getattr(linear, "weight", None)
     if is_quantized(w) and type(linear).__name__ == "Linear4bit":
         return w
@@ -55,7 +59,7 @@ def projection_parts(proj, dtype, allow_bias: bool = False):
     dtype (peft keeps adapters in fp32 on bf16 models; autograd casts their grads back). The DoRA magnitude
     (None for vanilla LoRA) stays fp32: the op applies it as m/n - 1 in fp32 first (kernels/lora_linear.py).
     """
-    if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
+    if type(proj) in (torch.nn.Linear, Fp8Linear):
         w = _plain_weight(proj, allow_bias)
         return None if w is None else (w, None, None, 1.0, proj.bias, None)
     base = getattr(proj, "base_layer", None)
@@ -105,7 +109,7 @@ def make_mlp_forward(gelu: bool, skip_in_recompute: bool = False):
         parts = [projection_parts(p, x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if not _fusable(parts, x.dtype):
             return type(self).forward(self, x)
-        return lora_mlp(x, *parts, gelu=gelu, skip_output=skip_in_recompute and in_recompute())
+        return lora_mlp(x, *parts, gelu=gelu, skip_output=skip_in_recompute and in_recompute(), x_fp8=fp8_rows_of(x))
 
     return mlp_forward
 
@@ -115,7 +119,7 @@ def _project(x, projs, skip_output: bool = False):
     ``skip_output``: nothing will read the outputs (kernels/lora_linear.py ``lora_projections``)."""
     parts = [projection_parts(p, x.dtype, allow_bias=True) for p in projs]
     if _fusable(parts, x.dtype):
-        return lora_projections(x, parts, skip_output=skip_output)
+        return lora_projections(x, parts, skip_output=skip_output, x_fp8=fp8_rows_of(x))
     return tuple(p(x) for p in projs)
 
 

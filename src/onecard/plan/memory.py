@@ -89,8 +89,7 @@ def _static_components(p: PlanInputs) -> list[Component]:
     shape, n = p.shape, p.num_gpus
     # Sharded (FSDP) QLoRA keeps frozen norms/embeddings bf16: one dtype per flat parameter (train/distributed.py).
     upcast = p.kbit_upcast and n == 1
-    out = [Component("weights", _weights_label(p), static.base_weight_bytes(
-        shape, p.method, p.dtype_bytes, double_quant=p.double_quant, kbit_upcast=upcast) // n)]
+    out = [Component("weights", _weights_label(p), _base_bytes(p, upcast) // n)]
     if p.task in ("dpo", "kto") and p.reference == "copy":
         out.append(Component("reference", "reference model (frozen copy)",
                              static.base_weight_bytes(shape, "full", p.dtype_bytes) // n))
@@ -110,7 +109,17 @@ def _static_components(p: PlanInputs) -> list[Component]:
     return out
 
 
+def _base_bytes(p: PlanInputs, upcast: bool) -> int:
+    if p.quant_base == "fp8":
+        from onecard.plan.fp8 import fp8_base_weight_bytes
+
+        return fp8_base_weight_bytes(p.shape, p.dtype_bytes)
+    return static.base_weight_bytes(p.shape, p.method, p.dtype_bytes, double_quant=p.double_quant, kbit_upcast=upcast)
+
+
 def _weights_label(p: PlanInputs) -> str:
+    if p.quant_base == "fp8":
+        return "base weights (FP8 e4m3 block linears + per-channel scales; embeddings/head/norms bf16)"
     if p.method == "qlora":
         dq = " + double quant" if p.double_quant else ""
         rest = "fp32" if p.kbit_upcast and p.num_gpus == 1 else "bf16"

@@ -246,6 +246,9 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     bw = gpu.bandwidth_gb_s * 1e9
     steps = {"matmul_s": fl.matmul_per_token * tokens / (gpu.bf16_dense_tflops * 1e12 * eff),
              "weights_read_s": tokens / memory_ceiling}
+    if inp.quant_base == "fp8":
+        compute_ceiling, ceiling = _fp8_speed(inp, fl, eff, steps, notes, compute_ceiling, memory_ceiling)
+        exact, label = None, "estimated"  # a measured bf16 row of this shape is not this run's speed
     if method == "qlora":
         dequants = 3 if ckpt else 2
         p_layers = shape.num_hidden_layers * shape.linear_params_per_layer()
@@ -268,6 +271,22 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     notes.append(f"{bound}-bound at micro-batch {inp.micro_batch} x {seq} tokens")
     return Throughput(gpu.id, method, fl, ceiling, compute_ceiling, memory_ceiling, estimate, label, eff, source,
                       {**steps, "step_s": step}, notes)
+
+
+def _fp8_speed(inp, fl, eff, steps, notes, compute_ceiling, memory_ceiling):
+    """An FP8 base: the frozen block GEMMs at the card's FP8 peak (plan/fp8.py), an estimate (no FP8 row calibrates
+    the efficiency). Returns (compute ceiling, ceiling) and updates ``steps``."""
+    from onecard.plan.fp8 import fp8_matmul_seconds, fp8_speedup_bound, has_fp8
+
+    if not has_fp8(inp.gpu):
+        notes.append(f"quant.base fp8: {inp.gpu.id} has no FP8 tensor cores (training there is refused)")
+        return compute_ceiling, min(compute_ceiling, memory_ceiling)
+    steps["matmul_s"] = fp8_matmul_seconds(fl, inp.gpu, eff)
+    bound = fp8_speedup_bound(fl, inp.gpu)
+    compute_ceiling *= bound
+    notes.append(f"quant.base fp8: frozen GEMMs at {inp.gpu.fp8_dense_tflops:g} TFLOP/s (FP8 peak), the rest bf16: "
+                 f"at most {bound:.2f}x bf16's matmul time (estimate; quantisation passes not modelled)")
+    return compute_ceiling, min(compute_ceiling, memory_ceiling)
 
 
 def _unlike_measured_rows(inp, ckpt: bool, span: int | None, seq: int) -> str:

@@ -135,6 +135,10 @@ def load_base(recipe: Recipe, device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
+    if recipe.quant.base == "fp8":  # refused before anything is read or downloaded
+        from onecard.patch.fp8 import check_fp8_device
+
+        check_fp8_device(device)
     source = resolve_source(recipe)
     config = _read_config(source, recipe)
     dtype = resolve_dtype(recipe, device, config)
@@ -145,7 +149,11 @@ def load_base(recipe: Recipe, device: str | None = None):
         _require_bitsandbytes()
         kwargs.update(quantization_config=quant_config(recipe), device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if recipe.method != "qlora":
+    if recipe.quant.base == "fp8":  # read on the host, quantised per output channel layer by layer on the device
+        from onecard.patch.fp8 import fp8_layers_to_device
+
+        model.onecard_fp8_base = fp8_layers_to_device(model, device)  # the handle: .revert() gives a bf16 base back
+    elif recipe.method != "qlora":
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code,
                                               revision=recipe.model.revision)
@@ -174,7 +182,7 @@ def load_model_and_tokenizer(recipe: Recipe, device: str | None = None):
         model = prepare_kbit(model, getattr(torch, recipe.quant.compute_dtype), resolve_device(device))
     set_seed(recipe.training.seed)  # adapter init draws random numbers: same seed, same adapter
     if recipe.is_adapter:
-        model = apply_adapter(model, recipe)
+        model = apply_adapter(model, recipe)  # peft wraps an FP8 base's Fp8Linear layers as any nn.Linear
     else:
         for param in model.parameters():
             param.requires_grad_(True)
