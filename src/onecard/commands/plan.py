@@ -218,7 +218,14 @@ def _probe(recipe, memory_cap_gib: Optional[float], as_json: bool) -> None:
     from onecard.bench.run import detect_device, gpu_catalog_id, run_config
     from onecard.catalog.gpus import get_gpu
 
-    detect_device(cpu=False)  # UserError (exit 2) without CUDA
+    import torch
+
+    if not torch.cuda.is_available():  # detect_device's message names bench's --cpu, which plan has not
+        from onecard.errors import UserError
+
+        raise UserError("--probe measures steps on a CUDA GPU, and none is visible here", where="onecard plan --probe",
+                        fix="run it on the machine with the GPU, or drop --probe for the estimated plan")
+    detect_device(cpu=False)
     gpu_id = gpu_catalog_id()
     cap = memory_cap_gib or get_gpu(gpu_id).memory_gib
     command = " ".join(["onecard", *sys.argv[1:]])

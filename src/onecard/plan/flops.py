@@ -259,6 +259,8 @@ def _mlp_feeds_residual(shape: ModelShape) -> bool:
 
 def lora_targets_for(recipe, shape: ModelShape) -> list[str]:
     """The recipe's LoRA target names; "auto" = the family's table (catalog.families), else all 7 projections."""
+    if recipe.adapter.target_modules == "all-linear":
+        return [n for n, _, _ in shape.linear_layers_per_block()]
     if recipe.adapter.target_modules != "auto":
         return list(recipe.adapter.target_modules)
     from onecard.catalog.families import family_for

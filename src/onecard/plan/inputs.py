@@ -88,7 +88,7 @@ def resolve_fused_ce(fused_ce, kernels: str) -> bool:
 
 
 def _targets(target_modules) -> tuple[str, ...]:
-    if target_modules == "auto" or target_modules is None:
+    if target_modules in ("auto", "all-linear") or target_modules is None:
         return ALL_TARGETS
     return tuple(str(t) for t in target_modules)
 

@@ -52,8 +52,8 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
         from onecard.train.distributed_loop import check_resume_world
 
         check_resume_world(run_dir, 1)  # a checkpoint written by N processes resumes on N
-    lint_or_stop(recipe, console)
     device = resolve_device(None)
+    lint_or_stop(recipe, console, device=device)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, device)
     kernels = apply_recipe_kernels(model, recipe, device, console)
@@ -78,30 +78,57 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
 # --------------------------------------------------------------------------- the pieces, in order
 
 
-def lint_or_stop(recipe: Recipe, console=None) -> None:
+def lint_or_stop(recipe: Recipe, console=None, device: str | None = None) -> None:
     """Stop on pre-flight errors from ``onecard.lint`` when that module exists (it is built separately).
 
-    A crash *inside* lint (a bug there, not the user's) is reported and training goes on: lint is advice.
+    ``device`` is the one training runs on: a CPU run is not held to a GPU's memory, a CUDA run to the card in
+    the machine (its catalog row) rather than ``plan.gpu``. Rules named in ``lint.ignore`` (``onecard train
+    --ignore-lint ID``) are printed and do not stop the run. A crash *inside* lint (a bug there, not the user's)
+    is reported and training goes on: lint is advice.
     """
     try:
         from onecard.lint import lint_recipe
     except ImportError:
         return
     try:
-        findings = lint_recipe(recipe)
+        findings = lint_recipe(recipe, device=lint_device(device))
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - see docstring
         if console is not None:
             console.print(f"[yellow]lint skipped: it failed with {type(exc).__name__}: {exc}[/yellow]")
         return
-    errors = [f for f in findings if getattr(f, "severity", None) == "error"]
+    ignored = set(recipe.lint.ignore)
+    if console is not None:
+        from rich.text import Text
+
+        for f in findings:
+            if f.severity == "info":
+                console.print(Text(f"lint [{f.id}]: {f.message}", style="dim"))
+            elif f.severity == "error" and f.id in ignored:
+                console.print(Text(f"lint error ignored (lint.ignore): [{f.id}] {f.message}", style="yellow"))
+    errors = [f for f in findings if f.severity == "error" and f.id not in ignored]
     if errors:
         first = errors[0]
-        what = getattr(first, "message", None) or getattr(first, "why", None) or str(first)
         more = f" (and {len(errors) - 1} more lint error(s); run onecard lint)" if len(errors) > 1 else ""
-        raise UserError(f"lint {getattr(first, 'id', '')}: {what}{more}".replace("lint : ", "lint: "),
-                        where=getattr(first, "where", None), fix=getattr(first, "fix", None))
+        raise UserError(f"lint {first.id}: {first.message}{more}", where=first.where,
+                        fix=f"{first.fix}; or, to train anyway: onecard train ... --ignore-lint {first.id}")
+
+
+def lint_device(device: str | None) -> str | None:
+    """What lint checks a run on ``device`` against: "cpu", the catalog id of this CUDA card, or None (plan.gpu:
+    a card the catalog does not list)."""
+    if device is None:
+        return None
+    if not device.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    from onecard.catalog.gpus import match_device_name
+
+    index = torch.device(device).index
+    gpu = match_device_name(torch.cuda.get_device_name(index or 0))
+    return gpu.id if gpu else None
 
 
 @dataclass
