@@ -32,21 +32,28 @@ def print_user_error(err: UserError) -> None:
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False)
-    console.print(f"[bold red]error[/bold red] {err.render()}", soft_wrap=True)
+    from rich.markup import escape
+
+    console.print(f"[bold red]error[/bold red] {escape(err.render())}", soft_wrap=True)  # [q_proj] is no style
 
 
 def quiet_libraries() -> None:
     """Keep library chatter out of onecard's output (a user can still turn it back on by env).
 
-    transformers warns on every tokenizer load (clean_up_tokenization_spaces) and bitsandbytes logs, on CPUs
-    with AVX512-BF16, that an optional hub kernel is missing; neither is actionable for a onecard user.
+    transformers warns on every tokenizer load (clean_up_tokenization_spaces) and about its own deprecations
+    (FutureWarning), and bitsandbytes logs, on CPUs with AVX512-BF16, that an optional hub kernel is missing;
+    none is actionable for a onecard user.
     Progress bars on long library work (GGUF de-quantisation) are kept.
     """
     import logging
     import os
+    import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Deprecation notices addressed to library callers (transformers 5.24: gradient_checkpointing_enable ->
+    # activation_checkpointing_enable, still called by peft and accelerate), not to a onecard user.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
 
 
 def main(argv: list[str] | None = None) -> None:

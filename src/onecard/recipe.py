@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from onecard.errors import UserError
 
@@ -42,7 +42,18 @@ class AdapterSection(_Strict):
     rank: int = Field(16, ge=1, le=1024)
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 x rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Literal["auto"] | list[str] = "auto"
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto", description="auto = the family's published targets; all-linear = every linear layer of the blocks "
+                            "(peft's idiom, the LM head left out); or a list of module names, e.g. [q_proj, v_proj].")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_target_form(cls, value):
+        if value in ("auto", "all-linear") or (isinstance(value, list) and value
+                                                and all(isinstance(v, str) and v for v in value)):
+            return value
+        raise ValueError(f"use 'auto', 'all-linear' or a non-empty list of module names like [q_proj, v_proj], "
+                         f"not {value!r}")
     init_adapter: str | None = Field(None, description="Run directory or adapter dir to continue from (e.g. SFT -> DPO).")
 
     @property
@@ -124,6 +135,11 @@ class PlanSection(_Strict):
     deadline_hours: float | None = Field(None, gt=0)
 
 
+class LintSection(_Strict):
+    ignore: list[str] = Field(default_factory=list, description="Lint rule ids that do not stop onecard train "
+                              "(printed still), e.g. [does-not-fit] for a card the planner misjudges.")
+
+
 class Recipe(_Strict):
     name: str = "run"
     model: ModelSection
@@ -136,6 +152,7 @@ class Recipe(_Strict):
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     plan: PlanSection = Field(default_factory=PlanSection)
+    lint: LintSection = Field(default_factory=LintSection)
     output_dir: str = "runs/{name}"
 
     @model_validator(mode="after")
@@ -220,6 +237,8 @@ def _explain(err: dict) -> tuple[str, str | None]:
         return "unknown field", None
     if kind == "literal_error":
         return f"invalid value {err.get('input')!r}", f"use one of {ctx.get('expected')}"
+    if kind == "value_error":  # the validator's own sentence says what is allowed
+        return str(err.get("msg", "invalid")).removeprefix("Value error, "), None
     if kind == "missing":
         return "required field is missing", "add it to the recipe"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
@@ -227,7 +246,8 @@ def _explain(err: dict) -> tuple[str, str | None]:
     return f"{err.get('msg', 'invalid')} (got {err.get('input')!r})", None
 
 
-def validate_recipe(tree: dict[str, Any], *, source: Path | None = None, text: str | None = None) -> Recipe:
+def validate_recipe(tree: dict[str, Any], *, source: Path | None = None, text: str | None = None,
+                    overrides: list[str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(tree)
     except ValidationError as exc:
@@ -237,10 +257,23 @@ def validate_recipe(tree: dict[str, Any], *, source: Path | None = None, text: s
         what, fix = _explain(first)
         if first.get("type") == "extra_forbidden":
             fix = _did_you_mean(loc)
-        line = _yaml_line(source, text, loc)
-        where = f"{source}:{line}" if source and line else (str(source) if source else None)
+        where = _override_for(loc, overrides or [])
+        if where is None:
+            line = _yaml_line(source, text, loc)
+            where = f"{source}:{line}" if source and line else (str(source) if source else None)
         more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
         raise UserError(f"{field}: {what}{more}", where=where, fix=fix) from None
+
+
+def _override_for(loc: tuple, overrides: list[str]) -> str | None:
+    """``--set a.b=v`` when the last override touching field ``loc`` (or a section above or below it) set it."""
+    path = [str(p) for p in loc]
+    for assignment in reversed(overrides):
+        key = [p for p in assignment.split("=", 1)[0].strip().split(".") if p]
+        n = min(len(key), len(path))
+        if n and key[:n] == path[:n]:
+            return f"--set {assignment}"
+    return None
 
 
 def _did_you_mean(loc: tuple) -> str:
@@ -283,7 +316,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, bas
         tree.update(loaded)
     for assignment in overrides or []:
         set_override(tree, assignment)
-    return validate_recipe(tree, source=source, text=text)
+    return validate_recipe(tree, source=source, text=text, overrides=overrides)
 
 
 def dump_recipe(recipe: Recipe) -> str:

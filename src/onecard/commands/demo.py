@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from onecard.commands.common import JsonOption, print_json
+from onecard.commands.common import JsonOption, print_json, quiet_transformers
 
 N_SAMPLES_SHOWN = 2
 
@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
 
         hf_logging.disable_progress_bar()  # per-tensor loading bars would bury the demo's own four steps
         progress_console = Console(stderr=True, highlight=False)
+        quiet_transformers()
         result = run_demo(out, steps, console=progress_console)
         if as_json:
             print_json({k: v for k, v in result.items() if k != "samples"})

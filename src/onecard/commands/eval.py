@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from onecard.commands.common import JsonOption, print_json
+from onecard.commands.common import JsonOption, print_json, quiet_transformers
 
 ROWS = [("loss", "held-out loss", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
         ("exact_match", "exact match", "{:.1%}"), ("token_f1", "token F1", "{:.1%}"), ("rouge_l", "ROUGE-L", "{:.1%}")]
@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
             raise UserError("--adapter needs --model (the base it was trained on)", where="--adapter")
         if run_dir is None and data is None:
             raise UserError("--data is required with --model", where="--data", fix="pass --data eval.jsonl")
-        _quiet_transformers()
+        quiet_transformers()
         console = Console(stderr=True, highlight=False)
         with console.status("loading model ..."):
             loaded = load_run(run_dir, device) if run_dir is not None else load_model_dirs(model, adapter, device)
@@ -96,9 +96,3 @@ def _print_table(console, result: dict, target) -> None:
     if target is not None:
         console.print(f"[dim]saved {target}[/dim]")
 
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from onecard.commands.common import JsonOption, print_json
+from onecard.commands.common import JsonOption, print_json, quiet_transformers
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
 
         from onecard.export import ExportMismatch, export_run
 
-        _quiet_transformers()
+        quiet_transformers()
         console = Console(stderr=json_out, highlight=False)
         log = (lambda text: console.print(f"[dim]{text}[/dim]"))
         try:
@@ -57,10 +57,3 @@ def _print_result(console, result: dict) -> None:
                   f"mean {v['mean_abs_err']:.3g}; {v['metric']} = {v['value']:.3g} <= {v['tolerance']:.3g}; "
                   f"top-1 agreement {v['top1_agreement']:.1%}{effect_text}")
 
-
-def _quiet_transformers() -> None:
-    """Our own status line replaces transformers' per-load progress bars and info logs."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()

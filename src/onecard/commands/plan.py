@@ -57,6 +57,22 @@ def load_plan_recipe(recipe_path: Path | None, overrides: list[str]):
     return load_recipe(recipe_path, overrides)
 
 
+def use_data_stats(recipe) -> dict:
+    """Put the data file's measured counts into the recipe's planning fields (data.num_examples,
+    data.mean_tokens_per_example: the fields are for planning without data); returns what was used."""
+    from onecard.lint.data import measured_data
+
+    report, note = measured_data(recipe)
+    used: dict = {"note": note, "path": recipe.data.path}
+    if report is not None and report.examples:
+        recipe.data.num_examples = used["num_examples"] = report.examples
+    elif report is not None and recipe.data.num_examples is None:
+        recipe.data.num_examples = used["num_examples"] = report.records
+    if report is not None and report.mean_tokens_trained:
+        recipe.data.mean_tokens_per_example = used["mean_tokens_per_example"] = round(report.mean_tokens_trained, 1)
+    return used
+
+
 def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
@@ -174,7 +190,15 @@ def register(app: typer.Typer) -> None:
         if probe:
             _probe(recipe, memory_cap_gib, as_json)
             return
+        given = examples is not None or mean_tokens is not None or any(
+            o.startswith(("data.num_examples=", "data.mean_tokens_per_example=")) for o in overrides or [])
+        data_note = use_data_stats(recipe) if recipe.data.path and not given else None
         payload, renderables = build_report(recipe)
+        if data_note:
+            from rich.text import Text
+
+            payload["data"] = data_note
+            renderables.insert(0, Text(data_note["note"], style="dim"))
         if as_json:
             print_json(payload)
             return
@@ -194,7 +218,14 @@ def _probe(recipe, memory_cap_gib: Optional[float], as_json: bool) -> None:
     from onecard.bench.run import detect_device, gpu_catalog_id, run_config
     from onecard.catalog.gpus import get_gpu
 
-    detect_device(cpu=False)  # UserError (exit 2) without CUDA
+    import torch
+
+    if not torch.cuda.is_available():  # detect_device's message names bench's --cpu, which plan has not
+        from onecard.errors import UserError
+
+        raise UserError("--probe measures steps on a CUDA GPU, and none is visible here", where="onecard plan --probe",
+                        fix="run it on the machine with the GPU, or drop --probe for the estimated plan")
+    detect_device(cpu=False)
     gpu_id = gpu_catalog_id()
     cap = memory_cap_gib or get_gpu(gpu_id).memory_gib
     command = " ".join(["onecard", *sys.argv[1:]])

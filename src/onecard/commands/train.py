@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from onecard.commands.common import JsonOption, SetOption, print_json
+from onecard.commands.common import JsonOption, SetOption, print_json, quiet_transformers
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         strategy: str = typer.Option("auto", "--strategy", help="With N > 1: ddp (replicate), fsdp (shard, FSDP1) "
                                      "or auto = ddp when the plan fits one card, fsdp otherwise and for method full."),
         cpu: bool = typer.Option(False, "--cpu", help="With N > 1: N CPU processes on the gloo backend (tests, CI)."),
+        ignore_lint: list[str] = typer.Option(None, "--ignore-lint", metavar="RULE",
+                                              help="Train despite this lint error (repeatable; adds to lint.ignore)."),
     ) -> None:
         """Fine-tune (LoRA, QLoRA, DoRA or full) or continue pre-training as the recipe says."""
         from rich.console import Console
@@ -33,6 +35,9 @@ def register(app: typer.Typer) -> None:
         if num_gpus is not None:
             overrides = [*(overrides or []), f"training.num_gpus={num_gpus}"]
         recipe = load_recipe(recipe_path, overrides or [])
+        if ignore_lint:
+            recipe.lint.ignore = [*recipe.lint.ignore, *ignore_lint]
+            overrides = [*(overrides or []), f"lint.ignore=[{','.join(recipe.lint.ignore)}]"]  # for N processes
         if recipe.training.num_gpus > 1 and not is_worker():
             flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite), ("--json", as_json)) if on]
             code = _launch(recipe, recipe_path, overrides or [], strategy, cpu, flags)
@@ -40,6 +45,7 @@ def register(app: typer.Typer) -> None:
                 raise SystemExit(code)  # not typer.Exit: cli.main's standalone_mode=False would swallow the code
             return
         console = Console(stderr=True, highlight=False)
+        quiet_transformers()
         from onecard.train.loop import train as run_training
 
         summary = run_training(recipe, resume=resume, console=console, overwrite=overwrite)
@@ -60,10 +66,10 @@ def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu:
 
     n = recipe.training.num_gpus
     check_run_dir(recipe.run_dir, "--resume" in flags, "--overwrite" in flags)
-    lint_or_stop(recipe)
+    cpu = cpu or distributed.cpu_requested()
+    lint_or_stop(recipe, device="cpu" if cpu else None)
     if "--resume" in flags:
         check_resume_world(recipe.run_dir, n)
-    cpu = cpu or distributed.cpu_requested()
     distributed.check_launchable(recipe, n, cpu)
     chosen = distributed.choose_strategy(recipe, "ddp" if cpu and strategy == "auto" else strategy)
     distributed.check_strategy(recipe, chosen)
@@ -75,12 +81,24 @@ def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu:
     return distributed.launch(recipe_path, overrides, n, flags, strategy=chosen, cpu=cpu)
 
 
+def device_text(summary: dict) -> str:
+    """``cuda:0 (NVIDIA H200), bfloat16`` / ``cpu, float32``: what the run's numbers were measured on."""
+    device = str(summary.get("device", "-"))
+    name = ""
+    if device.startswith("cuda"):
+        import torch
+
+        name = f" ({torch.cuda.get_device_name(torch.device(device).index or 0)})"
+    return f"{device}{name}, {summary.get('dtype', '-')}"
+
+
 def _print_summary(console, summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title="onecard train (measured)", show_header=False)
     rows = [
         ("output", summary["output"]),
+        ("device", device_text(summary)),
         ("steps", str(summary["steps"])),
         ("loss first -> final", f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
          if summary["final_loss"] is not None else "-"),

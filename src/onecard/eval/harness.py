@@ -30,7 +30,26 @@ def eval_recipe(recipe, data_path: str | None):
                         fix="pass --data FILE, or set eval.path / data.eval_path / data.eval_fraction in the recipe")
     # A preference-tuned model is still scored on chat references: loss and generation as for SFT.
     task = "sft" if recipe.task in ("dpo", "kto") else recipe.task
-    return recipe.model_copy(update={"data": data, "task": task})
+    scored = recipe.model_copy(update={"data": data, "task": task})
+    _refuse_preference_data(scored, recipe.task)
+    return scored
+
+
+def _refuse_preference_data(recipe, trained_task: str) -> None:
+    """Preference pairs have no single reference answer to score: say so, not that the task is wrong."""
+    from onecard.data import select_records
+    from onecard.data.formats import record_format
+
+    records = select_records(recipe, "eval")
+    fmt = record_format(records[0]) if records else None
+    if fmt not in ("dpo", "kto"):
+        return
+    run = f"this {trained_task} run" if trained_task in ("dpo", "kto") else "onecard eval"
+    raise UserError(f"{run} is scored on chat references (held-out loss, exact match, F1, ROUGE-L), but this file "
+                    f"holds {fmt} preference records, which have no single reference answer", where=records[0].where,
+                    fix='give --data a chat or alpaca file of prompts with the answers you want, e.g. '
+                        '{"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": CHOSEN}]}'
+                        "; the run's reward margins are in its metrics.jsonl (onecard report)")
 
 
 def reference_pairs(recipe, max_examples: int | None) -> list[tuple[list[dict], str]]:

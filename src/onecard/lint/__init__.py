@@ -1,9 +1,11 @@
 """Pre-flight lint: one rule per known fine-tuning mistake, each with an id, a severity, why it matters and the fix.
 
-``lint_recipe`` reads the recipe, the model's config (preset or local config.json), the memory plan and -- only
-where they are cheap and local -- the tokenizer, the installed flash_attn version and the card's NVML power limit.
-It never imports torch; the tokenizer checks import transformers only when a local tokenizer exists.
-``onecard train`` runs it first and stops on errors.
+``lint_recipe`` reads the recipe, the model's config (preset, local config.json or a .gguf header), the data
+files (exist, read, one format that fits the task), the memory plan and -- only where they are cheap and local --
+the tokenizer, the installed flash_attn version and the card's NVML power limit. With ``data_tokens=True`` (the
+lint command) it also measures the examples' token lengths with the model's tokenizer (lint/data.py).
+It never imports torch at import time; the tokenizer checks import transformers only when a local tokenizer exists.
+``onecard train`` runs it first, against the device it trains on, and stops on errors.
 """
 
 from __future__ import annotations
@@ -47,11 +49,18 @@ def read_power_limits() -> list[tuple[str, float, float]]:
 
 
 def _load_config(recipe) -> dict | None:
-    from onecard.catalog.models import find_preset, read_config
+    """The model's config as a dict: a local config.json, a .gguf file's header (its shape) or a preset; None for
+    a name that is none of these (the model-unknown rule says so)."""
+    from dataclasses import asdict
+
+    from onecard.catalog.models import find_preset, read_config, shape_from_gguf
 
     name = recipe.model.name_or_path
-    if Path(name).expanduser().is_dir():
-        return read_config(Path(name).expanduser())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return read_config(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return asdict(shape_from_gguf(path))
     preset = find_preset(name)
     if preset is None:
         return None
@@ -59,29 +68,44 @@ def _load_config(recipe) -> dict | None:
             "max_position_embeddings": preset.max_position_embeddings}
 
 
-def _load_tokenizer(recipe):
+def load_local_tokenizer(recipe):
+    """The model's tokenizer when it is local: a model directory's, or a .gguf file's (from its dequantised copy
+    when onecard made one, else read from the file by transformers)."""
     path = Path(recipe.model.name_or_path).expanduser()
-    if not (path / "tokenizer_config.json").is_file():
+    kwargs = {}
+    if path.suffix == ".gguf" and path.is_file():
+        from onecard.train.gguf_import import MARKER, cache_dir_for  # pure Python: paths only
+
+        done = cache_dir_for(path)
+        path, kwargs = (done, {}) if (done / MARKER).is_file() else (path.parent, {"gguf_file": path.name})
+    elif not (path / "tokenizer_config.json").is_file():
         return None
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except Exception:  # an unloadable tokenizer is reported by the data loader, not here
         return None
 
 
 def lint_recipe(recipe, *, tokenizer=None, model_config: dict | None = None,
                 power_reader: Callable[[], list] | None = None,
-                version_reader: Callable[[str], str | None] | None = None) -> list[Finding]:
-    """All findings for ``recipe`` (errors first). Readers are injectable for tests."""
+                version_reader: Callable[[str], str | None] | None = None,
+                device: str | None = None, data_tokens: bool = False, reports: dict | None = None) -> list[Finding]:
+    """All findings for ``recipe`` (errors first). Readers are injectable for tests.
+
+    device: None plans against the recipe's ``plan.gpu``; "cpu" (a CPU run) skips the GPU memory rules and says
+    so; a catalog GPU id checks against that card (the one training runs on). data_tokens: measure the examples'
+    token lengths (needs the tokenizer); the per-file reports land in ``reports`` (recipe field -> report).
+    """
     from onecard.lint.rules import RULES, LintContext
 
     config = model_config if model_config is not None else _load_config(recipe)
     if tokenizer is None:
-        tokenizer = _load_tokenizer(recipe)
+        tokenizer = load_local_tokenizer(recipe)
     ctx = LintContext(recipe, config, tokenizer, power_reader or read_power_limits,
-                      version_reader or installed_version)
+                      version_reader or installed_version, device=device, data_tokens=data_tokens,
+                      data_reports=reports if reports is not None else {})
     findings = [f for rule in RULES for f in rule(ctx)]
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(findings, key=lambda f: order[f.severity])

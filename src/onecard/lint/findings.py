@@ -15,6 +15,7 @@ class Finding:
     message: str
     why: str
     fix: str
+    where: str | None = None   # the file:line or recipe field at fault, where one is
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Callable
 
 from onecard.catalog.families import FAMILIES, family_for, is_llama3
@@ -17,6 +18,13 @@ class LintContext:
     tokenizer: object
     power_reader: Callable[[], list]
     version_reader: Callable[[str], str | None]
+    device: str | None = None          # None: the recipe's plan.gpu; "cpu"; or the catalog id of the card in use
+    data_tokens: bool = False          # measure token lengths of the data (lint command)
+    data_reports: dict = field(default_factory=dict)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device == "cpu"
 
     @cached_property
     def inputs(self):
@@ -24,11 +32,14 @@ class LintContext:
         from onecard.errors import UserError
         from onecard.plan.inputs import inputs_from_recipe
 
+        if self.on_cpu:
+            return None  # a CPU run: no GPU memory to plan against (see memory_not_checked)
         try:
             shape = None
             if self.config is not None and "hidden_size" in self.config:
                 shape = ModelShape.from_config(self.config, id=str(self.recipe.model.name_or_path))
-            return inputs_from_recipe(self.recipe, shape=shape or resolve_shape(self.recipe.model.name_or_path))
+            return inputs_from_recipe(self.recipe, gpu=self.device,
+                                      shape=shape or resolve_shape(self.recipe.model.name_or_path))
         except UserError:
             return None
 
@@ -136,7 +147,7 @@ def fp16(ctx: LintContext) -> list[Finding]:
 def lora_targets(ctx: LintContext) -> list[Finding]:
     r = ctx.recipe
     targets = r.adapter.target_modules
-    if not r.is_adapter or targets == "auto" or not ctx.config:
+    if not r.is_adapter or targets in ("auto", "all-linear") or not ctx.config:
         return []
     model_type = ctx.config.get("model_type", "")
     family = family_for(model_type)
@@ -246,5 +257,90 @@ def power_limit(ctx: LintContext) -> list[Finding]:
     return out
 
 
-RULES = [does_not_fit, qlora_optimizer, grad_ckpt_off, offload_without_ckpt, fp8_base_gpu, fp16, lora_targets, flash_attn,
+def model_unknown(ctx: LintContext) -> list[Finding]:
+    """A name that is no preset, no local directory, no .gguf file and no ``owner/name`` hub id: nothing can load it."""
+    name = ctx.recipe.model.name_or_path
+    path = Path(name).expanduser()
+    if path.is_dir() and ctx.config is None:
+        return [Finding("model-unknown", "error", f"model directory {name!r} has no config.json",
+                        "transformers cannot load it", "point model.name_or_path at a Hugging Face model directory "
+                        "(config.json + *.safetensors)", where="model.name_or_path")]
+    if ctx.config is not None or path.is_dir() or (path.suffix == ".gguf" and path.is_file()):
+        return []
+    from onecard.catalog.models import PRESETS
+
+    if name.count("/") == 1 and not name.startswith(("/", ".", "~")) and not name.endswith(".gguf"):
+        return [Finding("model-unchecked", "info", f"{name!r} is not local: read as a Hugging Face hub id",
+                        "lint cannot read its config offline (context length, module names, memory)",
+                        "download it and point model.name_or_path at the directory to have it checked",
+                        where="model.name_or_path")]
+    what = "GGUF file not found" if name.endswith(".gguf") else "no preset, model directory or .gguf file"
+    return [Finding("model-unknown", "error", f"model {name!r}: {what}",
+                    "nothing can be loaded, planned or checked for this model",
+                    f"point model.name_or_path at a local model directory or .gguf file, or use a preset: "
+                    f"{', '.join(PRESETS)} (onecard models)", where="model.name_or_path")]
+
+
+def gpu_unknown(ctx: LintContext) -> list[Finding]:
+    from onecard.catalog.gpus import get_gpu
+    from onecard.errors import UserError
+
+    try:
+        get_gpu(ctx.recipe.plan.gpu)
+    except UserError as exc:
+        return [Finding("gpu-unknown", "error", exc.what, "the memory and speed plans need the card's figures",
+                        exc.fix or "see onecard gpus", where="plan.gpu")]
+    return []
+
+
+def memory_not_checked(ctx: LintContext) -> list[Finding]:
+    if not ctx.on_cpu:
+        return []
+    return [Finding("memory-not-checked", "info", "training on the CPU: the GPU memory rules are not applied",
+                    "the planner models a CUDA card's memory; a CPU run is bounded by host RAM instead",
+                    f"onecard lint checks the plan against plan.gpu ({ctx.recipe.plan.gpu})")]
+
+
+def data_files(ctx: LintContext) -> list[Finding]:
+    """Every data file: exists, has a type onecard reads, every record parses into the format of the first;
+    with data_tokens, examples longer than data.seq_len by line."""
+    from onecard.data.records import SUPPORTED
+    from onecard.errors import UserError
+    from onecard.lint.data import data_files as named_files, scan_file
+
+    out = []
+    for name, path in named_files(ctx.recipe):
+        file = Path(path)
+        if not file.is_file():
+            what = "is a directory, not a file" if file.is_dir() else "does not exist"
+            out.append(Finding("data-missing", "error", f"{path!r} {what}", "training reads it first and stops",
+                               "check the path (relative paths start from the current directory)", where=name))
+            continue
+        if file.suffix.lower() not in SUPPORTED:
+            out.append(Finding("data-file-type", "error", f"onecard does not read {file.suffix or 'extension-less'} files"
+                               f" ({path})", "training cannot read its records",
+                               f"convert it to one of {', '.join(SUPPORTED)} (JSONL: one JSON object per line, e.g. "
+                               '{"messages": [...]} or {"text": "..."})', where=name))
+            continue
+        try:
+            report = scan_file(ctx.recipe, path, ctx.tokenizer if ctx.data_tokens else None)
+        except UserError as exc:
+            out.append(Finding("data-format", "error", exc.what, "training stops at this record",
+                               exc.fix or "see docs for the data formats", where=exc.where or name))
+            continue
+        ctx.data_reports[name] = report
+        if report.truncated:
+            more = f" (and {report.truncated - len(report.truncated_lines)} more)" \
+                if report.truncated > len(report.truncated_lines) else ""
+            out.append(Finding("data-truncated", "warning",
+                               f"{report.truncated} of {report.examples} examples are longer than data.seq_len "
+                               f"{ctx.recipe.data.seq_len} tokens (longest {report.max_tokens}): {path} "
+                               f"{report.unit}s {', '.join(map(str, report.truncated_lines))}{more}",
+                               "their ends are cut off: the answer's last tokens and end-of-turn are never trained",
+                               f"raise data.seq_len (p95 is {report.p95_tokens} tokens), or shorten those examples",
+                               where=name))
+    return out
+
+
+RULES = [model_unknown, gpu_unknown, data_files, memory_not_checked, does_not_fit, qlora_optimizer, grad_ckpt_off, offload_without_ckpt, fp8_base_gpu, fp16, lora_targets, flash_attn,
          lr_and_rank, qlora_grad_norm, seq_above_context, template_masking, template_mismatch, power_limit]

@@ -90,7 +90,7 @@ def lora_targets(target_modules) -> tuple[str, ...]:
     """The LoRA targets in :class:`ModelShape`'s names. ``auto`` is every family's table in catalog/families.py:
     all linear layers of the decoder block, which a ModelShape spells Llama's way (q/k/v/o, gate/up/down; Phi-3's
     fused qkv_proj and gate_up_proj are the same weights), so all seven."""
-    if target_modules == "auto" or target_modules is None:
+    if target_modules in ("auto", "all-linear") or target_modules is None:
         return ALL_TARGETS
     return tuple(str(t) for t in target_modules)
 

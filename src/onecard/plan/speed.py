@@ -267,8 +267,7 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
         estimate = min(ceiling, float(exact.tokens_per_s))
     if steps.get("host_serial_s", 0) > 0.1 * step:
         notes.append(f"host-link traffic ({gpu.host_link_gb_s:g} GB/s) is {steps['host_serial_s'] / step:.0%} of a step")
-    bound = "memory" if steps["weights_read_s"] > steps["matmul_s"] else "compute"
-    notes.append(f"{bound}-bound at micro-batch {inp.micro_batch} x {seq} tokens")
+    notes.append(_bound_note(steps, device_s, inp, seq))
     return Throughput(gpu.id, method, fl, ceiling, compute_ceiling, memory_ceiling, estimate, label, eff, source,
                       {**steps, "step_s": step}, notes)
 
@@ -287,6 +286,20 @@ def _fp8_speed(inp, fl, eff, steps, notes, compute_ceiling, memory_ceiling):
     notes.append(f"quant.base fp8: frozen GEMMs at {inp.gpu.fp8_dense_tflops:g} TFLOP/s (FP8 peak), the rest bf16: "
                  f"at most {bound:.2f}x bf16's matmul time (estimate; quantisation passes not modelled)")
     return compute_ceiling, min(compute_ceiling, memory_ceiling)
+
+
+def _bound_note(steps: dict, device_s: float, inp, seq: int) -> str:
+    """What sets the pace. Host-bound (small models, small micro-batches): the estimate is the host's dispatch
+    time, which every card shares, so say so instead of ranking cards by a figure their hardware does not set."""
+    at = f"micro-batch {inp.micro_batch} x {seq} tokens"
+    if steps["host_dispatch_s"] > device_s:
+        layers = inp.shape.num_hidden_layers
+        return (f"host-bound at {at}: launching {layers} layers' work takes {steps['host_dispatch_s']:.3f} s a "
+                f"micro-batch, the card's own work {device_s:.3f} s: every card runs at about this speed (the cheapest "
+                f"that fits is the one to rent), a larger micro-batch costs little time, and the host figure is "
+                f"carried over from larger models (onecard bench measures this one)")
+    bound = "memory" if steps["weights_read_s"] > steps["matmul_s"] else "compute"
+    return f"{bound}-bound at {at}"
 
 
 def _unlike_measured_rows(inp, ckpt: bool, span: int | None, seq: int) -> str:

@@ -210,7 +210,18 @@ def time_cost_section(recipe, inputs, memory_plan) -> tuple[str, dict, list]:
 def _h(hours: float | None) -> str:
     if hours is None:
         return "-"
+    if hours * 60 < 1:  # small jobs: seconds, not "0 min"
+        return f"{hours * 3600:.0f} s" if hours * 3600 >= 1 else "<1 s"
     return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:,.1f} h"
+
+
+def _host_bound(speed: dict) -> bool:
+    steps = speed["step_s"]
+    return speed["label"] != "measured" and steps.get("host_dispatch_s", 0.0) >= steps.get("step_s", float("inf"))
+
+
+def _tokens(n: float) -> str:
+    return f"{n / 1e6:,.1f}M" if n >= 1e5 else f"{n:,.0f}"
 
 
 def render_time_and_cost(result: dict) -> list:
@@ -226,7 +237,7 @@ def render_time_and_cost(result: dict) -> list:
         t.add_column(col, justify="right" if col == "tokens/s" else "left")
     t.add_row("physical ceiling", f"{sp['ceiling_tokens_per_s']:,.0f}", "physics (peak FLOP/s, bandwidth)")
     t.add_row(Text("estimate", style="bold"), Text(f"{sp['estimate_tokens_per_s']:,.0f}", style="bold"),
-              f"{sp['label']} (efficiency {sp['efficiency']:.0%})")
+              f"{sp['label']} (host-bound)" if _host_bound(sp) else f"{sp['label']} (efficiency {sp['efficiency']:.0%})")
     terms = sp["flops"]["terms"]
     t.add_section()
     for name, term in terms.items():
@@ -244,7 +255,7 @@ def render_time_and_cost(result: dict) -> list:
     if not tm["known"]:
         out.append(Text(tm["why"], style="yellow"))
     else:
-        out.append(Text(f"time ({tm['label']}): {tm['tokens_per_epoch'] / 1e6:,.1f}M tokens/epoch "
+        out.append(Text(f"time ({tm['label']}): {_tokens(tm['tokens_per_epoch'])} tokens/epoch "
                         f"({tm['examples']:,} examples x {tm['tokens_per_example']:,.0f} tokens), "
                         f"{_h(tm['hours_per_epoch'])}/epoch, {_h(tm['total_hours'])} for {tm['epochs']:g} epoch(s), "
                         f"{tm['total_steps']:,} optimizer steps -- {tm['target']}; not under "

@@ -41,7 +41,7 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     check_run_dir(run_dir, resume, overwrite)  # every rank: read-only, and every rank must stop alike
     if resume:
         check_resume_world(run_dir, dist.world)
-    lint_or_stop(recipe, main_console)
+    lint_or_stop(recipe, main_console, device=dist.device)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, dist.device)
     kernels = kernels_for_strategy(dist, model, recipe, main_console)  # before wrapping: patches the instance

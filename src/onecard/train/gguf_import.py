@@ -13,7 +13,6 @@ Cache root: ``$ONECARD_CACHE/gguf`` if ``ONECARD_CACHE`` is set, else ``~/.cache
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,15 +26,16 @@ CACHE_FORMAT = 2  # part of the cache key: bump when what _convert writes change
 
 
 def cache_root() -> Path:
-    base = os.environ.get("ONECARD_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "onecard") / "gguf"
+    from onecard.cache import cache_root as onecard_cache
+
+    return onecard_cache() / "gguf"
 
 
 def cache_dir_for(path: Path) -> Path:
     """``<stem>-<hash of resolved path, size, mtime, format>``: a replaced file (new size or mtime) gets a new entry."""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}"
-    return cache_root() / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    from onecard.cache import file_key
+
+    return cache_root() / f"{path.stem}-{file_key(path, CACHE_FORMAT)}"
 
 
 def materialize_gguf(path: str | Path) -> Path:

@@ -269,6 +269,8 @@ def target_modules(model, recipe: Recipe) -> list[str]:
                             f"{', '.join(found)}", where="adapter.target_modules",
                             fix="list the ones to adapt, e.g. --set 'adapter.target_modules=[...]'")
         return list(family.lora_targets)
+    if wanted == "all-linear":  # peft's idiom, resolved here so the run records the names it adapted
+        return found
     missing = [name for name in wanted if name not in found]
     if missing:
         raise UserError(f"the model has no linear module named {', '.join(missing)}; it has: {', '.join(found)}",

@@ -36,10 +36,10 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
 
     run_dir = recipe.run_dir
     check_run_dir(run_dir, resume, overwrite)
-    lint_or_stop(recipe, console)
+    device = resolve_device(None)
+    lint_or_stop(recipe, console, device=device)
     check_preference_recipe(recipe)
     _say_no_kernels(recipe, console)
-    device = resolve_device(None)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, device)
     reference = setup_reference(model, recipe)  # the starting model: before any step or restored checkpoint

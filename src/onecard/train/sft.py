@@ -26,8 +26,8 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
     check_run_dir(run_dir, resume, overwrite)
     if resume:
         check_resume_world(run_dir, 1)  # a checkpoint written by N processes resumes on N
-    lint_or_stop(recipe, console)
     device = resolve_device(None)
+    lint_or_stop(recipe, console, device=device)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, device)
     kernels = apply_recipe_kernels(model, recipe, device, console)

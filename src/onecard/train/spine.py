@@ -31,26 +31,55 @@ CRASH_ENV = "ONECARD_TEST_CRASH_AT_STEP"  # test hook: os._exit right after the 
 # --------------------------------------------------------------------------- setup, in order
 
 
-def lint_or_stop(recipe: Recipe, console=None) -> None:
+def lint_or_stop(recipe: Recipe, console=None, device: str | None = None) -> None:
     """Stop on pre-flight errors from ``onecard.lint`` (the first one, with a count of the rest).
 
-    A crash *inside* lint (a bug there, not the user's) is reported and training goes on: lint is advice.
+    ``device`` is the one training runs on: a CPU run is not held to a GPU's memory, a CUDA run to the card in
+    the machine (its catalog row) rather than ``plan.gpu``. Rules named in ``lint.ignore`` (``onecard train
+    --ignore-lint ID``) are printed and do not stop the run. A crash *inside* lint (a bug there, not the user's)
+    is reported and training goes on: lint is advice.
     """
     from onecard.lint import lint_recipe
 
     try:
-        findings = lint_recipe(recipe)
+        findings = lint_recipe(recipe, device=lint_device(device))
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - see docstring
         if console is not None:
             console.print(f"[yellow]lint skipped: it failed with {type(exc).__name__}: {exc}[/yellow]")
         return
-    errors = [f for f in findings if f.severity == "error"]
+    ignored = set(recipe.lint.ignore)
+    if console is not None:
+        from rich.text import Text
+
+        for f in findings:
+            if f.severity == "info":
+                console.print(Text(f"lint [{f.id}]: {f.message}", style="dim"))
+            elif f.severity == "error" and f.id in ignored:
+                console.print(Text(f"lint error ignored (lint.ignore): [{f.id}] {f.message}", style="yellow"))
+    errors = [f for f in findings if f.severity == "error" and f.id not in ignored]
     if errors:
         first = errors[0]
         more = f" (and {len(errors) - 1} more lint error(s); run onecard lint)" if len(errors) > 1 else ""
-        raise UserError(f"lint {first.id}: {first.message}{more}", fix=first.fix)
+        raise UserError(f"lint {first.id}: {first.message}{more}", where=first.where,
+                        fix=f"{first.fix}; or, to train anyway: onecard train ... --ignore-lint {first.id}")
+
+
+def lint_device(device: str | None) -> str | None:
+    """What lint checks a run on ``device`` against: "cpu", the catalog id of this CUDA card, or None (plan.gpu:
+    a card the catalog does not list)."""
+    if device is None:
+        return None
+    if not device.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    from onecard.catalog.gpus import match_device_name
+
+    index = torch.device(device).index
+    gpu = match_device_name(torch.cuda.get_device_name(index or 0))
+    return gpu.id if gpu else None
 
 
 def seed_everything(seed: int) -> None:
