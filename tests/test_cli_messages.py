@@ -19,7 +19,7 @@ DEMO_DATA = Path(__file__).resolve().parents[1] / "src" / "onecard" / "assets" /
 
 
 def test_cpu_run_not_stopped_by_a_gpu_memory_rule():
-    from onecard.train.loop import lint_or_stop
+    from onecard.train.spine import lint_or_stop
 
     big = load_recipe(None, ["model.name_or_path=llama-3-8b", "training.micro_batch_size=8", "training.kernels=none"])
     with pytest.raises(UserError) as err:

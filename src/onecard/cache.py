@@ -18,6 +18,16 @@ def cache_root() -> Path:
     return Path(base) if base else Path.home() / ".cache" / "onecard"
 
 
+GGUF_MARKER = "onecard-gguf.json"  # written last, inside the temp dir: its presence means the copy is complete
+GGUF_FORMAT = 2  # part of the key of a dequantised GGUF copy: bump when what train/gguf_import.py writes changes
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    """The dequantised copy of a .gguf file: ``gguf/<stem>-<hash of resolved path, size, mtime, format>``, so a
+    replaced file (new size or mtime) gets a new entry."""
+    return cache_root() / "gguf" / f"{path.stem}-{file_key(path, GGUF_FORMAT)}"
+
+
 def file_key(path: Path, *extra) -> str:
     """A short hash of ``path``'s resolved name, size and mtime, plus ``extra`` (a format version, settings)."""
     stat = path.stat()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from onecard.catalog.families import FAMILIES, family_for, is_llama3
+from onecard.lint.data import load_local_tokenizer
 from onecard.lint.findings import FLASH_ATTN_MIN, Finding
 
 
@@ -66,26 +67,6 @@ def _load_config(recipe) -> dict | None:
         return None
     return {"model_type": preset.model_type, "vocab_size": preset.vocab_size,
             "max_position_embeddings": preset.max_position_embeddings}
-
-
-def load_local_tokenizer(recipe):
-    """The model's tokenizer when it is local: a model directory's, or a .gguf file's (from its dequantised copy
-    when onecard made one, else read from the file by transformers)."""
-    path = Path(recipe.model.name_or_path).expanduser()
-    kwargs = {}
-    if path.suffix == ".gguf" and path.is_file():
-        from onecard.train.gguf_import import MARKER, cache_dir_for  # pure Python: paths only
-
-        done = cache_dir_for(path)
-        path, kwargs = (done, {}) if (done / MARKER).is_file() else (path.parent, {"gguf_file": path.name})
-    elif not (path / "tokenizer_config.json").is_file():
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path), **kwargs)
-    except Exception:  # an unloadable tokenizer is reported by the data loader, not here
-        return None
 
 
 def lint_recipe(recipe, *, tokenizer=None, model_config: dict | None = None,

@@ -209,7 +209,6 @@ def measured_data(recipe) -> tuple[DataStatsReport | None, str]:
     report = cached_stats(recipe, path)
     if report is not None:
         return report, f"data: {path}: measured by onecard lint (cached)"
-    from onecard.lint import load_local_tokenizer
 
     tokenizer = load_local_tokenizer(recipe) if recipe.task in ("sft", "pretrain") else None
     try:
@@ -219,3 +218,23 @@ def measured_data(recipe) -> tuple[DataStatsReport | None, str]:
     store_stats(recipe, report)
     return report, f"data: {path}: measured now with the model's tokenizer (cached)" if tokenizer is not None \
         else f"data: {path}: records counted; {report.note}"
+
+
+def load_local_tokenizer(recipe):
+    """The model's tokenizer when it is local: a model directory's, or a .gguf file's (from its dequantised copy
+    when onecard made one, else read from the file by transformers)."""
+    path = Path(recipe.model.name_or_path).expanduser()
+    kwargs = {}
+    if path.suffix == ".gguf" and path.is_file():
+        from onecard.cache import GGUF_MARKER, gguf_cache_dir
+
+        done = gguf_cache_dir(path)
+        path, kwargs = (done, {}) if (done / GGUF_MARKER).is_file() else (path.parent, {"gguf_file": path.name})
+    elif not (path / "tokenizer_config.json").is_file():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except Exception:  # an unloadable tokenizer is reported by the data loader, not here
+        return None

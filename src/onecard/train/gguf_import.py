@@ -21,21 +21,8 @@ from pathlib import Path
 
 from onecard.errors import UserError
 
-MARKER = "onecard-gguf.json"  # written last, inside the temp dir: its presence means the cache entry is complete
-CACHE_FORMAT = 2  # part of the cache key: bump when what _convert writes changes
-
-
-def cache_root() -> Path:
-    from onecard.cache import cache_root as onecard_cache
-
-    return onecard_cache() / "gguf"
-
-
-def cache_dir_for(path: Path) -> Path:
-    """``<stem>-<hash of resolved path, size, mtime, format>``: a replaced file (new size or mtime) gets a new entry."""
-    from onecard.cache import file_key
-
-    return cache_root() / f"{path.stem}-{file_key(path, CACHE_FORMAT)}"
+# Where a dequantised copy lives is the cache's business (lint reads it too, without importing train/).
+from onecard.cache import GGUF_MARKER as MARKER, gguf_cache_dir as cache_dir_for  # noqa: E402
 
 
 def materialize_gguf(path: str | Path) -> Path:
