@@ -79,7 +79,9 @@ def build_base(cfg: BenchConfig, device: str):
             from onecard.errors import UserError
 
             raise UserError("qlora (bitsandbytes NF4) benchmarks of presets need a CUDA GPU", where="--method")
-        return build_nf4_layerwise(config, device)
+        return build_nf4_layerwise(config, device, park_from=_park_from(cfg))
+    if cfg.offload_weights:  # never the whole bf16 model on the (capped) GPU: each layer parked as it is made
+        return build_nf4_layerwise(config, device, park_from=_park_from(cfg), quantize=False)
     # no_init_weights: skip transformers' per-module init (we overwrite every tensor with fill_random_ anyway).
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -89,10 +91,17 @@ def build_base(cfg: BenchConfig, device: str):
     return model
 
 
-def build_nf4_layerwise(config, device: str, quant_storage=None):
+def _park_from(cfg: BenchConfig) -> int | None:
+    """The first decoder layer whose weights a streaming build parks in host memory (None: no streaming)."""
+    return cfg.resident_layers if cfg.offload_weights else None
+
+
+def build_nf4_layerwise(config, device: str, quant_storage=None, park_from: int | None = None, quantize: bool = True):
     """A random NF4 model built one decoder layer at a time (never the whole bf16 model on the device).
 
     ``quant_storage``: bitsandbytes' storage dtype of the packed weights (bf16 makes them FSDP-shardable).
+    ``park_from``: layers from this index on go to pinned host memory as soon as they are made (weight streaming,
+    onecard.patch.stream_weights), so the GPU never holds more than one of them. ``quantize=False``: bf16 layers.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -109,10 +118,15 @@ def build_nf4_layerwise(config, device: str, quant_storage=None):
         else:
             child.to_empty(device=device)
             fill_random_(child)
-    for layer in decoder.layers:
+    for index, layer in enumerate(decoder.layers):
         layer.to_empty(device=device)
         fill_random_(layer)
-        quantize_linears_(layer, device, quant_storage=quant_storage)
+        if quantize:
+            quantize_linears_(layer, device, quant_storage=quant_storage)
+        if park_from is not None and index >= park_from:
+            from onecard.patch.stream_weights import pack_to_host
+
+            pack_to_host(layer, pin=device.startswith("cuda"), before_adapters=True)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if config.tie_word_embeddings:
@@ -123,7 +137,7 @@ def build_nf4_layerwise(config, device: str, quant_storage=None):
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"NF4 build left tensors on meta: {left[:5]}")
-    model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit (peft/tuners/lora/model.py)
+    model.is_loaded_in_4bit = quantize  # what peft reads to wrap Linear4bit (peft/tuners/lora/model.py)
     return model
 
 
@@ -191,6 +205,10 @@ def build_model(cfg: BenchConfig, device: str, plain: bool = False):
             training = recipe.training.model_copy(update={"offload_activations": False})
             recipe = recipe.model_copy(update={"training": training})
         enable_grad_ckpt(model, recipe)  # the trainer's function: offloads checkpoints when the recipe says so
+    if cfg.offload_weights and not plain:
+        from onecard.patch.stream_weights import apply_weight_streaming
+
+        model.onecard_weight_stream = apply_weight_streaming(model, device, resident=cfg.resident_layers)
     model.train()
     return model, int(model.config.vocab_size)
 

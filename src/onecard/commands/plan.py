@@ -60,6 +60,7 @@ def load_plan_recipe(recipe_path: Path | None, overrides: list[str]):
 def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
+    from onecard.plan.streaming import streaming_section
     from onecard.plan.suggest import also_worth_it, suggest_fixes
 
     inputs = inputs_from_recipe(recipe, gpu=gpu)
@@ -69,12 +70,32 @@ def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
     payload = {"memory": plan.to_dict(), "suggestions": [s.to_dict() for s in fixes],
                "also_worth_it": [s.to_dict() for s in extras]}
     renderables = memory_renderables(plan, fixes)
+    stream = streaming_section(plan)
+    if stream is not None:
+        payload["streaming"] = stream
+        renderables.append(streaming_text(stream))
     renderables += [_also_text(s) for s in extras]
     for section in SECTIONS:
         key, part, extra = section(recipe, inputs, plan)
         payload[key] = part
         renderables.extend(extra)
     return payload, renderables
+
+
+def streaming_text(s: dict):
+    from rich.text import Text
+
+    from onecard.plan.memory import GIB
+
+    style = "bold green" if s["verdict"] == "fits with streaming" else "bold red"
+    line = Text(f"with streamed base weights (training.offload_weights): {s['verdict']}", style=style)
+    ram = "assumed, set plan.host_ram_gib" if s["host_ram_assumed"] else "plan.host_ram_gib"
+    line.append(f"  ({s['device_bytes'] / GIB:.1f} GiB on the card: {s['resident_layers']} resident layers + "
+                f"{s['slots']} slots; pinned host {s['host_total_bytes'] / GIB:.1f} GiB = weights "
+                f"{s['host_weight_bytes'] / GIB:.1f} + checkpoints {s['host_activations_bytes'] / GIB:.1f}, of "
+                f"{s['host_ram_bytes'] / GIB:.0f} GiB host RAM ({ram}); ~{s['tokens_per_s']:,.0f} tokens/s with "
+                f"the copies vs {s['tokens_per_s_without_copies']:,.0f} without, estimated)", style="")
+    return line if not s["notes"] else Text.assemble(line, "\n", Text("note: " + s["notes"][0], style="yellow"))
 
 
 def _also_text(suggestion):
