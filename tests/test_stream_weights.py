@@ -38,6 +38,16 @@ def _step(model, batches):
     return losses, grads(model)
 
 
+def _aligned(model):
+    """Frozen weights in fresh 64-byte-aligned storage, as the streamed copies are. The loader's tensors sit at the
+    safetensors file's offsets (e.g. 40 mod 64), and CPU matmuls on such storage round differently at 1 ulp: with
+    DoRA's W A^T that is 6e-8 in a gradient between the loaded and the cloned model, without any streaming."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.clone()
+    return model
+
+
 def _halves(batch):
     return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(min(2, batch["input_ids"].shape[0]))]
 
@@ -50,6 +60,7 @@ def test_streaming_gives_the_same_loss_and_gradients(tmp_path, four_layer_dir, m
 
     ref_model, batch = _model_and_batch(tmp_path, four_layer_dir, offload=offload, kernels=kernels, method=method)
     model, _ = _model_and_batch(tmp_path, four_layer_dir, offload=offload, kernels=kernels, method=method)
+    _aligned(ref_model), _aligned(model)
     batches = _halves(batch)
     loss_ref, g_ref = _step(ref_model, batches)
     n_layers = len(decoder_layers(model))
@@ -144,3 +155,28 @@ def test_streaming_on_cuda_same_numbers_no_allocation_per_step(tmp_path, four_la
     assert torch.cuda.memory_reserved() == reserved  # the second step reserved nothing new
     assert loss_on == loss_ref and max_diff(g_ref, g_on) <= noise
     assert ws.stats.copies > len(ws.slots)
+
+
+def test_recipe_switch_is_a_noop_on_cpu_that_says_so(tmp_path, four_layer_dir):
+    from test_train_accum import recipe_for
+
+    from onecard.train.stream_setup import decide
+
+    on = decide(recipe_for(tmp_path, four_layer_dir, grad_ckpt=True, offload_weights=True), "cpu")
+    assert not on.stream and "no-op on the CPU" in on.message
+    auto = decide(recipe_for(tmp_path, four_layer_dir, grad_ckpt=True), "cpu")
+    assert not auto.stream and auto.message == ""
+    off = decide(recipe_for(tmp_path, four_layer_dir, grad_ckpt=True, offload_weights=False), "cpu")
+    assert not off.stream
+
+
+def test_host_ram_short_is_refused_before_loading():
+    import types
+
+    from onecard.errors import UserError
+    from onecard.plan.streaming import host_ram_check
+    from onecard.train.stream_setup import _check_host_ram
+
+    _check_host_ram(types.SimpleNamespace(host_total_bytes=1 << 20), host_ram_check)  # 1 MiB: fine
+    with pytest.raises(UserError, match="pinned host memory"):
+        _check_host_ram(types.SimpleNamespace(host_total_bytes=1 << 50), host_ram_check)  # 1 PiB

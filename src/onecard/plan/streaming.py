@@ -102,6 +102,15 @@ def plan_streaming(mem: MemoryPlan, host_ram_gib: float | None = None, slots: in
                       slots, per_layer, device_with(resident), host_w, host_total, ram, short, copy_s, notes)
 
 
+def fits_with_streaming(mem: MemoryPlan) -> bool:
+    """The run fits the card once its base weights stream, within the (assumed or given) host RAM."""
+    p = mem.inputs
+    if mem.fits or p.method not in ("lora", "qlora", "dora") or not p.grad_ckpt or p.num_gpus > 1:
+        return mem.fits
+    sp = plan_streaming(mem, host_ram_gib=p.host_ram_gib)
+    return sp.verdict == "fits with streaming" and not sp.host_short
+
+
 def streamed_tokens_per_s(tokens_per_s: float, p: PlanInputs, sp: StreamPlan) -> float:
     """The step's tokens/s once the streamed layers' copies are added where they do not hide (module docstring)."""
     tokens = p.seq_len * p.micro_batch
