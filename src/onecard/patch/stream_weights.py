@@ -135,6 +135,8 @@ class WeightStream:
     host_bytes: int = 0
     stats: StreamStats = field(default_factory=StreamStats)
     _hooks: list = field(default_factory=list, repr=False)
+    _host_flat: dict = field(default_factory=dict, repr=False)   # layer index -> its pinned host buffer
+    _slot_views: dict = field(default_factory=dict, repr=False)  # id(slot) -> the layer layout's views into it
     _copy_stream: object = None
     _end_queued: bool = False
 
@@ -178,7 +180,7 @@ class WeightStream:
             return
         if slot.held:
             raise RuntimeError(f"weight streaming: layer {i} needs slot {(i - self.resident) % len(self.slots)}, "
-                               f"still in use by layer {slot.layer}; raise training.offload_weights slots")
+                               f"still in use by layer {slot.layer}: more slots needed (apply_weight_streaming slots=)")
         if slot.layer == i:
             self.stats.hits += 1
         else:
@@ -251,7 +253,10 @@ class WeightStream:
             x = args[0] if args else None
             if (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
                     and not in_backward() and i >= self.resident):
-                x.register_hook(lambda grad: (self.release(i), grad)[1])
+                x.register_hook(release_when_done)
+
+        def release_when_done(grad):  # the gradient of the layer's input is complete: its backward is over
+            self.release(i)
         return pre_hook
 
     def _after_mlp(self, i: int):
@@ -329,7 +334,6 @@ def apply_weight_streaming(model, device, resident: int = 0, slots: int = 3, pre
     resident = max(0, min(int(resident), len(layers)))
     ws = WeightStream(device=device, layers=layers, resident=resident, prefetch=prefetch)
     pin = (device.type == "cuda") if pin is None else pin
-    ws._host_flat, ws._slot_views = {}, {}
     layout = None
     for i in ws.streamed:
         refs, flat, this = pack_to_host(layers[i], pin)
