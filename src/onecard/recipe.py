@@ -103,6 +103,9 @@ class TrainingSection(_Strict):
     optimizer: Optimizer = "adamw_torch_fused"
     grad_ckpt: bool = True
     offload_activations: bool = False
+    offload_weights: Literal["auto"] | bool = Field(
+        "auto", description="Stream the frozen base weights of the decoder layers from pinned host memory "
+        "(patch/stream_weights.py). auto = only when the plan does not fit the GPU otherwise; a no-op on CPU.")
     kernels: Kernels = Field("auto", description="auto = onecard's fused kernels on CUDA, none on CPU.")
     fused_ce: Literal["auto"] | bool = Field("auto", description="Chunked cross-entropy fused with the LM head.")
     seed: int = 42
@@ -133,6 +136,8 @@ class PlanSection(_Strict):
 
     gpu: str = Field("rtx4090", description="Catalog id of the card to plan for (onecard gpus).")
     deadline_hours: float | None = Field(None, gt=0)
+    host_ram_gib: float | None = Field(None, gt=0, description="Host RAM of the machine planned for (pinned "
+                                       "weights and checkpoints); default 64 GiB, a typical RTX 4090 box.")
 
 
 class LintSection(_Strict):

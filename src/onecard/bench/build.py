@@ -80,9 +80,11 @@ def build_base(cfg: BenchConfig, device: str):
             from onecard.errors import UserError
 
             raise UserError("qlora (bitsandbytes NF4) benchmarks of presets need a CUDA GPU", where="--method")
-        return build_nf4_layerwise(config, device)
+        return build_nf4_layerwise(config, device, park_from=_park_from(cfg))
     if cfg.quant_base == "fp8":
-        return build_layerwise(config, device, fp8_layer_)
+        return build_layerwise(config, device, fp8_layer_, park_from=_park_from(cfg))
+    if cfg.offload_weights:  # never the whole bf16 model on the (capped) GPU: each layer parked as it is made
+        return build_layerwise(config, device, lambda layer: None, park_from=_park_from(cfg))
     # no_init_weights: skip transformers' per-module init (we overwrite every tensor with fill_random_ anyway).
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -92,12 +94,19 @@ def build_base(cfg: BenchConfig, device: str):
     return model
 
 
-def build_nf4_layerwise(config, device: str, quant_storage=None):
+def _park_from(cfg: BenchConfig) -> int | None:
+    """The first decoder layer whose weights a streaming build parks in host memory (None: no streaming)."""
+    return cfg.resident_layers if cfg.offload_weights else None
+
+
+def build_nf4_layerwise(config, device: str, quant_storage=None, park_from: int | None = None):
     """A random NF4 model built one decoder layer at a time (never the whole bf16 model on the device).
 
     ``quant_storage``: bitsandbytes' storage dtype of the packed weights (bf16 makes them FSDP-shardable).
+    ``park_from``: see :func:`build_layerwise`.
     """
-    model = build_layerwise(config, device, lambda layer: quantize_linears_(layer, device, quant_storage=quant_storage))
+    model = build_layerwise(config, device, lambda layer: quantize_linears_(layer, device, quant_storage=quant_storage),
+                            park_from=park_from)
     model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit (peft/tuners/lora/model.py)
     return model
 
@@ -110,9 +119,11 @@ def fp8_layer_(layer) -> None:
     fp8_linears_(layer, in_layers_only=False)
 
 
-def build_layerwise(config, device: str, convert_layer):
+def build_layerwise(config, device: str, convert_layer, park_from: int | None = None):
     """A random model built one decoder layer at a time: each layer made in bf16, filled, then ``convert_layer``-ed
-    (quantised), so at most one bf16 layer exists on the device."""
+    (quantised), so at most one bf16 layer exists on the device. ``park_from``: layers from this index on go to
+    pinned host memory as soon as they are made (weight streaming, onecard.patch.stream_weights), so the GPU never
+    holds more than one of them."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -128,10 +139,14 @@ def build_layerwise(config, device: str, convert_layer):
         else:
             child.to_empty(device=device)
             fill_random_(child)
-    for layer in decoder.layers:
+    for index, layer in enumerate(decoder.layers):
         layer.to_empty(device=device)
         fill_random_(layer)
         convert_layer(layer)
+        if park_from is not None and index >= park_from:
+            from onecard.patch.stream_weights import pack_to_host
+
+            pack_to_host(layer, pin=device.startswith("cuda"), before_adapters=True)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if config.tie_word_embeddings:
@@ -217,6 +232,10 @@ def build_model(cfg: BenchConfig, device: str, plain: bool = False):
             training = recipe.training.model_copy(update={"offload_activations": False})
             recipe = recipe.model_copy(update={"training": training})
         enable_grad_ckpt(model, recipe)  # the trainer's function: offloads checkpoints when the recipe says so
+    if cfg.offload_weights and not plain:
+        from onecard.patch.stream_weights import apply_weight_streaming
+
+        model.onecard_weight_stream = apply_weight_streaming(model, device, resident=cfg.resident_layers)
     model.train()
     return model, int(model.config.vocab_size)
 

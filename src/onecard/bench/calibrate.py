@@ -108,6 +108,8 @@ def measurement_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue  # validate rows: 1-2 timed steps, a smoke test rather than a measurement
         if rec.get("offload_activations"):
             continue  # offloaded checkpoints: compared with the plan in notes/bench.md, not speed-calibration rows
+        if rec.get("offload_weights") or rec.get("group") == "stream":
+            continue  # streamed weights and their pairs: checked against plan/streaming.py, not calibration rows
         runs = [(rec.get("kernels_applied") or "none", "", False)]
         if rec.get("baseline"):
             runs.append(("none", "baseline_", True))

@@ -28,6 +28,8 @@ class BenchConfig:
     kernels: str = "none"
     offload_activations: bool = False  # checkpoints in pinned host memory (patch/offload.py); needs grad_ckpt
     quant_base: str = "none"        # "fp8": e4m3 frozen base (recipe quant.base; patch/fp8.py), lora/dora only
+    offload_weights: bool = False   # frozen base weights streamed from pinned host memory (patch/stream_weights.py)
+    resident_layers: int = 0        # with offload_weights: the first N decoder layers stay on the GPU
     steps: int = 4                  # timed optimizer steps
     warmup: int = 2                 # untimed steps first (allocator, autotuning, optimizer state)
     baseline: bool = False          # also run plain transformers + peft, same process
@@ -51,6 +53,9 @@ class BenchConfig:
                             fix="use --method lora, or drop --quant-base")
         if self.warmup < 0:
             raise UserError("warmup must be >= 0", where="--warmup")
+        if self.offload_weights and not self.grad_ckpt:
+            raise UserError("--offload-weights streams each layer's weights per use: it needs checkpointing",
+                            where="--offload-weights", fix="drop --no-grad-ckpt, or drop --offload-weights")
         if self.offload_activations and not self.grad_ckpt:
             raise UserError("--offload-activations offloads the checkpointed layers' inputs: it needs checkpointing",
                             where="--offload-activations", fix="drop --no-grad-ckpt, or drop --offload-activations")
@@ -75,8 +80,9 @@ class BenchConfig:
     def label(self) -> str:
         ck = ("ckpt+offload" if self.offload_activations else "ckpt") if self.grad_ckpt else "no-ckpt"
         base = " fp8-base" if self.quant_base == "fp8" else ""
+        stream = f" stream-weights(res{self.resident_layers})" if self.offload_weights else ""
         return self.name or (f"{self.model} {self.method}{base} r{self.rank} seq{self.seq} b{self.micro_batch} {ck} "
-                             f"{self.kernels}")
+                             f"{self.kernels}{stream}")
 
     def command(self) -> str:
         """The single-configuration command line that reproduces this row."""
@@ -88,6 +94,8 @@ class BenchConfig:
             parts.append("--offload-activations")
         if self.quant_base != "none":
             parts.append(f"--quant-base {self.quant_base}")
+        if self.offload_weights:
+            parts.append(f"--offload-weights --resident-layers {self.resident_layers}")
         if self.baseline:
             parts.append("--baseline")
         if self.memory_cap_gib:
@@ -104,7 +112,8 @@ class BenchConfig:
             "quant": {"base": self.quant_base},
             "data": {"seq_len": self.seq},
             "training": {"micro_batch_size": self.micro_batch, "grad_accum": 1, "grad_ckpt": self.grad_ckpt,
-                         "offload_activations": self.offload_activations, "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused"},
+                         "offload_activations": self.offload_activations,
+                         "offload_weights": self.offload_weights, "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused"},
             "plan": {"gpu": self.gpu},
         }
 

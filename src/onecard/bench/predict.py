@@ -40,6 +40,14 @@ def peak_memory(cfg) -> dict[str, Any]:
         plan = plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=cfg.gpu))
     except Exception as exc:  # a planner bug must not lose a measurement
         return {"predicted_peak_gib": None, "predicted_note": f"memory planner failed: {type(exc).__name__}: {exc}"}
+    if cfg.offload_weights:  # streamed layers off the card, slots on it (plan/streaming.py)
+        from onecard.plan.streaming import plan_streaming
+
+        sp = plan_streaming(plan, resident=cfg.resident_layers)
+        saved = plan.total_bytes - sp.device_bytes
+        return {"predicted_peak_gib": (plan.allocator_bytes - saved) / GIB,
+                "predicted_required_gib": (plan.required_bytes - saved) / GIB, "predicted_peak_phase": plan.peak_phase,
+                "predicted_stream_host_gib": sp.host_weight_bytes / GIB}
     return {"predicted_peak_gib": plan.allocator_bytes / GIB, "predicted_required_gib": plan.required_bytes / GIB,
             "predicted_peak_phase": plan.peak_phase}
 
@@ -49,11 +57,19 @@ def speed(cfg) -> dict[str, Any]:
     if cfg.model == "tiny":
         return {"predicted_tokens_per_s": None}
     try:
-        est = estimate_throughput(inputs_from_recipe(cfg.to_recipe(), gpu=cfg.gpu))
+        inputs = inputs_from_recipe(cfg.to_recipe(), gpu=cfg.gpu)
+        est = estimate_throughput(inputs)
+        tokens_per_s, label = est.estimate_tokens_per_s, est.label
+        if cfg.offload_weights:  # copies that do not hide behind compute (plan/streaming.py)
+            from onecard.plan.memory import plan_memory
+            from onecard.plan.streaming import plan_streaming, streamed_tokens_per_s
+
+            sp = plan_streaming(plan_memory(inputs), resident=cfg.resident_layers)
+            tokens_per_s, label = streamed_tokens_per_s(tokens_per_s, inputs, sp), f"{label} + streaming (estimated)"
     except Exception as exc:  # noqa: BLE001 -- a planner bug must not lose a measurement
         return {"predicted_tokens_per_s": None,
                 "predicted_speed_note": f"speed planner failed: {type(exc).__name__}: {exc}"}
-    return {"predicted_tokens_per_s": est.estimate_tokens_per_s, "predicted_tokens_per_s_label": est.label}
+    return {"predicted_tokens_per_s": tokens_per_s, "predicted_tokens_per_s_label": label}
 
 
 def predict(cfg) -> dict[str, Any]:

@@ -95,6 +95,11 @@ def measure(cfg: BenchConfig, device: str, *, baseline: bool) -> dict[str, Any]:
     held = offload.stats()  # what really went to host memory (0 unless the checkpoints were offloaded)
     result.update(offloaded_gib_per_step=held["bytes"] / GIB / max(1, cfg.steps + cfg.warmup),
                   offloaded_tensors_pinned=held["pinned"], offloaded_tensors=held["tensors"])
+    stream = getattr(model, "onecard_weight_stream", None)  # set by build_model when the weights stream
+    if stream is not None:
+        result.update(streamed_layers=len(stream.streamed), stream_slots=len(stream.slots),
+                      stream_host_gib=stream.host_bytes / GIB, stream_copies=stream.stats.copies,
+                      stream_on_demand=stream.stats.on_demand, stream_hits=stream.stats.hits)
     result.update(kernels_info, build_s=build_s, model_state_gib=weights_gib, frozen_linear_gib=frozen_linear_gib,
                   loss_path=loss_path,
                   kbit_upcast=kbit_upcast, trainable_dtype=adapter_dtype)

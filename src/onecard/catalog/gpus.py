@@ -12,7 +12,10 @@ Conventions (so rows are comparable):
   half the "FP8 with FP16 accumulate" headline (Ada whitepaper v2.02: RTX 4090 660.6 vs 330.3 dense); the data-centre
   Ada cards (L4, L40S) and Hopper run it at the full rate.
 - ``host_link_gb_s``: practical one-direction host<->device copy bandwidth for pinned memory (PCIe 4.0 x16 ~25 GB/s,
-  PCIe 5.0 x16 ~50 GB/s measured by bandwidthTest-style copies; theoretical 32 / 64 GB/s), used for offload estimates.
+  PCIe 5.0 x16 ~50 GB/s measured by bandwidthTest-style copies; theoretical 32 / 64 GB/s), used for offload and
+  weight-streaming estimates (plan/streaming.py). Pinned copies measured 55 GB/s each way on the H200 bench
+  machine (a bandwidth probe beside the bench runs); the H200 row keeps the conservative 50. ``pcie_gen`` / ``pcie_lanes``: the link as each row's
+  source states it (RTX 4090/3090, L4, L40S, A100: PCIe 4.0 x16; RTX 5090, H100, H200: PCIe 5.0 x16).
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ class GPU:
     bf16: bool = True            # bf16 tensor cores (all cards here: Ampere and later)
     tdp_w: float = 0.0           # default board power limit, W (lint compares NVML's limit to it)
     fp8_dense_tflops: float | None = None  # dense e4m3 tensor-core TFLOP/s, fp32 accumulate; None: no FP8
+    pcie_gen: int = 4            # host link generation (each row's source names it)
+    pcie_lanes: int = 16
+
+    @property
+    def pcie_theoretical_gb_s(self) -> float:
+        """One-direction PCIe bandwidth from the spec: 16 GT/s per lane for 4.0, 32 for 5.0, 128b/130b encoding
+        (PCI-SIG PCI Express Base Specification 4.0 / 5.0): 31.5 / 63.0 GB/s at x16. ``host_link_gb_s`` is the
+        practical figure the planner uses (pinned copies reach ~80% of it)."""
+        gt_s = {3: 8.0, 4: 16.0, 5: 32.0}[self.pcie_gen]
+        return gt_s * self.pcie_lanes * 128 / 130 / 8
 
     @property
     def memory_bytes(self) -> int:
@@ -56,7 +69,7 @@ GPUS: dict[str, GPU] = {
         # Same appendix: "Peak FP8 Tensor TFLOPS with FP32 Accumulate 419/838" (dense/sparse).
         GPU("rtx5090", "NVIDIA GeForce RTX 5090", 32607 / 1024, 1792.0, 209.5, 50.0,
             "NVIDIA RTX Blackwell GPU Architecture whitepaper, Appendix A", arch="blackwell", tdp_w=575,
-            fp8_dense_tflops=419.0),
+            fp8_dense_tflops=419.0, pcie_gen=5),
         # NVIDIA Ampere GA102 GPU Architecture whitepaper, Table 9, GeForce RTX 3090: 24 GB GDDR6X, 936 GB/s,
         # "Peak FP16 Tensor TFLOPS with FP32 Accumulate 71/142" (bf16 same rate), 350 W. nvidia-smi: 24576 MiB.
         GPU("rtx3090", "NVIDIA GeForce RTX 3090", 24576 / 1024, 936.0, 71.0, 25.0,
@@ -82,15 +95,15 @@ GPUS: dict[str, GPU] = {
         # sparsity* -> 989.4 dense; up to 700 W. nvidia-smi reports 81559 MiB. PCIe 5.0 x16 to the host.
         # FP8 Tensor Core 3,958 TFLOPS with sparsity -> 1979 dense.
         GPU("h100-sxm", "NVIDIA H100 80GB HBM3", 81559 / 1024, 3350.0, 989.4, 50.0,
-            "NVIDIA H100 Tensor Core GPU datasheet", arch="hopper", tdp_w=700, fp8_dense_tflops=1979.0),
+            "NVIDIA H100 Tensor Core GPU datasheet", arch="hopper", tdp_w=700, fp8_dense_tflops=1979.0, pcie_gen=5),
         # NVIDIA H100 datasheet (PCIe): 80 GB HBM2e, 2.0 TB/s, BF16 1513 TFLOPS sparse -> 756.5 dense, 350 W.
         # FP8 3,026 TFLOPS sparse -> 1513 dense.
         GPU("h100-pcie", "NVIDIA H100 PCIe", 81559 / 1024, 2000.0, 756.5, 50.0,
-            "NVIDIA H100 Tensor Core GPU datasheet", arch="hopper", tdp_w=350, fp8_dense_tflops=1513.0),
+            "NVIDIA H100 Tensor Core GPU datasheet", arch="hopper", tdp_w=350, fp8_dense_tflops=1513.0, pcie_gen=5),
         # NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e, 4.8 TB/s, BF16 1979 TFLOPS sparse -> 989.4 dense,
         # up to 700 W. nvidia-smi reports 143771 MiB. PCIe 5.0 x16 to the host. FP8 3,958 TFLOPS sparse -> 1979 dense.
         GPU("h200", "NVIDIA H200", 143771 / 1024, 4800.0, 989.4, 50.0,
-            "NVIDIA H200 Tensor Core GPU datasheet", arch="hopper", tdp_w=700, fp8_dense_tflops=1979.0),
+            "NVIDIA H200 Tensor Core GPU datasheet", arch="hopper", tdp_w=700, fp8_dense_tflops=1979.0, pcie_gen=5),
     ]
 }
 

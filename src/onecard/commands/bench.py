@@ -28,6 +28,10 @@ def register(app: typer.Typer) -> None:
         offload_activations: bool = typer.Option(False, "--offload-activations",
                                                  help="Keep the layers' checkpoints in pinned host memory."),
         quant_base: Optional[str] = typer.Option(None, "--quant-base", help="none | fp8: e4m3 frozen base (lora/dora)."),
+        offload_weights: bool = typer.Option(False, "--offload-weights",
+                                             help="Stream the frozen base weights from pinned host memory."),
+        resident_layers: int = typer.Option(0, "--resident-layers", help="With --offload-weights: decoder layers "
+                                            "kept on the GPU (the first N)."),
         steps: int = typer.Option(4, "--steps", help="Timed optimizer steps."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up steps."),
         baseline: bool = typer.Option(False, "--baseline", help="Also run plain transformers + peft, same process."),
@@ -65,7 +69,8 @@ def register(app: typer.Typer) -> None:
             configs = [BenchConfig(model=model or "tiny", method=method or "lora", seq=seq or (64 if cpu else 2048),
                                    micro_batch=batch or 1, rank=rank or 16,
                                    grad_ckpt=True if grad_ckpt is None else grad_ckpt, kernels=kernels or "none",
-                                   offload_activations=offload_activations, quant_base=quant_base or "none")]
+                                   offload_activations=offload_activations, quant_base=quant_base or "none",
+                                   offload_weights=offload_weights, resident_layers=resident_layers)]
         else:
             raise UserError("nothing to measure", where="onecard bench",
                             fix="give a RECIPE, --model PRESET (onecard models), --suite FILE, or --cpu")

@@ -76,6 +76,7 @@ def use_data_stats(recipe) -> dict:
 def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
+    from onecard.plan.streaming import streaming_section
     from onecard.plan.suggest import also_worth_it, suggest_fixes
 
     inputs = inputs_from_recipe(recipe, gpu=gpu)
@@ -85,12 +86,52 @@ def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
     payload = {"memory": plan.to_dict(), "suggestions": [s.to_dict() for s in fixes],
                "also_worth_it": [s.to_dict() for s in extras]}
     renderables = memory_renderables(plan, fixes)
+    stream = streaming_section(plan)
     renderables += [_also_text(s) for s in extras]
     for section in SECTIONS:
         key, part, extra = section(recipe, inputs, plan)
         payload[key] = part
         renderables.extend(extra)
+    if stream is not None:  # after the time section: hours per epoch at the streamed speed
+        tokens = payload.get("time_cost", {}).get("time", {}).get("tokens_per_epoch")
+        stream["hours_per_epoch"] = tokens / stream["tokens_per_s"] / 3600 if tokens else None
+        stream["cloud_cost_per_epoch"] = _streamed_cloud_cost(inputs.gpu.id, stream["hours_per_epoch"])
+        payload["streaming"] = stream
+        renderables.insert(len(memory_renderables(plan, fixes)), streaming_text(stream))
     return payload, renderables
+
+
+def _streamed_cloud_cost(gpu_id: str, hours: float | None) -> dict | None:
+    """The card's first cloud hourly price (catalog/prices.yaml) times the streamed hours: an estimate."""
+    from onecard.catalog.prices import load_prices
+
+    prices = load_prices(None)
+    row = next(((prov, price) for gid, prov, price in prices.cloud if gid == gpu_id), None)
+    if row is None or hours is None:
+        return None
+    return {"provider": row[0], "amount": round(prices.convert(row[1]) * hours, 2), "currency": prices.output_currency,
+            "per_hour": row[1].amount, "date": row[1].date, "label": "estimated"}
+
+
+def streaming_text(s: dict):
+    from rich.text import Text
+
+    from onecard.plan.memory import GIB
+
+    style = "bold green" if s["verdict"] == "fits with streaming" else "bold red"
+    line = Text(f"with streamed base weights (training.offload_weights): {s['verdict']}", style=style)
+    ram = "assumed, set plan.host_ram_gib" if s["host_ram_assumed"] else "plan.host_ram_gib"
+    cost = s.get("cloud_cost_per_epoch")
+    line.append(f"  ({s['device_bytes'] / GIB:.1f} GiB on the card: {s['resident_layers']} resident layers + "
+                f"{s['slots']} slots; pinned host {s['host_total_bytes'] / GIB:.1f} GiB = weights "
+                f"{s['host_weight_bytes'] / GIB:.1f} + checkpoints {s['host_activations_bytes'] / GIB:.1f}, of "
+                f"{s['host_ram_bytes'] / GIB:.0f} GiB host RAM ({ram}); ~{s['tokens_per_s']:,.0f} tokens/s with "
+                f"the copies vs {s['tokens_per_s_without_copies']:,.0f} without"
+                + (f", {s['hours_per_epoch']:.1f} h/epoch" if s.get("hours_per_epoch") else "")
+                + (f", {cost['amount']:.2f} {cost['currency']}/epoch at {cost['provider']}" if cost else "")
+                + ", estimated)",
+                style="")
+    return line if not s["notes"] else Text.assemble(line, "\n", Text("note: " + s["notes"][0], style="yellow"))
 
 
 def _also_text(suggestion):

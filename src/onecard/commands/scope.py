@@ -39,13 +39,18 @@ def _render(result: dict, card) -> None:
     table = Table(title=f"Largest model that fits {card.name} ({result['capacity_gib']:.1f} GiB), estimated",
                   caption=f"seq {result['seq_len']} x micro-batch {result['micro_batch']}, "
                           f"gradient checkpointing, kernels {result['kernels']}")
-    for col in ("method", "largest preset", "its total GiB", "largest dense (Llama-3-like)", "its total GiB"):
+    for col in ("method", "largest preset", "its total GiB", "largest dense (Llama-3-like)", "its total GiB",
+                "with streamed weights: preset", "dense"):
         table.add_column(col)
     for row in result["rows"]:
         preset = f"{row['largest_preset']} ({row['largest_preset_params_b']}B)" if row["largest_preset"] else "none"
         dense = f"~{row['largest_dense_params_b']}B" if row["largest_dense_params_b"] else "none"
-        table.add_row(row["label"], preset, _g(row["largest_preset_gib"]), dense, _g(row["largest_dense_gib"]))
+        streamed = row["streamed_dense_params_b"]
+        table.add_row(row["label"], preset, _g(row["largest_preset_gib"]), dense, _g(row["largest_dense_gib"]),
+                      row["streamed_preset"] or "-", f"~{streamed}B" if streamed else "-")
     console.print(table)
+    console.print("with streamed weights: the frozen base in pinned host memory (training.offload_weights), "
+                  "within 64 GiB host RAM (assumed); speed then depends on the host link (onecard plan)")
     for claim in result["claims"]:
         if claim["fits"]:
             console.print(f"[green]holds[/green]  {claim['claim']} ({claim['total_gib']:.1f} GiB)")

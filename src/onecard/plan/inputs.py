@@ -44,6 +44,8 @@ class PlanInputs:
     hold_logits: bool = False         # the loop keeps ``outputs.logits`` alive through backward (onecard frees them)
     packed_example_tokens: int | None = None  # mean example length in packed rows (flops.varlen_span)
     quant_base: str = "none"          # "fp8": e4m3 block linears (plan/fp8.py), recipe quant.base
+    offload_weights: str | bool = "auto"  # streamed base weights (plan/streaming.py): auto | True | False
+    host_ram_gib: float | None = None  # host RAM planned for; None: plan/streaming.py DEFAULT_HOST_RAM_GIB
 
     def __post_init__(self) -> None:
         # num_gpus > 1 is FSDP here, and onecard trains FSDP without its kernels (train/distributed_loop.py
@@ -134,6 +136,8 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
         attn="sdpa" if attn == "auto" else attn, dtype_bytes=4 if recipe.model.dtype == "float32" else 2,
         double_quant=recipe.quant.double_quant, reference=reference, num_gpus=t.num_gpus,
         packed_example_tokens=packed_example_tokens(recipe), quant_base=recipe.quant.base,
+        offload_weights=t.offload_weights,
+        host_ram_gib=recipe.plan.host_ram_gib,
     )
 
 

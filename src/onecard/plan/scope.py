@@ -54,12 +54,13 @@ def _base(gpu: GPU, seq_len: int, micro_batch: int, kernels: str) -> PlanInputs:
                       kernels=kernels, fused_ce=kernels != "none")
 
 
-def largest_fitting(base: PlanInputs, shapes: list[ModelShape], monotone: bool = False):
-    """(shape, plan) of the largest shape (by parameters) that fits, or None."""
+def largest_fitting(base: PlanInputs, shapes: list[ModelShape], monotone: bool = False, fits=None):
+    """(shape, plan) of the largest shape (by parameters) that fits (``fits(plan)``, default ``plan.fits``), or
+    None."""
     best = None
     for shape in sorted(shapes, key=ModelShape.total_params):
         plan = plan_memory(base.with_(shape=shape))
-        if plan.fits:
+        if plan.fits if fits is None else fits(plan):
             best = (shape, plan)
         elif monotone and best is not None:
             break  # one family, growing: memory only grows from here
@@ -81,9 +82,22 @@ def scope_table(gpu: GPU, seq_len: int = 2048, micro_batch: int = 1, kernels: st
             "largest_preset_gib": round(preset[1].total_bytes / GIB, 2) if preset else None,
             "largest_dense_params_b": round(dense[0].total_params() / 1e9, 1) if dense else None,
             "largest_dense_gib": round(dense[1].total_bytes / GIB, 2) if dense else None,
+            **_streamed_row(inp, presets, sweep),
         })
     return {"gpu": gpu.id, "capacity_gib": round(gpu.memory_gib, 2), "seq_len": seq_len, "micro_batch": micro_batch,
             "kernels": kernels, "rows": rows, "claims": check_claims(base), "label": "estimated"}
+
+
+def _streamed_row(inp: PlanInputs, presets, sweep) -> dict:
+    """The same ceilings with the base weights streamed from host memory (adapter methods of an SFT run only)."""
+    from onecard.plan.streaming import fits_with_streaming
+
+    if inp.method not in ("lora", "qlora", "dora") or inp.task != "sft":
+        return {"streamed_preset": None, "streamed_dense_params_b": None}
+    preset = largest_fitting(inp, presets, fits=fits_with_streaming)
+    dense = largest_fitting(inp, sweep, monotone=True, fits=fits_with_streaming)
+    return {"streamed_preset": preset[0].id if preset else None,
+            "streamed_dense_params_b": round(dense[0].total_params() / 1e9, 1) if dense else None}
 
 
 CLAIMS = [

@@ -103,6 +103,9 @@ def suggest_fixes(plan: MemoryPlan, max_gpus: int = 8) -> list[Suggestion]:
     if combo is not None and " + " in combo[0]:  # a multi-step recipe change, useful beside (or instead of) singles
         new = plan_memory(combo[2])
         out.append(Suggestion(combo[0], combo[1], new.total_bytes, new.verdict))
+    stream = streaming_fix(plan)
+    if stream is not None:
+        out.append(stream)
     for gpu in sorted(GPUS.values(), key=lambda g: g.memory_gib):
         if gpu.memory_gib > p.gpu.memory_gib:
             new = plan_memory(p.with_(gpu=gpu))
@@ -118,6 +121,23 @@ def suggest_fixes(plan: MemoryPlan, max_gpus: int = 8) -> list[Suggestion]:
                                   new.total_bytes, new.verdict))
             break
     return out
+
+
+def streaming_fix(plan: MemoryPlan) -> Suggestion | None:
+    """Stream the frozen base weights from pinned host memory (plan/streaming.py), unless the recipe says not to or
+    it would not fit either. The change names the resident layers and the host bytes."""
+    from onecard.plan.streaming import plan_streaming
+
+    p = plan.inputs
+    if p.offload_weights is False or p.num_gpus > 1 or not p.grad_ckpt:
+        return None
+    sp = plan_streaming(plan, host_ram_gib=p.host_ram_gib)
+    if sp.verdict != "fits with streaming" or sp.streamed_layers == 0:
+        return None
+    change = (f"stream the base weights of {sp.streamed_layers} of {p.shape.num_hidden_layers} layers from "
+              f"{sp.host_total_bytes / GIB:.1f} GiB pinned host memory" + (" (more than the host RAM!)" if sp.host_short
+                                                                         else ""))
+    return Suggestion(change, {"training.offload_weights": True}, sp.device_bytes, sp.verdict)
 
 
 def also_worth_it(plan: MemoryPlan) -> list[Suggestion]:

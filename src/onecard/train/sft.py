@@ -28,12 +28,17 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
         check_resume_world(run_dir, 1)  # a checkpoint written by N processes resumes on N
     device = resolve_device(None)
     lint_or_stop(recipe, console, device=device)
+    from onecard.train import stream_setup
+
+    streaming = stream_setup.decide(recipe, device)  # training.offload_weights; host RAM checked before loading
+    stream_setup.refuse_unloadable(recipe, streaming, device)
     seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, device)
     kernels = apply_recipe_kernels(model, recipe, device, console)
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
+    stream_setup.start_streaming(model, streaming, device, console)
     started = state.global_step
     setup = reset_peak_after_setup(device)
     varlen_before, split_before = kernels.varlen_calls(), kernels.split_checkpoint_calls()

@@ -1,0 +1,150 @@
+"""Planner terms for streamed base weights (``training.offload_weights``, patch/stream_weights.py). Pure Python.
+
+Memory: the frozen matrices of the streamed decoder layers leave the card for pinned host memory; the card keeps
+the first ``resident`` layers plus ``slots`` one-layer buffers. The resident count is the largest that keeps the
+plan out of "tight" (plan/memory.py TIGHT_FRACTION). Host memory holds the streamed weights plus any offloaded
+checkpoints; the catalog cannot know the host's RAM, so the plan assumes ``DEFAULT_HOST_RAM_GIB`` (a typical RTX
+4090 box) unless the recipe's ``plan.host_ram_gib`` says otherwise, and the trainer reads the real figure.
+
+Speed (estimated, not calibrated): with checkpointing a streamed layer is copied twice per micro-batch, once for its
+forward (compute f) and once for its recompute + backward (compute ~3f, backward = 2x forward); the copy of the
+next layer overlaps the current one's compute, so each use costs max(copy, compute). Per micro-batch of compute T
+over L layers, f = T / (4 L) and the step takes T + sum over streamed layers of max(0, c - f) + max(0, c - 3 f),
+c = layer bytes / host link, over the streamed layers less ``slots`` per pass (the layers still in their slots at
+the forward/backward turnarounds are not copied: 171 copies in 4 steps of Llama 3 8B with 24 streamed layers and
+3 slots, bench/results/h200-s18.jsonl). Left out: the head start the copy stream gets during the resident layers,
+and the forward's real share of the step (the head, the optimizer): measured on the H200 the estimate is 1.5-15% low
+(conservative) on the streamed rows of bench/results/h200-s18.jsonl.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from onecard.plan import static
+from onecard.plan.inputs import PlanInputs
+from onecard.plan.memory import GIB, TIGHT_FRACTION, MemoryPlan
+
+DEFAULT_HOST_RAM_GIB = 64.0   # typical single-RTX-4090 workstation (2 x 32 GB DIMMs)
+HOST_USABLE_FRACTION = 0.85   # the OS, the Python process and the page cache keep the rest
+DEFAULT_SLOTS = 3             # patch/stream_weights.py apply_weight_streaming: 2 layers prefetched ahead
+
+
+@dataclass
+class StreamPlan:
+    verdict: str                  # fits with streaming | does not fit even with streaming
+    resident_layers: int
+    streamed_layers: int
+    slots: int
+    layer_bytes: int              # frozen bytes of one decoder layer (one copy)
+    device_bytes: int             # the plan's total on the card with streaming
+    host_weight_bytes: int        # pinned: streamed weights
+    host_total_bytes: int         # pinned: streamed weights + offloaded checkpoints
+    host_ram_bytes: int
+    host_short: bool
+    copy_s_per_layer: float
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(device_gib=round(self.device_bytes / GIB, 3), host_total_gib=round(self.host_total_bytes / GIB, 3),
+                 layer_gib=round(self.layer_bytes / GIB, 4), label="estimated")
+        return d
+
+
+def layer_stream_bytes(p: PlanInputs) -> int:
+    """Bytes one decoder layer streams: its linear weights (bf16/fp32, or NF4 packed + absmax for QLoRA; the
+    double-quant tables stay on the card)."""
+    total = 0
+    for _name, n_in, n_out in p.shape.linear_layers_per_block():
+        numel = n_in * n_out
+        if p.method == "qlora":
+            blocks = math.ceil(numel / static.NF4_BLOCK)
+            total += numel // 2 + blocks * (1 if p.double_quant else 4)
+        else:
+            total += numel * p.dtype_bytes
+    return total
+
+
+def plan_streaming(mem: MemoryPlan, host_ram_gib: float | None = None, slots: int = DEFAULT_SLOTS,
+                   resident: int | None = None) -> StreamPlan:
+    """Streaming for the run ``mem`` plans: the most resident layers that fit (or ``resident`` as given, e.g. by a
+    bench row), and the host bytes."""
+    p = mem.inputs
+    layers = p.shape.num_hidden_layers
+    per_layer = layer_stream_bytes(p)
+    limit = (1 - TIGHT_FRACTION) * mem.capacity_bytes
+
+    def device_with(resident: int) -> int:
+        streamed = layers - resident
+        return mem.total_bytes - streamed * per_layer + min(slots, streamed) * per_layer
+
+    if resident is None:
+        resident = next((r for r in range(layers, -1, -1) if device_with(r) <= limit), None)
+        fits = resident is not None or device_with(0) <= mem.capacity_bytes
+        resident = 0 if resident is None else resident
+    else:
+        resident = max(0, min(int(resident), layers))
+        fits = device_with(resident) <= mem.capacity_bytes
+    streamed = layers - resident
+    host_w = streamed * per_layer
+    host_total = host_w + mem.host_bytes
+    ram = int((host_ram_gib or DEFAULT_HOST_RAM_GIB) * GIB)
+    short = host_total > HOST_USABLE_FRACTION * ram
+    notes = []
+    if short:
+        notes.append(f"pinned host memory {host_total / GIB:.1f} GiB is more than {HOST_USABLE_FRACTION:.0%} of "
+                     f"{ram / GIB:.0f} GiB host RAM ({'assumed' if host_ram_gib is None else 'plan.host_ram_gib'}): "
+                     "add RAM or set plan.host_ram_gib to the machine's; onecard train refuses before loading")
+    copy_s = per_layer / (p.gpu.host_link_gb_s * 1e9)
+    return StreamPlan("fits with streaming" if fits else "does not fit even with streaming", resident, streamed,
+                      slots, per_layer, device_with(resident), host_w, host_total, ram, short, copy_s, notes)
+
+
+def fits_with_streaming(mem: MemoryPlan) -> bool:
+    """The run fits the card once its base weights stream, within the (assumed or given) host RAM."""
+    p = mem.inputs
+    if mem.fits or p.method not in ("lora", "qlora", "dora") or not p.grad_ckpt or p.num_gpus > 1:
+        return mem.fits
+    sp = plan_streaming(mem, host_ram_gib=p.host_ram_gib)
+    return sp.verdict == "fits with streaming" and not sp.host_short
+
+
+def streamed_tokens_per_s(tokens_per_s: float, p: PlanInputs, sp: StreamPlan) -> float:
+    """The step's tokens/s once the streamed layers' copies are added where they do not hide (module docstring)."""
+    tokens = p.seq_len * p.micro_batch
+    step_s = tokens / tokens_per_s
+    passes = 4 if p.grad_ckpt else 3
+    f = step_s / (passes * p.shape.num_hidden_layers)
+    c = sp.copy_s_per_layer
+    copied = max(0, sp.streamed_layers - sp.slots)  # the rest are still in their slots at the turnarounds
+    extra = copied * (max(0.0, c - f) + max(0.0, c - (passes - 1) * f))
+    return tokens / (step_s + extra)
+
+
+def host_ram_check(host_total_bytes: int, available_bytes: int) -> str | None:
+    """The message to refuse with when the pinned bytes cannot fit the host's available RAM, else None."""
+    if host_total_bytes <= HOST_USABLE_FRACTION * available_bytes:
+        return None
+    return (f"weight streaming needs {host_total_bytes / GIB:.1f} GiB of pinned host memory; this machine has "
+            f"{available_bytes / GIB:.1f} GiB available (onecard keeps {1 - HOST_USABLE_FRACTION:.0%} free)")
+
+
+def streaming_section(plan: MemoryPlan) -> dict | None:
+    """What ``onecard plan`` shows about streaming: for ``offload_weights: true``, or ``auto`` when the plan does
+    not fit otherwise; None when streaming is not chosen (the plan's output is then as without this module)."""
+    p = plan.inputs
+    chosen = p.offload_weights is True or (p.offload_weights == "auto" and not plan.fits)
+    if not chosen or p.num_gpus > 1 or not p.grad_ckpt:
+        return None
+    from onecard.plan.speed import estimate_throughput
+
+    sp = plan_streaming(plan, host_ram_gib=p.host_ram_gib)
+    base = estimate_throughput(p, memory_plan=plan)
+    out = sp.to_dict()
+    out.update(host_ram_assumed=p.host_ram_gib is None, host_activations_bytes=plan.host_bytes,
+               tokens_per_s_without_copies=base.estimate_tokens_per_s,
+               tokens_per_s=streamed_tokens_per_s(base.estimate_tokens_per_s, p, sp) if sp.streamed_layers else
+               base.estimate_tokens_per_s)
+    return out
