@@ -72,7 +72,9 @@ def test_memory_bound_small_batches_and_qlora_dequant():
     tiny = estimate_throughput(_inp(micro_batch=1, seq_len=16))
     assert tiny.step_s["weights_read_s"] > tiny.step_s["matmul_s"]
     assert tiny.estimate_tokens_per_s <= tiny.memory_ceiling_tokens_per_s
-    assert any("memory-bound" in n for n in tiny.notes)
+    # the card's side is memory-bound, but launching the layers takes longer still: the note names what sets the pace
+    assert tiny.step_s["host_dispatch_s"] > tiny.step_s["weights_read_s"]
+    assert any("host-bound" in n and "every card runs at about this speed" in n for n in tiny.notes)
     lora, qlora = estimate_throughput(_inp(micro_batch=1)), estimate_throughput(_inp(method="qlora", micro_batch=1))
     assert qlora.step_s["qlora_dequant_s"] > 0 and qlora.estimate_tokens_per_s < lora.estimate_tokens_per_s
 

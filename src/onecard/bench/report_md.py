@@ -77,8 +77,18 @@ the same model, recipe and optimizer, in the same process.
     out.append(_memory_table([r for r in m if r["group"] == "repeat"]))
     out.append("\n## Offloaded activation checkpoints - measured, H200\n\n`--offload-activations` "
                "(`training.offload_activations`): each checkpointed layer's input waits in pinned host memory "
-               "(train/offload.py); the same configuration without it beside it, measured one after the other on the same machine.\n\n")
+               "(patch/offload.py); the same configuration without it beside it, measured one after the other on the same machine.\n\n")
     out.append(_memory_table([r for r in m if r["group"] == "offload"]))
+    out.append("\n## Streamed base weights - measured, H200\n\n`--offload-weights --resident-layers N` "
+               "(`training.offload_weights`): the frozen weights of the decoder layers after the first N wait in "
+               "pinned host memory and are copied into reused GPU slots ahead of use (patch/stream_weights.py); "
+               "each streamed row runs under `--memory-cap-gib 24`, beside the same shape uncapped without streaming, "
+               "in one process (bench/gpu_suite.sh, parts S18/S18b).\n\n")
+    out.append(_memory_table([r for r in m if r["group"] == "stream"]))
+    out.append("\n## FP8 base weights - measured, H200\n\n`--quant-base fp8` (`quant.base: fp8`): the frozen "
+               "block linears in e4m3 with per-output-channel scales, their GEMMs through `torch._scaled_mm` "
+               "(kernels/fp8.py), beside onecard's bf16 LoRA in one process (bench/gpu_suite.sh, parts F19*).\n\n")
+    out.append(_memory_table([r for r in m if r["group"] == "fp8"]))
     out.append("\n## The seed's relative claims - measured, H200\n\n")
     out.append(table(["claim", "measured", "what"],
                       [[c["claim"], fmt(c["measured"], ".2f"), c["what"]] for c in p["claims"]]))

@@ -67,9 +67,7 @@ def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu:
     n = recipe.training.num_gpus
     check_run_dir(recipe.run_dir, "--resume" in flags, "--overwrite" in flags)
     cpu = cpu or distributed.cpu_requested()
-    lint_or_stop(recipe, device="cpu" if cpu else None)
-    if "--resume" in flags:
-        check_resume_world(recipe.run_dir, n)
+    # the machine and the launch flags first: they make every answer about the recipe moot
     distributed.check_launchable(recipe, n, cpu)
     chosen = distributed.choose_strategy(recipe, "ddp" if cpu and strategy == "auto" else strategy)
     distributed.check_strategy(recipe, chosen)
@@ -78,6 +76,9 @@ def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu:
 
         raise UserError("FSDP needs GPUs: accelerate runs CPU processes as DDP", where="--strategy",
                         fix="use --strategy ddp (or auto) with --cpu")
+    lint_or_stop(recipe, device="cpu" if cpu else None)
+    if "--resume" in flags:
+        check_resume_world(recipe.run_dir, n)
     return distributed.launch(recipe_path, overrides, n, flags, strategy=chosen, cpu=cpu)
 
 
