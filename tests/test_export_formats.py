@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from onecard_run_fixtures import make_run
@@ -21,14 +22,18 @@ def _logits(model, ids):
 
 
 def _adapter_and_base_logits(run, ids):
+    import yaml
+
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    return _adapter_and_base_logits_from(recipe["model"]["name_or_path"], run, ids)
+
+
+def _adapter_and_base_logits_from(base_dir, run, ids):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import yaml
-
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    base = AutoModelForCausalLM.from_pretrained(recipe["model"]["name_or_path"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     base_logits = _logits(base, ids)
     model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
     return _logits(model, ids), base_logits
@@ -134,3 +139,87 @@ def test_export_cli_json_and_mismatch_exit_code(lora_run, tmp_path, monkeypatch,
     monkeypatch.setitem(verify.TOLERANCE, "bfloat16", 0.0)  # bf16 rounding now counts as a mismatch
     assert cli(["export", str(lora_run), "--format", "merged", "--out", str(tmp_path / "m")]) == 1
     assert "failed verification" in capsys.readouterr().out
+
+
+def _cli(args) -> int:
+    from onecard.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _with_data_and_results(run, tmp_path):
+    """A run directory as training leaves it: the recipe names its data; metrics, summary and eval.json exist."""
+    import yaml
+    from onecard_run_fixtures import write_metrics
+    from test_report import EVAL
+
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"] = {"path": str(tmp_path / "house-style.jsonl"), "seq_len": 96}
+    recipe["training"] = {"learning_rate": 3.5e-4, "max_steps": 20}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    write_metrics(run, steps=20)
+    (run / "eval.json").write_text(json.dumps(EVAL), encoding="utf-8")
+    return recipe
+
+
+def test_adapter_export_writes_a_real_model_card(tiny_model_factory, tmp_path):
+    """onecard export --format adapter: README.md names base, data, recipe, metrics and version (not peft's template)."""
+    from huggingface_hub import ModelCard
+
+    import onecard
+
+    run = make_run(tmp_path, tiny_model_factory("llama"), "lora")
+    recipe = _with_data_and_results(run, tmp_path)
+    out = tmp_path / "adapter"
+    assert _cli(["export", str(run), "--format", "adapter", "--out", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "peft" and "onecard" in card.data.tags
+    assert card.data.base_model is None  # a local path is no Hub id: the Hub rejects it in base_model
+    assert "[More Information Needed]" not in card.text  # peft's blank template is gone
+    summary = json.loads((run / "summary.json").read_text())
+    export = json.loads((out / "export.json").read_text())
+    for needle in (recipe["model"]["name_or_path"], "house-style.jsonl", "sequence length 96", "0.00035",
+                   "rank / alpha / dropout | 4 / 8 / 0", f"{summary['final_loss']:.4g}", f"onecard {onecard.__version__}",
+                   "| exact match | 0.0% | 50.0% |", f"max |Δ| {export['verification']['max_abs_err']:.3g}", "**passed**"):
+        assert needle in card.text, needle
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == recipe["model"]["name_or_path"]
+    assert "README.md" in export["files"]
+
+
+def test_gguf_base_is_named_by_its_file_not_the_cache(tiny_model_factory, tmp_path, monkeypatch):
+    """A .gguf base: adapter_config and the card name the .gguf file; the card's loading code reproduces the export."""
+    import torch
+    import yaml
+    from peft import PeftModel
+    from test_gguf_import import write_tiny_llama_gguf
+    from transformers import AutoModelForCausalLM
+
+    from onecard.train.gguf_import import cache_root
+
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("ONECARD_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_model_factory("llama")
+    gguf_path = write_tiny_llama_gguf(Path(model_dir), tmp_path / "tiny.gguf")
+    run = make_run(tmp_path, model_dir, "lora")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["name_or_path"] = str(gguf_path)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    out = tmp_path / "adapter"
+    assert _cli(["export", str(run), "--format", "adapter", "--out", str(out)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    readme = (out / "README.md").read_text()
+    assert config["base_model_name_or_path"] == str(gguf_path)
+    assert str(cache_root()) not in readme and str(cache_root()) not in json.dumps(config)
+    assert cache_root().is_dir()  # the base really went through the cache, which the export no longer names
+    snippet = f'from_pretrained("{gguf_path.parent}", gguf_file="{gguf_path.name}"'
+    assert snippet in readme
+    base = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = [3, 14, 15, 92, 65]
+    expected, _ = _adapter_and_base_logits_from(model_dir, run, ids)
+    assert (_logits(model, ids) - expected).abs().max() <= 1e-4

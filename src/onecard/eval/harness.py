@@ -17,6 +17,9 @@ from onecard.eval.loss import heldout_loss
 from onecard.eval.metrics import score_generations
 
 HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "exact_match": True, "token_f1": True, "rouge_l": True}
+METRIC_LABELS = {"loss": "held-out loss", "perplexity": "perplexity", "exact_match": "exact match",
+                 "token_f1": "token F1", "rouge_l": "ROUGE-L"}
+FRACTION_METRICS = ("exact_match", "token_f1", "rouge_l")  # in [0, 1], shown as percentages
 N_SAMPLES = 8  # generations kept in the result for the report
 
 

@@ -2,8 +2,9 @@
 
 ``export_run`` loads the trained model once as the float32 reference (see ``reference.py``), records its
 logits on fixed prompts, writes the export, loads the export back the way its users will (plain peft,
-transformers, transformers' GGUF loader) and compares logits. The result -- files, errors, tolerance,
-pass/fail -- goes to ``<out>/export.json``; a failed comparison raises :class:`ExportMismatch` after writing it.
+transformers, transformers' GGUF loader) and compares logits. Then the model card (``README.md``, ``card.py``)
+and the result -- files, errors, tolerance, pass/fail -- in ``<out>/export.json``; a failed comparison raises
+:class:`ExportMismatch` after writing both.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
         raise UserError("output directory is not empty", where=str(out), fix="choose a new --out directory")
     started = time.time()
     ref = load_reference(run_dir, device)
+    model_config = ref.model.config  # for the model card: merged and gguf drop ref.model before verifying
     if fmt == "gguf":  # fail before any work on architectures we cannot write
         from onecard.export.gguf_writer import check_supported, tokenizer_pre
 
@@ -81,7 +83,11 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
     errors = compare(ref_logits, logits_on(candidate, inputs))
     verification = judge(errors, stored)
     verification["adapter_effect_mean_abs"] = effect
-    result = {"format": fmt, "run_dir": str(run_dir), "out": str(out), "files": sorted(set(files) | {"export.json"}),
+    from onecard.export.card import write_model_card
+
+    write_model_card(out, ref, model_config, fmt, files, verification)
+    result = {"format": fmt, "run_dir": str(run_dir), "out": str(out),
+              "files": sorted(set(files) | {"export.json", "README.md"}),
               "stored_dtype": stored, "method": ref.recipe.method, "base": ref.base_source, "notes": notes,
               "verification": verification, "seconds": round(time.time() - started, 2)}
     (out / "export.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -1,4 +1,8 @@
-"""``--format adapter``: the PEFT adapter in safetensors plus the tokenizer, loadable with plain peft."""
+"""``--format adapter``: the PEFT adapter in safetensors plus the tokenizer, loadable with plain peft.
+
+``adapter_config.json`` names the base as the recipe did (``export/card.py``: ``portable_base``); the README that
+peft writes is replaced by onecard's model card after the export is verified.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ def write_adapter(ref, out: Path) -> list[str]:
 
         raise UserError("this run trained all weights (method full): it has no adapter to export",
                         where=str(ref.run_dir), fix="use --format merged (a transformers directory) or --format gguf")
+    from onecard.export.card import portable_base
+
+    for config in ref.model.peft_config.values():  # else peft records the directory loaded (a GGUF's cache copy)
+        config.base_model_name_or_path = portable_base(ref.recipe)
     ref.model.save_pretrained(str(out), safe_serialization=True)
     ref.tokenizer.save_pretrained(str(out))
     return sorted(p.name for p in out.iterdir())
