@@ -96,13 +96,17 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, schedule
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler_state, "rng": rng_state()},
-               tmp / "optimizer_rng.pt")
-    (tmp / _STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
-    for child in tmp.iterdir():
-        _fsync_file(child)
-    _fsync_dir(tmp)
+    try:
+        save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler_state, "rng": rng_state()},
+                   tmp / "optimizer_rng.pt")
+        (tmp / _STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+        for child in tmp.iterdir():
+            _fsync_file(child)
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk or a kill: give back the space of the half-written copy, keep the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = root / f".old-step-{state.global_step}-{os.getpid()}"
     if final.exists():  # a re-save of the same step after resume: move the old one aside, drop it after
         os.replace(final, old)

@@ -24,13 +24,23 @@ from onecard.recipe import Recipe
 CRASH_ENV = "ONECARD_TEST_CRASH_AT_STEP"  # test hook: os._exit right after the checkpoint of this step
 
 
-def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> dict[str, Any]:
+def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False,
+          allow_recipe_change: bool = False) -> dict[str, Any]:
     """Run the recipe; returns the summary also written to ``summary.json``."""
-    return train_model(recipe, resume=resume, console=console, overwrite=overwrite)[2]
+    return train_model(recipe, resume=resume, console=console, overwrite=overwrite,
+                       allow_recipe_change=allow_recipe_change)[2]
 
 
-def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False):
-    """:func:`train`, also handing back the trained model and tokenizer in memory: (model, tokenizer, summary)."""
+def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False,
+                allow_recipe_change: bool = False):
+    """:func:`train`, also handing back the trained model and tokenizer in memory: (model, tokenizer, summary).
+
+    ``--resume`` on a finished run changes nothing and returns (None, None, its stored summary).
+    """
+    from onecard.train.resume_policy import check_resume
+
+    if (done := check_resume(recipe, resume, allow_recipe_change)) is not None:  # resume policy: finished run
+        return None, None, {**done, "already_finished": True}
     if recipe.task in ("dpo", "kto"):  # preference tuning: own step and reference policy, same spine
         from onecard.train.preference import train_preference_model
 
@@ -43,6 +53,7 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
         return train_distributed_model(recipe, resume=resume, console=console, overwrite=overwrite)
     from onecard.data import build_dataset
     from onecard.train.model import load_model_and_tokenizer, resolve_device
+    from onecard.train.preflight import say_before_training
     from onecard.train.rundir import check_run_dir
     from onecard.train.summary import evaluate_and_save, finish, has_eval_data, reset_peak_after_setup
 
@@ -59,6 +70,7 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     kernels = apply_recipe_kernels(model, recipe, device, console)
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
+    say_before_training(recipe, schedule, dataset.stats, console)  # preflight: schedule, truncated lines
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     started = state.global_step
     setup = reset_peak_after_setup(device)
@@ -193,11 +205,12 @@ def start_run(model, recipe: Recipe, device: str, resume: bool, overwrite: bool,
     from onecard.train.checkpoint import TrainState
     from onecard.train.model import enable_grad_ckpt
     from onecard.train.optim import build_optimizer
-    from onecard.train.rundir import prepare_run_dir, recipe_changes
+    from onecard.train.resume_policy import record_resume
+    from onecard.train.rundir import prepare_run_dir
 
     run_dir = recipe.run_dir
-    if resume and console is not None and (changed := recipe_changes(run_dir, recipe)):
-        console.print(f"[yellow]resuming with a recipe that differs from the run's in: {', '.join(changed)}[/yellow]")
+    if resume:
+        record_resume(run_dir, recipe, console)  # resume policy: old recipe kept, resumes.jsonl, before rewrite
     prepare_run_dir(run_dir, recipe, overwrite)  # only now: bad input leaves nothing half-written
     if recipe.training.grad_ckpt:
         enable_grad_ckpt(model, recipe)
@@ -266,30 +279,44 @@ def accumulate_gradients(model, micro_batches: list[dict[str, Any]], device: str
 
 def run_steps(model, tokenizer, optimizer, dataset, schedule: Schedule, state, recipe: Recipe, device: str, console,
               fused_loss: bool = False):
-    """The optimisation loop; checkpoints every ``training.save_every_steps``; returns (state, timing)."""
+    """The optimisation loop; checkpoints as train/save_policy.py says and on SIGINT/SIGTERM; returns (state, timing).
+
+    A NaN/inf or blown-up step, an out-of-memory error or a full disk stops it cleanly (train/guards.py).
+    """
     import torch
 
     from onecard.data import pad_token_id
+    from onecard.train.guards import StepGuard, is_out_of_memory, out_of_memory
     from onecard.train.metrics import MetricsLogger, TrainProgress
+    from onecard.train.save_policy import SaveClock
+    from onecard.train.signals import StopSignals
     from onecard.train.summary import eval_if_due
 
     logger = MetricsLogger(recipe.run_dir, state.metrics)
     progress = TrainProgress(console, schedule.total_steps, state.global_step)
     batches = _Batches(dataset, schedule, recipe, pad_token_id(tokenizer))
     rate, steady = Rate(), None
+    guard, clock, stop = StepGuard(recipe), SaveClock(recipe), StopSignals(console).install()  # guards, signals
     model.train()
     try:
         while state.global_step < schedule.total_steps:
             micro = batches.window(state.global_step)
-            record = optimizer_step(model, optimizer, micro, recipe, state.global_step, schedule.total_steps, device,
-                                    fused_loss)
+            try:
+                record = optimizer_step(model, optimizer, micro, recipe, state.global_step, schedule.total_steps,
+                                        device, fused_loss, guard=guard)
+            except Exception as exc:  # guards: out-of-memory becomes a clean stop with the plan beside it
+                if not is_out_of_memory(exc):
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                raise out_of_memory(exc, recipe, state.global_step, device) from None
             account_step(state, record, schedule, recipe, rate, device, logger)
             progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"])
             eval_if_due(model, tokenizer, recipe, state.global_step, logger)
             if steady is None:  # the first step pays compilation and warm-up: the steady rate starts after it
                 steady = (time.perf_counter(), rate.tokens)
-            _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger)
+            _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger, clock, stop, console)
     finally:
+        stop.uninstall()
         progress.close()
         logger.close()
     state.metrics = list(logger.records)
@@ -352,31 +379,44 @@ class _Batches:
 
 
 def optimizer_step(model, optimizer, micro, recipe: Recipe, step: int, total_steps: int, device: str,
-                   fused_loss: bool = False) -> dict:
-    """Set the LR, accumulate over the window, clip, step. Returns the step's metrics."""
+                   fused_loss: bool = False, guard=None) -> dict:
+    """Set the LR, accumulate over the window, clip, check (``guard``: train/guards.StepGuard), step.
+
+    Returns the step's metrics."""
     from onecard.train.optim import set_lr
 
     lr = set_lr(optimizer, recipe, step, total_steps)
     loss, n_trained = accumulate_gradients(model, micro, device, fused_loss)
     grad_norm = _clip([p for p in model.parameters() if p.requires_grad], recipe.training.max_grad_norm)
+    if guard is not None:
+        guard.check(step, loss, grad_norm)  # guards: before optimizer.step, so a bad step is never applied
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "trained_tokens": n_trained}
 
 
-def _checkpoint_if_due(model, optimizer, state, schedule: Schedule, recipe: Recipe, logger) -> None:
-    from onecard.train.checkpoint import save_checkpoint
+def _checkpoint_if_due(model, optimizer, state, schedule: Schedule, recipe: Recipe, logger, clock=None, stop=None,
+                       console=None) -> None:
+    """Save when ``clock`` (save_policy.SaveClock; None: the step interval only) says so or a signal asked
+    (``stop``: signals.StopSignals), then stop with RunInterrupted if it did."""
+    from onecard.train.save_policy import save_or_stop
 
+    stopping = stop is not None and stop.requested
     every = recipe.training.save_every_steps
-    if not every or state.global_step % every:
+    due = clock.due(state.global_step) if clock is not None else bool(every) and state.global_step % every == 0
+    if not (due or stopping):
         return
     state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
     state.metrics = list(logger.records)
-    save_checkpoint(recipe.run_dir, model, optimizer, state, {"kind": recipe.training.lr_scheduler,
-                                                              "step": state.global_step})
+    path = save_or_stop(recipe.run_dir, model, optimizer, state, {"kind": recipe.training.lr_scheduler,
+                                                                   "step": state.global_step}, console)
+    if clock is not None:
+        clock.saved()
     if int(os.environ.get(CRASH_ENV, "0") or 0) == state.global_step:
         os._exit(17)  # simulate a killed process (tests only): no cleanup, no flush
+    if stop is not None and stop.requested:  # also a signal that arrived during this very save
+        raise stop.interrupted(state.global_step, path)
 
 
 def _clip(params, max_grad_norm: float | None) -> float | None:

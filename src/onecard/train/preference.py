@@ -32,6 +32,7 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     from onecard.train.loop import Schedule, lint_or_stop, seed_everything, start_run
     from onecard.train.model import load_model_and_tokenizer, resolve_device
     from onecard.train.preference_reference import setup_reference
+    from onecard.train.preflight import say_before_training
     from onecard.train.rundir import check_run_dir
 
     run_dir = recipe.run_dir
@@ -46,6 +47,7 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     dataset = build_preference_dataset(recipe, tokenizer, split="train")
     eval_set = build_preference_dataset(recipe, tokenizer, split="eval")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
+    say_before_training(recipe, schedule, dataset.stats, console)  # preflight: schedule, truncated lines
     # after setup_reference: the optimizer sees the trained weights only
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     started = state.global_step
@@ -99,6 +101,9 @@ def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedu
     from onecard.train.metrics import MetricsLogger, TrainProgress
     from onecard.train.optim import set_lr
     from onecard.train.preference_step import dpo_step, kto_step
+    from onecard.train.guards import StepGuard
+    from onecard.train.save_policy import SaveClock
+    from onecard.train.signals import StopSignals
 
     t = recipe.training
     step_fn = dpo_step if recipe.task == "dpo" else kto_step
@@ -108,6 +113,7 @@ def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedu
     orders: dict[int, list[int]] = {}
     pad_id = pad_token_id(tokenizer)
     rate = Rate()
+    guard, clock, stop = StepGuard(recipe), SaveClock(recipe), StopSignals(console).install()  # guards, signals
     model.train()
     try:
         while state.global_step < schedule.total_steps:
@@ -119,14 +125,16 @@ def run_preference_steps(model, reference, tokenizer, optimizer, dataset, schedu
             lr = set_lr(optimizer, recipe, state.global_step, schedule.total_steps)
             metrics = step_fn(model, reference, micro, recipe, device, pad_id)
             grad_norm = _clip(params, t.max_grad_norm)
+            guard.check(state.global_step, metrics["loss"], grad_norm)  # guards: before the step is applied
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             record = {**metrics, "lr": lr, "grad_norm": grad_norm}
             account_step(state, record, schedule, recipe, rate, device, logger)
             progress.update(state.global_step, metrics["loss"], record["tokens_per_s"], record["peak_memory_bytes"],
                             progress_text(metrics))
-            _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger)
+            _checkpoint_if_due(model, optimizer, state, schedule, recipe, logger, clock, stop, console)
     finally:
+        stop.uninstall()
         progress.close()
         logger.close()
     state.metrics = list(logger.records)
