@@ -12,6 +12,9 @@ from pathlib import Path
 import yaml
 
 
+WIDE = "4000"
+
+
 def write_chat(path: Path, n: int = 12, long_line: int | None = None) -> Path:
     rows = []
     for i in range(n):
@@ -38,11 +41,18 @@ def write_recipe(tmp_path: Path, model_dir, name: str, data: Path | None = None,
 def run_cli(argv, capsys) -> tuple[int, str, str]:
     from onecard.cli import main
 
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = WIDE  # rich wraps at the console width, paths included
     try:
         main([str(a) for a in argv])
         code = 0
     except SystemExit as exc:
         code = exc.code
+    finally:
+        if columns is None:
+            os.environ.pop("COLUMNS")
+        else:
+            os.environ["COLUMNS"] = columns
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -50,7 +60,7 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
 def run_process(argv, prelude: str = "", timeout_s: int = 300) -> subprocess.CompletedProcess:
     """``onecard ARGV`` in a fresh Python process; ``prelude`` runs first (it may wrap library functions)."""
     code = f"import sys\n{prelude}\nfrom onecard.cli import main\nmain(sys.argv[1:])\n"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS=WIDE)
     return subprocess.run([sys.executable, "-c", code, *map(str, argv)], env=env, capture_output=True, text=True,
                           timeout=timeout_s)
 
@@ -66,5 +76,5 @@ def summary(run_dir: Path) -> dict:
 
 
 def one_line(text: str) -> str:
-    """Rich wraps long messages at the console width; the assertions read them as one line."""
+    """The message lines as one line (the assertions do not care where a message breaks its lines)."""
     return " ".join(text.split())

@@ -422,6 +422,6 @@ def _checkpoint_if_due(model, optimizer, state, schedule: Schedule, recipe: Reci
 def _clip(params, max_grad_norm: float | None) -> float | None:
     import torch
 
-    if max_grad_norm is None:
-        return None
+    if max_grad_norm is None:  # no clipping, but the norm is still logged and checked (train/guards.py)
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
