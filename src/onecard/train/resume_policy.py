@@ -19,9 +19,10 @@ from onecard.errors import UserError
 from onecard.recipe import Recipe
 
 ALLOW_FLAG = "--allow-recipe-change"
-# Fields that change how a run is watched or saved, never what it computes: a resume may change them freely.
-HARMLESS_PREFIXES = ("training.save_every_steps", "training.save_every_minutes", "training.log_every_steps",
-                     "eval.", "plan.")
+# Fields a resume may change without the flag: how a run is watched or saved, never what it computes; and the
+# GPU count, which distributed_loop.check_resume_world refuses on its own, naming the count the checkpoint needs.
+NOT_REFUSED_PREFIXES = ("training.save_every_steps", "training.save_every_minutes", "training.log_every_steps",
+                        "training.grad_norm_blowup", "eval.", "plan.", "training.num_gpus")
 HISTORY_DIR = "recipe_history"
 RESUMES_FILE = "resumes.jsonl"
 
@@ -58,10 +59,10 @@ def check_resume(recipe: Recipe, resume: bool, allow_recipe_change: bool = False
 
 
 def computing_changes(run_dir: Path, recipe: Recipe) -> list[str]:
-    """Changed fields that alter what the run computes (``HARMLESS_PREFIXES`` left out)."""
+    """Changed fields that alter what the run computes (``NOT_REFUSED_PREFIXES`` left out)."""
     from onecard.train.rundir import recipe_changes
 
-    return [f for f in recipe_changes(run_dir, recipe) if not f.startswith(HARMLESS_PREFIXES)]
+    return [f for f in recipe_changes(run_dir, recipe) if not f.startswith(NOT_REFUSED_PREFIXES)]
 
 
 def record_resume(run_dir: Path, recipe: Recipe, console=None) -> dict[str, Any]:
