@@ -65,6 +65,8 @@ def test_truncation_and_drop_statistics(tmp_path, tok):
         "dropped": 2,
         "tokens": short_len + seq_len,
         "trained_tokens": n_tokens(tok, "yes<|im_end|>") + (seq_len - n_tokens(tok, prompt)),
+        "truncated_at": [f"{tmp_path / 'd.jsonl'}:2", f"{tmp_path / 'd.jsonl'}:3"],
+        "dropped_at": [f"{tmp_path / 'd.jsonl'}:3", f"{tmp_path / 'd.jsonl'}:4"],
     }
     assert [len(ex["input_ids"]) for ex in ds.examples] == [short_len, seq_len]
     assert all(len(ex["labels"]) == len(ex["input_ids"]) for ex in ds.examples)

@@ -40,9 +40,19 @@ def test_lr_schedule_matches_transformers(kind):
     name = "constant_with_warmup" if kind == "constant" else kind
     sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
     for step in range(total):
-        assert lr_factor(step, total, warmup, kind) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        if step >= warmup:  # the warm-up ramp is shifted so that step 0 trains (test below)
+            assert lr_factor(step, total, warmup, kind) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
         opt.step()
         sched.step()
+
+
+def test_first_warmup_step_trains():
+    """transformers' warm-up gives step 0 a learning rate of 0, so step 2 repeats step 1's loss; onecard's does not."""
+    from onecard.train.optim import lr_factor
+
+    for warmup in (1, 2, 7):
+        ramp = [lr_factor(s, 50, warmup, "cosine") for s in range(warmup + 1)]
+        assert ramp[0] > 0 and all(a < b for a, b in zip(ramp, ramp[1:])) and ramp[-1] == 1.0
 
 
 def test_warmup_steps_from_ratio_or_count():

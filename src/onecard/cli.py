@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from onecard.errors import EXIT_USER_ERROR, UserError
+from onecard.errors import UserError
 
 VERBS = ["demo", "train", "plan", "scope", "lint", "eval", "export", "report", "bench", "models", "gpus"]
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(rc)
     except UserError as err:
         print_user_error(err)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(err.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -14,8 +14,11 @@ class UserError(Exception):
     """An error in the user's input, reported without a traceback.
 
     where: the file (and line) or recipe field at fault, e.g. ``data.jsonl:17`` or ``training.learning_rate``.
-    what: what is wrong. fix: what to do about it.
+    what: what is wrong. fix: what to do about it. ``exit_code``: 2, or a subclass's own (a run stopped by a
+    signal exits 128 + its number).
     """
+
+    exit_code = EXIT_USER_ERROR
 
     def __init__(self, what: str, *, where: str | None = None, fix: str | None = None):
         self.what = what

@@ -93,7 +93,7 @@ class TrainingSection(_Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     micro_batch_size: int = Field(1, ge=1)
-    grad_accum: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (transformers' default, 1).")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate; must be positive.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -109,7 +109,11 @@ class TrainingSection(_Strict):
     kernels: Kernels = Field("auto", description="auto = onecard's fused kernels on CUDA, none on CPU.")
     fused_ce: Literal["auto"] | bool = Field("auto", description="Chunked cross-entropy fused with the LM head.")
     seed: int = 42
-    save_every_steps: int = Field(0, ge=0, description="0 = only at the end.")
+    save_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps too (0 = by time only).")
+    save_every_minutes: float = Field(30.0, ge=0, description="Checkpoint after this many minutes of training since "
+                                      "the last one (0 = off). SIGINT/SIGTERM always save.")
+    grad_norm_blowup: float | None = Field(100.0, gt=1, description="Stop when the gradient norm exceeds this "
+                                           "multiple of its recent median (null = off). NaN/inf always stop.")
     log_every_steps: int = Field(1, ge=1)
     num_gpus: int = Field(1, ge=1, description="GPUs to train on (and to plan for).")
 

@@ -16,6 +16,9 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = SetOption,
         resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run directory and start over."),
+        allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
+                                                 help="With --resume: continue under a recipe that differs from the "
+                                                      "run's recipe.yaml (the old one is kept in recipe_history/)."),
         as_json: bool = JsonOption,
         num_gpus: int = typer.Option(None, "--num-gpus", min=1,
                                      help="GPUs to train on (default: training.num_gpus). N > 1 starts N processes "
@@ -39,7 +42,8 @@ def register(app: typer.Typer) -> None:
             recipe.lint.ignore = [*recipe.lint.ignore, *ignore_lint]
             overrides = [*(overrides or []), f"lint.ignore=[{','.join(recipe.lint.ignore)}]"]  # for N processes
         if recipe.training.num_gpus > 1 and not is_worker():
-            flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite), ("--json", as_json)) if on]
+            flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite), ("--json", as_json),
+                                     ("--allow-recipe-change", allow_recipe_change)) if on]
             code = _launch(recipe, recipe_path, overrides or [], strategy, cpu, flags)
             if code:
                 raise SystemExit(code)  # not typer.Exit: cli.main's standalone_mode=False would swallow the code
@@ -48,9 +52,13 @@ def register(app: typer.Typer) -> None:
         quiet_transformers()
         from onecard.train.loop import train as run_training
 
-        summary = run_training(recipe, resume=resume, console=console, overwrite=overwrite)
+        summary = run_training(recipe, resume=resume, console=console, overwrite=overwrite,
+                               allow_recipe_change=allow_recipe_change)
         if summary is None:  # a rank other than 0 of a multi-GPU run: rank 0 reports
             return
+        if summary.get("already_finished"):
+            console.print(f"the run in {recipe.run_dir} is already finished ({summary.get('steps')} steps): "
+                          "left as it is, nothing to resume")
         if as_json:
             print_json(summary)
             return
@@ -63,8 +71,12 @@ def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu:
     from onecard.train.checkpoint import check_resume_world
     from onecard.train.rundir import check_run_dir
     from onecard.train.spine import lint_or_stop
+    from onecard.train.resume_policy import check_resume
 
     n = recipe.training.num_gpus
+    if check_resume(recipe, "--resume" in flags, "--allow-recipe-change" in flags) is not None:
+        print(f"the run in {recipe.run_dir} is already finished: left as it is, nothing to resume")
+        return 0
     check_run_dir(recipe.run_dir, "--resume" in flags, "--overwrite" in flags)
     cpu = cpu or distributed.cpu_requested()
     # the machine and the launch flags first: they make every answer about the recipe moot

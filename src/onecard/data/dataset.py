@@ -31,9 +31,25 @@ class DataStats:
     dropped: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    truncated_at: list[str] = field(default_factory=list)  # "file:line" of each truncated record
+    dropped_at: list[str] = field(default_factory=list)    # "file:line" of each dropped record
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def note_truncated(self, where: str) -> None:
+        self.truncated += 1
+        self.truncated_at.append(where)
+
+    def note_dropped(self, where: str) -> None:
+        self.dropped += 1
+        self.dropped_at.append(where)
+
+    def as_dict(self) -> dict:
+        """The counts, and the first ``SHOWN_WHERE`` places of each kind (a summary, not a data dump)."""
+        out = asdict(self)
+        out["truncated_at"], out["dropped_at"] = self.truncated_at[:SHOWN_WHERE], self.dropped_at[:SHOWN_WHERE]
+        return out
+
+
+SHOWN_WHERE = 20
 
 
 @dataclass
@@ -68,10 +84,10 @@ def build_dataset(recipe, tokenizer, split: str = "train") -> TokenizedDataset:
     for record in records:
         ids, labels = _tokenize_sft(record, fmt, tokenizer, template)
         if len(ids) > seq_len:
-            stats.truncated += 1
+            stats.note_truncated(record.where)
             ids, labels = ids[:seq_len], labels[:seq_len]
         if _count_trained(labels) == 0:
-            stats.dropped += 1
+            stats.note_dropped(record.where)
             continue
         examples.append({"input_ids": ids, "labels": labels})
     if not examples:
@@ -128,7 +144,10 @@ def _encode_text(tokenizer, text: str) -> list[int]:
 def _pretrain(records: list[Record], tokenizer, seq_len: int, fmt: str) -> TokenizedDataset:
     docs = [list(tokenizer(record_text(r), add_special_tokens=True)["input_ids"]) for r in records]
     blocks = pack_pretrain(docs, seq_len, tokenizer.eos_token_id)
-    stats = DataStats(records=len(records), dropped=sum(1 for d in docs if not d))
+    stats = DataStats(records=len(records))
+    for record, doc in zip(records, docs):
+        if not doc:
+            stats.note_dropped(record.where)
     if not blocks:
         raise UserError(
             "the text records hold too few tokens to form a training block",

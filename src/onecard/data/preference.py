@@ -61,9 +61,10 @@ def build_preference_dataset(recipe, tokenizer, split: str = "train") -> Prefere
     examples = []
     for record in records:
         example, truncated = _tokenize_record(record, task, tokenizer, template, seq_len, max_prompt)
-        stats.truncated += truncated
+        if truncated:
+            stats.note_truncated(record.where)
         if example is None:
-            stats.dropped += 1
+            stats.note_dropped(record.where)
             continue
         examples.append(example)
         completions = [k for k in example if k.endswith("_ids") and k != "prompt_ids"]

@@ -154,3 +154,15 @@ def also_worth_it(plan: MemoryPlan) -> list[Suggestion]:
               f"{new.host_bytes / GIB:.1f} GiB pinned host memory; the layers are then checkpointed in halves, "
               "which recomputes less)")
     return [Suggestion(change, {"training.offload_activations": True}, new.total_bytes, new.verdict)]
+
+
+def cheapest_reduction(plan: MemoryPlan) -> Suggestion | None:
+    """The cheapest recipe change that plans less memory than ``plan``, fit or not: what to try after a run ran out
+    of memory on a plan that said it fits (the planner was short by at least the difference)."""
+    if not plan.fits and (fixes := [s for s in suggest_fixes(plan) if not s.set.keys() & {"plan.gpu"}]):
+        return fixes[0]
+    for change, overrides, trial in _candidates(plan.inputs):
+        new = plan_memory(trial)
+        if new.total_bytes < plan.total_bytes:
+            return Suggestion(change, overrides, new.total_bytes, new.verdict)
+    return None

@@ -33,7 +33,8 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     from onecard.train.checkpoint import TrainState
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer
     from onecard.train.optim import build_optimizer
-    from onecard.train.rundir import check_run_dir, prepare_run_dir, recipe_changes
+    from onecard.train.resume_policy import record_resume
+    from onecard.train.rundir import check_run_dir, prepare_run_dir
 
     dist = D.init(recipe)
     main_console = console if dist.is_main else None
@@ -49,8 +50,8 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     schedule = Schedule.from_recipe(recipe, len(dataset.examples), dist.world)
     dist.barrier()  # every rank has read the run directory before rank 0 changes it
     if dist.is_main:
-        if resume and main_console is not None and (changed := recipe_changes(run_dir, recipe)):
-            main_console.print(f"[yellow]resuming with a recipe that differs in: {', '.join(changed)}[/yellow]")
+        if resume:
+            record_resume(run_dir, recipe, main_console)  # resume policy: old recipe kept, resumes.jsonl
         prepare_run_dir(run_dir, recipe, overwrite)
     dist.barrier()
     if recipe.training.grad_ckpt:
@@ -82,6 +83,7 @@ class RankStep(Step):
         super().__init__(model, optimizer, recipe, dist.device)
         self.dist, self.dataset, self.pad_id, self.fused_loss = dist, dataset, pad_id, fused_loss
         self.logs = dist.is_main
+        self.one_process = False
 
     def backward(self, window: list[list[int]]) -> dict[str, Any]:
         """This rank's backward passes scaled to the global token count (memory in the record: this rank's)."""

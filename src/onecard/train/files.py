@@ -33,10 +33,17 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     if tmp.is_dir():
         shutil.rmtree(tmp)
-    write(tmp)
-    for child in (tmp.iterdir() if tmp.is_dir() else ()):
-        _fsync(child)
-    _fsync(tmp)
+    try:
+        write(tmp)
+        for child in (tmp.iterdir() if tmp.is_dir() else ()):
+            _fsync(child)
+        _fsync(tmp)
+    except BaseException:  # a full disk or a kill: give back the half-written copy's space, keep the old version
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
     old = path.with_name(f".{path.name}{OLD_MARK}{os.getpid()}")
     if tmp.is_dir() and path.exists():
         os.replace(path, old)

@@ -10,13 +10,24 @@ from typing import Any
 from onecard.recipe import Recipe
 
 
-def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> dict[str, Any]:
+def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False,
+          allow_recipe_change: bool = False) -> dict[str, Any]:
     """Run the recipe; returns the summary also written to ``summary.json``."""
-    return train_model(recipe, resume=resume, console=console, overwrite=overwrite)[2]
+    return train_model(recipe, resume=resume, console=console, overwrite=overwrite,
+                       allow_recipe_change=allow_recipe_change)[2]
 
 
-def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False):
-    """:func:`train`, also handing back the trained model and tokenizer in memory: (model, tokenizer, summary)."""
+def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False,
+                allow_recipe_change: bool = False):
+    """:func:`train`, also handing back the trained model and tokenizer in memory: (model, tokenizer, summary).
+
+    ``--resume`` on a finished run changes nothing and returns (None, None, its stored summary); a resume with a
+    changed recipe is refused unless ``allow_recipe_change`` (train/resume_policy.py).
+    """
+    from onecard.train.resume_policy import check_resume
+
+    if (done := check_resume(recipe, resume, allow_recipe_change)) is not None:
+        return None, None, {**done, "already_finished": True}
     if recipe.task in ("dpo", "kto"):
         from onecard.train.preference import train_preference_model
 

@@ -3,8 +3,10 @@
 The schedule is a pure function of the step (:func:`lr_factor`) applied to ``param_groups`` each step
 rather than a ``torch.optim.lr_scheduler`` object, for two reasons: torchao's ``CPUOffloadOptimizer`` is not
 a ``torch.optim.Optimizer`` (LR schedulers refuse it), and a pure function makes resume exact with nothing to
-restore but the step. The formulas are those of transformers' ``get_{cosine,linear,constant}_schedule_with_warmup``
-(transformers/optimization.py); a test checks parity.
+restore but the step. After warm-up the formulas are those of transformers'
+``get_{cosine,linear,constant}_schedule_with_warmup`` (transformers/optimization.py); a test checks parity. The
+warm-up ramp is shifted by one step: transformers' step 0 has factor 0/warmup = 0, an update of nothing whose
+loss the next step repeats; here step s < warmup has (s + 1) / (warmup + 1), rising to the peak at step warmup.
 """
 
 from __future__ import annotations
@@ -102,8 +104,8 @@ def warmup_steps(recipe: Recipe, total_steps: int) -> int:
 
 def lr_factor(step: int, total_steps: int, warmup: int, kind: str) -> float:
     """Multiplier of the peak LR at optimizer step ``step`` (0-based), as transformers' schedules compute it."""
-    if step < warmup:
-        return float(step) / float(max(1, warmup))
+    if step < warmup:  # never 0: see the module docstring
+        return float(step + 1) / float(warmup + 1)
     if kind == "constant":
         return 1.0
     progress = float(step - warmup) / float(max(1, total_steps - warmup))

@@ -32,6 +32,7 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     from onecard.data.preference import build_preference_dataset
     from onecard.train.model import load_model_and_tokenizer, resolve_device
     from onecard.train.preference_reference import setup_reference
+    from onecard.train.preflight import say_before_training
     from onecard.train.rundir import check_run_dir
 
     run_dir = recipe.run_dir
@@ -46,6 +47,7 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     dataset = build_preference_dataset(recipe, tokenizer, split="train")
     eval_set = build_preference_dataset(recipe, tokenizer, split="eval")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
+    say_before_training(recipe, schedule, dataset.stats, console)  # preflight: schedule, truncated lines
     # after setup_reference: the optimizer sees the trained weights only
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     started = state.global_step

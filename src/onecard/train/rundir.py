@@ -13,21 +13,35 @@ from onecard.train.files import write_atomic, write_text_atomic
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Fail before any work if the run directory's state contradicts the flags (nothing is written here)."""
+    """Fail before any work if the run directory's state contradicts the flags (nothing is written here).
+
+    Each refusal names a flag that works for the state found, so the advice never sends the user in a circle.
+    """
     from onecard.train.checkpoint import latest_checkpoint
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other", fix="pass one of them")
+    holds_run = run_dir.is_dir() and any(run_dir.iterdir())
+    latest = latest_checkpoint(run_dir) if holds_run else None
     if resume:
-        if latest_checkpoint(run_dir) is None:
-            raise UserError("no checkpoint to resume from", where=str(run_dir),
-                            fix="set training.save_every_steps so checkpoints are written, or drop --resume")
+        if latest is None and holds_run:
+            raise UserError("no checkpoint to resume from: the run stopped before its first checkpoint was written",
+                            where=str(run_dir), fix="start it again with --overwrite instead of --resume "
+                            "(checkpoints follow training.save_every_minutes / save_every_steps)")
+        if latest is None:
+            raise UserError("nothing to resume: the run directory holds no run", where=str(run_dir),
+                            fix="drop --resume to start the run")
         return
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        finished = (run_dir / "summary.json").is_file()
-        state = "a finished run" if finished else "an unfinished run"
-        raise UserError(f"the run directory already holds {state}", where=str(run_dir),
-                        fix="pass --resume to continue it, --overwrite to start over, or change name/output_dir")
+    if holds_run and not overwrite:
+        if (run_dir / "summary.json").is_file():
+            raise UserError("the run directory already holds a finished run", where=str(run_dir),
+                            fix="pass --overwrite to start over, or change name/output_dir")
+        if latest is None:
+            raise UserError("the run directory holds an unfinished run that wrote no checkpoint", where=str(run_dir),
+                            fix="pass --overwrite to start over (there is nothing to resume), or change name/output_dir")
+        raise UserError(f"the run directory already holds an unfinished run (last checkpoint: {latest.name})",
+                        where=str(run_dir), fix="pass --resume to continue it, --overwrite to start over, "
+                        "or change name/output_dir")
 
 
 def recipe_changes(run_dir: Path, recipe: Recipe) -> list[str]:

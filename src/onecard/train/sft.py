@@ -19,6 +19,7 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
     from onecard.data import build_dataset, pad_token_id
     from onecard.train.checkpoint import check_resume_world
     from onecard.train.model import load_model_and_tokenizer, resolve_device
+    from onecard.train.preflight import say_before_training
     from onecard.train.rundir import check_run_dir
     from onecard.train.summary import evaluate_and_save, finish, has_eval_data, reset_peak_after_setup
 
@@ -37,6 +38,7 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
     kernels = apply_recipe_kernels(model, recipe, device, console)
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
+    say_before_training(recipe, schedule, dataset.stats, console)  # the schedule, truncated and dropped lines
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     stream_setup.start_streaming(model, streaming, device, console)
     started = state.global_step

@@ -124,11 +124,12 @@ def start_run(model, recipe: Recipe, device: str, resume: bool, overwrite: bool,
     from onecard.train.checkpoint import TrainState
     from onecard.train.model import enable_grad_ckpt
     from onecard.train.optim import build_optimizer
-    from onecard.train.rundir import prepare_run_dir, recipe_changes
+    from onecard.train.resume_policy import record_resume
+    from onecard.train.rundir import prepare_run_dir
 
     run_dir = recipe.run_dir
-    if resume and console is not None and (changed := recipe_changes(run_dir, recipe)):
-        console.print(f"[yellow]resuming with a recipe that differs from the run's in: {', '.join(changed)}[/yellow]")
+    if resume:
+        record_resume(run_dir, recipe, console)  # the old recipe kept, resumes.jsonl, before recipe.yaml is rewritten
     prepare_run_dir(run_dir, recipe, overwrite)  # only now: bad input leaves nothing half-written
     if recipe.training.grad_ckpt:
         enable_grad_ckpt(model, recipe)
@@ -155,9 +156,12 @@ def restore(run_dir: Path, model, optimizer):
 class Step:
     """One task's (or strategy's) part of an optimizer step. ``backward(window)`` gets the example indices of one
     accumulation window (one list per micro-batch), runs the backward passes and returns the step's metrics:
-    ``loss``, ``tokens``, ``trained_tokens`` and any task metrics. ``logs``: this process writes metrics."""
+    ``loss``, ``tokens``, ``trained_tokens`` and any task metrics. ``logs``: this process writes metrics.
+    ``one_process``: the step's process decides alone when to save (save every N minutes, save on SIGINT/SIGTERM);
+    N processes would each decide at a different step, so a multi-GPU rank saves by step interval only."""
 
     logs = True
+    one_process = True
 
     def __init__(self, model, optimizer, recipe: Recipe, device: str):
         self.model, self.optimizer, self.recipe, self.device = model, optimizer, recipe, device
@@ -168,15 +172,15 @@ class Step:
     def clip(self, max_grad_norm: float | None) -> float | None:
         import torch
 
-        if max_grad_norm is None:
-            return None
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if max_grad_norm is None:  # no clipping, but the norm is still logged and checked (train/guards.py)
+            return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
 
-    def save(self, state) -> None:
+    def save(self, state) -> Path:
         from onecard.train.checkpoint import save_checkpoint
 
-        save_checkpoint(self.recipe.run_dir, self.model, self.optimizer, state,
+        return save_checkpoint(self.recipe.run_dir, self.model, self.optimizer, state,
                         {"kind": self.recipe.training.lr_scheduler, "step": state.global_step})
 
     def after_step(self, step: int, logger) -> None:
@@ -203,17 +207,25 @@ class Rate:
 
 
 def run_steps(step: Step, schedule: Schedule, state, console):
-    """The optimisation loop: every task's and strategy's. Returns (state, timing)."""
+    """The optimisation loop: every task's and strategy's. Returns (state, timing).
+
+    Checkpoints as train/save_policy.py says and, in one process, on SIGINT/SIGTERM (train/signals.py). A NaN/inf
+    or blown-up step, an out-of-memory error or a full disk stops it cleanly (train/guards.py)."""
     import torch
 
     from onecard.data import epoch_order
+    from onecard.train.guards import StepGuard, is_out_of_memory, out_of_memory
     from onecard.train.metrics import MetricsLogger, TrainProgress
+    from onecard.train.save_policy import SaveClock
+    from onecard.train.signals import StopSignals
 
     recipe, model = step.recipe, step.model
     logger = MetricsLogger(recipe.run_dir, state.metrics) if step.logs else None
     progress = TrainProgress(console, schedule.total_steps, state.global_step)
     order: tuple[int, list[int]] = (-1, [])
     rate, steady = Rate(), None
+    guard = StepGuard(recipe)
+    clock, stop = (SaveClock(recipe), StopSignals(console).install()) if step.one_process else (None, None)
     model.train()
     try:
         while state.global_step < schedule.total_steps:
@@ -221,16 +233,24 @@ def run_steps(step: Step, schedule: Schedule, state, console):
             if order[0] != epoch:  # the order is a pure function of (seed, epoch): resume-exact
                 order = (epoch, epoch_order(schedule.n_examples, recipe.training.seed, epoch,
                                             shuffle=recipe.data.shuffle))
-            record = optimizer_step(step, schedule.window(order[1], position), state.global_step,
-                                    schedule.total_steps)
+            try:
+                record = optimizer_step(step, schedule.window(order[1], position), state.global_step,
+                                        schedule.total_steps, guard)
+            except Exception as exc:  # out-of-memory becomes a clean stop with the plan beside it
+                if not is_out_of_memory(exc):
+                    raise
+                step.optimizer.zero_grad(set_to_none=True)
+                raise out_of_memory(exc, recipe, state.global_step, step.device) from None
             account_step(state, record, schedule, recipe, rate, step.device, logger)
             progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"],
                             step.progress_text(record))
             step.after_step(state.global_step, logger)
             if steady is None:  # the first step pays compilation and warm-up: the steady rate starts after it
                 steady = (time.perf_counter(), rate.tokens)
-            checkpoint_if_due(step, state, schedule, logger)
+            checkpoint_if_due(step, state, schedule, logger, clock, stop, console)
     finally:
+        if stop is not None:
+            stop.uninstall()
         progress.close()
         if logger is not None:
             logger.close()
@@ -244,13 +264,16 @@ def run_steps(step: Step, schedule: Schedule, state, console):
     return state, timing
 
 
-def optimizer_step(step: Step, window: list[list[int]], global_step: int, total_steps: int) -> dict[str, Any]:
-    """Set the LR, the task's backward over the window, clip, step. Returns the step's record."""
+def optimizer_step(step: Step, window: list[list[int]], global_step: int, total_steps: int, guard=None) -> dict[str, Any]:
+    """Set the LR, the task's backward over the window, clip, check (``guard``: train/guards.StepGuard), step.
+    Returns the step's record."""
     from onecard.train.optim import set_lr
 
     lr = set_lr(step.optimizer, step.recipe, global_step, total_steps)
     metrics = step.backward(window)
     grad_norm = step.clip(step.recipe.training.max_grad_norm)
+    if guard is not None:
+        guard.check(global_step, metrics["loss"], grad_norm)  # before optimizer.step: a bad step is never applied
     step.optimizer.step()
     step.optimizer.zero_grad(set_to_none=True)
     return {"loss": metrics.pop("loss"), "lr": lr, "grad_norm": grad_norm, **metrics}
@@ -274,13 +297,23 @@ def account_step(state, record: dict, schedule: Schedule, recipe: Recipe, rate: 
                     **record})
 
 
-def checkpoint_if_due(step: Step, state, schedule: Schedule, logger) -> None:
+def checkpoint_if_due(step: Step, state, schedule: Schedule, logger, clock=None, stop=None, console=None) -> None:
+    """Save when ``clock`` (save_policy.SaveClock; None: the step interval only) says so or a signal asked
+    (``stop``: signals.StopSignals), then stop with RunInterrupted if one did."""
+    from onecard.train.save_policy import save_or_stop
+
     every = step.recipe.training.save_every_steps
-    if not every or state.global_step % every:
+    stopping = stop is not None and stop.requested
+    due = clock.due(state.global_step) if clock is not None else bool(every) and state.global_step % every == 0
+    if not (due or stopping):
         return
     state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
     if logger is not None:
         state.metrics = list(logger.records)
-    step.save(state)
+    path = save_or_stop(step.recipe.run_dir, lambda: step.save(state), state.global_step, console)
+    if clock is not None:
+        clock.saved()
+    if stop is not None and stop.requested:  # also a signal that arrived during this very save
+        raise stop.interrupted(state.global_step, path)
     if int(os.environ.get(CRASH_ENV, "0") or 0) == state.global_step:
         os._exit(17)  # simulate a killed process (tests only): no cleanup, no flush; every rank alike
