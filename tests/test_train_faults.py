@@ -30,17 +30,17 @@ def straight_final_loss(tmp_path_factory, tiny_model_factory):
 
 
 def faulty_accumulate(monkeypatch, at_call: int, fault):
-    """``loop.accumulate_gradients`` with ``fault(loss, n, model)`` applied at its ``at_call``-th call (1-based)."""
-    from onecard.train import loop
+    """``sft.accumulate_gradients`` with ``fault(loss, n, model)`` applied at its ``at_call``-th call (1-based)."""
+    from onecard.train import sft
 
-    real, calls = loop.accumulate_gradients, []
+    real, calls = sft.accumulate_gradients, []
 
     def accumulate(model, *args, **kwargs):
         calls.append(1)
         loss, n = real(model, *args, **kwargs)
         return fault(loss, n, model) if len(calls) == at_call else (loss, n)
 
-    monkeypatch.setattr(loop, "accumulate_gradients", accumulate)
+    monkeypatch.setattr(sft, "accumulate_gradients", accumulate)
 
 
 def latest(run_dir) -> str:
@@ -142,14 +142,14 @@ st.save_file = save_file
 
 SIGTERM_MID_RUN = """
 import os, signal
-from onecard.train import loop
-real = loop.optimizer_step
+from onecard.train import spine
+real = spine.optimizer_step
 def optimizer_step(*args, **kwargs):
     record = real(*args, **kwargs)
-    if args[4] == 2:  # during step 3
+    if args[2] == 2:  # during step 3 (args[2]: the 0-based step)
         os.kill(os.getpid(), signal.SIGTERM)
     return record
-loop.optimizer_step = optimizer_step
+spine.optimizer_step = optimizer_step
 """
 
 

@@ -20,17 +20,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def signal_after_step(monkeypatch, step: int, signum: int) -> None:
     """The process sends itself ``signum`` right after optimizer step ``step`` (1-based) has been applied."""
-    from onecard.train import loop
+    from onecard.train import spine
 
-    real = loop.optimizer_step
+    real = spine.optimizer_step
 
     def stepped(*args, **kwargs):
         record = real(*args, **kwargs)
-        if args[4] + 1 == step:  # args[4]: the 0-based step
+        if args[2] + 1 == step:  # args[2]: the 0-based step
             os.kill(os.getpid(), signum)
         return record
 
-    monkeypatch.setattr(loop, "optimizer_step", stepped)
+    monkeypatch.setattr(spine, "optimizer_step", stepped)
 
 
 def test_resume_leaves_a_finished_run_byte_for_byte(tmp_path, tiny_llama_dir, capsys):
@@ -115,10 +115,10 @@ def test_save_clock_defaults_to_thirty_minutes(tmp_path, tiny_llama_dir):
 
 
 def test_unfinished_run_without_checkpoint_advice_is_not_circular(tmp_path, tiny_llama_dir, capsys, monkeypatch):
-    from onecard.train import loop
+    from onecard.train import sft
 
     recipe = write_recipe(tmp_path, tiny_llama_dir, "nockpt", save_every_minutes=0)
-    real = loop.accumulate_gradients
+    real = sft.accumulate_gradients
     calls = []
 
     def crashing(*args, **kwargs):
@@ -127,7 +127,7 @@ def test_unfinished_run_without_checkpoint_advice_is_not_circular(tmp_path, tiny
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "accumulate_gradients", crashing)
+    monkeypatch.setattr(sft, "accumulate_gradients", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_cli(["train", recipe], capsys)
     monkeypatch.undo()
