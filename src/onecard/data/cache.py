@@ -78,10 +78,13 @@ def new_build_dir(key: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
 
 
-def publish(build: Path, key: str, meta: dict[str, Any]) -> Path:
-    """Write ``meta.json`` last and rename the build directory into place; returns the entry."""
+def publish(build: Path, key: str, meta: dict[str, Any], replace: bool = False) -> Path:
+    """Write ``meta.json`` last and rename the build directory into place (over an existing entry when
+    ``replace``: a rebuild); returns the entry."""
     (build / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     target = entry_dir(key)
+    if replace:
+        shutil.rmtree(target, ignore_errors=True)
     try:
         os.rename(build, target)  # atomic on one filesystem
     except OSError:

@@ -72,7 +72,7 @@ def prepare(recipe, tokenizer, split: str, phases, num_proc: int | None = None, 
         meta = _build(recipe, tokenizer, split, path, index, chosen, build, phases, num_proc)
         meta.update(key=key, split=split, source=cache.source_info(path, file_hash), 
                     seconds=dict(phases.seconds))
-        return Prepared(cache.publish(build, key, meta), meta, from_cache=False)
+        return Prepared(cache.publish(build, key, meta, replace=rebuild), meta, from_cache=False)
     finally:
         if build.exists():
             import shutil

@@ -51,8 +51,8 @@ def render_stats(console, summary: dict[str, Any], width: int = 40) -> None:
                                     f"({summary['trained_fraction']:.1%} trained)"),
         ("mean tokens per example", f"{summary['mean_tokens_per_example']:,.1f}"),
         ("length p50 / p90 / p99 / max", " / ".join(f"{pct[k]:,}" for k in ("p50", "p90", "p99", "p100"))),
-        ("packing efficiency", f"{packing['efficiency']:.1%} of {packing['rows']:,} rows x {seq_len:,} tokens"
-                               + ("" if packing["enabled"] else " (if data.packing were on)")),
+        ("packing efficiency", f"{packing['efficiency']:.1%} ({packing['rows']:,} rows of {seq_len:,})"
+                               + ("" if packing["enabled"] else " with data.packing: true")),
     ]
     for key, value in rows:
         table.add_row(key, value)
