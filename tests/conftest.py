@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ if not _HAS_CUDA:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Prepared data goes to a per-session cache, never the user's ~/.cache/onecard/data.
+os.environ.setdefault("ONECARD_DATA_CACHE", tempfile.mkdtemp(prefix="onecard-test-data-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -202,4 +202,4 @@ def test_slow_tokenizer_path_agrees_with_offsets_when_pieces_align(tok):
     from onecard.data.masking import _label_by_offsets, _label_by_pieces, assistant_spans
 
     full, spans = assistant_spans(tok, CHATML, CHAT)
-    assert _label_by_pieces(tok, full, spans) == _label_by_offsets(tok, full, spans)
+    assert _label_by_pieces(tok, full, spans) == _label_by_offsets(tok, [full], [spans])[0]

@@ -14,7 +14,7 @@ import typer
 
 from onecard.errors import UserError
 
-VERBS = ["demo", "train", "plan", "scope", "lint", "eval", "export", "report", "bench", "models", "gpus"]
+VERBS = ["demo", "data", "train", "plan", "scope", "lint", "eval", "export", "report", "bench", "models", "gpus"]
 
 app = typer.Typer(
     name="onecard",

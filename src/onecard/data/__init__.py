@@ -2,12 +2,14 @@
 
 Public API (the trainer and the preference-data code build on these):
 ``build_dataset(recipe, tokenizer, split)``, ``collate(examples, pad_id)``, ``epoch_order(n, seed, epoch)``,
-``model_inputs(batch)``, ``read_records(path)``, ``check_template_masking(tokenizer, template)``, ``pad_token_id(tokenizer)``.
+``model_inputs(batch)``, ``read_records(path)``, ``check_template_masking(tokenizer, template)``, ``pad_token_id(tokenizer)``,
+``read_stats(path)`` (statistics of the newest prepared data of a file, for the planner: no tokenizer, no torch).
 No torch import at module level: torch is imported inside the functions that build tensors.
 """
 
 from __future__ import annotations
 
+from onecard.data.cache import read_stats
 from onecard.data.collate import collate, epoch_order, model_inputs
 from onecard.data.dataset import DataStats, TokenizedDataset, build_dataset, select_records
 from onecard.data.formats import detect_format, to_messages
@@ -29,6 +31,7 @@ __all__ = [
     "model_inputs",
     "pad_token_id",
     "read_records",
+    "read_stats",
     "render",
     "resolve_template",
     "select_records",

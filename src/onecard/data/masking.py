@@ -14,7 +14,7 @@ the template's trailing newline need not be.
 
 from __future__ import annotations
 
-from onecard.data.templates import end_of_turn_tokens, render
+from onecard.data.templates import check_direct_render, end_of_turn_tokens, render
 from onecard.errors import UserError
 
 IGNORE_INDEX = -100
@@ -23,20 +23,39 @@ Span = tuple[int, int]
 
 def tokenize_chat(tokenizer, template: str, messages: list[dict], where: str | None = None) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one conversation; labels are IGNORE_INDEX outside assistant spans."""
+    return tokenize_chats(tokenizer, template, [messages], [where])[0]
+
+
+def tokenize_chats(tokenizer, template: str, conversations: list[list[dict]],
+                   wheres: list[str | None]) -> list[tuple[list[int], list[int]]]:
+    """:func:`tokenize_chat` of many conversations, with one tokenizer call for all of them.
+
+    A batched call is ~1.3x faster per token than one call per text on this 2-core machine (the Rust
+    tokenizer's per-call overhead), and the labels are the same: each text is encoded on its own.
+    """
+    if conversations:
+        check_direct_render(tokenizer, template, conversations[0])
+    rendered = [_spans_at(tokenizer, template, messages, where) for messages, where in zip(conversations, wheres)]
+    if getattr(tokenizer, "is_fast", False):
+        labelled = _label_by_offsets(tokenizer, [full for full, _ in rendered], [spans for _, spans in rendered])
+    else:  # slow tokenizers give no offsets: tokenize span by span instead
+        labelled = [_label_by_pieces(tokenizer, full, spans) for full, spans in rendered]
+    out = []
+    for ids, trained in labelled:
+        labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, trained)]
+        if labels:
+            labels[0] = IGNORE_INDEX  # position 0 is never predicted by a causal LM
+        out.append((ids, labels))
+    return out
+
+
+def _spans_at(tokenizer, template: str, messages: list[dict], where: str | None) -> tuple[str, list[Span]]:
     try:
-        full, spans = assistant_spans(tokenizer, template, messages, where=where)
+        return assistant_spans(tokenizer, template, messages, where=where)
     except UserError as exc:  # a template refusing *this* conversation: point at the record
         if where and exc.where == "data.chat_template":
             raise UserError(exc.what, where=where, fix=exc.fix) from None
         raise
-    if getattr(tokenizer, "is_fast", False):
-        ids, trained = _label_by_offsets(tokenizer, full, spans)
-    else:  # slow tokenizers give no offsets: tokenize span by span instead
-        ids, trained = _label_by_pieces(tokenizer, full, spans)
-    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, trained)]
-    if labels:
-        labels[0] = IGNORE_INDEX  # position 0 is never predicted by a causal LM
-    return ids, labels
 
 
 def assistant_spans(tokenizer, template: str, messages: list[dict], where: str | None = None) -> tuple[str, list[Span]]:
@@ -116,16 +135,26 @@ def _unlocatable(where: str | None, index: int, why: str) -> UserError:
     )
 
 
-def _label_by_offsets(tokenizer, text: str, spans: list[Span]) -> tuple[list[int], list[bool]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    trained, j = [], 0
-    for s, e in offsets:  # offsets and spans are both sorted: one pass
-        while j < len(spans) and spans[j][1] <= s:
-            j += 1
-        overlaps = j < len(spans) and (e > spans[j][0] or (s == e and s >= spans[j][0]))
-        trained.append(overlaps)
-    return ids, trained
+def _label_by_offsets(tokenizer, texts: list[str], spans_per_text: list[list[Span]]) -> list[tuple[list[int], list[bool]]]:
+    """A token is trained when it overlaps a span: ``e > span start`` for the first span ending after the
+    token's start ``s`` (an empty token counts when ``s >= span start``). numpy instead of a per-token loop."""
+    import numpy as np
+
+    encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for ids, offsets, spans in zip(encodings["input_ids"], encodings["offset_mapping"], spans_per_text):
+        ids = list(ids)
+        if not ids or not spans:
+            out.append((ids, [False] * len(ids)))
+            continue
+        tok = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        span = np.asarray(spans, dtype=np.int64)
+        j = np.searchsorted(span[:, 1], tok[:, 0], side="right")  # first span whose end > token start
+        has = j < len(span)
+        start = span[np.minimum(j, len(span) - 1), 0]
+        trained = has & ((tok[:, 1] > start) | ((tok[:, 0] == tok[:, 1]) & (tok[:, 0] >= start)))
+        out.append((ids, trained.tolist()))
+    return out
 
 
 def _label_by_pieces(tokenizer, text: str, spans: list[Span]) -> tuple[list[int], list[bool]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from onecard.errors import UserError
 
@@ -37,6 +37,21 @@ class Record:
 
 def read_records(path: str | Path) -> list[Record]:
     """Read every record of a JSONL/JSON/Parquet/CSV file; raises :class:`UserError` on anything malformed."""
+    path = check_data_file(path)
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES and not is_json_array(path):
+        records = [as_record(obj, path, line) for line, _, _, obj in iter_json_lines(path)]
+    elif suffix in JSON_SUFFIXES:
+        records = _read_json_array(path, "\n".join(_decode_lines(path)))
+    else:
+        records = _read_table(path, suffix)
+    if not records:
+        raise UserError("data file holds no records", where=str(path), fix=_EXAMPLE_FIX)
+    return records
+
+
+def check_data_file(path: str | Path) -> Path:
+    """The path, if it names a readable, non-empty data file of a supported type; else a UserError."""
     path = Path(path)
     if not path.exists():
         raise UserError("data file not found", where=str(path), fix="check data.path in the recipe (relative paths start from the current directory)")
@@ -52,13 +67,44 @@ def read_records(path: str | Path) -> list[Record]:
         )
     if path.stat().st_size == 0:
         raise UserError("data file is empty", where=str(path), fix=_EXAMPLE_FIX)
-    if suffix in JSON_SUFFIXES:
-        records = _read_json(path)
-    else:
-        records = _read_table(path, suffix)
-    if not records:
-        raise UserError("data file holds no records", where=str(path), fix=_EXAMPLE_FIX)
-    return records
+    return path
+
+
+def is_json_array(path: Path) -> bool:
+    """True when the file's first non-blank character is ``[`` (one JSON array, not JSON lines)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            head = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head:
+                return head.startswith(b"[")
+    raise UserError("data file is empty (only whitespace)", where=str(path), fix=_EXAMPLE_FIX)
+
+
+def iter_json_lines(path: Path) -> Iterator[tuple[int, int, int, Any]]:
+    """``(line, byte offset, byte length, parsed object)`` of each non-blank line, streamed: memory stays flat
+    however large the file. The offsets let a worker process re-read one line without holding the file."""
+    with open(path, "rb") as f:
+        offset = 0
+        for number, raw in enumerate(f, start=1):
+            start, size = offset, len(raw)
+            offset += size
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start, size = raw[3:], start + 3, size - 3  # a UTF-8 byte-order mark is harmless
+            text = _decode_line(raw.rstrip(b"\n"), path, number)
+            if not text.strip():
+                continue
+            yield number, start, size, parse_json_line(text, path, number)
+
+
+def parse_json_line(text: str, path: Path | str, number: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"malformed JSON at column {exc.colno}: {exc.msg}",
+            where=f"{path}:{number}",
+            fix="each line must be one complete JSON object; check quotes, commas and brackets on this line",
+        ) from None
 
 
 _EXAMPLE_FIX = (
@@ -71,41 +117,18 @@ def _decode_lines(path: Path) -> list[str]:
     raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a UTF-8 byte-order mark is harmless; strip it rather than complain
-    lines = raw.split(b"\n")
-    out = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            out.append(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise UserError(
-                f"line is not valid UTF-8 (byte {exc.start + 1} of the line: {line[exc.start:exc.start + 1]!r})",
-                where=f"{path}:{number}",
-                fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)",
-            ) from None
-    return out
+    return [_decode_line(line, path, number) for number, line in enumerate(raw.split(b"\n"), start=1)]
 
 
-def _read_json(path: Path) -> list[Record]:
-    lines = _decode_lines(path)
-    text = "\n".join(lines)
-    if not text.strip():
-        raise UserError("data file is empty (only whitespace)", where=str(path), fix=_EXAMPLE_FIX)
-    if text.lstrip().startswith("["):
-        return _read_json_array(path, text)
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(
-                f"malformed JSON at column {exc.colno}: {exc.msg}",
-                where=f"{path}:{number}",
-                fix="each line must be one complete JSON object; check quotes, commas and brackets on this line",
-            ) from None
-        records.append(_as_record(obj, path, number))
-    return records
+def _decode_line(line: bytes, path: Path, number: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"line is not valid UTF-8 (byte {exc.start + 1} of the line: {line[exc.start:exc.start + 1]!r})",
+            where=f"{path}:{number}",
+            fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)",
+        ) from None
 
 
 def _read_json_array(path: Path, text: str) -> list[Record]:
@@ -120,7 +143,7 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
                 break
             line = text.count("\n", 0, pos) + 1
             obj, pos = decoder.raw_decode(text, pos)
-            records.append(_as_record(obj, path, line))
+            records.append(as_record(obj, path, line))
             end, pos = pos, _skip_ws(text, pos)
             if text[pos] == ",":
                 pos += 1
@@ -146,7 +169,7 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _as_record(obj: Any, path: Path, line: int, unit: str = "line") -> Record:
+def as_record(obj: Any, path: Path, line: int, unit: str = "line") -> Record:
     if not isinstance(obj, dict):
         where = f"{path}:{line}" if unit == "line" else f"{path} (row {line})"
         raise UserError(
@@ -178,7 +201,7 @@ def _read_table(path: Path, suffix: str) -> list[Record]:
         if was_enabled:
             datasets.enable_progress_bars()
     offset, unit = (2, "line") if suffix == ".csv" else (1, "row")
-    return [_as_record(_decode_json_cells(row), path, i + offset, unit) for i, row in enumerate(table)]
+    return [as_record(_decode_json_cells(row), path, i + offset, unit) for i, row in enumerate(table)]
 
 
 def _read_csv_stdlib(path: Path) -> list[Record]:
@@ -187,7 +210,7 @@ def _read_csv_stdlib(path: Path) -> list[Record]:
 
     text = "\n".join(_decode_lines(path))  # raises with the line number on bad bytes
     reader = csv.DictReader(io.StringIO(text))
-    return [_as_record(_decode_json_cells(row), path, reader.line_num) for row in reader]
+    return [as_record(_decode_json_cells(row), path, reader.line_num) for row in reader]
 
 
 def _decode_json_cells(row: dict[str, Any]) -> dict[str, Any]:
