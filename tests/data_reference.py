@@ -48,10 +48,10 @@ def build_dataset(recipe, tokenizer, split: str = "train") -> TokenizedDataset:
     for record in records:
         ids, labels = _tokenize_sft(record, fmt, tokenizer, template)
         if len(ids) > seq_len:
-            stats.truncated += 1
+            stats.note_truncated(record.where)
             ids, labels = ids[:seq_len], labels[:seq_len]
         if _count_trained(labels) == 0:
-            stats.dropped += 1
+            stats.note_dropped(record.where)
             continue
         examples.append({"input_ids": ids, "labels": labels})
     if not examples:
@@ -84,7 +84,10 @@ def _encode_text(tokenizer, text: str) -> list[int]:
 def _pretrain(records: list[Record], tokenizer, seq_len: int, fmt: str) -> TokenizedDataset:
     docs = [list(tokenizer(record_text(r), add_special_tokens=True)["input_ids"]) for r in records]
     blocks = pack_pretrain(docs, seq_len, tokenizer.eos_token_id)
-    stats = DataStats(records=len(records), dropped=sum(1 for d in docs if not d))
+    stats = DataStats(records=len(records))
+    for record, doc in zip(records, docs):
+        if not doc:
+            stats.note_dropped(record.where)
     if not blocks:
         raise UserError(
             "the text records hold too few tokens to form a training block",

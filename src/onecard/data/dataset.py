@@ -16,6 +16,7 @@ from typing import Any
 
 from onecard.data.prepare import prepare, split_path, split_records
 from onecard.data.records import Record, read_records
+from onecard.data.stats import SHOWN_WHERE
 
 Example = dict[str, list[int]]
 
@@ -33,22 +34,20 @@ class DataStats:
     truncated_at: list[str] = field(default_factory=list)  # "file:line" of each truncated record
     dropped_at: list[str] = field(default_factory=list)    # "file:line" of each dropped record
 
+    # Only the first SHOWN_WHERE places of each kind are kept: a summary, not a data dump.
     def note_truncated(self, where: str) -> None:
         self.truncated += 1
-        self.truncated_at.append(where)
+        if len(self.truncated_at) < SHOWN_WHERE:
+            self.truncated_at.append(where)
 
     def note_dropped(self, where: str) -> None:
         self.dropped += 1
-        self.dropped_at.append(where)
+        if len(self.dropped_at) < SHOWN_WHERE:
+            self.dropped_at.append(where)
 
     def as_dict(self) -> dict:
-        """The counts, and the first ``SHOWN_WHERE`` places of each kind (a summary, not a data dump)."""
-        out = asdict(self)
-        out["truncated_at"], out["dropped_at"] = self.truncated_at[:SHOWN_WHERE], self.dropped_at[:SHOWN_WHERE]
-        return out
+        return asdict(self)
 
-
-SHOWN_WHERE = 20
 
 
 @dataclass

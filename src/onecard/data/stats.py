@@ -8,6 +8,9 @@ from typing import Any
 HISTOGRAM_BINS = 12
 
 
+SHOWN_WHERE = 20  # truncated / dropped records named by file:line (a summary, not a data dump)
+
+
 def summarize(n_tokens, kept_lengths, trained, seq_len: int, packing: bool, dropped: int, rows) -> dict[str, Any]:
     """``n_tokens``: each record's length before truncation; ``kept_lengths``/``trained``: tokens and trained
     tokens of each kept example (or pre-training block); ``rows``: row lengths under greedy packing."""

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from onecard.data.packing import pack_bounds, packed_row, pretrain_block, pretrain_block_count
-from onecard.data.stats import summarize
+from onecard.data.stats import SHOWN_WHERE, summarize
 from onecard.errors import UserError
 
 
-SHOWN_PLACES = 20  # truncated / dropped records named by file:line in the summary (a summary, not a data dump)
 
 
 def finish_store(store, recipe, split: str, fmt: str, files: list[str], build: Path, phases,
@@ -69,8 +68,8 @@ def finish_store(store, recipe, split: str, fmt: str, files: list[str], build: P
 
 def _name_places(summary: dict[str, Any], where, truncated, dropped) -> None:
     if where is not None:
-        summary["truncated_at"] = [where(int(i)) for i in truncated[:SHOWN_PLACES]]
-        summary["dropped_at"] = [where(int(i)) for i in dropped[:SHOWN_PLACES]]
+        summary["truncated_at"] = [where(int(i)) for i in truncated[:SHOWN_WHERE]]
+        summary["dropped_at"] = [where(int(i)) for i in dropped[:SHOWN_WHERE]]
 
 
 def _raise_first_error(table) -> None:
