@@ -1,4 +1,4 @@
-"""The 'Kernels (issue 6): targets' section: latest row per configuration, verdicts computed from the rows."""
+"""The 'Kernels: targets' section: latest row per configuration, verdicts computed from the rows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The 'Kernels (issue 6): targets' section of docs/benchmarks.md, from the bench rows with ``group: kernels``.
+"""The 'Kernels: targets' section of docs/benchmarks.md, from the bench rows with ``group: kernels``.
 
 Those rows come from ``onecard bench --suite src/onecard/bench/suite.yaml --part K`` (bench/results/h200-k*.jsonl).
 A configuration can be measured again by a later run; the section shows the latest row of each configuration (by
@@ -227,7 +227,7 @@ def render_kernels(section: dict[str, Any]) -> str:
                          for vs in section["versions"])
     dates = [d[:16].replace("T", " ") for d in section["dates"]]
     out = [f"""
-## Kernels (issue 6): targets - measured, H200
+## Kernels: targets - measured, H200
 
 The `group: kernels` rows of {", ".join(f"`bench/results/{f}`" for f in section["files"])}
 (`onecard bench --suite src/onecard/bench/suite.yaml --part K`), measured {dates[0]} to {dates[-1]} UTC
@@ -249,7 +249,7 @@ from the rows by `onecard/bench/report_kernels.py`.
                         (f"{e['target_id']}: " if e["target_id"] else "") + e["target"], e["measured"] or "-",
                         _verdict(e["met"]) if e["status"] == "ok" else f"not met ({e['status']})"
                         if e["target_id"] else e["status"] or "-", f"`{e['command']}`"] for e in section["rows"]]))
-    out.append("\nTargets (met when any checkpointing variant meets it, as issue 6 allows):\n")
+    out.append("\nTargets (met when any checkpointing variant meets it):\n")
     out += [f"- {t['target_id']}: {t['target']}: {_verdict(t['met'])}"
             + (f" (by {', '.join(t['met_by'])})" if t["met_by"] else "") for t in section["targets"]]
     out.append(_probe_line(section.get("probes") or []))

@@ -146,7 +146,7 @@ def render_multigpu(section: dict[str, Any]) -> str:
     v = (section["probes"] or section["parity"])[0]
     versions = ", ".join(f"{k} {val}" for k, val in v["versions"].items())
     out = [f"""
-## Multi-GPU (issue 9) - measured, {v['host']}
+## Multi-GPU - measured, {v['host']}
 
 Measured on {v['date']} ({versions}: the GPU image's versions as reported; rows from the third session record
 their own) with the commands of `notes/multigpu.md`; raw rows in
