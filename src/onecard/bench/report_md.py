@@ -68,27 +68,27 @@ the same model, recipe and optimizer, in the same process.
     out.append("\nThe speed planner takes a device efficiency from the closest device-bound H200 row and a host "
                "dispatch time per layer fitted from micro-batch pairs (a step is the slower of the two); both are moved "
                "to the 4090 as described in `onecard/plan/speed.py`. Estimates, not measurements.\n")
-    out.append("\n## A 24 GiB card emulated on the H200 - measured\n\n"
-               "`--memory-cap-gib 24` caps PyTorch's allocator at 24 GiB minus what the process holds outside it "
-               "(CUDA context and handles, measured in the same process: 0.67-0.75 GiB here). Speed is the H200's.\n\n")
-    out.append(_memory_table([r for r in m if r["group"] == "cap24"]))
-    out.append("\n## Run-to-run spread - measured, H200\n\nThe Llama 3 8B LoRA seed row again, in a later process "
-               "(compare with the first row of the seed table).\n\n")
-    out.append(_memory_table([r for r in m if r["group"] == "repeat"]))
-    out.append("\n## Offloaded activation checkpoints - measured, H200\n\n`--offload-activations` "
-               "(`training.offload_activations`): each checkpointed layer's input waits in pinned host memory "
-               "(patch/offload.py); the same configuration without it beside it, measured one after the other on the same machine.\n\n")
-    out.append(_memory_table([r for r in m if r["group"] == "offload"]))
-    out.append("\n## Streamed base weights - measured, H200\n\n`--offload-weights --resident-layers N` "
-               "(`training.offload_weights`): the frozen weights of the decoder layers after the first N wait in "
-               "pinned host memory and are copied into reused GPU slots ahead of use (patch/stream_weights.py); "
-               "each streamed row runs under `--memory-cap-gib 24`, beside the same shape uncapped without streaming, "
-               "in one process (bench/gpu_suite.sh, parts S18/S18b).\n\n")
-    out.append(_memory_table([r for r in m if r["group"] == "stream"]))
-    out.append("\n## FP8 base weights - measured, H200\n\n`--quant-base fp8` (`quant.base: fp8`): the frozen "
-               "block linears in e4m3 with per-output-channel scales, their GEMMs through `torch._scaled_mm` "
-               "(kernels/fp8.py), beside onecard's bf16 LoRA in one process (bench/gpu_suite.sh, parts F19*).\n\n")
-    out.append(_memory_table([r for r in m if r["group"] == "fp8"]))
+    sections = [  # (group, heading, what the rows are)
+        ("cap24", "A 24 GiB card emulated on the H200 - measured",
+         "`--memory-cap-gib 24` caps PyTorch's allocator at 24 GiB minus what the process holds outside it "
+         "(CUDA context and handles, measured in the same process: 0.67-0.75 GiB here). Speed is the H200's."),
+        ("repeat", "Run-to-run spread - measured, H200", "The Llama 3 8B LoRA seed row again, in a later process "
+         "(compare with the first row of the seed table)."),
+        ("offload", "Offloaded activation checkpoints - measured, H200", "`--offload-activations` "
+         "(`training.offload_activations`): each checkpointed layer's input waits in pinned host memory "
+         "(patch/offload.py); the same configuration without it beside it, measured one after the other on the same machine."),
+        ("stream", "Streamed base weights - measured, H200", "`--offload-weights --resident-layers N` "
+         "(`training.offload_weights`): the frozen weights of the decoder layers after the first N wait in "
+         "pinned host memory and are copied into reused GPU slots ahead of use (patch/stream_weights.py); "
+         "each streamed row runs under `--memory-cap-gib 24`, beside the same shape uncapped without streaming, "
+         "in one process (bench/gpu_suite.sh, parts S18/S18b)."),
+        ("fp8", "FP8 base weights - measured, H200", "`--quant-base fp8` (`quant.base: fp8`): the frozen "
+         "block linears in e4m3 with per-output-channel scales, their GEMMs through `torch._scaled_mm` "
+         "(kernels/fp8.py), beside onecard's bf16 LoRA in one process (bench/gpu_suite.sh, parts F19*)."),
+    ]
+    for group, heading, what in sections:
+        out.append(f"\n## {heading}\n\n{what}\n\n")
+        out.append(_memory_table([r for r in m if r["group"] == group]))
     out.append("\n## The seed's relative claims - measured, H200\n\n")
     out.append(table(["claim", "measured", "what"],
                       [[c["claim"], fmt(c["measured"], ".2f"), c["what"]] for c in p["claims"]]))
