@@ -199,7 +199,10 @@ def test_gguf_base_is_named_by_its_file_not_the_cache(tiny_model_factory, tmp_pa
     from test_gguf_import import write_tiny_llama_gguf
     from transformers import AutoModelForCausalLM
 
-    from onecard.train.gguf_import import cache_root
+    from onecard.cache import cache_root as onecard_cache
+
+    def cache_root():
+        return onecard_cache() / "gguf"  # where the dequantised copies of .gguf files go
 
     pytest.importorskip("gguf")
     monkeypatch.setenv("ONECARD_CACHE", str(tmp_path / "cache"))
