@@ -28,6 +28,16 @@ def flops(cfg) -> dict[str, Any]:
             "hardware_flops_per_token": with_ckpt.matmul_per_token, "flops_source": "onecard.plan.flops"}
 
 
+def streamed_off_card_bytes(plan, cfg) -> int:
+    """What streaming the base weights takes off the card: the streamed layers, less the slots they are copied
+    into (plan/streaming.py); 0 without ``cfg.offload_weights``."""
+    if not cfg.offload_weights:
+        return 0
+    from onecard.plan.streaming import plan_streaming
+
+    return int(plan.total_bytes - plan_streaming(plan, resident=cfg.resident_layers).device_bytes)
+
+
 def peak_memory(cfg) -> dict[str, Any]:
     """The memory planner's predicted peak for this configuration on ``cfg.gpu``, in GiB.
 
@@ -40,11 +50,11 @@ def peak_memory(cfg) -> dict[str, Any]:
         plan = plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=cfg.gpu))
     except Exception as exc:  # a planner bug must not lose a measurement
         return {"predicted_peak_gib": None, "predicted_note": f"memory planner failed: {type(exc).__name__}: {exc}"}
-    if cfg.offload_weights:  # streamed layers off the card, slots on it (plan/streaming.py)
+    if cfg.offload_weights:
         from onecard.plan.streaming import plan_streaming
 
         sp = plan_streaming(plan, resident=cfg.resident_layers)
-        saved = plan.total_bytes - sp.device_bytes
+        saved = streamed_off_card_bytes(plan, cfg)
         return {"predicted_peak_gib": (plan.allocator_bytes - saved) / GIB,
                 "predicted_required_gib": (plan.required_bytes - saved) / GIB, "predicted_peak_phase": plan.peak_phase,
                 "predicted_stream_host_gib": sp.host_weight_bytes / GIB}

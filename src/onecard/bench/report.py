@@ -27,7 +27,10 @@ def _recipe(rec: dict[str, Any], kernels: str) -> str:
     rank = f" r{rec['rank']}" if rec["method"] != "full" else ""
     offloaded = rec.get("offload_activations") and kernels != "none"  # the baseline half never offloads
     ck = ("ckpt, offloaded to host" if offloaded else "ckpt") if rec["grad_ckpt"] else "no ckpt"
-    return f"{rec['method']}{rank}, {ck}, kernels {kernels}"
+    extra = (", fp8 base" if rec.get("quant_base") == "fp8" else "") + (
+        f", streamed weights ({rec.get('resident_layers', 0)} resident)" if rec.get("offload_weights") else "") + (
+        f", cap {rec['memory_cap_gib']:g} GiB" if rec.get("memory_cap_gib") else "")
+    return f"{rec['method']}{rank}, {ck}, kernels {kernels}{extra}"
 
 
 def measured_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -46,6 +49,8 @@ def measured_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "method": rec["method"], "seq": rec["seq"], "batch": rec["micro_batch"],
                          "rank": rec["rank"], "grad_ckpt": rec["grad_ckpt"], "kernels": kernels,
                          "offload_activations": bool(rec.get("offload_activations")) and not prefix,
+                         "offload_weights": bool(rec.get("offload_weights")), "resident_layers": rec.get("resident_layers", 0),
+                         "quant_base": rec.get("quant_base", "none"),
                          "status": rec.get(f"{prefix}status"), "tokens_per_s": tps,
                          "hours_per_50k_epoch": epoch_hours(tps, rec["seq"]),
                          "peak_reserved_gib": rec.get(f"{prefix}peak_reserved_gib"),
@@ -137,16 +142,20 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
     import dataclasses
 
     from onecard.bench.config import BenchConfig
+    from onecard.bench.predict import streamed_off_card_bytes
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
 
     for row in rows:
         cfg = BenchConfig(model=row["model"], method=row["method"], seq=row["seq"], micro_batch=row["batch"],
                           rank=row["rank"], grad_ckpt=row["grad_ckpt"], kernels=row["kernels"], gpu="h200",
-                          offload_activations=row.get("offload_activations", False))
+                          offload_activations=row.get("offload_activations", False),
+                          offload_weights=row.get("offload_weights", False), resident_layers=row.get("resident_layers", 0),
+                          quant_base=row.get("quant_base", "none"))
         inp = dataclasses.replace(inputs_from_recipe(cfg.to_recipe(), gpu="h200"), hold_logits=False,
                                   kbit_upcast=row.get("kbit_upcast", False))
-        row["planned_reserved_gib"] = plan_memory(inp).allocator_bytes / GIB
+        plan = plan_memory(inp)
+        row["planned_reserved_gib"] = (plan.allocator_bytes - streamed_off_card_bytes(plan, cfg)) / GIB
         m = row.get("peak_reserved_gib")
         row["planned_error_pct"] = 100 * (row["planned_reserved_gib"] - m) / m if m and row["status"] == "ok" else None
 
