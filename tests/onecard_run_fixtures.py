@@ -62,3 +62,14 @@ def write_metrics(run: Path, steps: int = 20, with_eval: bool = True, plan: bool
     if plan:
         summary["plan"] = {"total_bytes": int(2.5e9), "components": {"weights": int(1e9), "activations": int(1.5e9)}}
     (run / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+
+
+def cli_exit_code(args) -> int:
+    """``onecard ARGS`` in this process; its exit code (0 when it returns)."""
+    from onecard.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from onecard_run_fixtures import make_run
+from onecard_run_fixtures import cli_exit_code as _cli, make_run
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +140,6 @@ def test_export_cli_json_and_mismatch_exit_code(lora_run, tmp_path, monkeypatch,
     assert cli(["export", str(lora_run), "--format", "merged", "--out", str(tmp_path / "m")]) == 1
     assert "failed verification" in capsys.readouterr().out
 
-
-def _cli(args) -> int:
-    from onecard.cli import main
-
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _with_data_and_results(run, tmp_path):

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 
 import pytest
-from onecard_run_fixtures import write_metrics
+from onecard_run_fixtures import cli_exit_code as _cli, write_metrics
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -25,15 +25,6 @@ EVAL = {"data": "eval.jsonl", "examples": {"loss": 4, "generation": 2},
         "samples": [{"prompt": "2+2 <script>alert(1)</script>", "reference": "4", "baseline": "five", "tuned": "4"}]}
 STEPS = 12  # ends between round ticks (10, 15): the case where the old axes stopped short of the data
 
-
-def _cli(args) -> int:
-    from onecard.cli import main
-
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
