@@ -18,14 +18,14 @@ from pathlib import Path
 STEPS, LAST = 200, 50
 
 
-def run(kernels: str, out: Path, attn: str = "auto", lr: float = 2e-4) -> list[float]:
+def run(kernels: str, out: Path, attn: str = "auto", lr: float = 2e-4, quant_base: str = "none") -> list[float]:
     from onecard.demo.dataset import TRAIN_FILE
     from onecard.recipe import validate_recipe
     from onecard.train.gguf_import import find_smollm2_gguf
     from onecard.train.loop import train
 
     recipe = validate_recipe({
-        "name": f"conv-{kernels}-{attn}", "model": {"name_or_path": str(find_smollm2_gguf()), "attn_implementation": attn},
+        "name": f"conv-{kernels}-{attn}-{quant_base}", "quant": {"base": quant_base}, "model": {"name_or_path": str(find_smollm2_gguf()), "attn_implementation": attn},
         "method": "lora",
         "adapter": {"rank": 16}, "data": {"path": str(TRAIN_FILE), "seq_len": 256},
         "training": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 1, "learning_rate": lr,

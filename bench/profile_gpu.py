@@ -84,7 +84,37 @@ def profile_step(model) -> dict:
             "kernel_ms_total": sum(r["ms"] for r in rows), "groups_ms": groups, "top": rows[:40]}
 
 
+def main_bench_pair() -> None:
+    """``PROFILE_PAIR=fp8``: the F19 pair as ``onecard bench`` builds it (bench/build.py: fused kernels, offloaded
+    checkpoints, bf16 base then FP8 base), each step profiled; writes $OUT/profile_fp8_pair.json."""
+    import gc
+
+    from onecard.bench.build import build_model as build_bench_model
+    from onecard.bench.config import BenchConfig
+
+    os.makedirs(OUT, exist_ok=True)
+    result = {}
+    for quant in ("none", "fp8"):
+        cfg = BenchConfig(model="llama-3-8b", seq=SEQ, micro_batch=MICRO_BATCH, kernels="onecard",
+                          offload_activations=True, quant_base=quant)
+        model, _ = build_bench_model(cfg, "cuda")
+        result[quant] = profile_step(model)
+        p = result[quant]
+        print(f"{quant}: step {p['step_s']:.3f} s, {p['tokens_per_s']:,.0f} tokens/s", flush=True)
+        for g, ms in sorted(p["groups_ms"].items(), key=lambda kv: -kv[1]):
+            print(f"  {g:34s} {ms:8.1f} ms")
+        for r in p["top"][:25]:
+            print(f"  {r['ms']:8.1f} ms {r['count']:6d}  {r['name'][:110]}")
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "profile_fp8_pair.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main() -> None:
+    if os.environ.get("PROFILE_PAIR") == "fp8":
+        return main_bench_pair()
     os.makedirs(OUT, exist_ok=True)
     tokens = MICRO_BATCH * SEQ
     rates = {"mlp_up_16k_4096_14336": gemm_tflops(tokens, 4096, 14336),

@@ -198,7 +198,7 @@ def _peft_dora(bias, dtype=F64, quantized=False):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=bias)).to(dtype)
     if quantized:
-        from onecard.bench.build import quantize_linears_
+        from onecard.train.layerwise import quantize_linears_
 
         quantize_linears_(net, "cpu", compute_dtype=dtype)
         if not getattr(net[0].weight, "bnb_quantized", True):

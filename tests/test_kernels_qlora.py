@@ -16,7 +16,7 @@ def _qlora_mlp(tiny_llama_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from onecard.bench.build import quantize_linears_
+    from onecard.train.layerwise import quantize_linears_
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     for layer in model.model.layers:

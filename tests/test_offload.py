@@ -21,7 +21,7 @@ from test_train_cli import run_cli, write_recipe  # noqa: E402
 TOL = 1e-6
 
 
-def _model_and_batch(tmp_path, model_dir, offload: bool, kernels: str = "none", method: str = "lora"):
+def _model_and_batch(tmp_path, model_dir, offload: bool, kernels: str = "none", method: str = "lora", park_layers=()):
     from onecard.data import build_dataset, collate, pad_token_id
     from onecard.train.sft import apply_recipe_kernels
     from onecard.train.spine import seed_everything
@@ -30,7 +30,7 @@ def _model_and_batch(tmp_path, model_dir, offload: bool, kernels: str = "none", 
     recipe = recipe_for(tmp_path, model_dir, grad_ckpt=True, offload_activations=offload, kernels=kernels)
     recipe = recipe.model_copy(update={"method": method})
     seed_everything(recipe.training.seed)
-    model, tok = load_model_and_tokenizer(recipe, "cpu")
+    model, tok = load_model_and_tokenizer(recipe, "cpu", park_layers)
     for name, param in model.named_parameters():  # lora_B = 0 would make lora_A's gradient 0: exercise both
         if "lora_B" in name:
             param.data.normal_(0, 0.05)  # after seed_everything: the same in every model built here

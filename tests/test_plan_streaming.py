@@ -56,19 +56,23 @@ def test_a_model_too_large_even_for_streaming_says_so():
     assert plan_streaming(tiny_card).verdict == "does not fit even with streaming"
 
 
-def test_speed_is_the_slower_of_copy_and_compute_per_layer():
+def test_each_pass_costs_the_slower_of_its_compute_and_its_copies():
     p = _inputs()
     sp = plan_streaming(plan_memory(p))
     base = 1000.0
-    slower = streamed_tokens_per_s(base, p, sp)
-    assert slower <= base
-    fast_link = sp.__class__(**{**sp.__dict__, "copy_s_per_layer": 0.0})
-    assert streamed_tokens_per_s(base, p, fast_link) == base
-    slow_link = sp.__class__(**{**sp.__dict__, "copy_s_per_layer": 1.0})
+    assert streamed_tokens_per_s(base, p, sp) <= base
     step_s = p.seq_len * p.micro_batch / base
-    f = step_s / (4 * p.shape.num_hidden_layers)
-    expected = (sp.streamed_layers - sp.slots) * ((1.0 - f) + (1.0 - 3 * f))
-    assert streamed_tokens_per_s(base, p, slow_link) == pytest.approx(p.seq_len / (step_s + expected))
+    forward_s, copied = step_s / 4, sp.streamed_layers - sp.slots
+
+    def with_copy(copy_s):
+        return streamed_tokens_per_s(base, p, sp.__class__(**{**sp.__dict__, "copy_s_per_layer": copy_s}))
+
+    assert with_copy(0.0) == base
+    assert with_copy(forward_s / copied) == pytest.approx(base)  # the forward's copies just hide behind its compute
+    assert with_copy(2 * forward_s / copied) == pytest.approx(p.seq_len / (step_s + forward_s))  # forward copy-bound
+    slow = 1.0  # both passes copy-bound: each takes its copies' time
+    expected = (copied * slow - forward_s) + (copied * slow - 3 * forward_s)
+    assert with_copy(slow) == pytest.approx(p.seq_len * p.micro_batch / (step_s + expected))
 
 
 def test_plan_proposes_streaming_only_when_it_does_not_fit_and_not_when_switched_off():

@@ -180,3 +180,63 @@ def test_host_ram_short_is_refused_before_loading():
     _check_host_ram(types.SimpleNamespace(host_total_bytes=1 << 20), host_ram_check)  # 1 MiB: fine
     with pytest.raises(UserError, match="pinned host memory"):
         _check_host_ram(types.SimpleNamespace(host_total_bytes=1 << 50), host_ram_check)  # 1 PiB
+
+
+def test_streamed_layers_are_spread_between_the_resident_ones():
+    from onecard.patch.stream_weights import streamed_layer_ids
+
+    assert streamed_layer_ids(6, 0) == list(range(6)) and streamed_layer_ids(6, 6) == []
+    for n_layers, resident in [(48, 28), (80, 27), (32, 8), (4, 1), (5, 3)]:
+        ids = streamed_layer_ids(n_layers, resident)
+        assert len(ids) == len(set(ids)) == n_layers - resident and ids == sorted(ids)
+        assert ids[-1] == n_layers - 1  # the forward's last layer streams: it is still in its slot for backward
+        gaps = [b - a for a, b in zip(ids, ids[1:])]
+        assert max(gaps) - min(gaps) <= 1  # evenly spread: no run of streamed layers with the copies piling up
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
+def test_a_base_read_layer_by_layer_and_parked_trains_as_one_loaded_whole(tmp_path, four_layer_dir, method):
+    """train/layerwise.py: the loader for a base larger than the card. The parked layers are what streaming runs on
+    (no second host copy), and loss and gradients equal the whole-loaded model's."""
+    from onecard.patch.stream_weights import PARKED, apply_weight_streaming, decoder_layers, streamed_layer_ids
+
+    park = streamed_layer_ids(4, 1)
+    ref_model, batch = _model_and_batch(tmp_path, four_layer_dir, offload=False, kernels="onecard", method=method)
+    model, _ = _model_and_batch(tmp_path, four_layer_dir, offload=False, kernels="onecard", method=method,
+                                park_layers=park)
+    layers = decoder_layers(model)
+    parked = {i: layers[i].__dict__[PARKED].data_ptr() for i in park}
+    assert set(parked) == set(park) and not any(PARKED in layers[i].__dict__ for i in range(4) if i not in park)
+    _aligned(ref_model)
+    ws = apply_weight_streaming(model, "cpu", resident=1, slots=2)
+    assert ws.streamed == park and all(ws._host_flat[i].data_ptr() == parked[i] for i in park)
+    batches = _halves(batch)
+    loss_ref, g_ref = _step(ref_model, batches)
+    loss, g = _step(model, batches)
+    assert loss == loss_ref
+    assert max_diff(g_ref, g) < 1e-6 and ws.stats.copies > len(ws.slots)
+
+
+def test_layerwise_loading_names_the_missing_tensor(tmp_path, four_layer_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from onecard.errors import UserError
+    from onecard.train.layerwise import CheckpointReader, build_layerwise
+
+    bad = tmp_path / "renamed"
+    shutil.copytree(four_layer_dir, bad)
+    (file,) = bad.glob("*.safetensors")
+    tensors = load_file(str(file))
+    key = next(k for k in tensors if "layers.2.mlp.down_proj" in k)
+    tensors[key.replace("down_proj", "w2")] = tensors.pop(key)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    from transformers import AutoConfig
+
+    import torch
+
+    reader = CheckpointReader(bad)
+    with pytest.raises(UserError, match=r"no tensor model\.layers\.2\.mlp\.down_proj\.weight"):
+        build_layerwise(AutoConfig.from_pretrained(bad), "cpu", lambda m, prefix: reader.fill(m, prefix, torch.float32),
+                        dtype=torch.float32)

@@ -95,3 +95,28 @@ def test_finished_run_is_not_overwritten(tmp_path, tiny_llama_dir, capsys):
     code, _, err = run_cli(["train", str(recipe), "--resume"], capsys)
     assert code == 0 and "already finished" in err  # --resume leaves a finished run as it is
     assert adapter.stat().st_mtime_ns == before
+
+
+def test_memory_cap_on_the_cpu_is_refused_before_anything_is_written(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    from onecard.train.memory_cap import MEMORY_CAP_ENV
+
+    monkeypatch.delenv(MEMORY_CAP_ENV, raising=False)
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    code, _, err = run_cli(["train", str(recipe), "--memory-cap-gib", "24"], capsys)
+    os.environ.pop(MEMORY_CAP_ENV, None)  # the CLI sets it for the trainer (and N workers) of this process
+    assert_user_error(code, err, "--memory-cap-gib", "CPU")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_memory_cap_is_the_card_the_streaming_decision_plans_for(monkeypatch, tmp_path, tiny_llama_dir):
+    from onecard.recipe import load_recipe
+    from onecard.train import stream_setup
+    from onecard.train.memory_cap import MEMORY_CAP_ENV
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir, plan={"gpu": "h200"}), [])
+    monkeypatch.setattr(stream_setup, "_gpu_id", lambda recipe: "h200")
+    assert stream_setup.card_inputs(recipe).gpu.memory_gib > 100
+    monkeypatch.setenv(MEMORY_CAP_ENV, "12")
+    assert stream_setup.card_inputs(recipe).gpu.memory_gib == 12
+    monkeypatch.setenv(MEMORY_CAP_ENV, "500")  # a cap above the card changes nothing
+    assert stream_setup.card_inputs(recipe).gpu.memory_gib > 100

@@ -4,12 +4,11 @@ Why random weights: speed and memory do not depend on the values (one caveat mea
 matmul on all-zero inputs runs ~13% faster than on random data, KINDS.md, so weights are filled with N(0, 0.02),
 never left zero), and a random 70B shape needs no 140 GB download.
 
-Why layer by layer for QLoRA: a 70B model in bf16 is 141 GB, more than the H200 holds. The skeleton is made on the
-``meta`` device (no memory), then each decoder layer is materialised in bf16 on the GPU, filled, and its linears are
-replaced by bitsandbytes ``Linear4bit`` with NF4 ``Params4bit`` weights (quantised on the GPU), so at most one bf16
-layer exists at a time. This is what ``transformers``' bitsandbytes loader does per tensor; we do it per layer
-because there is no checkpoint to stream from. An FP8 base (``quant_base: fp8``) is built the same way, each layer's
-linears swapped for e4m3 ``Fp8Linear`` (patch/fp8.py) before peft wraps them, so a 14B base fits a 24 GiB cap.
+Why layer by layer for QLoRA: a 70B model in bf16 is 141 GB, more than the H200 holds. The bench builds it the way
+``onecard train`` loads a base too large for the card (train/layerwise.py): a ``meta`` skeleton, then each decoder
+layer materialised in bf16 on the GPU, filled, and converted (NF4 ``Linear4bit``, or e4m3 ``Fp8Linear`` for
+``quant_base: fp8``), so at most one bf16 layer exists at a time; streamed layers are parked in host memory as
+they are made.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import os
 from pathlib import Path
 
 from onecard.bench.config import BenchConfig
+from onecard.train.layerwise import fp8_layer_, quantize_linears_
 
 ADAPTER_DTYPE_ENV = "ONECARD_BENCH_ADAPTER_DTYPE"  # "bfloat16": measure bf16 adapters instead of peft's fp32
 
@@ -80,11 +80,11 @@ def build_base(cfg: BenchConfig, device: str):
             from onecard.errors import UserError
 
             raise UserError("qlora (bitsandbytes NF4) benchmarks of presets need a CUDA GPU", where="--method")
-        return build_nf4_layerwise(config, device, park_from=_park_from(cfg))
+        return build_nf4_layerwise(config, device, park_layers=_park_layers(cfg, config))
     if cfg.quant_base == "fp8":
-        return build_layerwise(config, device, fp8_layer_, park_from=_park_from(cfg))
+        return build_random_layerwise(config, device, fp8_layer_, park_layers=_park_layers(cfg, config))
     if cfg.offload_weights:  # never the whole bf16 model on the (capped) GPU: each layer parked as it is made
-        return build_layerwise(config, device, lambda layer: None, park_from=_park_from(cfg))
+        return build_random_layerwise(config, device, None, park_layers=_park_layers(cfg, config))
     # no_init_weights: skip transformers' per-module init (we overwrite every tensor with fill_random_ anyway).
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -94,92 +94,34 @@ def build_base(cfg: BenchConfig, device: str):
     return model
 
 
-def _park_from(cfg: BenchConfig) -> int | None:
-    """The first decoder layer whose weights a streaming build parks in host memory (None: no streaming)."""
-    return cfg.resident_layers if cfg.offload_weights else None
+def _park_layers(cfg: BenchConfig, config) -> list[int]:
+    """The decoder layers whose weights a streaming build parks in host memory as it makes them (none without
+    streaming): the ones patch/stream_weights.py will stream."""
+    if not cfg.offload_weights:
+        return []
+    from onecard.patch.stream_weights import streamed_layer_ids
+
+    return streamed_layer_ids(config.num_hidden_layers, cfg.resident_layers)
 
 
-def build_nf4_layerwise(config, device: str, quant_storage=None, park_from: int | None = None):
+def build_nf4_layerwise(config, device: str, quant_storage=None, park_layers=()):
     """A random NF4 model built one decoder layer at a time (never the whole bf16 model on the device).
 
     ``quant_storage``: bitsandbytes' storage dtype of the packed weights (bf16 makes them FSDP-shardable).
-    ``park_from``: see :func:`build_layerwise`.
+    ``park_layers``: see :func:`onecard.train.layerwise.build_layerwise`.
     """
-    model = build_layerwise(config, device, lambda layer: quantize_linears_(layer, device, quant_storage=quant_storage),
-                            park_from=park_from)
+    model = build_random_layerwise(
+        config, device, lambda layer: quantize_linears_(layer, device, quant_storage=quant_storage), park_layers)
     model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit (peft/tuners/lora/model.py)
     return model
 
 
-def fp8_layer_(layer) -> None:
-    """The decoder layer's linears as frozen e4m3 Fp8Linear (per output channel), its bf16 weights freed."""
-    from onecard.patch.fp8 import fp8_linears_
+def build_random_layerwise(config, device: str, convert_layer, park_layers=()):
+    """A random model built as the training loader reads a checkpoint too large for the card
+    (:func:`onecard.train.layerwise.build_layerwise`), with N(0, 0.02) weights instead of the checkpoint's."""
+    from onecard.train.layerwise import build_layerwise
 
-    layer.requires_grad_(False)  # a frozen base (peft freezes it anyway); fp8_linears_ swaps frozen linears only
-    fp8_linears_(layer, in_layers_only=False)
-
-
-def build_layerwise(config, device: str, convert_layer, park_from: int | None = None):
-    """A random model built one decoder layer at a time: each layer made in bf16, filled, then ``convert_layer``-ed
-    (quantised), so at most one bf16 layer exists on the device. ``park_from``: layers from this index on go to
-    pinned host memory as soon as they are made (weight streaming, onecard.patch.stream_weights), so the GPU never
-    holds more than one of them."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    decoder = model.get_decoder()
-    for name, child in list(decoder.named_children()):
-        if name == "layers":
-            continue
-        if name == "rotary_emb":  # buffers computed in __init__: rebuild on the GPU rather than to_empty
-            with torch.device(device):
-                setattr(decoder, name, type(child)(config=config))
-        else:
-            child.to_empty(device=device)
-            fill_random_(child)
-    for index, layer in enumerate(decoder.layers):
-        layer.to_empty(device=device)
-        fill_random_(layer)
-        convert_layer(layer)
-        if park_from is not None and index >= park_from:
-            from onecard.patch.stream_weights import pack_to_host
-
-            pack_to_host(layer, pin=device.startswith("cuda"), before_adapters=True)
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    else:
-        model.lm_head.to_empty(device=device)
-        fill_random_(model.lm_head)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"layer-wise build left tensors on meta: {left[:5]}")
-    return model
-
-
-def quantize_linears_(module, device: str, compute_dtype=None, quant_storage=None) -> None:
-    """Replace every ``nn.Linear`` under ``module`` by an NF4 ``bnb.nn.Linear4bit`` (double quant, bf16 compute),
-    the QLoRA settings of ``onecard.train.model.quant_config``; ``quant_storage`` as bitsandbytes' (default uint8)."""
-    import bitsandbytes as bnb
-    import torch
-
-    compute_dtype = compute_dtype or torch.bfloat16
-    storage = {} if quant_storage is None else {"quant_storage": quant_storage}
-    targets = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-    for name, lin in targets:
-        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                              device="meta", **storage)
-        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4", module=q, **storage).to(device)  # .to() quantises on the GPU
-        if lin.bias is not None:
-            q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
-        setattr(parent, name.rsplit(".", 1)[-1], q)
-        del lin
+    return build_layerwise(config, device, lambda module, prefix: fill_random_(module), convert_layer, park_layers)
 
 
 def build_model(cfg: BenchConfig, device: str, plain: bool = False):

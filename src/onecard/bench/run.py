@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from onecard.bench import predict as _predict
 from onecard.bench.config import BenchConfig
-from onecard.bench.step import GIB, apply_memory_cap, clear_memory_cap, free_cuda, non_allocator_bytes
+from onecard.bench.step import GIB, free_cuda
+from onecard.train.memory_cap import apply_memory_cap, clear_memory_cap, non_allocator_bytes
 
 RESULT_FIELDS = ("model", "method", "seq", "micro_batch", "rank", "grad_ckpt", "kernels", "status", "tokens_per_s",
                  "s_per_step", "peak_allocated_gib", "peak_reserved_gib", "predicted_peak_gib", "mfu", "versions",

@@ -104,32 +104,3 @@ def free_cuda() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def non_allocator_bytes() -> int:
-    """Device memory this process holds outside PyTorch's caching allocator: CUDA context, cuBLAS/cuDNN handles,
-    loaded kernels (lazy module loading grows this as new kernels run). Assumes no other process on the GPU."""
-    import torch
-
-    free, total = torch.cuda.mem_get_info()
-    return int((total - free) - torch.cuda.memory_reserved())
-
-
-def apply_memory_cap(cap_gib: float) -> dict[str, Any]:
-    """Emulate a card of ``cap_gib`` total memory: the allocator's fraction is the cap minus what this process
-    already holds outside the allocator (``set_per_process_memory_fraction`` only limits the allocator)."""
-    import torch
-
-    torch.ones(64, 64, device="cuda") @ torch.ones(64, 64, device="cuda")  # create the cuBLAS handle first
-    torch.cuda.synchronize()
-    outside = non_allocator_bytes()
-    total = torch.cuda.mem_get_info()[1]
-    allowed = cap_gib * GIB - outside
-    torch.cuda.set_per_process_memory_fraction(max(allowed, 0) / total)
-    return {"memory_cap_gib": cap_gib, "non_allocator_gib_at_cap": outside / GIB,
-            "allocator_limit_gib": allowed / GIB}
-
-
-def clear_memory_cap() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(1.0)

@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
         cpu: bool = typer.Option(False, "--cpu", help="With N > 1: N CPU processes on the gloo backend (tests, CI)."),
         ignore_lint: list[str] = typer.Option(None, "--ignore-lint", metavar="RULE",
                                               help="Train despite this lint error (repeatable; adds to lint.ignore)."),
+        memory_cap_gib: float = typer.Option(None, "--memory-cap-gib", min=1,
+                                             help="Emulate a card of this size on a larger one (planned for, and "
+                                                  "enforced on the allocator): check a 24 GB recipe on an H100."),
     ) -> None:
         """Fine-tune (LoRA, QLoRA, DoRA or full) or continue pre-training as the recipe says."""
         from rich.console import Console
@@ -35,6 +38,12 @@ def register(app: typer.Typer) -> None:
         from onecard.recipe import load_recipe
         from onecard.train.distributed import is_worker
 
+        if memory_cap_gib is not None:
+            import os
+
+            from onecard.train.memory_cap import MEMORY_CAP_ENV
+
+            os.environ[MEMORY_CAP_ENV] = f"{memory_cap_gib:g}"  # read by the trainer (and by N worker processes)
         if num_gpus is not None:
             overrides = [*(overrides or []), f"training.num_gpus={num_gpus}"]
         recipe = load_recipe(recipe_path, overrides or [])

@@ -152,10 +152,7 @@ def fp8_layers_to_device(model, device) -> PatchHandle:
     for layer in model.get_decoder().layers:
         layer.requires_grad_(False)  # the frozen base (peft freezes it too); fp8_linears_ swaps frozen layers only
         layer.to(device)
-        part = fp8_linears_(layer, in_layers_only=False)
-        handle._undo += part._undo
-        for key, n in part.patched.items():
-            handle.patched[key] = handle.patched.get(key, 0) + n
+        handle.absorb(fp8_linears_(layer, in_layers_only=False))
     model.to(device)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -48,6 +48,13 @@ class PatchHandle:
     def add_undo(self, fn) -> None:
         self._undo.append(fn)
 
+    def absorb(self, other: "PatchHandle") -> None:
+        """Take over ``other``'s undos and counts (one handle for patches applied part by part)."""
+        self._undo += other._undo
+        other._undo = []
+        for key, n in other.patched.items():
+            self.patched[key] = self.patched.get(key, 0) + n
+
     def revert(self) -> None:
         """Undo every patch, newest first. Calling it twice is harmless."""
         while self._undo:

@@ -6,15 +6,14 @@ plan out of "tight" (plan/memory.py TIGHT_FRACTION). Host memory holds the strea
 checkpoints; the catalog cannot know the host's RAM, so the plan assumes ``DEFAULT_HOST_RAM_GIB`` (a typical RTX
 4090 box) unless the recipe's ``plan.host_ram_gib`` says otherwise, and the trainer reads the real figure.
 
-Speed (estimated, not calibrated): with checkpointing a streamed layer is copied twice per micro-batch, once for its
-forward (compute f) and once for its recompute + backward (compute ~3f, backward = 2x forward); the copy of the
-next layer overlaps the current one's compute, so each use costs max(copy, compute). Per micro-batch of compute T
-over L layers, f = T / (4 L) and the step takes T + sum over streamed layers of max(0, c - f) + max(0, c - 3 f),
-c = layer bytes / host link, over the streamed layers less ``slots`` per pass (the layers still in their slots at
-the forward/backward turnarounds are not copied: 171 copies in 4 steps of Llama 3 8B with 24 streamed layers and
-3 slots, bench/results/h200-s18.jsonl). Left out: the head start the copy stream gets during the resident layers,
-and the forward's real share of the step (the head, the optimizer): measured on the H200 the estimate is 1.5-15% low
-(conservative) on the streamed rows of bench/results/h200-s18.jsonl.
+Speed (estimated): with checkpointing a streamed layer is copied twice per micro-batch, once for its forward and
+once for its recompute + backward, less the ``slots`` layers still in their slots at each forward/backward turnaround
+(171 copies in 4 steps of Llama 3 8B with 24 streamed layers and 3 slots, bench/results/h200-s18.jsonl). The
+streamed layers sit evenly between the resident ones (patch/stream_weights.py ``streamed_layer_ids``), so a pass's
+copies overlap the compute of the whole pass, not only of the streamed layers: a pass costs max(its compute, its
+copies). Per micro-batch of compute T over L layers, the forward takes F = T / 4 and the recompute + backward 3F;
+with n copies of c = layer bytes / host link per pass, the step takes T + max(0, n c - F) + max(0, n c - 3F).
+Left out: the copies' share of memory bandwidth and the copy stream's stalls at the slot ring's depth.
 """
 
 from __future__ import annotations
@@ -116,10 +115,9 @@ def streamed_tokens_per_s(tokens_per_s: float, p: PlanInputs, sp: StreamPlan) ->
     tokens = p.seq_len * p.micro_batch
     step_s = tokens / tokens_per_s
     passes = 4 if p.grad_ckpt else 3
-    f = step_s / (passes * p.shape.num_hidden_layers)
-    c = sp.copy_s_per_layer
-    copied = max(0, sp.streamed_layers - sp.slots)  # the rest are still in their slots at the turnarounds
-    extra = copied * (max(0.0, c - f) + max(0.0, c - (passes - 1) * f))
+    forward_s = step_s / passes
+    copies_s = max(0, sp.streamed_layers - sp.slots) * sp.copy_s_per_layer  # the rest wait in their slots
+    extra = max(0.0, copies_s - forward_s) + max(0.0, copies_s - (passes - 1) * forward_s)
     return tokens / (step_s + extra)
 
 

@@ -130,8 +130,11 @@ def quant_config(recipe: Recipe):
                               **quant_storage_kwargs())  # bf16 storage under FSDP, else bitsandbytes' uint8
 
 
-def load_base(recipe: Recipe, device: str | None = None):
-    """The base model (no adapter) exactly as training sees it: (model, tokenizer, source)."""
+def load_base(recipe: Recipe, device: str | None = None, park_layers=()):
+    """The base model (no adapter) exactly as training sees it: (model, tokenizer, source).
+
+    ``park_layers``: decoder layers whose frozen weights will stream from host memory (train/stream_setup.py); the
+    base is then read layer by layer (train/layerwise.py), so it never has to fit the card whole."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
@@ -148,6 +151,24 @@ def load_base(recipe: Recipe, device: str | None = None):
     if recipe.method == "qlora":
         _require_bitsandbytes()
         kwargs.update(quantization_config=quant_config(recipe), device_map={"": device})
+    if park_layers:
+        from onecard.train.layerwise import load_layerwise
+
+        model, fp8_handle = load_layerwise(recipe, source, device, dtype, park_layers, kwargs["attn_implementation"])
+        if fp8_handle is not None:
+            model.onecard_fp8_base = fp8_handle
+    else:
+        model = _load_whole(source, recipe, device, kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code,
+                                              revision=recipe.model.revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss, any id works
+    return model, tokenizer, source
+
+
+def _load_whole(source: str, recipe: Recipe, device: str, kwargs: dict[str, Any]):
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if recipe.quant.base == "fp8":  # read on the host, quantised per output channel layer by layer on the device
         from onecard.patch.fp8 import fp8_layers_to_device
@@ -155,11 +176,7 @@ def load_base(recipe: Recipe, device: str | None = None):
         model.onecard_fp8_base = fp8_layers_to_device(model, device)  # the handle: .revert() gives a bf16 base back
     elif recipe.method != "qlora":
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code,
-                                              revision=recipe.model.revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss, any id works
-    return model, tokenizer, source
+    return model
 
 
 def _require_bitsandbytes() -> None:
@@ -170,11 +187,12 @@ def _require_bitsandbytes() -> None:
                         fix="pip install bitsandbytes, or use method lora")
 
 
-def load_model_and_tokenizer(recipe: Recipe, device: str | None = None):
-    """Base model + tokenizer with the recipe's adapter applied (or all weights trainable for full)."""
+def load_model_and_tokenizer(recipe: Recipe, device: str | None = None, park_layers=()):
+    """Base model + tokenizer with the recipe's adapter applied (or all weights trainable for full);
+    ``park_layers`` as :func:`load_base`."""
     from transformers import set_seed
 
-    model, tokenizer, _ = load_base(recipe, device)
+    model, tokenizer, _ = load_base(recipe, device, park_layers)
     if recipe.method == "qlora":
         import torch
 

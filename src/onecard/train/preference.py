@@ -41,14 +41,21 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     lint_or_stop(recipe, console, device=device)
     check_preference_recipe(recipe)
     _say_no_kernels(recipe, console)
+    from onecard.train import stream_setup
+
+    from onecard.train.memory_cap import apply_requested_cap
+
+    apply_requested_cap(device, console)  # --memory-cap-gib: before anything is allocated on the card
+    streaming = stream_setup.decide(recipe, device)  # training.offload_weights; host RAM checked before loading
     seed_everything(recipe.training.seed)
-    model, tokenizer = load_model_and_tokenizer(recipe, device)
+    model, tokenizer = load_model_and_tokenizer(recipe, device, streaming.park_layers)
     reference = setup_reference(model, recipe)  # the starting model: before any step or restored checkpoint
     dataset = build_preference_dataset(recipe, tokenizer, split="train")
     eval_set = build_preference_dataset(recipe, tokenizer, split="eval")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
     say_before_training(recipe, schedule, dataset.stats, console)  # preflight: schedule, truncated lines
     # after setup_reference: the optimizer sees the trained weights only
+    stream_setup.start_streaming(model, streaming, device, console)  # before the optimizer: adapters on the GPU
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
     started = state.global_step
     step = PreferenceStep(model, optimizer, recipe, device, reference, dataset, pad_token_id(tokenizer))

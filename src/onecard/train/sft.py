@@ -31,16 +31,18 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
     lint_or_stop(recipe, console, device=device)
     from onecard.train import stream_setup
 
+    from onecard.train.memory_cap import apply_requested_cap
+
+    apply_requested_cap(device, console)  # --memory-cap-gib: before anything is allocated on the card
     streaming = stream_setup.decide(recipe, device)  # training.offload_weights; host RAM checked before loading
-    stream_setup.refuse_unloadable(recipe, streaming, device)
     seed_everything(recipe.training.seed)
-    model, tokenizer = load_model_and_tokenizer(recipe, device)
+    model, tokenizer = load_model_and_tokenizer(recipe, device, streaming.park_layers)
     kernels = apply_recipe_kernels(model, recipe, device, console)
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples))
     say_before_training(recipe, schedule, dataset.stats, console)  # the schedule, truncated and dropped lines
+    stream_setup.start_streaming(model, streaming, device, console)  # before the optimizer: adapters on the GPU
     optimizer, state = start_run(model, recipe, device, resume, overwrite, console)
-    stream_setup.start_streaming(model, streaming, device, console)
     started = state.global_step
     setup = reset_peak_after_setup(device)
     varlen_before, split_before = kernels.varlen_calls(), kernels.split_checkpoint_calls()

@@ -5,9 +5,8 @@ plan does not fit the card otherwise, ``true`` streams the layers the planner do
 never streams. On the CPU it is a no-op (there is no device memory to save) and says so when asked for.
 Host RAM is read with psutil before anything loads; a run whose pinned bytes cannot fit is refused.
 
-Known gap: the base is loaded onto the card before its layers are streamed (train/model.py loads whole), so a
-base whose weights alone exceed the card cannot be trained yet: refused here with that reason rather than left
-to an out-of-memory error. The bench builds such shapes layer by layer (bench/build.py).
+A base that streams is read layer by layer (train/layerwise.py), its streamed layers parked in pinned host memory
+as they are read, so it never has to fit the card whole: Llama 3 70B in NF4 loads onto a 24 GB card.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ class StreamDecision:
     resident_layers: int = 0
     message: str = ""
     plan: object = None  # plan.streaming.StreamPlan
+    park_layers: tuple[int, ...] = ()  # the streamed layers, which the loader parks in host memory as it reads them
 
 
 def _gpu_id(recipe: Recipe) -> str:
@@ -35,6 +35,20 @@ def _gpu_id(recipe: Recipe) -> str:
     return gpu.id if gpu is not None else recipe.plan.gpu
 
 
+def card_inputs(recipe: Recipe):
+    """The plan's inputs for the GPU present, at the size ``--memory-cap-gib`` emulates if given."""
+    from dataclasses import replace
+
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.train.memory_cap import memory_cap_gib
+
+    inputs = inputs_from_recipe(recipe, gpu=_gpu_id(recipe))
+    cap = memory_cap_gib()
+    if cap is not None and cap < inputs.gpu.memory_gib:
+        inputs = replace(inputs, gpu=replace(inputs.gpu, memory_gib=cap))
+    return inputs
+
+
 def decide(recipe: Recipe, device: str) -> StreamDecision:
     """Whether and how to stream; raises UserError when streaming is needed and cannot work here."""
     choice = recipe.training.offload_weights
@@ -43,11 +57,10 @@ def decide(recipe: Recipe, device: str) -> StreamDecision:
     if not device.startswith("cuda"):
         msg = "training.offload_weights: true is a no-op on the CPU (no GPU memory to save)" if choice is True else ""
         return StreamDecision(False, message=msg)
-    from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import GIB, plan_memory
     from onecard.plan.streaming import host_ram_check, plan_streaming
 
-    mem = plan_memory(inputs_from_recipe(recipe, gpu=_gpu_id(recipe)))
+    mem = plan_memory(card_inputs(recipe))
     if choice == "auto" and mem.fits:
         return StreamDecision(False)
     sp = plan_streaming(mem, host_ram_gib=recipe.plan.host_ram_gib)
@@ -57,9 +70,12 @@ def decide(recipe: Recipe, device: str) -> StreamDecision:
         raise UserError(f"the plan does not fit even with streamed weights ({sp.device_bytes / GIB:.1f} GiB on the "
                         "card)", where="training.offload_weights", fix="onecard plan RECIPE shows what else to change")
     _check_host_ram(sp, host_ram_check)
+    from onecard.patch.stream_weights import streamed_layer_ids
+
+    park = tuple(streamed_layer_ids(sp.resident_layers + sp.streamed_layers, sp.resident_layers))
     return StreamDecision(True, sp.resident_layers, f"streaming the base weights of {sp.streamed_layers} layers "
                           f"from {sp.host_weight_bytes / GIB:.1f} GiB of pinned host memory "
-                          f"({sp.resident_layers} resident, {sp.slots} slots)", sp)
+                          f"({sp.resident_layers} resident, {sp.slots} slots)", sp, park)
 
 
 def _check_host_ram(sp, host_ram_check) -> None:
@@ -69,24 +85,6 @@ def _check_host_ram(sp, host_ram_check) -> None:
     if problem:
         raise UserError(problem, where="training.offload_weights",
                         fix="free host memory, use a machine with more RAM, or a smaller model / QLoRA")
-
-
-def refuse_unloadable(recipe: Recipe, decision: StreamDecision, device: str) -> None:
-    """Before loading: the loader puts the whole base on the card first (module docstring)."""
-    if not decision.stream:
-        return
-    import torch
-
-    from onecard.plan.inputs import inputs_from_recipe
-    from onecard.plan.memory import GIB, plan_memory
-
-    weights = plan_memory(inputs_from_recipe(recipe, gpu=_gpu_id(recipe))).component("weights").bytes
-    free = torch.cuda.mem_get_info()[0]
-    if weights > free:
-        raise UserError(f"the base weights ({weights / GIB:.1f} GiB) are loaded onto the card before they are "
-                        f"streamed, and only {free / GIB:.1f} GiB are free", where="training.offload_weights",
-                        fix="onecard bench --offload-weights measures this shape (built layer by layer); a "
-                        "layer-wise loader for onecard train is not there yet")
 
 
 def start_streaming(model, decision: StreamDecision, device: str, console=None):

@@ -1,0 +1,120 @@
+"""``onecard train`` with streamed base weights on an emulated small card, killed with SIGKILL and resumed.
+
+Run on the GPU machine from the repo root: ``PYTHONPATH=src python bench/stream_train_gpu.py OUTDIR``.
+A random Llama 3 8B (bf16, 15 GiB of weights: more than the 12 GiB card emulated with ``--memory-cap-gib 12``) is
+saved as a safetensors checkpoint, so the trainer must read it layer by layer (train/layerwise.py) and stream
+(``training.offload_weights: true``). Three CLI runs in subprocesses, same recipe and seed:
+A) uninterrupted; B) killed with SIGKILL once its step-4 checkpoint exists and two more steps have run, then
+``--resume`` to the end. Writes OUTDIR/stream_train.json: exit codes, both loss series, the largest per-step loss
+difference after the resume point, the largest adapter-weight difference at the end, peak reserved memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_gpu_e2e as e2e  # noqa: E402
+
+CAP_GIB, STEPS, SAVE_EVERY, KILL_AFTER_STEP = 12, 10, 4, 6
+
+
+def build_model_dir() -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onecard.bench.build import fill_random_, hf_config
+    from onecard.bench.config import BenchConfig
+    from onecard.tiny import build_tiny_tokenizer
+
+    path = e2e.ROOT / "llama-3-8b-random"
+    if (path / "config.json").is_file():
+        return path
+    tok = build_tiny_tokenizer()
+    config = hf_config(BenchConfig(model="llama-3-8b"))
+    config.eos_token_id, config.pad_token_id, config.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    fill_random_(model)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="4GB")
+    tok.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def cli(recipe_path: Path, *flags: str, popen: bool = False):
+    cmd = [sys.executable, "-m", "onecard.cli", "train", str(recipe_path), "--memory-cap-gib", str(CAP_GIB), *flags]
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def adapter(run_dir: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def main() -> None:
+    outdir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    e2e.ROOT.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model_dir = build_model_dir()
+    chat, _ = e2e.write_data()
+    result: dict = {"cap_gib": CAP_GIB, "steps": STEPS, "model_dir_s": round(time.perf_counter() - start, 1)}
+    extra = dict(seq_len=1024, training={"max_steps": STEPS, "save_every_steps": SAVE_EVERY, "micro_batch_size": 2,
+                                         "offload_weights": True, "offload_activations": True})
+    recipe_a = e2e.recipe("stream-a", model_dir, chat, **json.loads(json.dumps(extra)))
+    recipe_b = e2e.recipe("stream-b", model_dir, chat, **json.loads(json.dumps(extra)))
+    t = time.perf_counter()
+    a = cli(recipe_a, "--overwrite")
+    result["a"] = {"rc": a.returncode, "wall_s": round(time.perf_counter() - t, 1), "tail": (a.stdout + a.stderr)[-2500:]}
+    print("A rc", a.returncode, flush=True)
+    run_a, run_b = e2e.ROOT / "runs" / "stream-a", e2e.ROOT / "runs" / "stream-b"
+    t = time.perf_counter()
+    proc = cli(recipe_b, "--overwrite", popen=True)
+    killed_at = None
+    while proc.poll() is None and time.perf_counter() - t < 400:
+        time.sleep(0.5)
+        metrics = run_b / "metrics.jsonl"
+        if metrics.is_file() and losses(run_b) and max(losses(run_b)) >= KILL_AFTER_STEP:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = max(losses(run_b))
+            break
+    proc.wait()
+    result["b_killed"] = {"rc": proc.returncode, "killed_after_step": killed_at,
+                          "tail": (proc.stdout.read() if proc.stdout else "")[-1500:]}
+    print("B killed at", killed_at, "rc", proc.returncode, flush=True)
+    b = cli(recipe_b, "--resume")
+    result["b_resumed"] = {"rc": b.returncode, "tail": (b.stdout + b.stderr)[-2500:]}
+    print("B resumed rc", b.returncode, flush=True)
+    if a.returncode == 0 and b.returncode == 0:
+        la, lb = losses(run_a), losses(run_b)
+        result["losses_a"], result["losses_b"] = la, lb
+        after = [s for s in la if s > SAVE_EVERY and s in lb]
+        result["max_loss_diff_after_resume"] = max(abs(la[s] - lb[s]) for s in after)
+        wa, wb = adapter(run_a), adapter(run_b)
+        result["max_adapter_diff"] = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+        summary = json.loads((run_a / "summary.json").read_text())
+        result["summary_a"] = {k: summary.get(k) for k in ("final_loss", "tokens_per_s_measured",
+                                                            "steady_tokens_per_s_measured", "cuda_peak_reserved_bytes_measured",
+                                                            "setup_peak_reserved_bytes_measured", "plan_vs_measured")}
+    (outdir / "stream_train.json").write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("losses_a", "losses_b")}, indent=1, default=str)[:6000])
+
+
+if __name__ == "__main__":
+    main()
