@@ -249,3 +249,12 @@ def test_logging_section_defaults_and_errors(tmp_path):
     assert "logging.wandb.projekt: unknown field" in str(err.value) and "did you mean 'project'" in err.value.fix
     with pytest.raises(UserError, match="logging.wandb.mode"):
         load_recipe(None, ["model.name_or_path=llama-3-8b", "logging.wandb.mode=sometimes"])
+
+
+def test_the_readme_logging_example_is_a_valid_recipe_section():
+    from onecard.recipe import validate_recipe
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("**Logging.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, **yaml.safe_load(block)})
+    assert recipe.logging.wandb.project == "my-project" and recipe.logging.mlflow.experiment == "chat"
