@@ -234,6 +234,7 @@ def test_a_sink_failing_mid_run_costs_one_line_not_the_run(tmp_path, tiny_llama_
     assert mlflow_series(mlflow_uri(tmp_path), stored_ids(run_dir)["mlflow_run_id"]) == want  # the others go on
     (wandb_run,) = wandb_runs(offline_trackers)
     assert max(step for _, step in wandb_run["history"]) == 2  # W&B stopped where it failed
+    assert wandb_run["exit"]["exit_code"] == 1  # and its run was closed as failed
 
 
 def test_logging_section_defaults_and_errors(tmp_path):

@@ -103,7 +103,8 @@ class Sinks:
                 continue
             self._active.append(sink)
             for record in records:
-                self._send(sink, record)
+                if not self._send(sink, record):
+                    break
         if state:
             from onecard.train.rundir import write_json_atomic
 
@@ -122,13 +123,20 @@ class Sinks:
                 self._say(f"{sink.name} did not close cleanly ({_brief(exc)})")
         self._active = []
 
-    def _send(self, sink, record: dict[str, Any]) -> None:
+    def _send(self, sink, record: dict[str, Any]) -> bool:
+        """Log one record to one sink; a failure switches the sink off (closed as failed, if it can be)."""
         try:
             sink.log(record["step"], scalars(record))
+            return True
         except Exception as exc:  # noqa: BLE001 -- see the module docstring
             self._active.remove(sink)
             self._say(f"{sink.name} logging failed at step {record['step']} ({_brief(exc)}); it is off for the rest "
                       "of this run, metrics.jsonl has every step")
+        try:
+            sink.close("failed")
+        except Exception:  # noqa: BLE001 -- it has already failed once, and said so
+            pass
+        return False
 
     def _say(self, text: str) -> None:
         if self._console is None:
