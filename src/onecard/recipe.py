@@ -10,7 +10,7 @@ No torch import here: ``onecard plan`` must answer in well under a second.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -149,6 +149,40 @@ class LintSection(_Strict):
                               "(printed still), e.g. [does-not-fit] for a card the planner misjudges.")
 
 
+class WandbSection(_Strict):
+    """Weights & Biases (``pip install 'onecard[wandb]'``); unset fields take wandb's own defaults and variables."""
+
+    project: str | None = Field(None, description="W&B project; default WANDB_PROJECT, else wandb's own.")
+    entity: str | None = Field(None, description="Team or user; default WANDB_ENTITY, else your default entity.")
+    name: str | None = Field(None, description="Run display name; default the recipe's name.")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="offline: write to the local wandb dir only (wandb sync uploads it later); "
+        "default WANDB_MODE, else online.")
+    tags: list[str] = Field(default_factory=list)
+    group: str | None = None
+    notes: str | None = None
+    dir: str | None = Field(None, description="Where wandb writes its local files; default WANDB_DIR, else ./wandb.")
+
+
+class MlflowSection(_Strict):
+    """MLflow (``pip install 'onecard[mlflow]'``, mlflow-skinny: a tracking server or a file: store)."""
+
+    tracking_uri: str | None = Field(None, description="http(s)://server, databricks, or file:/path (MLflow wants "
+                                     "MLFLOW_ALLOW_FILE_STORE=true for that); default MLFLOW_TRACKING_URI.")
+    experiment: str | None = Field(None, description="Experiment name, created when missing; default "
+                                   "MLFLOW_EXPERIMENT_NAME, else Default.")
+    run_name: str | None = Field(None, description="Default the recipe's name.")
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class LoggingSection(_Strict):
+    """Where the metrics of metrics.jsonl also go (same names, same steps); metrics.jsonl is always written."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files under <run_dir>/tb.")
+    wandb: WandbSection | None = Field(None, description="Set (even to {}) to log to Weights & Biases.")
+    mlflow: MlflowSection | None = Field(None, description="Set (even to {}) to log to MLflow.")
+
+
 class Recipe(_Strict):
     name: str = "run"
     model: ModelSection
@@ -162,6 +196,7 @@ class Recipe(_Strict):
     eval: EvalSection = Field(default_factory=EvalSection)
     plan: PlanSection = Field(default_factory=PlanSection)
     lint: LintSection = Field(default_factory=LintSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
     output_dir: str = "runs/{name}"
 
     @model_validator(mode="after")
@@ -292,9 +327,11 @@ def _did_you_mean(loc: tuple) -> str:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None) if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        section = next((a for a in (annotation, *get_args(annotation))  # a section or an optional one
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if section is None:
             break
-        model = annotation
+        model = section
     allowed = list(model.model_fields)
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""

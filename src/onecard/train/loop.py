@@ -25,9 +25,11 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     changed recipe is refused unless ``allow_recipe_change`` (train/resume_policy.py).
     """
     from onecard.train.resume_policy import check_resume
+    from onecard.train.sinks import require_sinks
 
     if (done := check_resume(recipe, resume, allow_recipe_change)) is not None:
         return None, None, {**done, "already_finished": True}
+    require_sinks(recipe)  # a logging: package missing stops the run here, before any model loads
     if recipe.task in ("dpo", "kto"):
         from onecard.train.preference import train_preference_model
 

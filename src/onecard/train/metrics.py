@@ -1,4 +1,5 @@
-"""Training metrics: ``metrics.jsonl`` (one object per logged step), TensorBoard under ``tb/``, a rich progress bar.
+"""Training metrics: ``metrics.jsonl`` (one object per logged step), handed on to the ``logging:`` sinks
+(train/sinks.py: TensorBoard under ``tb/``, W&B, MLflow), and a rich progress bar.
 
 On resume the JSONL file is rewritten from the metrics stored in the checkpoint, so steps logged after the
 checkpoint by the interrupted process do not appear twice.
@@ -25,9 +26,10 @@ def peak_memory_bytes(device: str) -> tuple[int, str]:
 
 
 class MetricsLogger:
-    """Appends metrics to JSONL and TensorBoard; ``records`` holds everything logged in this run so far."""
+    """Appends metrics to JSONL, then to ``sinks`` (train/sinks.Sinks, or None); ``records`` holds everything logged
+    in this run so far."""
 
-    def __init__(self, run_dir: Path, records: list[dict[str, Any]] | None = None):
+    def __init__(self, run_dir: Path, records: list[dict[str, Any]] | None = None, sinks=None):
         self.run_dir = Path(run_dir)
         self.records: list[dict[str, Any]] = list(records or [])
         path = self.run_dir / "metrics.jsonl"
@@ -35,29 +37,20 @@ class MetricsLogger:
             for record in self.records:
                 handle.write(json.dumps(record) + "\n")
         self._file = open(path, "a", encoding="utf-8")
-        self._tb = _tensorboard_writer(self.run_dir / "tb")
+        self._sinks = sinks
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+        if self._sinks is not None:
+            self._sinks.log(record)
 
-    def close(self) -> None:
+    def close(self, outcome: str = "finished") -> None:
+        """``outcome``: finished, killed or failed (what the sinks record as the run's end)."""
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _tensorboard_writer(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # the tensorboard package is optional: JSONL is the record of truth
-        return None
-    return SummaryWriter(log_dir=str(path))
+        if self._sinks is not None:
+            self._sinks.close(outcome)
 
 
 class TrainProgress:

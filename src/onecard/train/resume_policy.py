@@ -22,7 +22,7 @@ ALLOW_FLAG = "--allow-recipe-change"
 # Fields a resume may change without the flag: how a run is watched or saved, never what it computes; and the
 # GPU count, which distributed_loop.check_resume_world refuses on its own, naming the count the checkpoint needs.
 NOT_REFUSED_PREFIXES = ("training.save_every_steps", "training.save_every_minutes", "training.log_every_steps",
-                        "training.grad_norm_blowup", "eval.", "plan.", "training.num_gpus")
+                        "training.grad_norm_blowup", "eval.", "plan.", "logging.", "training.num_gpus")
 HISTORY_DIR = "recipe_history"
 RESUMES_FILE = "resumes.jsonl"
 

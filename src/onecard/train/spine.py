@@ -217,16 +217,18 @@ def run_steps(step: Step, schedule: Schedule, state, console):
     from onecard.train.guards import StepGuard, is_out_of_memory, out_of_memory
     from onecard.train.metrics import MetricsLogger, TrainProgress
     from onecard.train.save_policy import SaveClock
-    from onecard.train.signals import StopSignals
+    from onecard.train.signals import RunInterrupted, StopSignals
+    from onecard.train.sinks import Sinks
 
     recipe, model = step.recipe, step.model
-    logger = MetricsLogger(recipe.run_dir, state.metrics) if step.logs else None
+    logger = MetricsLogger(recipe.run_dir, state.metrics, Sinks(recipe, state.metrics, console)) if step.logs else None
     progress = TrainProgress(console, schedule.total_steps, state.global_step)
     order: tuple[int, list[int]] = (-1, [])
     rate, steady = Rate(), None
     guard = StepGuard(recipe)
     clock, stop = (SaveClock(recipe), StopSignals(console).install()) if step.one_process else (None, None)
     model.train()
+    outcome = "failed"  # what the sinks record if the loop raises
     try:
         while state.global_step < schedule.total_steps:
             epoch, position = divmod(state.global_step, schedule.steps_per_epoch)
@@ -248,12 +250,16 @@ def run_steps(step: Step, schedule: Schedule, state, console):
             if steady is None:  # the first step pays compilation and warm-up: the steady rate starts after it
                 steady = (time.perf_counter(), rate.tokens)
             checkpoint_if_due(step, state, schedule, logger, clock, stop, console)
+        outcome = "finished"
+    except (RunInterrupted, KeyboardInterrupt):
+        outcome = "killed"
+        raise
     finally:
         if stop is not None:
             stop.uninstall()
         progress.close()
         if logger is not None:
-            logger.close()
+            logger.close(outcome)
     state.metrics = list(logger.records) if logger is not None else []
     if step.device.startswith("cuda"):
         torch.cuda.synchronize()
