@@ -3,10 +3,12 @@
 Run on the GPU machine from the repo root: ``PYTHONPATH=src python bench/stream_train_gpu.py OUTDIR``.
 A random Llama 3 8B (bf16, 15 GiB of weights: more than the 12 GiB card emulated with ``--memory-cap-gib 12``) is
 saved as a safetensors checkpoint, so the trainer must read it layer by layer (train/layerwise.py) and stream
-(``training.offload_weights: true``). Three CLI runs in subprocesses, same recipe and seed:
-A) uninterrupted; B) killed with SIGKILL once its step-4 checkpoint exists and two more steps have run, then
-``--resume`` to the end. Writes OUTDIR/stream_train.json: exit codes, both loss series, the largest per-step loss
-difference after the resume point, the largest adapter-weight difference at the end, peak reserved memory.
+(``training.offload_weights: true``). CLI runs in subprocesses, same recipe and seed, ``training.deterministic``
+(without it the CUDA attention backward makes any two runs drift apart at rounding level from step 2 on):
+A) uninterrupted; A2) the same again (the noise floor); B) killed with SIGKILL once its step-4 checkpoint exists and
+two more steps have run, then ``--resume`` to the end. Writes OUTDIR/stream_train.json: exit codes, the loss series,
+the largest per-step loss difference after the resume point and between A and A2, the largest adapter-weight
+difference at the end, peak reserved memory.
 """
 
 from __future__ import annotations
@@ -76,14 +78,17 @@ def main() -> None:
     chat, _ = e2e.write_data()
     result: dict = {"cap_gib": CAP_GIB, "steps": STEPS, "model_dir_s": round(time.perf_counter() - start, 1)}
     extra = dict(seq_len=1024, training={"max_steps": STEPS, "save_every_steps": SAVE_EVERY, "micro_batch_size": 2,
-                                         "offload_weights": True, "offload_activations": True})
+                                         "offload_weights": True, "offload_activations": True, "deterministic": True})
     recipe_a = e2e.recipe("stream-a", model_dir, chat, **json.loads(json.dumps(extra)))
+    recipe_a2 = e2e.recipe("stream-a2", model_dir, chat, **json.loads(json.dumps(extra)))
     recipe_b = e2e.recipe("stream-b", model_dir, chat, **json.loads(json.dumps(extra)))
-    t = time.perf_counter()
-    a = cli(recipe_a, "--overwrite")
-    result["a"] = {"rc": a.returncode, "wall_s": round(time.perf_counter() - t, 1), "tail": (a.stdout + a.stderr)[-2500:]}
-    print("A rc", a.returncode, flush=True)
-    run_a, run_b = e2e.ROOT / "runs" / "stream-a", e2e.ROOT / "runs" / "stream-b"
+    for key, path in (("a", recipe_a), ("a2", recipe_a2)):
+        t = time.perf_counter()
+        a = cli(path, "--overwrite")
+        result[key] = {"rc": a.returncode, "wall_s": round(time.perf_counter() - t, 1),
+                       "tail": (a.stdout + a.stderr)[-2500:]}
+        print(key, "rc", a.returncode, flush=True)
+    run_a, run_a2, run_b = (e2e.ROOT / "runs" / n for n in ("stream-a", "stream-a2", "stream-b"))
     t = time.perf_counter()
     proc = cli(recipe_b, "--overwrite", popen=True)
     killed_at = None
@@ -101,19 +106,21 @@ def main() -> None:
     b = cli(recipe_b, "--resume")
     result["b_resumed"] = {"rc": b.returncode, "tail": (b.stdout + b.stderr)[-2500:]}
     print("B resumed rc", b.returncode, flush=True)
-    if a.returncode == 0 and b.returncode == 0:
-        la, lb = losses(run_a), losses(run_b)
-        result["losses_a"], result["losses_b"] = la, lb
+    if result["a"]["rc"] == 0 and result["a2"]["rc"] == 0 and b.returncode == 0:
+        la, la2, lb = losses(run_a), losses(run_a2), losses(run_b)
+        result["losses_a"], result["losses_a2"], result["losses_b"] = la, la2, lb
         after = [s for s in la if s > SAVE_EVERY and s in lb]
         result["max_loss_diff_after_resume"] = max(abs(la[s] - lb[s]) for s in after)
-        wa, wb = adapter(run_a), adapter(run_b)
+        result["max_loss_diff_a_a2"] = max(abs(la[s] - la2[s]) for s in la)
+        wa, wa2, wb = adapter(run_a), adapter(run_a2), adapter(run_b)
         result["max_adapter_diff"] = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+        result["max_adapter_diff_a_a2"] = max(float((wa[k].float() - wa2[k].float()).abs().max()) for k in wa)
         summary = json.loads((run_a / "summary.json").read_text())
         result["summary_a"] = {k: summary.get(k) for k in ("final_loss", "tokens_per_s_measured",
                                                             "steady_tokens_per_s_measured", "cuda_peak_reserved_bytes_measured",
                                                             "setup_peak_reserved_bytes_measured", "plan_vs_measured")}
     (outdir / "stream_train.json").write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("losses_a", "losses_b")}, indent=1, default=str)[:6000])
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("losses")}, indent=1, default=str)[:6000])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ class TokenizedDataset:
     examples: list[Example] = field(default_factory=list)
     stats: DataStats = field(default_factory=DataStats)
     format: str = ""
+    summary: dict = field(default_factory=dict)  # statistics the trainer reports (none on this reference path)
 
     def __len__(self) -> int:
         return len(self.examples)

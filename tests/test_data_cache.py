@@ -85,6 +85,16 @@ def test_cached_path_equals_in_memory_path(tmp_path, tok, monkeypatch, case, wor
     assert_same(build_dataset(r, tok, num_proc=workers), data_reference.build_dataset(r, tok))
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_row_lengths_from_the_store_are_the_rows_lengths(tmp_path, tok, case):
+    from onecard.data.store import row_lengths
+
+    rows, task, data = CASES[case]
+    built = build_dataset(recipe(write_jsonl(tmp_path / "d.jsonl", rows()), task=task, **data), tok)
+    assert row_lengths(built.examples) == [len(row["input_ids"]) for row in built.examples]
+    assert row_lengths(list(built.examples)) == row_lengths(built.examples)  # an in-memory list counts the same
+
+
 def test_eval_fraction_splits_equal_in_memory_path(tmp_path, tok):
     r = recipe(write_jsonl(tmp_path / "d.jsonl", chat_rows(30)), seq_len=128, packing=True, eval_fraction=0.2)
     for split in ("train", "eval"):

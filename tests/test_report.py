@@ -116,6 +116,21 @@ def test_cpu_run_is_not_compared_with_a_gpu_plan(runs, tmp_path):
     assert 'data-chart="memory_plan"' not in html  # no planned-vs-measured bars
 
 
+def test_data_section_draws_the_length_histogram_of_the_trained_data(runs, tmp_path):
+    from onecard.eval.report import render_report
+
+    summary = json.loads((runs["sft"] / "summary.json").read_text())
+    data = summary["data_summary"]
+    assert sum(data["histogram"]["counts"]) == data["records"] == 12  # 16 records less the 25% eval split
+    html = render_report(runs["sft"])
+    chart = html[html.index('data-chart="length_histogram"'):]
+    chart = chart[:chart.index("</svg>")]
+    assert chart.count('class="series bar') == len(data["histogram"]["counts"])
+    assert f"{data['trained_fraction']:.1%}" in html and "packing is off" in html
+    dpo = render_report(runs["dpo"])  # a preference run has no prepared-data summary: said, not drawn
+    assert 'data-chart="length_histogram"' not in dpo and "No data statistics" in dpo
+
+
 def test_cuda_run_compares_plan_and_measurement_at_its_shapes(runs, tmp_path):
     import shutil as sh
 

@@ -120,3 +120,24 @@ def test_the_memory_cap_is_the_card_the_streaming_decision_plans_for(monkeypatch
     assert stream_setup.card_inputs(recipe).gpu.memory_gib == 12
     monkeypatch.setenv(MEMORY_CAP_ENV, "500")  # a cap above the card changes nothing
     assert stream_setup.card_inputs(recipe).gpu.memory_gib > 100
+
+
+def test_training_deterministic_switches_torch_to_deterministic_algorithms(monkeypatch):
+    import torch
+
+    from onecard.train.spine import seed_everything
+
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "FLASH_ATTENTION_DETERMINISTIC"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test: the switch sets them for the process
+    try:
+        seed_everything(3)
+        assert not torch.are_deterministic_algorithms_enabled()
+        seed_everything(3, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert "CUDA_LAUNCH_BLOCKING" not in os.environ  # the copy streams keep overlapping compute
+        first = torch.rand(3)
+        seed_everything(3, deterministic=True)
+        assert torch.equal(first, torch.rand(3))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False

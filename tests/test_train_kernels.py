@@ -88,7 +88,7 @@ def test_plan_vs_measured_plans_the_run_s_real_lengths():
 
 
 def test_row_length_of_sft_and_preference_examples():
-    from onecard.train.summary import row_length
+    from onecard.data.store import row_token_count as row_length
 
     assert row_length({"input_ids": [1, 2, 3], "labels": [1, 2, 3]}) == 3
     assert row_length({"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6]}) == 5

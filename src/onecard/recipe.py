@@ -109,6 +109,9 @@ class TrainingSection(_Strict):
     kernels: Kernels = Field("auto", description="auto = onecard's fused kernels on CUDA, none on CPU.")
     fused_ce: Literal["auto"] | bool = Field("auto", description="Chunked cross-entropy fused with the LM head.")
     seed: int = 42
+    deterministic: bool = Field(False, description="Deterministic CUDA kernels (transformers' enable_full_determinism): "
+                                "two runs, or a run and its resume, give the same numbers on the GPU; slower. The "
+                                "CPU is deterministic either way.")
     save_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps too (0 = by time only).")
     save_every_minutes: float = Field(30.0, ge=0, description="Checkpoint after this many minutes of training since "
                                       "the last one (0 = off). SIGINT/SIGTERM always save.")

@@ -37,7 +37,9 @@ def longest_sequence(recipe) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_source(recipe))
         data = build_dataset(recipe, tokenizer, "train")
-        return max((len(ex["input_ids"]) for ex in data.examples), default=recipe.data.seq_len)
+        from onecard.data.store import row_lengths
+
+        return max(row_lengths(data.examples), default=recipe.data.seq_len)
     except Exception:  # noqa: BLE001 -- a preset has no tokenizer: plan at seq_len
         return recipe.data.seq_len
 

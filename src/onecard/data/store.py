@@ -146,6 +146,18 @@ class ExampleRows(_Rows):
             return self.example(i)
         return packed_row([self.example(k) for k in range(int(self._bounds[i]), int(self._bounds[i + 1]))])
 
+    def lengths(self):
+        """Tokens of every row (numpy), read from the Arrow list offsets: no row is materialised."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        per_record = np.concatenate([pc.list_value_length(c).to_numpy(zero_copy_only=False) for c in self._ids.chunks])
+        per_example = per_record[self._keep]
+        if self._bounds is None:
+            return per_example
+        ends = np.concatenate([[0], np.cumsum(per_example)])
+        return ends[self._bounds[1:]] - ends[self._bounds[:-1]]
+
 
 class PretrainBlocks(_Rows):
     """``seq_len`` blocks cut from the concatenated documents (each already ending in EOS)."""
@@ -161,3 +173,24 @@ class PretrainBlocks(_Rows):
 
     def row(self, i: int) -> dict[str, list[int]]:
         return pretrain_block(self._stream.slice(i * self._seq_len, self._seq_len).to_pylist())
+
+    def lengths(self):
+        import numpy as np
+
+        starts = np.arange(self._blocks, dtype=np.int64) * self._seq_len
+        return np.minimum(self._seq_len, len(self._stream) - starts)  # the last block may be short
+
+
+def row_lengths(rows) -> list[int]:
+    """Tokens per training row: from the store's offsets for cached rows, else counted (in-memory lists)."""
+    if isinstance(rows, _Rows):
+        return [int(n) for n in rows.lengths()]
+    return [row_token_count(row) for row in rows]
+
+
+def row_token_count(example: dict) -> int:
+    """Tokens of one model row: an SFT/pretrain example, or a preference example's prompt + longest completion."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    completions = [len(v) for k, v in example.items() if k.endswith("_ids") and k != "prompt_ids"]
+    return len(example.get("prompt_ids", [])) + max(completions, default=0)

@@ -17,7 +17,7 @@ from typing import Any
 from onecard import __version__
 from onecard.errors import UserError
 from onecard.eval.harness import FRACTION_METRICS, HIGHER_IS_BETTER, METRIC_LABELS
-from onecard.eval.report_charts import GIB, memory_section, training_charts
+from onecard.eval.report_charts import GIB, data_section, memory_section, training_charts
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:60rem;color:#111;padding:0 1rem;line-height:1.4}
@@ -213,6 +213,7 @@ def render_report(run_dir: Path) -> str:
             f"<h1>{escape(name)}</h1><p class=\"subtitle\">{escape(subtitle(summary, recipe))}</p>"
             f"{fact_cards(summary)}<p><small>run directory: {escape(str(run_dir.resolve()))}</small></p>"
             f"<h2>Training curves</h2>{charts}"
+            f"<h2>Data</h2>{data_section(summary)}"
             f"<h2>Memory</h2>{memory_section(summary)}"
             f"<h2>Evaluation</h2>{eval_section(result, summary)}"
             f"<h2>Sample generations: before / after</h2>{samples_section(result)}"

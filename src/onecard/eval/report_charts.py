@@ -129,3 +129,24 @@ def _plan_breakdown(summary: dict, total: float | None, components: dict[str, fl
     bars = [(name, value / div, "component") for name, value in ranked] + [("total at the peak", total / div, "planned")]
     shares = [f"({value / total:.0%})" for _, value in ranked] + [""]
     return bar_chart("plan_components", title, bars, unit, shares)
+
+
+def data_section(summary: dict | None) -> str:
+    """The training data as prepared (``summary.json``'s ``data_summary``, data/stats.py): the length histogram
+    and the counts ``onecard data RECIPE --stats`` prints."""
+    data = (summary or {}).get("data_summary")
+    if not data:
+        return '<p class="empty">No data statistics in summary.json (a preference run, or an older run).</p>'
+    edges, counts, seq_len = data["histogram"]["edges"], data["histogram"]["counts"], data["seq_len"]
+    bars = [(f"{lo:,}-{hi:,}", float(n), "component") for lo, hi, n in zip(edges, edges[1:], counts)]
+    notes = ["<- seq_len" if lo < seq_len <= hi else "" for lo, hi in zip(edges, edges[1:])]
+    chart = bar_chart("length_histogram", "Example length in tokens, before truncation", bars, "examples", notes)
+    packing = data["packing"]
+    facts = [("records / examples kept", f"{data['records']:,} / {data['examples']:,}"),
+             ("truncated (> seq_len {:,})".format(seq_len), f"{data['truncated']:,}"),
+             ("dropped (nothing to train)", f"{data['dropped']:,}"),
+             ("trained tokens", f"{data['trained_tokens']:,} of {data['tokens']:,} ({data['trained_fraction']:.1%})"),
+             ("packing efficiency", f"{packing['efficiency']:.1%} ({packing['rows']:,} rows)" if packing["enabled"]
+              else f"{packing['efficiency']:.1%} if packed (data.packing is off)")]
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in facts)
+    return f'{chart}<table class="data-facts">{rows}</table>'

@@ -43,7 +43,7 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     if resume:
         check_resume_world(run_dir, dist.world)
     lint_or_stop(recipe, main_console, device=dist.device)
-    seed_everything(recipe.training.seed)
+    seed_everything(recipe.training.seed, recipe.training.deterministic)
     model, tokenizer = load_model_and_tokenizer(recipe, dist.device)
     kernels = kernels_for_strategy(dist, model, recipe, main_console)  # before wrapping: patches the instance
     dataset = build_dataset(recipe, tokenizer, split="train")

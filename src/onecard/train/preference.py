@@ -42,12 +42,11 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     check_preference_recipe(recipe)
     _say_no_kernels(recipe, console)
     from onecard.train import stream_setup
-
     from onecard.train.memory_cap import apply_requested_cap
 
+    seed_everything(recipe.training.seed, recipe.training.deterministic)  # before CUDA starts: cuBLAS's config
     apply_requested_cap(device, console)  # --memory-cap-gib: before anything is allocated on the card
     streaming = stream_setup.decide(recipe, device)  # training.offload_weights; host RAM checked before loading
-    seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, device, streaming.park_layers)
     reference = setup_reference(model, recipe)  # the starting model: before any step or restored checkpoint
     dataset = build_preference_dataset(recipe, tokenizer, split="train")

@@ -30,12 +30,11 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
     device = resolve_device(None)
     lint_or_stop(recipe, console, device=device)
     from onecard.train import stream_setup
-
     from onecard.train.memory_cap import apply_requested_cap
 
+    seed_everything(recipe.training.seed, recipe.training.deterministic)  # before CUDA starts: cuBLAS's config
     apply_requested_cap(device, console)  # --memory-cap-gib: before anything is allocated on the card
     streaming = stream_setup.decide(recipe, device)  # training.offload_weights; host RAM checked before loading
-    seed_everything(recipe.training.seed)
     model, tokenizer = load_model_and_tokenizer(recipe, device, streaming.park_layers)
     kernels = apply_recipe_kernels(model, recipe, device, console)
     dataset = build_dataset(recipe, tokenizer, split="train")
@@ -52,7 +51,7 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
            "split_checkpoint_calls": kernels.split_checkpoint_calls() - split_before}
     kernels.revert()  # the saved adapter/model and any later eval see plain transformers modules
     summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started,
-                     extra={"kernels": kernels.name, **ran, **setup})
+                     extra={"kernels": kernels.name, **ran, **setup, "data_summary": dataset.summary})
     if recipe.eval.at_end and has_eval_data(recipe):
         summary["eval"] = evaluate_and_save(model, tokenizer, recipe, summary)
     model.eval()

@@ -82,10 +82,25 @@ def lint_device(device: str | None) -> str | None:
     return gpu.id if gpu else None
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy, torch CPU and CUDA. ``deterministic`` (``training.deterministic``): also deterministic
+    torch algorithms, cuBLAS workspace and cuDNN, as transformers' ``enable_full_determinism`` sets them: on CUDA
+    the attention backward and some reductions otherwise accumulate in a run-dependent order, so two runs -- or a
+    run and its resume -- drift apart at rounding level from the second step on. Not ``enable_full_determinism``
+    itself: it also sets CUDA_LAUNCH_BLOCKING=1 (needed only before CUDA 10.2), which would serialise the copy
+    streams that weight streaming and offloaded checkpoints overlap with compute."""
+    import os
+
     from transformers import set_seed
 
-    set_seed(seed)  # python, numpy, torch CPU and CUDA
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when the cuBLAS handle is made
+        os.environ.setdefault("FLASH_ATTENTION_DETERMINISTIC", "1")
+    set_seed(seed, deterministic=deterministic)  # + torch.use_deterministic_algorithms(True)
+    if deterministic:
+        import torch
+
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,9 @@ def cuda_measurements(recipe: Recipe, dataset, summary: dict[str, Any]) -> dict[
 
     from onecard.plan.compare import plan_vs_measured
 
-    lengths = [row_length(ex) for ex in dataset.examples] or [recipe.data.seq_len]
+    from onecard.data.store import row_lengths
+
+    lengths = row_lengths(dataset.examples) or [recipe.data.seq_len]
     out = {"cuda_peak_reserved_bytes_measured": int(torch.cuda.max_memory_reserved()),
            "cuda_peak_allocated_bytes_measured": int(torch.cuda.max_memory_allocated())}
     out["plan_vs_measured"] = plan_vs_measured(recipe, {
@@ -60,14 +62,6 @@ def cuda_measurements(recipe: Recipe, dataset, summary: dict[str, Any]) -> dict[
         "device_name": torch.cuda.get_device_name()},
         seq_len_memory=max(lengths), seq_len_speed=round(sum(lengths) / len(lengths)))
     return out
-
-
-def row_length(example: dict) -> int:
-    """Tokens of one model row: an SFT/pretrain example, or a preference example's prompt + longest completion."""
-    if "input_ids" in example:
-        return len(example["input_ids"])
-    completions = [len(v) for k, v in example.items() if k.endswith("_ids") and k != "prompt_ids"]
-    return len(example.get("prompt_ids", [])) + max(completions, default=0)
 
 
 def reset_peak_after_setup(device: str) -> dict[str, Any]:
