@@ -78,10 +78,12 @@ the same model, recipe and optimizer, in the same process.
          "(`training.offload_activations`): each checkpointed layer's input waits in pinned host memory "
          "(patch/offload.py); the same configuration without it beside it, measured one after the other on the same machine."),
         ("stream", "Streamed base weights - measured, H200", "`--offload-weights --resident-layers N` "
-         "(`training.offload_weights`): the frozen weights of the decoder layers after the first N wait in "
-         "pinned host memory and are copied into reused GPU slots ahead of use (patch/stream_weights.py); "
-         "each streamed row runs under `--memory-cap-gib 24`, beside the same shape uncapped without streaming, "
-         "in one process (bench/gpu_suite.sh, parts S18/S18b)."),
+         "(`training.offload_weights`): the frozen weights of all but N decoder layers wait in pinned host "
+         "memory and are copied into reused GPU slots ahead of use (patch/stream_weights.py); each streamed row "
+         "runs under `--memory-cap-gib 24`, beside the same shape uncapped without streaming, in one process "
+         "(bench/gpu_suite.sh). Parts S18 and S18b (the first 4+4 pairs of the 70B/14B rows below) streamed the "
+         "layers after the first N; parts S18c and S18d (the last pairs) stream layers spread evenly between "
+         "the resident ones, which is what `onecard train` does now."),
         ("fp8", "FP8 base weights - measured, H200", "`--quant-base fp8` (`quant.base: fp8`): the frozen "
          "block linears in e4m3 with per-output-channel scales, their GEMMs through `torch._scaled_mm` "
          "(kernels/fp8.py), beside onecard's bf16 LoRA in one process (bench/gpu_suite.sh, parts F19*)."),
