@@ -12,6 +12,9 @@ from contextlib import contextmanager
 from typing import Any
 
 
+RATE_EVERY_S = 0.25  # the examples/s column's refresh (rich redraws 10 times a second)
+
+
 class Phases:
     """``with Phases(enabled) as phases: bar = phases.bar("tokenising", total); bar(n)``; a no-op when disabled."""
 
@@ -58,8 +61,14 @@ class Phases:
         task = progress.add_task(description, total=total, rate="")
         self._current = (description, time.perf_counter(), task)
 
+        shown = [0.0]  # when the rate was last computed
+
         def advance(n: int = 1) -> None:
             progress.advance(task, n)
+            now = time.perf_counter()
+            if now - shown[0] < RATE_EVERY_S:  # rich's speed sums its whole sample window: not once per record
+                return
+            shown[0] = now
             speed = progress.tasks[task].speed
             if speed:
                 progress.update(task, rate=f"{speed:,.0f} ex/s")
