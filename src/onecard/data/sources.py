@@ -111,11 +111,15 @@ def load(source: Source):
     if source._dataset is None:
         import datasets
 
-        was_enabled = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # one-line notices instead of datasets' "Generating split" bars
+        was_enabled, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+        # onecard's one-line notices instead of datasets' "Generating split" bars and its "Using the latest
+        # cached version" warnings (an uncached id offline is a UserError below)
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
         try:
             source._dataset = _load_hub(source) if source.kind == "hub" else _load_local(source)
         finally:
+            datasets.logging.set_verbosity(verbosity)
             if was_enabled:
                 datasets.enable_progress_bars()
     return source._dataset
