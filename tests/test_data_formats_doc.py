@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "data-formats.md"
-EXAMPLE = re.compile(r"<!-- example: task=(\w+) format=(\w+) file=([\w.-]+) -->\s*```\w*\n(.*?)```", re.S)
-FORMATS = ("chat", "alpaca", "text", "dpo", "kto")
+EXAMPLE = re.compile(r"<!-- example: task=(\w+) format=(\w+) file=([\w.-]+)(?: chat_template=([\w.-]+))? -->"
+                     r"\s*```\w*\n(.*?)```", re.S)
+FORMATS = ("chat", "sharegpt", "alpaca", "text", "dpo", "kto")
 
 
-def documented_examples() -> list[tuple[str, str, str, str]]:
+def documented_examples() -> list[tuple[str, str, str, str, str]]:
+    """``(task, format, file name, chat template or "", body)`` of each example."""
     return EXAMPLE.findall(DOC.read_text(encoding="utf-8"))
 
 
-def _build(path: Path, task: str, model_dir: str):
+def _build(path: Path, task: str, model_dir: str, chat_template: str = ""):
     from transformers import AutoTokenizer
 
     from onecard.data import build_dataset
@@ -28,7 +30,8 @@ def _build(path: Path, task: str, model_dir: str):
     from onecard.recipe import validate_recipe
 
     recipe = validate_recipe({"name": "doc", "model": {"name_or_path": model_dir}, "task": task,
-                              "data": {"path": str(path), "seq_len": 128}, "output_dir": str(path.parent / "run")})
+                              "data": {"path": str(path), "seq_len": 512, "chat_template": chat_template or "auto"},
+                              "output_dir": str(path.parent / "run")})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if task in ("dpo", "kto"):
         return build_preference_dataset(recipe, tokenizer)
@@ -37,13 +40,13 @@ def _build(path: Path, task: str, model_dir: str):
 
 def test_every_format_is_documented_with_an_example():
     examples = documented_examples()
-    assert {fmt for _, fmt, _, _ in examples} == set(FORMATS)
-    assert {Path(name).suffix for _, _, name, _ in examples} >= {".jsonl", ".json", ".csv"}
+    assert {fmt for _, fmt, _, _, _ in examples} == set(FORMATS)
+    assert {Path(name).suffix for _, _, name, _, _ in examples} >= {".jsonl", ".json", ".csv"}
     assert "docs/data-formats.md" in (DOC.parents[1] / "README.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("task,fmt,name,body", documented_examples(), ids=[e[2] for e in documented_examples()])
-def test_documented_example_parses(task, fmt, name, body, tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("task,fmt,name,template,body", documented_examples(), ids=[e[2] for e in documented_examples()])
+def test_documented_example_parses(task, fmt, name, template, body, tmp_path, tiny_llama_dir):
     from onecard.data import read_records
     from onecard.data.formats import record_format
 
@@ -51,7 +54,7 @@ def test_documented_example_parses(task, fmt, name, body, tmp_path, tiny_llama_d
     path.write_text(body, encoding="utf-8")
     records = read_records(path)
     assert records and all(record_format(r) == fmt for r in records)
-    dataset = _build(path, task, tiny_llama_dir)
+    dataset = _build(path, task, tiny_llama_dir, template)
     assert dataset.stats.records == len(records) and dataset.stats.dropped == 0 and dataset.stats.truncated == 0
     assert dataset.stats.trained_tokens > 0
     if task in ("sft", "pretrain"):
@@ -66,7 +69,7 @@ def test_documented_parquet_recipe_reads_the_chat_example(tmp_path, tiny_llama_d
 
     from onecard.data import read_records
 
-    _, _, name, body = next(e for e in documented_examples() if e[1] == "chat" and e[2].endswith(".jsonl"))
+    _, _, name, _, body = next(e for e in documented_examples() if e[1] == "chat" and e[2].endswith(".jsonl"))
     jsonl = tmp_path / name
     jsonl.write_text(body, encoding="utf-8")
     records = [r.data for r in read_records(jsonl)]

@@ -73,11 +73,25 @@ class QuantSection(_Strict):
     compute_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
 
 
+ChatTemplate = Literal["auto", "chatml", "llama-3", "mistral-v3", "mistral-tekken", "qwen2", "qwen2.5", "gemma-2",
+                       "phi-3", "alpaca"]  # the keys of onecard.data.templates.BUILTIN_TEMPLATES
+MappedColumn = Literal["messages", "role", "content", "instruction", "input", "output", "system", "text", "prompt",
+                       "chosen", "rejected", "completion", "label"]  # onecard.data.mapping.COLUMNS
+
+
 class DataSection(_Strict):
-    path: str | None = Field(None, description="JSONL/JSON/Parquet/CSV file. May be omitted only for planning.")
-    format: Literal["auto", "chat", "alpaca", "text", "dpo", "kto"] = "auto"
-    chat_template: Literal["auto", "chatml", "llama-3", "alpaca"] = Field(
-        "auto", description="auto = the tokenizer's own template, else chatml."
+    path: str | None = Field(None, description="A JSONL/JSON/Parquet/CSV file; a directory written by datasets' "
+                             "save_to_disk, or of Parquet/Arrow files; or hub:owner/name (through datasets' cache). "
+                             "May be omitted only for planning.")
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "text", "dpo", "kto"] = "auto"
+    columns: dict[MappedColumn, str] = Field(default_factory=dict, description="onecard's field name -> the "
+                                             "source's, e.g. {output: response, messages: dialog, role: speaker}.")
+    roles: dict[str, Literal["user", "assistant", "system", "tool"]] = Field(
+        default_factory=dict, description="A source role or ShareGPT speaker name -> onecard's, e.g. {bot: assistant}.")
+    split: str = Field("train", description="The split of a hub id or of a save_to_disk DatasetDict.")
+    revision: str | None = Field(None, description="Branch, tag or commit of a hub: dataset.")
+    chat_template: ChatTemplate = Field(
+        "auto", description="auto = the tokenizer's own template, else chatml; or a built-in by name."
     )
     seq_len: int = Field(2048, ge=8, le=1_048_576)
     packing: bool = False

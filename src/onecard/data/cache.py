@@ -1,4 +1,4 @@
-"""Where prepared data lives: one directory per (data file content, tokenizer, chat template, data fields).
+"""Where prepared data lives: one directory per (data source content, tokenizer, chat template, data fields).
 
 An entry is written into a temp directory and renamed into place, and its ``meta.json`` is written last, so a
 crash or kill leaves no entry that looks complete; two processes building the same entry (N ranks of one run)
@@ -49,11 +49,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
-def cache_key(recipe, split: str, file_hash: str, tokenizer_fp: str, template: str | None) -> str:
-    """Every input of the prepared data. ``training.seed`` only matters where it picks the eval_fraction split."""
+def cache_key(recipe, split: str, source_hash: str, tokenizer_fp: str, template: str | None) -> str:
+    """Every input of the prepared data; ``source_hash`` is the source's fingerprint (a file's or directory's
+    content hash, a hub id's revision and resolved files: onecard.data.sources.fingerprint). ``training.seed``
+    only matters where it picks the eval_fraction split."""
     data = recipe.data.model_dump(mode="json")
     parts: dict[str, Any] = {"format": CACHE_FORMAT, "split": split, "task": recipe.task, "data": data,
-                             "file": file_hash, "tokenizer": tokenizer_fp,
+                             "file": source_hash, "tokenizer": tokenizer_fp,
                              "template": hashlib.sha256(template.encode()).hexdigest() if template else None}
     if data["eval_fraction"] and not data["eval_path"]:
         parts["seed"] = recipe.training.seed
@@ -128,8 +130,3 @@ def read_stats(data_path: str | Path, split: str = "train") -> dict[str, Any] | 
     if source["size"] != stat.st_size or source["mtime_ns"] != stat.st_mtime_ns:
         return None
     return pointer["summary"]
-
-
-def source_info(path: Path, file_hash: str) -> dict[str, Any]:
-    stat = path.stat()
-    return {"path": str(path.resolve()), "sha256": file_hash, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from onecard.data.prepare import prepare, split_path, split_records
-from onecard.data.records import Record, read_records
+from onecard.data.records import Record
+from onecard.data.sources import read_source_records, resolve
 from onecard.data.stats import SHOWN_WHERE
 
 Example = dict[str, list[int]]
@@ -109,11 +110,12 @@ def _show_progress(recipe, split: str, progress: bool | None) -> bool:
 
 
 def select_records(recipe, split: str) -> list[Record]:
-    """The records of a split in memory (evaluation prompts, preference data): ``data.eval_path`` if given,
+    """The records of a split in memory (evaluation prompts, preference data), with ``data.columns``/``data.roles``
+    applied: ``data.eval_path`` if given,
     else a seeded ``data.eval_fraction`` of ``data.path`` -- the same records :func:`build_dataset` uses."""
     path = split_path(recipe, split)
     if path is None:
         return []
-    records = read_records(path)
+    records = read_source_records(resolve(path, recipe.data), recipe.data.columns, recipe.data.roles)
     chosen = split_records(recipe, split, len(records))
     return records if chosen is None else [records[i] for i in chosen]

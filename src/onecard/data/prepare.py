@@ -18,10 +18,12 @@ from typing import Any
 
 from onecard.data import cache
 from onecard.data.collate import epoch_order
-from onecard.data.formats import detect_format, record_text, to_messages
+from onecard.data.formats import CONVERSATION_FORMATS, describe_format, detect_format, has_tool_turns, record_text, to_messages
+from onecard.data.mapping import mapping_text, remap
 from onecard.data.masking import IGNORE_INDEX, tokenize_chats
-from onecard.data.records import JSON_SUFFIXES, Record, as_record, check_data_file, is_json_array, iter_json_lines, parse_json_line, read_records
-from onecard.data.templates import resolve_template
+from onecard.data.records import JSON_SUFFIXES, Record, as_record, is_json_array, iter_json_lines, parse_json_line
+from onecard.data.sources import Source, fingerprint, read_source_records, resolve, source_info
+from onecard.data.templates import require_tool_turns, resolve_template
 from onecard.errors import UserError
 
 EVAL_SPLIT_EPOCH = -1  # the eval split draws from its own (seed, -1) stream, never an epoch's
@@ -44,7 +46,8 @@ def split_path(recipe, split: str) -> str | None:
     if split == "eval" and not data.eval_fraction:
         return None
     if not data.path:
-        raise UserError("no training data given", where="data.path", fix="set data.path to a .jsonl/.json/.parquet/.csv file")
+        raise UserError("no training data given", where="data.path",
+                        fix="set data.path to a .jsonl/.json/.parquet/.csv file, a dataset directory or hub:owner/name")
     return data.path
 
 
@@ -57,27 +60,44 @@ def prepare(recipe, tokenizer, split: str, phases, num_proc: int | None = None, 
     data_path = split_path(recipe, split)
     if data_path is None:
         return None
-    path = check_data_file(data_path)
-    file_hash = cache.file_sha256(path)
+    source = resolve(data_path, recipe.data)
+    source_hash = fingerprint(source)
     template = _template_for_key(tokenizer, recipe.data.chat_template)
-    key = cache.cache_key(recipe, split, file_hash, cache.tokenizer_fingerprint(tokenizer), template)
+    key = cache.cache_key(recipe, split, source_hash, cache.tokenizer_fingerprint(tokenizer), template)
     entry = cache.entry_dir(key)
     meta = None if rebuild else cache.read_meta(entry)
     if meta is not None:
+        _say_detected(recipe, split, source, meta)
         return Prepared(entry, meta, from_cache=True)
-    index = read_index(path, recipe, phases)
+    index = read_index(source, recipe, phases)
+    if index["tools_at"] is not None:
+        require_tool_turns(tokenizer, resolve_template(tokenizer, recipe.data.chat_template),
+                           recipe.data.chat_template, index["tools_at"])
     chosen = split_records(recipe, split, len(index["line"]))
     build = cache.new_build_dir(key)
     try:
-        meta = _build(recipe, tokenizer, split, path, index, chosen, build, phases, num_proc)
-        meta.update(key=key, split=split, source=cache.source_info(path, file_hash), 
+        meta = _build(recipe, tokenizer, split, source.label, index, chosen, build, phases, num_proc)
+        meta.update(key=key, split=split, source=source_info(source, source_hash), detected=index["detected"],
                     seconds=dict(phases.seconds))
+        _say_detected(recipe, split, source, meta)
         return Prepared(cache.publish(build, key, meta, replace=rebuild), meta, from_cache=False)
     finally:
         if build.exists():
             import shutil
 
             shutil.rmtree(build, ignore_errors=True)
+
+
+def _say_detected(recipe, split: str, source: Source, meta: dict[str, Any]) -> None:
+    """One line on stderr naming the format ``data.format: auto`` found (once per source: an eval_fraction
+    split reads the training file again)."""
+    if not meta.get("detected") or (split == "eval" and not recipe.data.eval_path):
+        return
+    import sys
+
+    name = Path(source.label).name if source.is_file else source.label
+    print(f"data: detected {meta['detected']} in {name}{mapping_text(recipe.data.columns, recipe.data.roles)}",
+          file=sys.stderr)
 
 
 def _template_for_key(tokenizer, name: str) -> str | None:
@@ -87,41 +107,56 @@ def _template_for_key(tokenizer, name: str) -> str | None:
         return None
 
 
-def read_index(path: Path, recipe, phases) -> dict[str, Any]:
-    """Read and validate every record; returns the format and, per record, where to find it again."""
+def read_index(source: Source, recipe, phases) -> dict[str, Any]:
+    """Read and validate every record; returns the format and, per record, where to find it again.
+
+    A JSONL file is streamed and its records re-read by offset in the workers; every other source (and a JSONL
+    file read through ``data.columns``/``data.roles``, whose renamed records the workers need) is handed over as
+    JSON text per record."""
+    data = recipe.data
     advance = phases.bar("reading", None)
-    if path.suffix.lower() in JSON_SUFFIXES and not is_json_array(path):
-        index: dict[str, Any] = {"line": [], "offset": [], "nbytes": [], "json": None, "unit": "line"}
+    path = source.path
+    if source.is_file and path.suffix.lower() in JSON_SUFFIXES and not is_json_array(path):
+        mapped = bool(data.columns or data.roles)
+        index: dict[str, Any] = {"line": [], "offset": [], "nbytes": [], "json": [] if mapped else None, "unit": "line"}
         check = None
         for line, offset, nbytes, obj in iter_json_lines(path):
-            record = as_record(obj, path, line)
+            record = remap(as_record(obj, path, line), data.columns, data.roles)
             check = check or _validator(record, recipe)
             check(record)
             index["line"].append(line), index["offset"].append(offset), index["nbytes"].append(nbytes)
+            if mapped:
+                index["json"].append(json.dumps(record.data))
             advance()
         if check is None:
             raise UserError("data file holds no records", where=str(path), fix="add examples, one JSON object per line")
-        index["format"] = check.format
-        return index
-    records = read_records(path)
+        if mapped:
+            index["offset"] = index["nbytes"] = None
+        return {**index, "format": check.format, "tools_at": check.tools_at, "detected": check.detected}
+    records = read_source_records(source, data.columns, data.roles)
     check = _validator(records[0], recipe)
     for record in records:
         check(record)
         advance()
     return {"line": [r.line for r in records], "offset": None, "nbytes": None, "unit": records[0].unit,
-            "json": [json.dumps(r.data) for r in records], "format": check.format}
+            "json": [json.dumps(r.data) for r in records], "format": check.format, "tools_at": check.tools_at,
+            "detected": check.detected}
 
 
 def _validator(first: Record, recipe):
-    """A check for each record of the format the first record (or ``data.format``) names."""
+    """A check for each record of the format the first record (or ``data.format``) names; it notes the first
+    record with tool turns (``tools_at``) for the chat-template check."""
     fmt = detect_format([first], recipe.data.format, recipe.task)
-    if fmt in ("chat", "alpaca"):
+    if fmt in CONVERSATION_FORMATS:
         def check(record):
-            to_messages(record, fmt)
+            if has_tool_turns(to_messages(record, fmt)) and check.tools_at is None:
+                check.tools_at = record.where
     else:
         def check(record):
             record_text(record)
     check.format = fmt
+    check.tools_at = None
+    check.detected = describe_format(fmt, first) if recipe.data.format == "auto" else None
     return check
 
 
@@ -152,7 +187,7 @@ def _build(recipe, tokenizer, split, path, index, chosen, build: Path, phases, n
     table = datasets.Dataset.from_dict(columns)
     if chosen is not None:
         table = table.select(chosen)
-    template = resolve_template(tokenizer, recipe.data.chat_template) if fmt in ("chat", "alpaca") else None
+    template = resolve_template(tokenizer, recipe.data.chat_template) if fmt in CONVERSATION_FORMATS else None
     workers = max(1, min(num_proc or default_workers(), len(table) // MIN_RECORDS_PER_WORKER))
     if workers > 1:  # the Rust tokenizer's own threads would fight the workers for the same cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from onecard.data.formats import CONVERSATION_FORMATS
 from onecard.data.records import SUPPORTED, Record, read_records
+from onecard.data.sources import HUB_PREFIX, read_source_records, resolve
 from onecard.errors import UserError
 
 STREAMED = (".jsonl", ".ndjson")
@@ -44,13 +46,22 @@ class DataStatsReport:
         return asdict(self)
 
 
-def iter_records(path: str | Path) -> Iterator[Record]:
-    """The file's records one at a time. Anything other than a non-empty JSONL file goes through read_records,
-    which raises the trainer's own messages (not found, a directory, unknown type, empty)."""
-    path = Path(path)
-    if path.suffix.lower() not in STREAMED or not path.is_file() or path.stat().st_size == 0:
-        yield from read_records(path)
+def iter_records(path: str | Path, data=None) -> Iterator[Record]:
+    """The source's records one at a time, with ``data.columns``/``data.roles`` of the recipe's ``data`` applied.
+    Anything other than a non-empty JSONL file goes through the trainer's reader, which raises its own messages
+    (not found, unknown type, empty; a directory or hub id is read through datasets)."""
+    from onecard.data.mapping import remap
+
+    spec, file = str(path), Path(path)
+    if spec.startswith(HUB_PREFIX) or file.suffix.lower() not in STREAMED or not file.is_file() or file.stat().st_size == 0:
+        yield from (read_records(file) if data is None else
+                    read_source_records(resolve(spec, data), data.columns, data.roles))
         return
+    for record in _iter_jsonl(file):
+        yield remap(record, data.columns, data.roles) if data is not None else record
+
+
+def _iter_jsonl(path: Path) -> Iterator[Record]:
     # Streamed here where read_records reads the whole file into memory; same checks, same messages.
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -87,7 +98,7 @@ def scan_file(recipe, path: str, tokenizer=None) -> DataStatsReport:
     the token length of each example."""
     from onecard.data.formats import detect_format, record_format
 
-    records = iter_records(path)
+    records = iter_records(path, recipe.data)
     first = next(records, None)
     if first is None:
         raise UserError("data file holds no records", where=str(path), fix="add examples, one JSON object per line")
@@ -135,13 +146,17 @@ class _TokenCounter:
 
         self.tokenizer, self.fmt, self.seq_len = tokenizer, fmt, recipe.data.seq_len
         self.pretrain = recipe.task == "pretrain"
-        self.template = resolve_template(tokenizer, recipe.data.chat_template) if fmt in ("chat", "alpaca") else None
+        self.template = resolve_template(tokenizer, recipe.data.chat_template) if fmt in CONVERSATION_FORMATS else None
+        self.template_name = recipe.data.chat_template
+        self.tools_checked = False
         self.lengths: list[int] = []
         self.truncated: list[int] = []
         self.unit = "line"
 
     def add(self, record: Record, content) -> None:
+        from onecard.data.formats import has_tool_turns
         from onecard.data.masking import tokenize_chat
+        from onecard.data.templates import require_tool_turns
 
         if self.fmt == "text":
             ids = list(self.tokenizer(content, add_special_tokens=True)["input_ids"])
@@ -149,6 +164,9 @@ class _TokenCounter:
         elif not any(m["role"] == "assistant" for m in content):
             return  # dropped by the trainer: nothing to learn from
         else:
+            if not self.tools_checked and has_tool_turns(content):  # what preparing the data would refuse
+                require_tool_turns(self.tokenizer, self.template, self.template_name, record.where)
+                self.tools_checked = True
             n = len(tokenize_chat(self.tokenizer, self.template, content, where=record.where)[0])
         self.lengths.append(n)
         if n > self.seq_len and not self.pretrain:  # pre-training packs documents into seq_len blocks

@@ -305,18 +305,19 @@ def data_files(ctx: LintContext) -> list[Finding]:
     """Every data file: exists, has a type onecard reads, every record parses into the format of the first;
     with data_tokens, examples longer than data.seq_len by line."""
     from onecard.data.records import SUPPORTED
+    from onecard.data.sources import HUB_PREFIX
     from onecard.errors import UserError
     from onecard.lint.data import data_files as named_files, scan_file
 
     out = []
     for name, path in named_files(ctx.recipe):
         file = Path(path)
-        if not file.is_file():
-            what = "is a directory, not a file" if file.is_dir() else "does not exist"
-            out.append(Finding("data-missing", "error", f"{path!r} {what}", "training reads it first and stops",
+        dataset = path.startswith(HUB_PREFIX) or file.is_dir()  # read through datasets: scan_file says what is wrong
+        if not file.is_file() and not dataset:
+            out.append(Finding("data-missing", "error", f"{path!r} does not exist", "training reads it first and stops",
                                "check the path (relative paths start from the current directory)", where=name))
             continue
-        if file.suffix.lower() not in SUPPORTED:
+        if not dataset and file.suffix.lower() not in SUPPORTED:
             out.append(Finding("data-file-type", "error", f"onecard does not read {file.suffix or 'extension-less'} files"
                                f" ({path})", "training cannot read its records",
                                f"convert it to one of {', '.join(SUPPORTED)} (JSONL: one JSON object per line, e.g. "
