@@ -220,3 +220,22 @@ def test_rebuild_replaces_the_entry(tmp_path, tok):
     assert not again.from_cache and again.entry == first.entry
     assert (again.entry / "meta.json").stat().st_mtime_ns != stamp
     assert list(again.examples) == list(first.examples)
+
+
+def test_a_launch_does_not_validate_data_the_cache_prepared_from_the_same_content(tmp_path, tok, monkeypatch):
+    import onecard.lint.data as lint_data
+    from onecard.lint import lint_recipe
+
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows(30))
+    r = recipe(path, seq_len=64, packing=True)
+    scans = []
+    real_scan = lint_data.scan_file
+    monkeypatch.setattr(lint_data, "scan_file", lambda *a, **k: scans.append(a[1]) or real_scan(*a, **k))
+    lint_recipe(r, tokenizer=tok, model_config={}, device="cpu")
+    assert scans == [str(path)]  # not prepared yet: every record read
+    build_dataset(r, tok)
+    lint_recipe(r, tokenizer=tok, model_config={}, device="cpu")
+    assert scans == [str(path)]  # prepared from this content: validated then, not read again
+    write_jsonl(path, chat_rows(30)[:-1] + [{"messages": "not a list"}])  # changed content: read, and its error found
+    findings = lint_recipe(r, tokenizer=tok, model_config={}, device="cpu")
+    assert len(scans) == 2 and any(f.id == "data-format" and f.where.endswith(":30") for f in findings)

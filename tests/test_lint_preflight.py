@@ -43,7 +43,7 @@ def smollm2_gguf() -> Path:
 
 
 def test_data_files_checked(tmp_path):
-    (tmp_path / "share.jsonl").write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n')
+    (tmp_path / "share.jsonl").write_text('{"dialogue": [{"speaker": "human", "line": "hi"}]}\n')  # no known format
     (tmp_path / "notes.txt").write_text("some text\n")
     cases = {"missing.jsonl": "data-missing", "share.jsonl": "data-format", "notes.txt": "data-file-type"}
     for name, rule in cases.items():

@@ -62,8 +62,7 @@ def prepare(recipe, tokenizer, split: str, phases, num_proc: int | None = None, 
         return None
     source = resolve(data_path, recipe.data)
     source_hash = fingerprint(source)
-    template = _template_for_key(tokenizer, recipe.data.chat_template)
-    key = cache.cache_key(recipe, split, source_hash, cache.tokenizer_fingerprint(tokenizer), template)
+    key = _entry_key(recipe, tokenizer, split, source_hash)
     entry = cache.entry_dir(key)
     meta = None if rebuild else cache.read_meta(entry)
     if meta is not None:
@@ -86,6 +85,21 @@ def prepare(recipe, tokenizer, split: str, phases, num_proc: int | None = None, 
             import shutil
 
             shutil.rmtree(build, ignore_errors=True)
+
+
+def _entry_key(recipe, tokenizer, split: str, source_hash: str) -> str:
+    template = _template_for_key(tokenizer, recipe.data.chat_template)
+    return cache.cache_key(recipe, split, source_hash, cache.tokenizer_fingerprint(tokenizer), template)
+
+
+def prepared_meta(recipe, tokenizer, split: str = "train") -> dict[str, Any] | None:
+    """The published entry's meta when this split was already prepared from the same content, tokenizer, template
+    and data fields (every record passed the same validation then), else None. Costs one hash of the source."""
+    data_path = split_path(recipe, split)
+    if data_path is None:
+        return None
+    source = resolve(data_path, recipe.data)
+    return cache.read_meta(cache.entry_dir(_entry_key(recipe, tokenizer, split, fingerprint(source))))
 
 
 def _say_detected(recipe, split: str, source: Source, meta: dict[str, Any]) -> None:

@@ -301,6 +301,22 @@ def memory_not_checked(ctx: LintContext) -> list[Finding]:
                     f"onecard lint checks the plan against plan.gpu ({ctx.recipe.plan.gpu})")]
 
 
+def _already_prepared(ctx: LintContext, name: str, path: str):
+    """The training file as the data cache knows it, when training prepared this very content under these data
+    fields and tokenizer: its records were validated then, so a launch does not read them twice. Only for the
+    check a launch runs (no token lengths asked for) and the training split."""
+    if ctx.data_tokens or ctx.tokenizer is None or name != "data.path":
+        return None
+    from onecard.data.prepare import prepared_meta
+    from onecard.lint.data import DataStatsReport
+
+    meta = prepared_meta(ctx.recipe, ctx.tokenizer)
+    if meta is None:
+        return None
+    return DataStatsReport(path=path, format=meta["format"], records=meta["summary"]["records"],
+                           note="validated when it was prepared (data cache)")
+
+
 def data_files(ctx: LintContext) -> list[Finding]:
     """Every data file: exists, has a type onecard reads, every record parses into the format of the first;
     with data_tokens, examples longer than data.seq_len by line."""
@@ -324,7 +340,8 @@ def data_files(ctx: LintContext) -> list[Finding]:
                                '{"messages": [...]} or {"text": "..."})', where=name))
             continue
         try:
-            report = scan_file(ctx.recipe, path, ctx.tokenizer if ctx.data_tokens else None)
+            report = _already_prepared(ctx, name, path) or scan_file(ctx.recipe, path,
+                                                                    ctx.tokenizer if ctx.data_tokens else None)
         except UserError as exc:
             out.append(Finding("data-format", "error", exc.what, "training stops at this record",
                                exc.fix or "see docs for the data formats", where=exc.where or name))
