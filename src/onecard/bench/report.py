@@ -187,8 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     (args.docs / "benchmarks.json").write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
     from onecard.bench.report_md import render
 
+    from onecard.bench.report_extra import render_extra
+
     (args.docs / "benchmarks.md").write_text(render(payload) + render_kernels(payload["kernels"])
-                                        + render_multigpu(payload["multigpu"]), encoding="utf-8")
+                                        + render_multigpu(payload["multigpu"]) + render_extra(args.results),
+                                        encoding="utf-8")
     print(f"wrote {args.docs / 'benchmarks.md'} and benchmarks.json ({len(measured)} measured rows)")
 
 

@@ -53,7 +53,10 @@ if HAS_TRITON:
         inv_step = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)  # exact powers of two: no division
         r = tl.abs(v) * inv_step
         r = ((r + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: round half to even for |r| < 2^22
-        return tl.where(bits < 0, -r, r)  # the sign bit kept, on -0.0 and on values that round to zero (as torch)
+        # the sign bit OR-ed back in (r >= 0): also on -0.0 and on negatives that round to zero, as torch's cast
+        # keeps it; a negation compiled for CUDA as 0 - r gave +0.0 there (H200: 2 of 1M codes)
+        sign = bits & -2147483648
+        return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
     def e4m3_scale(amax):
@@ -93,7 +96,11 @@ if HAS_TRITON:
 def quantize_rows_reference(x: torch.Tensor, col_scale: torch.Tensor | None = None):
     """(q, scale): x * col_scale = diag(scale) q row-wise, q in e4m3, scale (N, 1) fp32."""
     xf = x.float() if col_scale is None else x.float() * col_scale.float()
-    scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(MIN_AMAX) / E4M3_MAX
+    amax = xf.abs().amax(dim=1, keepdim=True).clamp_min(MIN_AMAX)
+    # Divided by a tensor, not the Python float: CUDA torch divides by a scalar as a multiplication by its
+    # reciprocal, a last-bit difference in the scale that flips codes at rounding ties (seen on the H200: 776 of
+    # 1M codes); tensor / tensor is IEEE division on every device, as the Triton kernels' div_rn.
+    scale = amax / torch.full_like(amax, E4M3_MAX)
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 

@@ -1,0 +1,92 @@
+"""The benchmark page's sections that are not ``onecard bench`` rows: data preparation on this 2-core CPU machine
+(bench/data_prep.py), ``onecard train`` with streamed weights killed and resumed on the GPU
+(bench/stream_train_gpu.py) and the FP8 base's quality protocol (bench/fp8_quality_gpu.py). Each reads its raw
+files in bench/results/ and says what it measured; nothing here is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from onecard.bench.report_md import fmt, table
+
+
+def render_extra(results_dir: Path) -> str:
+    return data_prep_section(results_dir) + stream_train_section(results_dir) + fp8_quality_section(results_dir)
+
+
+def data_prep_section(results_dir: Path) -> str:
+    files = sorted(Path(results_dir).glob("data_prep_*.jsonl"))
+    rows = [json.loads(line) | {"_file": f.name} for f in files for line in f.read_text().splitlines() if line]
+    if not rows:
+        return ""
+    v = rows[-1]["versions"]
+    what = {("full", 1): "`onecard train`, first launch", ("full", 2): "`onecard train`, second launch (cache)",
+            ("model_only", 1): "`onecard train`, model only (200 examples)"}
+    body = [[r["date"], r["_file"], f"{r['data_bytes'] / 1e6:,.0f} MB",
+             what.get((r["workload"], r["launch"]), r["command"].split()[1]) if "train" in r["command"]
+             else f"`onecard data`, launch {r['launch']}", fmt(r["wall_s"], ",.1f"), fmt(r["cpu_s"], ",.1f"),
+             fmt(r.get("to_first_step_s"), ",.1f"), fmt(r["peak_rss_gib"], ".2f"),
+             " / ".join(fmt((r.get("phase_seconds") or {}).get(k), ",.1f") for k in ("reading", "tokenising")),
+             f"{r['loadavg_1m_before']:.1f} / {r['loadavg_1m_after']:.1f}"] for r in rows]
+    return ("\n## Data preparation - measured, this 2-core CPU machine\n\n"
+            "`python3 bench/make_chat_data.py --examples 50000 --out /tmp/chat50k.jsonl` (chat examples with a system "
+            "prompt and 1-3 turns, ~500 SmolLM2 tokens each), then `python3 bench/data_prep.py --data /tmp/chat50k.jsonl "
+            "--repeats 1 --out bench/results/data_prep_DATE.jsonl`: the demo's SmolLM2-135M-Instruct, packing at seq "
+            "2048, `max_steps: 1`, each row one process under `/usr/bin/time -v`, an empty data cache before each "
+            "repeat. \"to first step\" is wall minus the trainer's measured step; \"model only\" is the same recipe on "
+            f"200 examples. Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, datasets "
+            f"{v['datasets']}, tokenizers {v['tokenizers']}. The machine is shared with other agents: the load "
+            "average (2 cores) is in the last column, and wall times under load are not an idle machine's.\n\n"
+            + table(["date", "rows", "data", "run", "wall s", "CPU s", "to first step s", "peak RSS GiB",
+                     "read / tokenise s", "load before / after"], body))
+
+
+def stream_train_section(results_dir: Path) -> str:
+    files = sorted(Path(results_dir).glob("stream_train_*.json"))
+    if not files:
+        return ""
+    out = ["\n## `onecard train` with streamed weights, killed and resumed - measured, H200\n\n"
+           "`PYTHONPATH=src python bench/stream_train_gpu.py OUT`: a random Llama 3 8B saved as a safetensors "
+           "checkpoint (15 GiB of bf16 weights), trained through the CLI with `--memory-cap-gib 12`, "
+           "`training.offload_weights: true`, offloaded checkpoints and `training.deterministic: true`; A and A2 "
+           "run uninterrupted, B is killed with SIGKILL after step 6 and resumed from its step-4 checkpoint.\n\n"]
+    for f in files:
+        r = json.loads(f.read_text())
+        s = r.get("summary_a", {})
+        said = re.search(r"streaming the base weights of (\d+) layers .*?\((\d+) resident", " ".join(r["a"]["tail"].split()))
+        out.append(table(
+            ["file", "cap GiB", "steps", "A / A2 / B exit", "peak reserved GiB (A)", "tokens/s (A, steady)",
+             "max loss diff A-A2", "max loss diff A-B", "max adapter diff A-B"],
+            [[f.name, str(r["cap_gib"]), str(r["steps"]),
+              f"{r['a']['rc']} / {r['a2']['rc']} / killed {r['b_killed']['rc']}, resumed {r['b_resumed']['rc']}",
+              fmt(s.get("cuda_peak_reserved_bytes_measured", 0) / 2**30, ".2f"),
+              fmt(s.get("steady_tokens_per_s_measured")), str(r.get("max_loss_diff_a_a2")),
+              str(r.get("max_loss_diff_after_resume")), str(r.get("max_adapter_diff"))]]))
+        if said:
+            out.append(f"\n{said.group(1)} layers streamed, {said.group(2)} resident (the trainer's own line).\n")
+    return "".join(out)
+
+
+def fp8_quality_section(results_dir: Path) -> str:
+    files = sorted(Path(results_dir).glob("fp8_quality_*.json"))
+    if not files:
+        return ""
+    out = ["\n## FP8 base quality protocol - measured, H200\n\nPre-registered in notes/fp8.md; "
+           "`PYTHONPATH=src python bench/fp8_quality_gpu.py OUT`.\n\n"]
+    for f in files:
+        r = json.loads(f.read_text())
+        one, two, three = r["1_loss_curves"], r["2_adapter_on_bf16_base"], r["3_step0_gradients"]
+        out.append(table(["file", "date", "item", "measured", "threshold", "met"], [
+            [f.name, r["date"], "1. mean loss, last 50 of 200 steps",
+             f"bf16 {one['mean_last_50']['none']:.4f}, FP8 {one['mean_last_50']['fp8']:.4f} "
+             f"({one['relative_difference']:.2%})", "<= 1%", "yes" if one["pass"] else "**no**"],
+            ["", "", "2. FP8-trained adapter, held-out loss on FP8 / bf16 base",
+             f"{two['heldout_fp8_base']['loss']:.4f} / {two['heldout_bf16_base']['loss']:.4f} "
+             f"({two['relative_difference']:.2%})", "<= 1%", "yes" if two["pass"] else "**no**"],
+            ["", "", "3. step-0 adapter gradients, cosine FP8 vs bf16",
+             f"worst {three['worst_cosine']:.3f} ({three['worst_tensor'].split('model.model.')[-1]}), median "
+             f"{three['median_cosine']:.3f}", ">= 0.99", "yes" if three["pass"] else "**no**"]]))
+    return "".join(out)
