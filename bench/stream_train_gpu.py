@@ -27,30 +27,6 @@ import train_gpu_e2e as e2e  # noqa: E402
 CAP_GIB, STEPS, SAVE_EVERY, KILL_AFTER_STEP = 12, 10, 4, 6
 
 
-def build_model_dir() -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from onecard.bench.build import fill_random_, hf_config
-    from onecard.bench.config import BenchConfig
-    from onecard.tiny import build_tiny_tokenizer
-
-    path = e2e.ROOT / "llama-3-8b-random"
-    if (path / "config.json").is_file():
-        return path
-    tok = build_tiny_tokenizer()
-    config = hf_config(BenchConfig(model="llama-3-8b"))
-    config.eos_token_id, config.pad_token_id, config.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    fill_random_(model)
-    model.save_pretrained(path, safe_serialization=True, max_shard_size="4GB")
-    tok.save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
-    return path
-
-
 def cli(recipe_path: Path, *flags: str, popen: bool = False):
     cmd = [sys.executable, "-m", "onecard.cli", "train", str(recipe_path), "--memory-cap-gib", str(CAP_GIB), *flags]
     if popen:
@@ -74,7 +50,7 @@ def main() -> None:
     outdir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
     e2e.ROOT.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model_dir = build_model_dir()
+    model_dir = e2e.build_model_dir("llama-3-8b")
     chat, _ = e2e.write_data()
     result: dict = {"cap_gib": CAP_GIB, "steps": STEPS, "model_dir_s": round(time.perf_counter() - start, 1)}
     extra = dict(seq_len=1024, training={"max_steps": STEPS, "save_every_steps": SAVE_EVERY, "micro_batch_size": 2,

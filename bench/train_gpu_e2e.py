@@ -22,7 +22,9 @@ ROOT = Path("/tmp/onecard_e2e")
 STEPS = 20
 
 
-def build_model_dir() -> Path:
+def build_model_dir(preset: str = "llama-3.2-1b") -> Path:
+    """A random bf16 model of ``preset``'s shape saved as a checkpoint (safetensors, 4 GB shards), with the tiny
+    tokenizer; kept across calls on the same machine."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -30,15 +32,19 @@ def build_model_dir() -> Path:
     from onecard.bench.config import BenchConfig
     from onecard.tiny import build_tiny_tokenizer
 
-    path = ROOT / "llama-3.2-1b-random"
+    path = ROOT / f"{preset}-random"
+    if (path / "config.json").is_file():
+        return path
     tok = build_tiny_tokenizer()
-    config = hf_config(BenchConfig(model="llama-3.2-1b"))
+    config = hf_config(BenchConfig(model=preset))
     config.eos_token_id, config.pad_token_id, config.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     fill_random_(model)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="4GB")
     tok.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from onecard.data import IGNORE_INDEX, check_template_masking, resolve_template, tokenize_chat
-from onecard.data.templates import ALPACA, CHATML, LLAMA_3
+from onecard.data.templates import ALPACA, CHATML, GEMMA_2, LLAMA_3
 from onecard.errors import UserError
 from onecard.tiny import build_tiny_tokenizer
 
@@ -162,17 +162,10 @@ def test_resolve_template_choices(tok, llama_tok):
         resolve_template(tok, "llama-3")
 
 
-# Published templates, abbreviated only where they handle tools: Gemma (google/gemma-2b-it) rejects
+# Published templates, abbreviated only where they handle tools: Gemma (the built-in Gemma 2 text) rejects
 # system messages and renames assistant -> model; Mistral (mistralai/Mistral-7B-Instruct-v0.1) has
 # no generation prompt and ends answers with eos_token directly after ' [/INST]'.
-GEMMA = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
+GEMMA = GEMMA_2  # the built-in is google/gemma-2-9b-it's own text
 MISTRAL = (
     "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
