@@ -105,7 +105,6 @@ def write_modelfile(out: Path, gguf_name: str, tokenizer, recipe) -> tuple[Path,
     template = resolve_template(tokenizer, recipe.data.chat_template)
     found = translate(tokenizer, template)
     lines = [f"# Ollama Modelfile written by onecard: ollama create {recipe.name} -f Modelfile", f"FROM ./{gguf_name}"]
-    vocab = tokenizer.get_vocab()
     if found is None:
         stops = [tokenizer.eos_token] if tokenizer.eos_token else []
         notes = ["Modelfile: the chat template matches none of chatml, llama-3, gemma, phi-3, mistral when rendered; "
@@ -113,7 +112,7 @@ def write_modelfile(out: Path, gguf_name: str, tokenizer, recipe) -> tuple[Path,
         lines.append("# no TEMPLATE: onecard could not translate this chat template into Ollama's syntax")
     else:
         family, system, _ = found
-        stops = [t for t in STOP_TOKENS[family] if t in vocab]
+        stops = list(STOP_TOKENS[family])
         if tokenizer.eos_token and tokenizer.eos_token not in stops:
             stops.append(tokenizer.eos_token)
         lines.append(f'TEMPLATE """{_quoted(OLLAMA_TEMPLATES[family])}"""')
