@@ -45,3 +45,63 @@ def test_llama_cpp_loads_and_generates(tied, tmp_path):
     out = llm.create_chat_completion(messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0.0)
     assert out["usage"]["completion_tokens"] >= 1  # the chat template stored in the GGUF rendered the prompt
     llm.close()
+
+
+def _family_run(tmp_path, arch, **overrides):
+    import yaml
+
+    from onecard.tiny import save_tiny_model
+
+    run = make_run(tmp_path, str(save_tiny_model(tmp_path / f"base-{arch}", arch, **overrides)), "lora", name=arch)
+    if arch == "gemma2":  # soft-capped attention: transformers has no SDPA path for it
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        recipe["model"]["attn_implementation"] = "eager"
+        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return run
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
+def test_quantised_export_is_checked_in_llama_cpp_and_generates(quant, tmp_path):
+    import gguf
+
+    from onecard.export import export_run
+    from onecard.export.gguf_quant import llamacpp_generate
+
+    result = export_run(_family_run(tmp_path, "llama"), "gguf", tmp_path / "g", gguf_type=quant, device="cpu",
+                        log=lambda *_: None)
+    v = result["verification"]
+    assert v["runtime"] == "llama.cpp" and v["passed"] and v["value"] > 1e-4  # quantised, so not exact
+    assert v["adapter_effect_mean_abs"] > 5 * v["mean_abs_err"]  # the check would see the adapter missing
+    path = next((tmp_path / "g").glob("*.gguf"))
+    types = {t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert (gguf.GGMLQuantizationType.Q8_0 if quant == "q8_0" else gguf.GGMLQuantizationType.Q4_K) in types or \
+        gguf.GGMLQuantizationType.Q5_0 in types  # llama.cpp's fallback for rows not a multiple of 256
+    assert not list((tmp_path / "g").glob("*.tmp"))  # the f16 source of q4_k_m is removed
+    assert isinstance(llamacpp_generate(path, "hello"), str)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("qwen2", {}),
+    ("gemma", {"tie_word_embeddings": True}),
+    ("gemma2", {"tie_word_embeddings": True, "query_pre_attn_scalar": 16}),
+])
+def test_every_family_runs_in_llama_cpp(arch, overrides, tmp_path):
+    """llama.cpp loads each family's file and its logits match the trained model's (q8_0 is checked there)."""
+    from onecard.export import export_run
+
+    result = export_run(_family_run(tmp_path, arch, **overrides), "gguf", tmp_path / "g", gguf_type="q8_0",
+                        device="cpu", log=lambda *_: None)
+    v = result["verification"]
+    assert v["runtime"] == "llama.cpp" and v["passed"], v
+    assert v["adapter_effect_mean_abs"] > 5 * v["mean_abs_err"]
+
+
+def test_llama_cpp_sees_a_wrong_file(tmp_path, monkeypatch):
+    """Without the Q/K permutation llama.cpp runs a different model: the q8_0 check fails, exit 1."""
+    from onecard_run_fixtures import cli_exit_code
+
+    from onecard.export import gguf_writer
+
+    monkeypatch.setattr(gguf_writer, "permute_qk", lambda w, n_head, n_kv=None: w)
+    run = _family_run(tmp_path, "llama")
+    assert cli_exit_code(["export", str(run), "--format", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "bad")]) == 1

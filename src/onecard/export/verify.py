@@ -12,6 +12,23 @@ Tolerances (``TOLERANCE``), per stored dtype:
   |Δlogit|: fp16 merged and GGUF 0.0008, bf16 merged 0.0061 -- margins of 6x and 3x; a wrong tensor or Q/K
   permutation gives errors of order 1. The max error is reported but not gated on for 16-bit exports: one
   outlier logit in a 49k vocabulary says little.
+- q8_0 read back by transformers (its GGUF loader dequantises, so this is the file's rounding alone; used
+  when llama.cpp is not installed): tol 0.08.
+
+Quantised GGUF types are checked in llama.cpp itself (``TOLERANCE_LLAMA_CPP``, same metric), so its kernels'
+rounding -- activations quantised to 8 bits for the quantised matmuls -- counts, as it does for the file's users.
+Measured on the ``onecard demo`` run (SmolLM2-135M-Instruct + its 20-step LoRA, 75 positions of the fixed
+prompts, CPU, llama-cpp-python 0.3.36; the adapter's own effect is 0.73 of mean |logit|, so losing it reads 0.73):
+
+  type    llama.cpp  transformers  top-1 (llama.cpp)  tolerance (llama.cpp)
+  f32     0.0006     0.000002      100%               0.005
+  f16     0.0013     0.0009        100%               0.005
+  bf16    0.0090     0.0063        100%               0.03
+  q8_0    0.047      0.026         97.3%              0.12
+  q4_k_m  0.186      --            88.0%              0.35
+
+Quantised margins are 2-2.5x, not the 3-6x of the float types: a q4_k_m tolerance wide enough for 6x would
+pass a file that lost the adapter. On the tiny random test models the same types stay inside these values.
 """
 
 from __future__ import annotations
@@ -19,9 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 TOLERANCE = {"float32": 1e-4, "float16": 0.005, "bfloat16": 0.02, "q8_0": 0.08}
-# The file run in llama.cpp itself: its kernels' own rounding (activations quantised to 8 bits for the
-# quantised matmuls, f16 for the f16 ones) is part of the error, as it is for the file's users.
-TOLERANCE_LLAMA_CPP = {"float32": 0.01, "float16": 0.01, "bfloat16": 0.03, "q8_0": 0.03, "q4_k_m": 0.15}
+TOLERANCE_LLAMA_CPP = {"float32": 0.005, "float16": 0.005, "bfloat16": 0.03, "q8_0": 0.12, "q4_k_m": 0.35}
 
 FIXED_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
