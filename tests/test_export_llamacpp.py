@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from onecard_run_fixtures import make_run
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install 'onecard[gguf-quant]')")
 
 pytestmark = pytest.mark.slow
 
