@@ -105,3 +105,30 @@ def test_llama_cpp_sees_a_wrong_file(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_writer, "permute_qk", lambda w, n_head, n_kv=None: w)
     run = _family_run(tmp_path, "llama")
     assert cli_exit_code(["export", str(run), "--format", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "bad")]) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_modelfile_prompt_tokenises_in_llama_cpp_as_in_training(arch, tmp_path):
+    """The prompt Ollama builds from the Modelfile, tokenised by llama.cpp from the exported file, is the token
+    sequence transformers' chat template gives (qwen2: the 'qwen2' pre-tokenizer is the right one)."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from onecard.export import export_run
+    from onecard.export.gotemplate import ollama_prompt
+
+    run = _family_run(tmp_path, arch)
+    export_run(run, "gguf", tmp_path / "g", gguf_type="q8_0", device="cpu", log=lambda *_: None)
+    text = (tmp_path / "g" / "Modelfile").read_text()
+    go = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M).group(1)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello, how are you?"},
+            {"role": "assistant", "content": "I am fine, thank you."}, {"role": "user", "content": "yes or no?"}]
+    hf = AutoTokenizer.from_pretrained(run / "adapter")
+    expected = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+    llm = llama_cpp.Llama(model_path=str(next((tmp_path / "g").glob("*.gguf"))), n_ctx=256, verbose=False,
+                          vocab_only=True)
+    assert llm.tokenize(ollama_prompt(go, chat).encode(), add_bos=False, special=True) == list(expected)
+    prose = "The quick brown fox's 1000 jumps, don't they?\n  Yes!"
+    assert llm.tokenize(prose.encode(), add_bos=False, special=False) == hf(prose, add_special_tokens=False)["input_ids"]
+    llm.close()

@@ -21,6 +21,12 @@ GEMMA_2 = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exce
            "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
            "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
            "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+# mistralai/Mistral-7B-Instruct-v0.2 (as quoted in llama.cpp's tests/test-chat-template.cpp)
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] "
+           "== 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant "
+           "roles are supported!') }}{% endif %}{% endfor %}")
 # microsoft/Phi-3-mini-4k-instruct tokenizer_config.json
 PHI_3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
          "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
@@ -97,14 +103,17 @@ def test_default_system_prompt_becomes_system(tmp_path):
     assert system is None
 
 
-def test_gemma_without_system_role(tmp_path):
+@pytest.mark.parametrize("template,family,stop", [(GEMMA_2, "gemma", "<end_of_turn>"), (MISTRAL, "mistral", "[INST]")])
+def test_templates_without_system_role(tmp_path, template, family, stop):
+    """Gemma 2 and Mistral v0.2 refuse a system message; the 3-turn chat without one still renders the same."""
     from onecard.export.gotemplate import ollama_prompt
     from onecard.export.ollama import jinja_prompt
 
-    tok = _tokenizer(GEMMA_2, adds_bos=True)
+    tok = _tokenizer(template, adds_bos=True)
+    tok.add_special_tokens({"eos_token": "</s>"})  # Mistral's EOS, which its template writes after each reply
     _, go, system, stops, notes = _modelfile(tmp_path, tok)
-    assert "gemma" in notes[0] and system is None and "<end_of_turn>" in stops
-    assert ollama_prompt(go, CONVERSATION[1:]) == jinja_prompt(tok, GEMMA_2, CONVERSATION[1:])
+    assert family in notes[0] and system is None and stop in stops
+    assert ollama_prompt(go, CONVERSATION[1:]) == jinja_prompt(tok, template, CONVERSATION[1:])
 
 
 def test_unknown_template_is_not_guessed(tmp_path):
