@@ -85,6 +85,7 @@ def test_q8_0_export_without_llama_cpp(tmp_path, monkeypatch):
     v = result["verification"]
     assert v["passed"] and v["runtime"] == "transformers" and result["stored_dtype"] == "q8_0"
     assert 1e-5 < v["value"] <= v["tolerance"]  # quantised: an error well above f32's, inside q8_0's tolerance
+    assert v["nearer_tuned_than_base"]
     _, fields, tensors = _reader(tmp_path / "q")
     assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
@@ -122,3 +123,17 @@ def test_gemma2_refuses_a_query_scale_llama_cpp_would_not_use(tmp_path):
     run = _run(tmp_path, "gemma2", tie_word_embeddings=True)  # query_pre_attn_scalar 256, head_dim 16
     with pytest.raises(UserError, match="query_pre_attn_scalar"):
         export_run(run, "gguf", tmp_path / "g", device="cpu", log=lambda *_: None)
+
+
+def test_a_file_without_the_adapter_is_nearer_the_base(tmp_path, monkeypatch):
+    """The check quantised types rely on when their rounding exceeds the adapter's effect: drop the adapter
+    (peft's unload instead of merge) and the export is found nearer the base than the tuned model."""
+    from onecard.export import ExportMismatch, export_run, gguf_quant, reference
+
+    monkeypatch.setattr(gguf_quant, "have_llama_cpp", lambda: False)
+    monkeypatch.setattr(reference, "merged_float32", lambda ref: ref.model.unload())
+    with pytest.raises(ExportMismatch) as err:
+        export_run(_run(tmp_path, "llama"), "gguf", tmp_path / "g", gguf_type="q8_0", device="cpu", log=lambda *_: None)
+    v = err.value.result["verification"]
+    assert v["nearer_tuned_than_base"] is False and v["mean_abs_err_vs_base"] < v["mean_abs_err"]
+    assert any("nearer the base" in n for n in err.value.result["notes"])

