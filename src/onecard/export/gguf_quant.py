@@ -64,12 +64,12 @@ def verifier_for(model_type: str, gguf_type: str) -> str:
 
 
 def llama_quantize(source: Path, target: Path, gguf_type: str, threads: int | None = None) -> None:
-    """llama.cpp's ``llama_model_quantize`` from ``source`` (an f16/f32 GGUF) to ``target``."""
+    """llama.cpp's ``llama_model_quantize`` from ``source`` (an f16 GGUF) to ``target``."""
     import os
 
     import llama_cpp
 
-    ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[gguf_type]
+    ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[gguf_type]  # q8_0 is written by gguf-py
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or max(1, (os.cpu_count() or 2) // 2)
