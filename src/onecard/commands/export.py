@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (must be new or empty)."),
         dtype: str = typer.Option("bfloat16", "--dtype", help="merged: stored dtype (bfloat16, float16, float32)."),
         gguf_type: str = typer.Option("f16", "--quant", "--gguf-type",
-                                      help="gguf: f16, bf16, f32, q8_0 or q4_k_m (q4_k_m needs onecard[gguf-quant])."),
+                                      help="gguf: f16, bf16, f32, q8_0 or q4_k_m (q4_k_m needs the gguf-quant extra: llama-cpp-python)."),
         max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="merged: largest safetensors shard."),
         device: str = typer.Option(None, "--device", help="Where to run the verification (default: cuda if available)."),
         json_out: bool = JsonOption,
