@@ -104,13 +104,15 @@ def test_tied_embeddings_write_no_output_tensor(runs, tmp_path):
     assert result["verification"]["passed"] and result["stored_dtype"] == "bfloat16"
 
 
-def test_unsupported_architecture_is_a_user_error(tiny_model_factory, tmp_path):
+def test_untied_gemma_is_a_user_error(tiny_model_factory, tmp_path):
+    """llama.cpp's gemma always reuses token_embd as the output layer: an untied lm_head cannot be written."""
     from onecard.errors import UserError
     from onecard.export import export_run
 
     run = make_run(tmp_path, tiny_model_factory("gemma"), "lora")
-    with pytest.raises(UserError, match="Llama-architecture"):
+    with pytest.raises(UserError, match="separate lm_head"):
         export_run(run, "gguf", tmp_path / "g", device="cpu", log=lambda *_: None)
+    assert not (tmp_path / "g").exists()  # refused before any work
 
 
 @pytest.mark.slow

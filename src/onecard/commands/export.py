@@ -1,4 +1,5 @@
-"""`onecard export RUN_DIR --format adapter|merged|gguf --out DIR`: ship the tune, verified as it is written."""
+"""`onecard export RUN_DIR --format adapter|merged|gguf [--quant TYPE] --out DIR`: ship the tune, verified as it
+is written. A gguf export also writes an Ollama Modelfile beside the .gguf."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option(..., "--format", "-f", help="adapter (PEFT, safetensors) | merged (transformers dir) | gguf (llama.cpp)."),
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (must be new or empty)."),
         dtype: str = typer.Option("bfloat16", "--dtype", help="merged: stored dtype (bfloat16, float16, float32)."),
-        gguf_type: str = typer.Option("f16", "--gguf-type", help="gguf: f16, bf16 or f32."),
+        gguf_type: str = typer.Option("f16", "--quant", "--gguf-type",
+                                      help="gguf: f16, bf16, f32, q8_0 or q4_k_m (q4_k_m needs the gguf-quant extra: llama-cpp-python)."),
         max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="merged: largest safetensors shard."),
         device: str = typer.Option(None, "--device", help="Where to run the verification (default: cuda if available)."),
         json_out: bool = JsonOption,
@@ -51,9 +53,13 @@ def _print_result(console, result: dict) -> None:
                   f"({', '.join(result['files'])})")
     for note in result["notes"]:
         console.print(f"  {note}")
+    if "Modelfile" in result["files"]:
+        console.print(f"  Ollama: cd {result['out']} && ollama create NAME -f Modelfile")
     effect = v.get("adapter_effect_mean_abs")
     effect_text = f"; adapter changes logits by {effect:.3g} mean |Δ|" if effect is not None else ""
-    console.print(f"  verified ({v['stored_dtype']}, {v['positions']} positions): max |Δlogit| {v['max_abs_err']:.3g}, "
+    if v.get("nearer_tuned_than_base"):
+        effect_text += f" (export is {v['mean_abs_err_vs_base']:.3g} from the base: nearer the tuned model)"
+    console.print(f"  verified in {v.get('runtime', 'transformers')} ({v['stored_dtype']}, {v['positions']} positions): max |Δlogit| {v['max_abs_err']:.3g}, "
                   f"mean {v['mean_abs_err']:.3g}; {v['metric']} = {v['value']:.3g} <= {v['tolerance']:.3g}; "
                   f"top-1 agreement {v['top1_agreement']:.1%}{effect_text}")
 

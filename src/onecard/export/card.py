@@ -74,7 +74,8 @@ def _base_section(recipe, base: str, config) -> str:
 def _usage_section(fmt: str, base: str, files: list[str]) -> str:
     if fmt == "gguf":
         gguf = next((f for f in files if f.endswith(".gguf")), "model.gguf")
-        return f"## Use\n\n```bash\nllama-cli -m {gguf} -cnv\n```"
+        ollama = "\nollama create my-model -f Modelfile && ollama run my-model" if "Modelfile" in files else ""
+        return f"## Use\n\n```bash\nllama-cli -m {gguf} -cnv{ollama}\n```"
     if base.endswith(".gguf"):
         load = (f'base = AutoModelForCausalLM.from_pretrained("{Path(base).parent}", gguf_file="{Path(base).name}", '
                 'dtype=torch.float32)')

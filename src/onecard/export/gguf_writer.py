@@ -11,8 +11,10 @@ What llama.cpp needs, following its ``convert_hf_to_gguf.py`` (``LlamaModel``, `
   (tokens, token types, merges, special ids, chat template) with the pre-tokenizer name llama.cpp selects by
   hashing the tokenisation of its check string (``get_vocab_base_pre``).
 
-Only the Llama architecture (and Mistral without sliding window, which llama.cpp runs as ``llama``) is
-written; anything else is a UserError rather than a file llama.cpp would misread.
+The families written (Llama, Mistral without sliding window, Qwen2, Gemma, Gemma 2) and what each needs
+beyond this are rows of ``gguf_families.FAMILIES``; anything else is a UserError rather than a file llama.cpp
+would misread. This module writes the unquantised types; ``gguf_quant.py`` quantises one of its files with
+llama.cpp's own quantiser.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ from hashlib import sha256
 from pathlib import Path
 
 from onecard.errors import UserError
+from onecard.export.gguf_families import check_family, head_dim, rope_params, write_family_metadata
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-FILE_TYPES = ("f32", "f16", "bf16")
-STORED_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+FILE_TYPES = ("f32", "f16", "bf16", "q8_0")  # written here; q4_k_m is quantised from an f16 file (gguf_quant.py)
 
 # llama.cpp's check string and the hashes of a few tokenizers' ids for it, copied from
 # convert_hf_to_gguf.py get_vocab_base_pre (ggml-org/llama.cpp, "don't edit the hashes manually").
@@ -41,6 +42,13 @@ _KNOWN_PRE = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo-Base-2407
 }
 
+# Split regexes llama.cpp implements under a pre-tokenizer name (src/llama-vocab.cpp quotes the tokenizer.json
+# original it was written from).
+_KNOWN_SPLIT = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+}
+
 
 def permute_qk(weight, n_head: int, n_head_kv: int | None = None):
     """llama.cpp ``LlamaModel.permute``: per head, rows (half 1, half 2) -> interleaved pairs."""
@@ -50,39 +58,34 @@ def permute_qk(weight, n_head: int, n_head_kv: int | None = None):
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def check_supported(config) -> None:
+def check_supported(config):
+    """The family row for ``config`` (``gguf_families.check_family``), after checking the gguf package is there."""
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:
         raise UserError("GGUF export needs the gguf package (llama.cpp's Python library)", where="--format gguf",
                         fix="pip install gguf")
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"GGUF export supports Llama-architecture models ({', '.join(SUPPORTED_MODEL_TYPES)}), "
-                        f"not {model_type!r}", where="--format gguf",
-                        fix="export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py")
-    if getattr(config, "sliding_window", None):
-        raise UserError("GGUF export: sliding-window attention is not written", where="--format gguf",
-                        fix="export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py")
-    rope = _rope_params(config)
-    if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
-        raise UserError(f"GGUF export: RoPE scaling {rope.get('rope_type')!r} is not written", where="--format gguf",
-                        fix="export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py")
-
-
-def _rope_params(config) -> dict:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return dict(params)
+    return check_family(config)
 
 
 def tokenizer_pre(tokenizer) -> str:
-    """llama.cpp's pre-tokenizer name, by hash; a plain GPT-2 ByteLevel pre-tokenizer is 'gpt-2'."""
+    """llama.cpp's pre-tokenizer name: by hash for the known tokenizers; else by the pre-tokenizer's structure,
+    a plain GPT-2 ByteLevel being 'gpt-2' and a split on Qwen2's regex before a regex-free ByteLevel 'qwen2'."""
+    import json
+
     chkhsh = sha256(str(tokenizer.encode(_CHKTXT)).encode()).hexdigest()
     if chkhsh in _KNOWN_PRE:
         return _KNOWN_PRE[chkhsh]
     pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
-    if pre is not None and type(pre).__name__ == "ByteLevel" and '"use_regex":true' in pre.__getstate__().decode().replace(" ", ""):
+    state = json.loads(pre.__getstate__()) if pre is not None else {}
+    if state.get("type") == "ByteLevel" and state.get("use_regex", True):
         return "gpt-2"
+    parts = state.get("pretokenizers") or []
+    if (state.get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Split"
+            and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
+        name = _KNOWN_SPLIT.get((parts[0].get("pattern") or {}).get("Regex"))
+        if name:
+            return name
     raise UserError(f"GGUF export: llama.cpp does not know this tokenizer's pre-tokenizer (hash {chkhsh[:12]}...)",
                     where="--format gguf", fix="export --format merged and convert with llama.cpp's convert_hf_to_gguf.py "
                     "after adding the tokenizer there (convert_hf_to_gguf_update.py)")
@@ -115,9 +118,9 @@ def llama3_rope_factors(config, rope: dict):
     """``rope_freqs`` for Llama 3.1-style RoPE scaling (llama.cpp LlamaModel.generate_extra_tensors)."""
     import numpy as np
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_dim(config)
     base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
@@ -135,31 +138,31 @@ def llama3_rope_factors(config, rope: dict):
 
 
 def write_gguf(model, tokenizer, path: Path, file_type: str = "f16", name: str = "onecard-export") -> dict:
-    """Write ``model`` (a merged, unquantised transformers Llama) to ``path``; returns a summary."""
+    """Write ``model`` (a merged, unquantised transformers model of a ``FAMILIES`` row) to ``path``; a summary."""
     import gguf
 
     config = model.config
-    check_supported(config)
+    family = check_supported(config)
     if file_type not in FILE_TYPES:
-        raise UserError(f"unknown GGUF type {file_type!r}", where="--gguf-type", fix=f"use one of {', '.join(FILE_TYPES)}")
+        raise UserError(f"unknown GGUF type {file_type!r}", where="--quant", fix=f"use one of {', '.join(FILE_TYPES)}")
     pre = tokenizer_pre(tokenizer)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)]
+    writer = gguf.GGUFWriter(str(path), arch)
     _write_metadata(writer, config, name, file_type)
     _write_vocab(writer, tokenizer, config.vocab_size, pre)
-    n_tensors = _write_tensors(writer, model, config, file_type)
+    n_tensors = _write_tensors(writer, model, config, family, file_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"architecture": "llama", "file_type": file_type, "tensors": n_tensors, "tokenizer_pre": pre,
+    return {"architecture": arch, "file_type": file_type, "tensors": n_tensors, "tokenizer_pre": pre,
             "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
 
 
 def _write_metadata(writer, config, name: str, file_type: str) -> None:
     import gguf
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = _rope_params(config)
+    rope = rope_params(config)
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -169,16 +172,14 @@ def _write_metadata(writer, config, name: str, file_type: str) -> None:
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(head_dim(config))
     writer.add_vocab_size(config.vocab_size)
-    if head_dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    write_family_metadata(writer, config)
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[file_type])
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type])
 
 
 def _write_vocab(writer, tokenizer, vocab_size: int, pre: str) -> None:
@@ -199,10 +200,10 @@ def _write_vocab(writer, tokenizer, vocab_size: int, pre: str) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
-def _write_tensors(writer, model, config, file_type: str) -> int:
+def _write_tensors(writer, model, config, family, file_type: str) -> int:
     import gguf
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.arch), config.num_hidden_layers)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -213,15 +214,18 @@ def _write_tensors(writer, model, config, file_type: str) -> int:
         new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise UserError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}", where="--format gguf",
-                            fix="this model has parts llama.cpp's llama architecture lacks; export --format merged")
+                            fix=f"this model has parts llama.cpp's {family.arch.lower()} architecture lacks; "
+                            "export --format merged")
         data = tensor.detach().float().cpu().numpy()
-        if hf_name.endswith("q_proj.weight"):
+        if family.permute_qk and hf_name.endswith("q_proj.weight"):
             data = permute_qk(data, n_head, n_head)
-        elif hf_name.endswith("k_proj.weight"):
+        elif family.permute_qk and hf_name.endswith("k_proj.weight"):
             data = permute_qk(data, n_head, n_kv)
+        elif family.norm_offset and hf_name.endswith("norm.weight"):
+            data = data + family.norm_offset
         _add(writer, new_name, data, file_type)
         count += 1
-    rope = _rope_params(config)
+    rope = rope_params(config)
     if rope.get("rope_type") == "llama3":
         _add(writer, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config, rope), "f32")
         count += 1
@@ -236,6 +240,13 @@ def _add(writer, name: str, data, file_type: str) -> None:
         writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
     elif file_type == "f16":
         writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float16))
+    elif file_type == "q8_0":
+        try:  # convert_hf_to_gguf: rows not a multiple of the Q8_0 block are written f16
+            raw = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+        except gguf.QuantError:
+            writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float16))
+            return
+        writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     else:
         raw = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType.BF16)
         writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
