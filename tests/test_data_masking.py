@@ -195,4 +195,5 @@ def test_slow_tokenizer_path_agrees_with_offsets_when_pieces_align(tok):
     from onecard.data.masking import _label_by_offsets, _label_by_pieces, assistant_spans
 
     full, spans = assistant_spans(tok, CHATML, CHAT)
-    assert _label_by_pieces(tok, full, spans) == _label_by_offsets(tok, [full], [spans])[0]
+    ids, trained = _label_by_offsets(tok, [full], [spans])[0]
+    assert _label_by_pieces(tok, full, spans) == (list(ids), trained.tolist())

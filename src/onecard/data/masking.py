@@ -14,6 +14,8 @@ the template's trailing newline need not be.
 
 from __future__ import annotations
 
+from typing import Any
+
 from onecard.data.templates import check_direct_render, end_of_turn_tokens, render
 from onecard.errors import UserError
 
@@ -40,12 +42,14 @@ def tokenize_chats(tokenizer, template: str, conversations: list[list[dict]],
         labelled = _label_by_offsets(tokenizer, [full for full, _ in rendered], [spans for _, spans in rendered])
     else:  # slow tokenizers give no offsets: tokenize span by span instead
         labelled = [_label_by_pieces(tokenizer, full, spans) for full, spans in rendered]
+    import numpy as np
+
     out = []
     for ids, trained in labelled:
-        labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, trained)]
-        if labels:
+        labels = np.where(np.asarray(trained, dtype=bool), np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
+        if len(labels):
             labels[0] = IGNORE_INDEX  # position 0 is never predicted by a causal LM
-        out.append((ids, labels))
+        out.append((list(ids), labels.tolist()))
     return out
 
 
@@ -135,9 +139,11 @@ def _unlocatable(where: str | None, index: int, why: str) -> UserError:
     )
 
 
-def _label_by_offsets(tokenizer, texts: list[str], spans_per_text: list[list[Span]]) -> list[tuple[list[int], list[bool]]]:
+def _label_by_offsets(tokenizer, texts: list[str], spans_per_text: list[list[Span]]) -> list[tuple[list[int], Any]]:
     """A token is trained when it overlaps a span: ``e > span start`` for the first span ending after the
     token's start ``s`` (an empty token counts when ``s >= span start``). numpy instead of a per-token loop."""
+    from itertools import chain
+
     import numpy as np
 
     # The Rust tokenizer itself (what the fast tokenizer's __call__ runs): transformers' conversion of each encoding
@@ -147,15 +153,15 @@ def _label_by_offsets(tokenizer, texts: list[str], spans_per_text: list[list[Spa
     for encoding, spans in zip(encodings, spans_per_text):
         ids, offsets = encoding.ids, encoding.offsets
         if not ids or not spans:
-            out.append((ids, [False] * len(ids)))
+            out.append((ids, np.zeros(len(ids), dtype=bool)))
             continue
-        tok = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        tok = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
         span = np.asarray(spans, dtype=np.int64)
         j = np.searchsorted(span[:, 1], tok[:, 0], side="right")  # first span whose end > token start
         has = j < len(span)
         start = span[np.minimum(j, len(span) - 1), 0]
         trained = has & ((tok[:, 1] > start) | ((tok[:, 0] == tok[:, 1]) & (tok[:, 0] >= start)))
-        out.append((ids, trained.tolist()))
+        out.append((ids, trained))
     return out
 
 
