@@ -29,7 +29,7 @@ class BenchConfig:
     offload_activations: bool = False  # checkpoints in pinned host memory (patch/offload.py); needs grad_ckpt
     quant_base: str = "none"        # "fp8": e4m3 frozen base (recipe quant.base; patch/fp8.py), lora/dora only
     offload_weights: bool = False   # frozen base weights streamed from pinned host memory (patch/stream_weights.py)
-    resident_layers: int = 0        # with offload_weights: the first N decoder layers stay on the GPU
+    resident_layers: int = 0        # with offload_weights: N decoder layers stay on the GPU (spread, streamed_layer_ids)
     steps: int = 4                  # timed optimizer steps
     warmup: int = 2                 # untimed steps first (allocator, autotuning, optimizer state)
     baseline: bool = False          # also run plain transformers + peft, same process
