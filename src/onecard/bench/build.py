@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from onecard.bench.config import BenchConfig
-from onecard.train.layerwise import fp8_layer_, quantize_linears_
+from onecard.train.layerwise import quantize_linears_
 
 ADAPTER_DTYPE_ENV = "ONECARD_BENCH_ADAPTER_DTYPE"  # "bfloat16": measure bf16 adapters instead of peft's fp32
 
@@ -82,6 +82,8 @@ def build_base(cfg: BenchConfig, device: str):
             raise UserError("qlora (bitsandbytes NF4) benchmarks of presets need a CUDA GPU", where="--method")
         return build_nf4_layerwise(config, device, park_layers=_park_layers(cfg, config))
     if cfg.quant_base == "fp8":
+        from onecard.patch.fp8 import fp8_layer_
+
         return build_random_layerwise(config, device, fp8_layer_, park_layers=_park_layers(cfg, config))
     if cfg.offload_weights:  # never the whole bf16 model on the (capped) GPU: each layer parked as it is made
         return build_random_layerwise(config, device, None, park_layers=_park_layers(cfg, config))

@@ -144,15 +144,20 @@ def _restore(parent, attr: str) -> None:
         current.base_layer = current.base_layer.to_linear()
 
 
+def fp8_layer_(layer) -> PatchHandle:
+    """One decoder layer's linears as frozen e4m3 Fp8Linear (per output channel), its bf16 weights freed."""
+    layer.requires_grad_(False)  # the frozen base (peft freezes it too); fp8_linears_ swaps frozen layers only
+    return fp8_linears_(layer, in_layers_only=False)
+
+
 def fp8_layers_to_device(model, device) -> PatchHandle:
     """A model loaded on the host, moved to ``device`` one decoder layer at a time with its linears quantised there
     (per output channel), so the device never holds more than one bf16 layer: a 14B base loads into 24 GiB. The rest
     (embeddings, head, final norm) follows in the model dtype. Before peft wraps the model; one handle for all."""
     handle = PatchHandle(kernels="fp8-base")
     for layer in model.get_decoder().layers:
-        layer.requires_grad_(False)  # the frozen base (peft freezes it too); fp8_linears_ swaps frozen layers only
         layer.to(device)
-        handle.absorb(fp8_linears_(layer, in_layers_only=False))
+        handle.absorb(fp8_layer_(layer))
     model.to(device)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

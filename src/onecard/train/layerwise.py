@@ -85,7 +85,6 @@ class CheckpointReader:
                                 fix="layer-wise loading (streamed weights) reads safetensors only: convert the weights")
         self._handles = {f: safe_open(str(self.directory / f), framework="pt") for f in files}
         self._where = {key: f for f, h in self._handles.items() for key in h.keys()}
-        self.used: set[str] = set()
 
     def fill(self, module, prefix: str, dtype) -> None:
         """Copy every parameter and persistent buffer of ``module`` from the checkpoint (cast to ``dtype`` if float)."""
@@ -105,7 +104,6 @@ class CheckpointReader:
                     raise UserError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model's config "
                                     f"says {tuple(target.shape)}", where=str(self.directory))
                 target.copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
-                self.used.add(key)
 
 
 def local_snapshot(source: str, revision: str | None) -> str:
@@ -138,6 +136,8 @@ def load_layerwise(recipe, source: str, device: str, dtype, park_layers, attn_im
     elif recipe.quant.base == "fp8":
         from onecard.patch.handle import PatchHandle
 
+        from onecard.patch.fp8 import fp8_layer_
+
         fp8_handle = PatchHandle(kernels="fp8-base")
         convert = lambda layer: fp8_handle.absorb(fp8_layer_(layer))  # noqa: E731
     model = build_layerwise(config, device, lambda module, prefix: reader.fill(module, prefix, dtype), convert,
@@ -167,12 +167,3 @@ def quantize_linears_(module, device: str, compute_dtype=None, quant_storage=Non
             q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
         setattr(parent, name.rsplit(".", 1)[-1], q)
         del lin
-
-
-def fp8_layer_(layer):
-    """The decoder layer's linears as frozen e4m3 Fp8Linear (per output channel), its bf16 weights freed; the handle."""
-    from onecard.patch.fp8 import fp8_linears_
-
-    layer.requires_grad_(False)  # a frozen base (peft freezes it anyway); fp8_linears_ swaps frozen linears only
-    return fp8_linears_(layer, in_layers_only=False)
-
