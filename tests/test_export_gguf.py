@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onecard_run_fixtures import make_run
+from onecard_run_fixtures import make_run, smollm2_base_dir
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +118,7 @@ def test_untied_gemma_is_a_user_error(tiny_model_factory, tmp_path):
 @pytest.mark.slow
 def test_smollm2_gguf_export_real_model(tmp_path):
     """A real Llama-architecture model (SmolLM2-135M: 9 heads / 3 KV heads, tied embeddings, smollm pre-tokenizer)."""
-    try:
-        from onecard.train.gguf_import import find_smollm2_gguf, materialize_gguf
-
-        base = materialize_gguf(find_smollm2_gguf())
-    except Exception as exc:  # the weights package is optional
-        pytest.skip(f"SmolLM2 weights not available: {exc}")
+    base = smollm2_base_dir()
     from onecard.export import export_run
 
     run = make_run(tmp_path, str(base), "lora", scale=0.1)

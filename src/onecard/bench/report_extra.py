@@ -18,18 +18,22 @@ def render_extra(results_dir: Path) -> str:
             + fp8_quality_section(results_dir))
 
 
+def _results(results_dir: Path, pattern: str) -> list[tuple[str, dict]]:
+    """(file name, its JSON) of every result file matching ``pattern``, in name (date) order."""
+    return [(f.name, json.loads(f.read_text())) for f in sorted(Path(results_dir).glob(pattern))]
+
+
 def accelerate_offload_section(results_dir: Path) -> str:
-    files = sorted(Path(results_dir).glob("accelerate_offload_*.json"))
-    if not files:
+    found = _results(results_dir, "accelerate_offload_*.json")
+    if not found:
         return ""
     out = ["\n## accelerate's CPU offload for LoRA, beside onecard's streaming - measured, H200\n\n"
            "`PYTHONPATH=src python3 bench/accelerate_offload_gpu.py`: a random Llama 3 8B (bf16), `accelerate."
            "dispatch_model` with the embeddings, head and the first layers on the GPU and the rest on the CPU, peft "
            "LoRA r16 on all seven projections, non-reentrant checkpointing, seq 2048, micro-batch 1, 1 + 3 steps; "
-           "in both orders a user could take. Compare with the streamed 8B rows of the section above (same shape: "
-           "4,792 tokens/s with 8 resident layers under a 24 GiB cap, 5,571 without streaming).\n\n"]
-    for f in files:
-        r = json.loads(f.read_text())
+           "in both orders a user could take. Compare with the Llama 3 8B seq 2048 b1 rows of the streamed-weights "
+           "section above (the same shape streamed with 8 resident layers under a 24 GiB cap, and without).\n\n"]
+    for name, r in found:
         v = r["versions"]
         rows = []
         for x in r["variants"]:
@@ -39,7 +43,7 @@ def accelerate_offload_section(results_dir: Path) -> str:
             rows.append([x["order"], x["status"], x["stage"], fmt(x.get("tokens_per_s")),
                          fmt(x.get("peak_reserved_gib"), ".2f"), f"{len(x['device_map_summary']['gpu_layers'])} / "
                          f"{len(x['device_map_summary']['offloaded_layers'])}", trained, (x.get("error") or "")[:90]])
-        out.append(f"{f.name}, {r['date'][:16]}, torch {v['torch']}, transformers {v['transformers']}, peft "
+        out.append(f"{name}, {r['date'][:16]}, torch {v['torch']}, transformers {v['transformers']}, peft "
                    f"{v['peft']}, accelerate {v['accelerate']}:\n\n")
         out.append(table(["order", "status", "stage", "tokens/s", "peak reserved GiB", "layers GPU / CPU",
                           "offloaded layers' adapter tensors with a gradient", "error"], rows))
@@ -74,22 +78,21 @@ def data_prep_section(results_dir: Path) -> str:
 
 
 def stream_train_section(results_dir: Path) -> str:
-    files = sorted(Path(results_dir).glob("stream_train_*.json"))
-    if not files:
+    found = _results(results_dir, "stream_train_*.json")
+    if not found:
         return ""
     out = ["\n## `onecard train` with streamed weights, killed and resumed - measured, H200\n\n"
            "`PYTHONPATH=src python bench/stream_train_gpu.py OUT`: a random Llama 3 8B saved as a safetensors "
            "checkpoint (15 GiB of bf16 weights), trained through the CLI with `--memory-cap-gib 12`, "
            "`training.offload_weights: true`, offloaded checkpoints and `training.deterministic: true`; A and A2 "
            "run uninterrupted, B is killed with SIGKILL after step 6 and resumed from its step-4 checkpoint.\n\n"]
-    for f in files:
-        r = json.loads(f.read_text())
+    for name, r in found:
         s = r.get("summary_a", {})
         said = re.search(r"streaming the base weights of (\d+) layers .*?\((\d+) resident", " ".join(r["a"]["tail"].split()))
         out.append(table(
             ["file", "cap GiB", "steps", "A / A2 / B exit", "peak reserved GiB (A)", "tokens/s (A, steady)",
              "max loss diff A-A2", "max loss diff A-B", "max adapter diff A-B"],
-            [[f.name, str(r["cap_gib"]), str(r["steps"]),
+            [[name, str(r["cap_gib"]), str(r["steps"]),
               f"{r['a']['rc']} / {r['a2']['rc']} / killed {r['b_killed']['rc']}, resumed {r['b_resumed']['rc']}",
               fmt(s.get("cuda_peak_reserved_bytes_measured", 0) / 2**30, ".2f"),
               fmt(s.get("steady_tokens_per_s_measured")), str(r.get("max_loss_diff_a_a2")),
@@ -100,16 +103,15 @@ def stream_train_section(results_dir: Path) -> str:
 
 
 def fp8_quality_section(results_dir: Path) -> str:
-    files = sorted(Path(results_dir).glob("fp8_quality_*.json"))
-    if not files:
+    found = _results(results_dir, "fp8_quality_*.json")
+    if not found:
         return ""
     out = ["\n## FP8 base quality protocol - measured, H200\n\nPre-registered in notes/fp8.md; "
            "`PYTHONPATH=src python bench/fp8_quality_gpu.py OUT`.\n\n"]
-    for f in files:
-        r = json.loads(f.read_text())
+    for name, r in found:
         one, two, three = r["1_loss_curves"], r["2_adapter_on_bf16_base"], r["3_step0_gradients"]
         out.append(table(["file", "date", "item", "measured", "threshold", "met"], [
-            [f.name, r["date"], "1. mean loss, last 50 of 200 steps",
+            [name, r["date"], "1. mean loss, last 50 of 200 steps",
              f"bf16 {one['mean_last_50']['none']:.4f}, FP8 {one['mean_last_50']['fp8']:.4f} "
              f"({one['relative_difference']:.2%})", "<= 1%", "yes" if one["pass"] else "**no**"],
             ["", "", "2. FP8-trained adapter, held-out loss on FP8 / bf16 base",
