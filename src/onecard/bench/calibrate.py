@@ -92,24 +92,31 @@ def superseded(rec: dict[str, Any], prefix: str = "") -> bool:
     return superseded_reason(rec, prefix) is not None
 
 
+def offloaded(rec: dict[str, Any], prefix: str = "") -> bool:
+    """Did this half run with offloaded activation checkpoints? (The baseline half never offloads.)"""
+    return bool(rec.get("offload_activations")) and not prefix
+
+
 def row_id(rec: dict[str, Any], kernels: str, baseline: bool = False) -> str:
     ck = "ckpt" if rec["grad_ckpt"] else "nockpt"
-    tail = "-baseline" if baseline else ""
+    tail = ("-offload" if offloaded(rec, "baseline_" if baseline else "") else "") + ("-baseline" if baseline else "")
     return (f"bench-{rec.get('gpu', 'h200')}-{rec['model']}-{rec['method']}-r{rec['rank']}-s{rec['seq']}"
             f"-b{rec['micro_batch']}-{ck}-{kernels}{tail}")
 
 
 def measurement_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One speed row per measured configuration (the onecard path with the kernels really applied, and the plain
-    transformers + peft baseline as kernels ``none``); repeats of a configuration are averaged."""
+    transformers + peft baseline as kernels ``none``); repeats of a configuration are averaged. Offloaded
+    checkpoints are a configuration of their own (``offload_activations``): the big shapes (14B, 70B) run that way,
+    and their speed differs from the same shape checkpointed on the card (split halves recompute less)."""
     rows: dict[str, dict[str, Any]] = {}
     for rec in records:
         if rec.get("device") != "cuda" or rec.get("model") == "tiny" or rec.get("group") == "validate":
             continue  # validate rows: 1-2 timed steps, a smoke test rather than a measurement
-        if rec.get("offload_activations"):
-            continue  # offloaded checkpoints: compared with the plan in notes/bench.md, not speed-calibration rows
-        if rec.get("offload_weights") or rec.get("group") == "stream":
-            continue  # streamed weights and their pairs: checked against plan/streaming.py, not calibration rows
+        if rec.get("offload_weights"):
+            continue  # streamed weights: checked against plan/streaming.py, not calibration rows
+        if rec.get("quant_base", "none") != "none":
+            continue  # an FP8 base: plan/fp8.py estimates it from the bf16 efficiency, no row calibrates it
         runs = [(rec.get("kernels_applied") or "none", "", False)]
         if rec.get("baseline"):
             runs.append(("none", "baseline_", True))
@@ -121,6 +128,7 @@ def measurement_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "id": rid, "gpu": rec.get("gpu", "h200"), "model": rec["model"], "method": rec["method"],
                 "rank": rec["rank"], "targets": "all-linear", "seq_len": rec["seq"],
                 "micro_batch": rec["micro_batch"], "grad_ckpt": rec["grad_ckpt"], "kernels": kernels,
+                "offload_activations": offloaded(rec, prefix),
                 "attn": "sdpa", "loss_path": rec.get(f"{prefix}loss_path"), "samples": [],
                 "peak_reserved_gib": rec.get(f"{prefix}peak_reserved_gib"), "date": rec["date"][:10],
                 "versions": {k: rec["versions"].get(k) for k in ("torch", "transformers", "peft", "bitsandbytes",

@@ -138,11 +138,12 @@ def claims(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add_planned(rows: list[dict[str, Any]]) -> None:
-    """The planner's peak (allocator figure, logits freed before backward as in the bench) beside each row."""
+    """The planner's peak (allocator figure, logits freed before backward as in the bench) beside each row, and for
+    the streamed rows and their uncapped pairs its tokens/s too, with today's calibration profile."""
     import dataclasses
 
     from onecard.bench.config import BenchConfig
-    from onecard.bench.predict import streamed_off_card_bytes
+    from onecard.bench.predict import speed, streamed_off_card_bytes
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
 
@@ -158,6 +159,10 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
         row["planned_reserved_gib"] = (plan.allocator_bytes - streamed_off_card_bytes(plan, cfg)) / GIB
         m = row.get("peak_reserved_gib")
         row["planned_error_pct"] = 100 * (row["planned_reserved_gib"] - m) / m if m and row["status"] == "ok" else None
+        if row["group"] == "stream":  # the streaming target holds the planner's speed to these rows as well
+            tps = row["tokens_per_s"]
+            row["planned_tokens_per_s"] = speed(cfg)["predicted_tokens_per_s"]
+            row["planned_speed_error_pct"] = 100 * (row["planned_tokens_per_s"] - tps) / tps if tps else None
 
 
 def probe_results(results_dir: Path = RESULTS_DIR) -> list[dict]:

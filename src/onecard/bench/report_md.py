@@ -90,7 +90,7 @@ the same model, recipe and optimizer, in the same process.
     ]
     for group, heading, what in sections:
         out.append(f"\n## {heading}\n\n{what}\n\n")
-        out.append(_memory_table([r for r in m if r["group"] == group]))
+        out.append((_speed_table if group == "stream" else _memory_table)([r for r in m if r["group"] == group]))
     out.append("\n## The seed's relative claims - measured, H200\n\n")
     out.append(table(["claim", "measured", "what"],
                       [[c["claim"], fmt(c["measured"], ".2f"), c["what"]] for c in p["claims"]]))
@@ -110,6 +110,17 @@ def _memory_table(rows) -> str:
                     fmt(r["peak_reserved_gib"], ".2f"), fmt(r["peak_allocated_gib"], ".2f"),
                     fmt(r.get("planned_reserved_gib"), ".2f"), fmt(r.get("planned_error_pct"), "+.1f") + "%",
                     f"`{r['command']}`"] for r in rows])
+
+
+def _speed_table(rows) -> str:
+    """The memory table's columns plus the planner's tokens/s (plan/speed.py, then plan/streaming.py for streamed
+    rows) and its error."""
+    return table(["recipe", "model", "seq", "batch", "tokens/s", "planned tokens/s", "error", "peak reserved GiB",
+                   "planned GiB", "error", "command"],
+                  [[r["recipe"], r["model"], str(r["seq"]), str(r["batch"]), fmt(r["tokens_per_s"]),
+                    fmt(r.get("planned_tokens_per_s")), fmt(r.get("planned_speed_error_pct"), "+.1f") + "%",
+                    fmt(r["peak_reserved_gib"], ".2f"), fmt(r.get("planned_reserved_gib"), ".2f"),
+                    fmt(r.get("planned_error_pct"), "+.1f") + "%", f"`{r['command']}`"] for r in rows])
 
 
 def _notes() -> str:

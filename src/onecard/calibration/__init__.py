@@ -30,6 +30,7 @@ class Measurement:
     source: str
     targets: str = "all-linear"
     attn: str = "sdpa"
+    offload_activations: bool = False  # checkpoints offloaded to host memory (split halves with onecard's kernels)
     extra: dict = field(default_factory=dict)
 
 
@@ -42,7 +43,7 @@ class Profile:
 
 
 _FIELDS = ("id", "gpu", "model", "method", "rank", "seq_len", "micro_batch", "grad_ckpt", "kernels", "tokens_per_s",
-           "date", "source", "targets", "attn")
+           "date", "source", "targets", "attn", "offload_activations")
 
 
 @lru_cache(maxsize=8)

@@ -62,10 +62,7 @@ class PlanInputs:
         """Offloaded checkpoints of a family onecard's kernels patch whole (catalog/families.py ``decoder_class``)
         are taken per half-layer, attention and MLP (patch/blocks.py): two offloaded inputs per layer, one half
         recomputed at a time, and the attention half's recompute ends before the o projection."""
-        if not (self.offload_activations and self.grad_ckpt and self.kernels == "onecard"):
-            return False
-        spec = kernels_for(self.shape.model_type)
-        return spec is not None and spec.decoder_class is not None
+        return takes_split_halves(self.shape, self.kernels, self.offload_activations, self.grad_ckpt)
 
     @property
     def is_adapter(self) -> bool:
@@ -149,3 +146,11 @@ def flops_for_recipe(recipe, shape: ModelShape | None = None, *, grad_ckpt: bool
     inp = inputs_from_recipe(recipe, shape=shape)
     return flops_for_inputs(inp, seq_len=effective_seq_len(recipe), grad_ckpt=grad_ckpt, method=method,
                             lora_dropout=recipe.adapter.dropout)
+
+
+def takes_split_halves(shape, kernels: str, offload_activations: bool, grad_ckpt: bool) -> bool:
+    """See :attr:`PlanInputs.split_halves`; also for measured rows (plan/speed.py)."""
+    if not (offload_activations and grad_ckpt and kernels == "onecard"):
+        return False
+    spec = kernels_for(shape.model_type)
+    return spec is not None and spec.decoder_class is not None

@@ -152,10 +152,14 @@ def measurement_efficiency(m: Measurement, gpu: GPU) -> float:
     """Achieved matmul FLOP/s / peak of a measured row, with the FLOPs of its own configuration."""
     from onecard.catalog.models import resolve_shape
 
+    from onecard.plan.inputs import takes_split_halves
+
     shape = resolve_shape(m.model)
+    kernels = KERNEL_CLASS.get(m.kernels, m.kernels)
     fl = flops_per_token(shape, method=m.method, seq_len=m.seq_len, micro_batch=m.micro_batch, rank=m.rank,
                          targets=None if m.targets == "all-linear" else m.targets.split(","), grad_ckpt=m.grad_ckpt,
-                         kernels=KERNEL_CLASS.get(m.kernels, m.kernels))
+                         kernels=kernels,
+                         split_halves=takes_split_halves(shape, kernels, m.offload_activations, m.grad_ckpt))
     return m.tokens_per_s * fl.matmul_per_token / (gpu.bf16_dense_tflops * 1e12)
 
 
@@ -167,13 +171,15 @@ def extrapolate(eff: float, ref: GPU, card: GPU, memory_bound_share: float) -> f
 
 
 def _score(m: Measurement, cfg: dict) -> tuple:
-    """Closer configurations sort first: same micro-batch, same model, same checkpointing, same seq. Between two
-    micro-batches equally far off (b1 and b4 for b2), the larger: a small micro-batch's rate carries host overhead
-    (layer_overhead_s) that the device efficiency should not inherit."""
+    """Closer configurations sort first: same micro-batch, same model, same checkpointing, same seq, then the same
+    checkpoint placement (on the card or offloaded). Between two micro-batches equally far off (b1 and b4 for b2),
+    the larger: a small micro-batch's rate carries host overhead (layer_overhead_s) that the device efficiency
+    should not inherit."""
     import math
 
     return (abs(math.log(m.micro_batch / cfg["micro_batch"])), m.micro_batch < cfg["micro_batch"],
-            m.model != cfg["model"], m.grad_ckpt != cfg["grad_ckpt"], abs(math.log(m.seq_len / cfg["seq_len"])))
+            m.model != cfg["model"], m.grad_ckpt != cfg["grad_ckpt"], abs(math.log(m.seq_len / cfg["seq_len"])),
+            m.offload_activations != cfg["offload_activations"])
 
 
 def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str, str, Measurement | None]:
@@ -189,7 +195,8 @@ def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str
     for m in same_method:
         if (m.gpu == gpu.id and m.kernels == cfg["kernels"] and m.model == cfg["model"] and m.rank == cfg["rank"]
                 and m.seq_len == cfg["seq_len"] and m.micro_batch == cfg["micro_batch"]
-                and m.grad_ckpt == cfg["grad_ckpt"] and cfg.get("all_linear", True)):
+                and m.grad_ckpt == cfg["grad_ckpt"] and m.offload_activations == cfg["offload_activations"]
+                and cfg.get("all_linear", True)):
             return measurement_efficiency(m, gpu), "measured", f"measured: {m.id} ({m.date})", m
     host_s = {ckpt: layer_overhead_s(profile, gpu.id, kclass, ckpt) for ckpt in (False, True)}
     device_bound = [m for m in same_method if not host_bound(m, host_s[m.grad_ckpt])]
@@ -230,9 +237,10 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt)
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
-           "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7}
+           "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7,
+           "offload_activations": inp.offload_activations and ckpt}
     eff, label, source, exact = lookup_efficiency(cfg, gpu, profile)
-    other_work = _unlike_measured_rows(inp, ckpt, fl_span, seq)
+    other_work = _unlike_measured_rows(inp, ckpt, fl_span, seq, exact)
     if exact is not None and other_work:  # a measured row of other work: its efficiency, this configuration's FLOPs
         label, source = "calibrated", f"efficiency of {exact.id} ({exact.date}), with the FLOPs of {other_work}"
         exact = None
@@ -302,10 +310,11 @@ def _bound_note(steps: dict, device_s: float, inp, seq: int) -> str:
     return f"{bound}-bound at {at}"
 
 
-def _unlike_measured_rows(inp, ckpt: bool, span: int | None, seq: int) -> str:
-    """What this configuration does that bench rows of the same shape do not (they run whole layers on unpacked
-    rows), as words; empty when nothing."""
-    work = [why for why, on in (("split halves", ckpt and inp.split_halves),
+def _unlike_measured_rows(inp, ckpt: bool, span: int | None, seq: int, exact: Measurement | None) -> str:
+    """What this configuration does that the exact bench row of its shape does not (bench rows run unpacked rows;
+    whole layers unless they offloaded checkpoints too), as words; empty when nothing."""
+    split_unmeasured = ckpt and inp.split_halves and not (exact is not None and exact.offload_activations)
+    work = [why for why, on in (("split halves", split_unmeasured),
                                 ("attention within packed examples", span is not None and span < seq)) if on]
     return " and ".join(work)
 
