@@ -162,3 +162,26 @@ def test_plan_probe_without_cuda_is_a_user_error():
 
     res = CliRunner().invoke(app, ["plan", "--model", "llama-3-8b", "--probe"])
     assert isinstance(res.exception, UserError) and "CUDA" in str(res.exception)  # the CLI's main exits 2
+
+
+def test_probe_tries_streamed_weights_when_nothing_else_fits_and_says_how_to_get_them():
+    """Llama 3 70B QLoRA does not fit a 24 GiB card: the only candidates stream the base weights (resident layers
+    from the planner), the answer turns streaming on; with training.offload_weights: false nothing is tried."""
+    from onecard.bench.probe import probe, summary_lines
+    from onecard.recipe import validate_recipe
+
+    tree = {"model": {"name_or_path": "llama-3-70b"}, "method": "qlora", "data": {"seq_len": 2048}}
+    seen = []
+
+    def fake_measure(cfg):
+        seen.append(cfg)
+        return {"status": "ok", "tokens_per_s": 1000.0 / cfg.micro_batch ** 0.1, "peak_reserved_gib": 21.0}
+
+    out = probe(validate_recipe(tree), cap_gib=24, gpu="rtx4090", measure=fake_measure)
+    assert seen and all(c.offload_weights and c.grad_ckpt and 0 < c.resident_layers < 80 for c in seen)
+    assert "training.offload_weights=true" in out["set"]
+    assert "streamed weights (" in "\n".join(summary_lines(out, 24))
+    seen.clear()
+    tree["training"] = {"offload_weights": False}
+    off = probe(validate_recipe(tree), cap_gib=24, gpu="rtx4090", measure=fake_measure)
+    assert off["best"] is None and not seen

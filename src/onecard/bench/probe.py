@@ -4,7 +4,9 @@ The planner ranks the candidates and prunes the ones it expects not to fit (with
 holds it within 10%); then each survivor is *measured* at the longest sequence of the user's data, fastest
 expected first, and an OOM ends that candidate (the cap is the card, or ``--memory-cap-gib``). The answer is
 printed as ``--set`` overrides. Candidates: micro-batch (powers of two up to 16), checkpointing (none, offloaded to
-host memory, on the GPU), fused kernels (fused cross-entropy) on/off. Offloaded checkpoints come before checkpoints
+host memory, on the GPU), fused kernels (fused cross-entropy) on/off, and -- for a setting that does not fit the card,
+unless the recipe says ``training.offload_weights: false`` -- the same with its base weights streamed, after all the
+rest. Offloaded checkpoints come before checkpoints
 kept on the GPU: they hold less, and with onecard's kernels they also recompute less (patch/blocks.py; measured
 13,200 vs 12,906 tokens/s on Llama 3 8B b8, bench/results/h200-k10.jsonl).
 """
@@ -51,9 +53,10 @@ def planned_tokens_per_s(cfg: BenchConfig, gpu: str) -> float:
     return estimate_throughput(inputs_from_recipe(cfg.to_recipe(), gpu=gpu)).estimate_tokens_per_s
 
 
-def candidates(base: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchConfig, float]]:
-    """(config, planned GiB) of every setting the planner expects to fit under ``cap_gib``; within each line
-    (checkpointing, kernels) smallest micro-batch first, so the first OOM ends the line."""
+def candidates(base: BenchConfig, cap_gib: float, gpu: str, stream: bool = True) -> list[tuple[BenchConfig, float]]:
+    """(config, planned GiB) of every setting the planner expects to fit under ``cap_gib``, and with ``stream`` the
+    streamed-weights ones; within each line (checkpointing, kernels, streaming) smallest micro-batch first, so the
+    first OOM ends the line."""
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
 
@@ -62,12 +65,29 @@ def candidates(base: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchC
         for grad_ckpt, offload in CHECKPOINTING:
             for mb in MICRO_BATCHES:
                 cfg = dataclasses.replace(base, micro_batch=mb, grad_ckpt=grad_ckpt, offload_activations=offload,
-                                          kernels=kernels, baseline=False)
+                                          kernels=kernels, baseline=False, offload_weights=False)
                 planned = plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=gpu)).required_bytes / GIB
                 if planned <= cap_gib * PLAN_MARGIN:
                     out.append((cfg, planned))
-    return sorted(out, key=lambda c: (CHECKPOINTING.index(_checkpointing(c[0])), c[0].kernels != "onecard",
-                                      c[0].micro_batch))
+                elif grad_ckpt and stream:
+                    out += _streamed(cfg, cap_gib, gpu)
+    return sorted(out, key=lambda c: (c[0].offload_weights, CHECKPOINTING.index(_checkpointing(c[0])),
+                                      c[0].kernels != "onecard", c[0].micro_batch))
+
+
+def _streamed(cfg: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchConfig, float]]:
+    """The setting with its base weights streamed (plan/streaming.py), when the planner expects that to fit the card
+    it does not fit otherwise: tried after every setting that fits without streaming (copies cost speed)."""
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import plan_memory
+    from onecard.plan.streaming import plan_streaming
+
+    inputs = inputs_from_recipe(cfg.to_recipe(), gpu=gpu)
+    inputs = dataclasses.replace(inputs, gpu=dataclasses.replace(inputs.gpu, memory_gib=min(cap_gib, inputs.gpu.memory_gib)))
+    sp = plan_streaming(plan_memory(inputs))
+    if sp.verdict != "fits with streaming" or not sp.streamed_layers:
+        return []
+    return [(dataclasses.replace(cfg, offload_weights=True, resident_layers=sp.resident_layers), sp.device_bytes / GIB)]
 
 
 def _checkpointing(cfg: BenchConfig) -> tuple[bool, bool]:
@@ -84,8 +104,8 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
     base = config_from_recipe(recipe, seq=longest_sequence(recipe), steps=steps, warmup=warmup, gpu=gpu)
     base.memory_cap_gib = cap_gib
     tried, oom_from, last_rate = [], {}, {}
-    for cfg, planned in candidates(base, cap_gib, gpu):
-        line = (*_checkpointing(cfg), cfg.kernels)
+    for cfg, planned in candidates(base, cap_gib, gpu, stream=recipe.training.offload_weights is not False):
+        line = (*_checkpointing(cfg), cfg.kernels, cfg.offload_weights)
         if cfg.micro_batch >= oom_from.get(line, 10**9):
             continue
         best_rate = max(last_rate.values(), default=0.0)
@@ -100,6 +120,7 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
         last_rate[line] = max(rate, last_rate.get(line, 0.0))
         tried.append({"micro_batch": cfg.micro_batch, "grad_ckpt": cfg.grad_ckpt,
                       "offload_activations": cfg.offload_activations, "kernels": cfg.kernels,
+                      "offload_weights": cfg.offload_weights, "resident_layers": cfg.resident_layers,
                       "planned_gib": round(planned, 2), "status": rec.get("status"),
                       "tokens_per_s": rec.get("tokens_per_s"), "peak_reserved_gib": rec.get("peak_reserved_gib")})
         if rec.get("status") == "oom":
@@ -110,7 +131,8 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
     best = max(ok, key=lambda t: t["tokens_per_s"])
     sets = [f"training.micro_batch_size={best['micro_batch']}", f"training.grad_ckpt={str(best['grad_ckpt']).lower()}",
             f"training.offload_activations={str(best['offload_activations']).lower()}",
-            f"training.kernels={best['kernels']}", f"training.fused_ce={'true' if best['kernels'] != 'none' else 'false'}"]
+            f"training.kernels={best['kernels']}", f"training.fused_ce={'true' if best['kernels'] != 'none' else 'false'}",
+            f"training.offload_weights={'true' if best['offload_weights'] else 'false'}"]
     return {"best": best, "set": sets, "tried": tried, "seq": base.seq, "cap_gib": cap_gib}
 
 
@@ -121,7 +143,8 @@ def summary_lines(result: dict[str, Any], cap_gib: float) -> list[str]:
     lines = []
     for t in result["tried"]:
         ckpt = ("offloaded" if t.get("offload_activations") else "on") if t["grad_ckpt"] else "off"
-        lines.append(f"  b{t['micro_batch']} checkpointing {ckpt} kernels={t['kernels']}: {t['status']} "
+        stream = f" streamed weights ({t['resident_layers']} resident)" if t["offload_weights"] else ""
+        lines.append(f"  b{t['micro_batch']} checkpointing {ckpt} kernels={t['kernels']}{stream}: {t['status']} "
                      f"{(t['tokens_per_s'] or 0):,.0f} tokens/s (measured), planned {t['planned_gib']} GiB")
     lines.append(f"fastest that fits: {result['best']['tokens_per_s']:,.0f} tokens/s (measured) with "
                  + " ".join(f"--set {s}" for s in result["set"]))
