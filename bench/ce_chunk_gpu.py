@@ -1,5 +1,5 @@
 """Fused linear cross-entropy at Llama 3 8B's head (16k tokens, hidden 4096, vocab 128,256) for several chunk sizes:
-forward (which also computes the gradients) plus backward, CUDA-event median (issue 6: kernels/fused_ce.py
+forward (which also computes the gradients) plus backward, CUDA-event median (kernels/fused_ce.py
 MIN_CHUNK_ROWS). Run on the GPU machine from the repo root: PYTHONPATH=src python bench/ce_chunk_gpu.py"""
 
 from __future__ import annotations

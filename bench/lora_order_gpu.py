@@ -1,4 +1,4 @@
-"""Which order of a LoRA projection's two matmuls is faster on the GPU (issue 6: what to change next).
+"""Which order of a LoRA projection's two matmuls is faster on the GPU: what to change next.
 
 Run on the GPU machine from the repo root:  PYTHONPATH=src python bench/lora_order_gpu.py
 Writes $OUT/lora_order.json. Llama 3 8B shapes at 8 x 2048 tokens, bf16, r16, CUDA-event timing (median of

@@ -1,4 +1,4 @@
-"""Where a patched Llama 3 8B LoRA step spends its GPU time (issue 6: what to fuse next).
+"""Where a patched Llama 3 8B LoRA step spends its GPU time: what to fuse next.
 
 Run on the GPU machine from the repo root:  PYTHONPATH=src python bench/profile_gpu.py
 Same setup as bench/kernels_gpu.py (Llama 3 8B shape, random bf16 weights, LoRA r16 on 7 projections,

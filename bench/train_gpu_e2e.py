@@ -104,7 +104,7 @@ def main() -> None:
     chat, pref = write_data()
     runs = [("e2e-lora", recipe("e2e-lora", model_dir, chat)),
             ("e2e-qlora", recipe("e2e-qlora", model_dir, chat, method="qlora")),
-            # session 4: offloaded checkpoints (split into halves by the kernels) and packed rows (varlen attention)
+            # offloaded checkpoints (split into halves by the kernels) and packed rows (varlen attention)
             ("e2e-lora-offload-packed", recipe("e2e-lora-offload-packed", model_dir, chat, packing=True, seq_len=2048,
                                                training={"offload_activations": True})),
             ("e2e-dpo", recipe("e2e-dpo", model_dir, pref, task="dpo", format="auto",

@@ -53,7 +53,7 @@ def test_results_are_committed_and_complete():
     assert all(r["baseline_status"] == "ok" for r in throughput)
     seed = {("llama-3-8b", "lora", 8), ("mistral-7b", "lora", 8), ("qwen2.5-14b", "lora", 2),
             ("llama-3-8b", "qlora", 8), ("llama-3-70b", "qlora", 1)}
-    # issue 6's re-measurements of the seed shapes on the current kernels carry group "kernels" (suite part K)
+    # re-measurements of the seed shapes on the current kernels carry group "kernels" (suite part K)
     current = {(r["model"], r["method"], r["micro_batch"]) for r in throughput + _rows({"kernels"})
                if not superseded(r) and r.get("kernels_applied") == "onecard" and not r.get("memory_cap_gib")}
     assert seed <= current, seed - current  # each seed workload measured on the path onecard runs today

@@ -1,4 +1,4 @@
-"""`onecard demo`: the bundled task, its metric, and one shared demo run (issue 2, acceptance 6).
+"""`onecard demo`: the bundled task, its metric, and one shared demo run.
 
 The demo runs once per test session (the ``demo_run`` fixture in conftest.py, shared with the eval tests);
 with ``ONECARD_DEMO_RUN_DIR=DIR`` a finished run there (``demo.json`` present) is reused instead of training again.

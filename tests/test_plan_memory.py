@@ -35,7 +35,7 @@ def test_llama3_8b_lora_batch1_with_checkpointing_fits_4090():
 
 
 def test_h200_reference_measurements_within_10_percent():
-    """H200, Llama 3 8B, LoRA r16 x 7 projections, seq 2048, micro-batch 8, checkpointing (issue 6): peak reserved
+    """H200, Llama 3 8B, LoRA r16 x 7 projections, seq 2048, micro-batch 8, checkpointing: peak reserved
     50.5 GiB plain transformers + peft, 25.7 GiB with liger-kernel. Formulas are physical, not fitted to these."""
     plain = plan_memory(inputs(gpu="h200", micro_batch=8, kernels="none"))
     liger = plan_memory(inputs(gpu="h200", micro_batch=8, kernels="liger"))

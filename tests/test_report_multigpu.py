@@ -1,4 +1,4 @@
-"""The multi-GPU report (issue 9): acceptance 3 judged against the *current* planner, from rows.
+"""The multi-GPU report: acceptance 3 judged against the *current* planner, from rows.
 
 The last test is acceptance 3 itself, executable: the committed default-settings 70B FSDP rows against the planner
 as it is now. A planner change that moves the prediction off the measurement by more than 10% fails it.

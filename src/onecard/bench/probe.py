@@ -95,11 +95,12 @@ def _checkpointing(cfg: BenchConfig) -> tuple[bool, bool]:
 
 
 def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], dict[str, Any]],
-          steps: int = 2, warmup: int = 1) -> dict[str, Any]:
+          steps: int = 2, warmup: int = 1, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Measure the planner's surviving candidates; the fastest that ran without OOM, as --set overrides.
 
     ``measure(cfg)`` returns a bench record (``status``, ``tokens_per_s``, ``peak_reserved_gib``); on a GPU it is
-    ``run.run_config`` with the memory cap set.
+    ``run.run_config`` with the memory cap set. ``progress`` gets a line before and after each measurement (a
+    streamed candidate builds and pins its base first: tens of seconds each).
     """
     base = config_from_recipe(recipe, seq=longest_sequence(recipe), steps=steps, warmup=warmup, gpu=gpu)
     base.memory_cap_gib = cap_gib
@@ -111,8 +112,10 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
         best_rate = max(last_rate.values(), default=0.0)
         if best_rate and planned_tokens_per_s(cfg, gpu) < PLAN_SLOWER * best_rate:
             continue  # the planner (within 15% on measured rows) expects it far slower than one already measured
+        progress(f"measuring {_describe(cfg)} (planned {planned:.1f} GiB)")
         rec = measure(cfg)
         rate = rec.get("tokens_per_s") or 0.0
+        progress(f"  {rec.get('status')}: {rate:,.0f} tokens/s, {rec.get('peak_reserved_gib') or 0:.1f} GiB reserved")
         # Saturation: once the matmuls are large enough to fill the GPU, a bigger micro-batch only amortises the
         # fixed per-step cost further; less than SATURATION gain from doubling it ends the line (saves device time).
         if line in last_rate and rate < last_rate[line] * SATURATION:
@@ -136,15 +139,26 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
     return {"best": best, "set": sets, "tried": tried, "seq": base.seq, "cap_gib": cap_gib}
 
 
+def _describe(cfg: BenchConfig) -> str:
+    return _setting(cfg.micro_batch, cfg.grad_ckpt, cfg.offload_activations, cfg.kernels, cfg.offload_weights,
+                    cfg.resident_layers)
+
+
+def _setting(micro_batch, grad_ckpt, offload_activations, kernels, offload_weights, resident_layers) -> str:
+    ckpt = ("offloaded" if offload_activations else "on") if grad_ckpt else "off"
+    stream = f" streamed weights ({resident_layers} resident)" if offload_weights else ""
+    return f"b{micro_batch} checkpointing {ckpt} kernels={kernels}{stream}"
+
+
 def summary_lines(result: dict[str, Any], cap_gib: float) -> list[str]:
     """The human report of :func:`probe`'s result: every setting measured, then the pick as --set overrides."""
     if result["best"] is None:
         return [f"nothing fit in {cap_gib:g} GiB at seq {result['seq']} (tried {len(result['tried'])} settings)"]
     lines = []
     for t in result["tried"]:
-        ckpt = ("offloaded" if t.get("offload_activations") else "on") if t["grad_ckpt"] else "off"
-        stream = f" streamed weights ({t['resident_layers']} resident)" if t["offload_weights"] else ""
-        lines.append(f"  b{t['micro_batch']} checkpointing {ckpt} kernels={t['kernels']}{stream}: {t['status']} "
+        setting = _setting(t["micro_batch"], t["grad_ckpt"], t["offload_activations"], t["kernels"],
+                           t["offload_weights"], t["resident_layers"])
+        lines.append(f"  {setting}: {t['status']} "
                      f"{(t['tokens_per_s'] or 0):,.0f} tokens/s (measured), planned {t['planned_gib']} GiB")
     lines.append(f"fastest that fits: {result['best']['tokens_per_s']:,.0f} tokens/s (measured) with "
                  + " ".join(f"--set {s}" for s in result["set"]))

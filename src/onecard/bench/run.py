@@ -163,7 +163,10 @@ def run_config(cfg: BenchConfig, device: str, command: str | None = None) -> dic
     finally:
         clear_memory_cap()
     if device.startswith("cuda"):
+        import psutil
+
         record["non_allocator_gib_after"] = non_allocator_bytes() / GIB
+        record["host_rss_gib_after"] = psutil.Process().memory_info().rss / GIB  # pinned host memory included
     peak_tflops = get_gpu(cfg.gpu).bf16_dense_tflops if device.startswith("cuda") else None
     record.update(_predict.utilisation(record.get("tokens_per_s"), record, peak_tflops))
     record["peak_tflops"] = peak_tflops

@@ -102,5 +102,9 @@ def free_cuda() -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        # Pinned host blocks (streamed weights, offloaded checkpoints) stay in torch's host cache after they are
+        # freed, rounded up to powers of two: a probe's next micro-batch asks for other sizes, so without this the
+        # cache grows by every candidate's pinned bytes until the host runs out.
+        torch.accelerator.empty_host_cache()
 
 

@@ -106,7 +106,8 @@ def _run_probe(recipe_path, sets, device, gpu_id, memory_cap_gib, command, as_js
                         fix="onecard bench RECIPE --probe [--memory-cap-gib G] on the GPU machine")
     recipe = load_recipe(recipe_path, sets or [])
     cap = memory_cap_gib or get_gpu(gpu_id).memory_gib
-    result = probe(recipe, cap_gib=cap, gpu=gpu_id, measure=lambda cfg: run_config(cfg, device, command=command))
+    result = probe(recipe, cap_gib=cap, gpu=gpu_id, measure=lambda cfg: run_config(cfg, device, command=command),
+                    progress=lambda line: typer.echo(line, err=True))
     if as_json:
         _print_json_line(result)
     else:

@@ -270,7 +270,8 @@ def _probe(recipe, memory_cap_gib: Optional[float], as_json: bool) -> None:
     gpu_id = gpu_catalog_id()
     cap = memory_cap_gib or get_gpu(gpu_id).memory_gib
     command = " ".join(["onecard", *sys.argv[1:]])
-    result = probe(recipe, cap_gib=cap, gpu=gpu_id, measure=lambda cfg: run_config(cfg, "cuda", command=command))
+    result = probe(recipe, cap_gib=cap, gpu=gpu_id, measure=lambda cfg: run_config(cfg, "cuda", command=command),
+                    progress=lambda line: typer.echo(line, err=True))
     if as_json:
         print_json(result)
     else:
