@@ -1,6 +1,7 @@
 """``onecard train`` with streamed base weights on an emulated small card, killed with SIGKILL and resumed.
 
-Run on the GPU machine from the repo root: ``PYTHONPATH=src python bench/stream_train_gpu.py OUTDIR``.
+Run on the GPU machine from the repo root: ``PYTHONPATH=src python bench/stream_train_gpu.py OUTDIR [--preference]``
+(``--preference``: DPO and KTO short runs on the same streamed base instead, OUTDIR/stream_preference.json).
 A random Llama 3 8B (bf16, 15 GiB of weights: more than the 12 GiB card emulated with ``--memory-cap-gib 12``) is
 saved as a safetensors checkpoint, so the trainer must read it layer by layer (train/layerwise.py) and stream
 (``training.offload_weights: true``). CLI runs in subprocesses, same recipe and seed, ``training.deterministic``
@@ -46,8 +47,39 @@ def adapter(run_dir: Path):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
+def preference_runs(model_dir: Path, pref: Path, result: dict) -> None:
+    """DPO and KTO through ``onecard train`` on the same streamed base under the cap: exit code, losses, the
+    trainer's streaming line, peak reserved (short runs: that the preference spine streams, not its quality)."""
+    for task in ("dpo", "kto"):
+        training = {"max_steps": 4, "micro_batch_size": 1, "grad_accum": 1, "offload_weights": True,
+                    "offload_activations": True}
+        path = e2e.recipe(f"stream-{task}", model_dir, pref, task=task, format="auto", seq_len=512,
+                          training=training)
+        t = time.perf_counter()
+        proc = cli(path, "--overwrite")
+        text = proc.stdout + proc.stderr
+        run_dir = e2e.ROOT / "runs" / f"stream-{task}"
+        entry = {"rc": proc.returncode, "wall_s": round(time.perf_counter() - t, 1),
+                 "streaming_lines": [x for x in text.splitlines() if "stream" in x.lower()][:5], "tail": text[-2000:]}
+        if proc.returncode == 0:
+            entry["losses"] = losses(run_dir)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            entry["cuda_peak_reserved_bytes_measured"] = summary.get("cuda_peak_reserved_bytes_measured")
+        result[task] = entry
+        print(task, "rc", proc.returncode, flush=True)
+
+
 def main() -> None:
     outdir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    if "--preference" in sys.argv:  # DPO and KTO only: stream_preference.json
+        e2e.ROOT.mkdir(parents=True, exist_ok=True)
+        result: dict = {"cap_gib": CAP_GIB}
+        model_dir = e2e.build_model_dir("llama-3-8b")
+        _, pref = e2e.write_data()
+        preference_runs(model_dir, pref, result)
+        (outdir / "stream_preference.json").write_text(json.dumps(result, indent=1, default=str))
+        print(json.dumps(result, indent=1, default=str)[:5000])
+        return
     e2e.ROOT.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model_dir = e2e.build_model_dir("llama-3-8b")

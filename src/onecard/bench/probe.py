@@ -46,11 +46,11 @@ def longest_sequence(recipe) -> int:
         return recipe.data.seq_len
 
 
-def planned_tokens_per_s(cfg: BenchConfig, gpu: str) -> float:
-    from onecard.plan.inputs import inputs_from_recipe
-    from onecard.plan.speed import estimate_throughput
+def planned_tokens_per_s(cfg: BenchConfig) -> float:
+    """The planner's tokens/s for ``cfg`` on ``cfg.gpu``, the copies of streamed weights included."""
+    from onecard.bench.predict import speed
 
-    return estimate_throughput(inputs_from_recipe(cfg.to_recipe(), gpu=gpu)).estimate_tokens_per_s
+    return speed(cfg)["predicted_tokens_per_s"] or 0.0
 
 
 def candidates(base: BenchConfig, cap_gib: float, gpu: str, stream: bool = True) -> list[tuple[BenchConfig, float]]:
@@ -110,7 +110,7 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
         if cfg.micro_batch >= oom_from.get(line, 10**9):
             continue
         best_rate = max(last_rate.values(), default=0.0)
-        if best_rate and planned_tokens_per_s(cfg, gpu) < PLAN_SLOWER * best_rate:
+        if best_rate and planned_tokens_per_s(cfg) < PLAN_SLOWER * best_rate:
             continue  # the planner (within 15% on measured rows) expects it far slower than one already measured
         progress(f"measuring {_describe(cfg)} (planned {planned:.1f} GiB)")
         rec = measure(cfg)

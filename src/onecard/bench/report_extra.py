@@ -14,13 +14,38 @@ from onecard.bench.report_md import fmt, table
 
 
 def render_extra(results_dir: Path) -> str:
-    return (data_prep_section(results_dir) + stream_train_section(results_dir) + accelerate_offload_section(results_dir)
-            + fp8_quality_section(results_dir))
+    return (data_prep_section(results_dir) + stream_train_section(results_dir) + stream_probe_section(results_dir)
+            + accelerate_offload_section(results_dir) + fp8_quality_section(results_dir))
 
 
 def _results(results_dir: Path, pattern: str) -> list[tuple[str, dict]]:
     """(file name, its JSON) of every result file matching ``pattern``, in name (date) order."""
     return [(f.name, json.loads(f.read_text())) for f in sorted(Path(results_dir).glob(pattern))]
+
+
+def stream_probe_section(results_dir: Path) -> str:
+    """``onecard plan --probe`` results that tried streamed weights (bench/results/e2e/probe_*.json)."""
+    from onecard.bench.report import streamed_probe
+
+    found = [(n, r) for n, r in _results(Path(results_dir) / "e2e", "probe_*.json") if streamed_probe(r)]
+    if not found:
+        return ""
+    out = ["\n## `plan --probe` with streamed weights - measured, H200\n\n"
+           "Each setting that does not fit the card is tried again with its base weights streamed (after every "
+           "setting that fits; none does here), the resident layer count the planner's for that setting.\n\n"]
+    for name, r in found:
+        v = r["versions"]
+        rows = [[f"b{t['micro_batch']}", ("offloaded" if t["offload_activations"] else "on") if t["grad_ckpt"]
+                 else "off", t["kernels"], str(t["resident_layers"]) if t["offload_weights"] else "-", t["status"],
+                 fmt(t["tokens_per_s"]), fmt(t["planned_gib"], ".2f"), fmt(t["peak_reserved_gib"], ".2f")]
+                for t in r["tried"]]
+        out.append(f"`{r['command']}` ({name}, {r['date'][:16]}, torch {v['torch']}, transformers "
+                   f"{v['transformers']}; cap {r['cap_gib']:g} GiB, seq {r['seq']}; host memory in use peaked at "
+                   f"{r['host_used_gib_peak']} GiB of 128):\n\n")
+        out.append(table(["micro-batch", "checkpointing", "kernels", "resident layers", "status", "tokens/s",
+                          "planned GiB", "peak reserved GiB"], rows))
+        out.append(f"\nPicked: `{' '.join(r['set'])}`.\n")
+    return "".join(out)
 
 
 def accelerate_offload_section(results_dir: Path) -> str:

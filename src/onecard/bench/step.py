@@ -105,6 +105,13 @@ def free_cuda() -> None:
         # Pinned host blocks (streamed weights, offloaded checkpoints) stay in torch's host cache after they are
         # freed, rounded up to powers of two: a probe's next micro-batch asks for other sizes, so without this the
         # cache grows by every candidate's pinned bytes until the host runs out.
-        torch.accelerator.empty_host_cache()
+        empty_host_cache()
 
 
+def empty_host_cache() -> None:
+    """Return torch's cached pinned host blocks to the OS: public as torch.accelerator.empty_host_cache from
+    torch 2.13; torch 2.11 (the GPU machine's) has only the private binding behind it."""
+    import torch
+
+    release = getattr(torch.accelerator, "empty_host_cache", None) or torch._C._host_emptyCache
+    release()
