@@ -92,6 +92,7 @@ def main_bench_pair() -> None:
 
     from onecard.bench.build import build_model as build_bench_model
     from onecard.bench.config import BenchConfig
+    from onecard.bench.run import apply_kernels
     from onecard.bench.step import build_optimizer
 
     os.makedirs(OUT, exist_ok=True)
@@ -100,6 +101,8 @@ def main_bench_pair() -> None:
         cfg = BenchConfig(model="llama-3-8b", seq=SEQ, micro_batch=MICRO_BATCH, kernels="onecard",
                           offload_activations=True, quant_base=quant)
         model, _ = build_bench_model(cfg, "cuda")
+        applied = apply_kernels(model, cfg.kernels)["kernels_applied"]  # as run.measure does after the build
+        assert applied == "onecard", f"onecard's kernels did not apply: {applied}"
         result[quant] = profile_step(model, build_optimizer(model, "cuda"))  # the bench's fused AdamW
         p = result[quant]
         print(f"{quant}: step {p['step_s']:.3f} s, {p['tokens_per_s']:,.0f} tokens/s", flush=True)

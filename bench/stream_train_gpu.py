@@ -50,10 +50,17 @@ def adapter(run_dir: Path):
 def preference_runs(model_dir: Path, pref: Path, result: dict) -> None:
     """DPO and KTO through ``onecard train`` on the same streamed base under the cap: exit code, losses, the
     trainer's streaming line, peak reserved (short runs: that the preference spine streams, not its quality)."""
-    for task in ("dpo", "kto"):
-        training = {"max_steps": 4, "micro_batch_size": 1, "grad_accum": 1, "offload_weights": True,
+    kto = pref.with_name("kto.jsonl")  # each pair as two KTO records: the chosen desirable, the rejected not
+    with kto.open("w") as out:
+        for line in pref.read_text().splitlines():
+            r = json.loads(line)
+            for key, label in (("chosen", True), ("rejected", False)):
+                out.write(json.dumps({"prompt": r["prompt"], "completion": r[key], "label": label}) + "\n")
+    for task, data in (("dpo", pref), ("kto", kto)):
+        # KTO's KL reference point mismatches the pairs of one optimizer step: it needs two examples per step
+        training = {"max_steps": 4, "micro_batch_size": 1, "grad_accum": 2, "offload_weights": True,
                     "offload_activations": True}
-        path = e2e.recipe(f"stream-{task}", model_dir, pref, task=task, format="auto", seq_len=512,
+        path = e2e.recipe(f"stream-{task}", model_dir, data, task=task, format="auto", seq_len=512,
                           training=training)
         t = time.perf_counter()
         proc = cli(path, "--overwrite")

@@ -87,6 +87,27 @@ def test_plan_vs_measured_plans_the_run_s_real_lengths():
     assert short["predicted_peak_reserved_gib"] < full["predicted_peak_reserved_gib"]
 
 
+def test_plan_vs_measured_of_a_streamed_run_plans_the_streaming_that_ran():
+    """A run that streamed all but N layers is compared with the plan of that (the bench's streamed-row figure),
+    not with the whole base on the card."""
+    from onecard.bench.config import BenchConfig
+    from onecard.bench.predict import peak_memory
+    from onecard.plan.compare import plan_vs_measured
+    from onecard.recipe import validate_recipe
+
+    tree = {"model": {"name_or_path": "llama-3-8b"}, "data": {"seq_len": 1024},
+            "training": {"micro_batch_size": 2, "offload_activations": True, "offload_weights": True}}
+    measured = {"peak_reserved_bytes": 10 * 2**30, "tokens_per_s": 1000.0, "device_name": "NVIDIA H200"}
+    whole = plan_vs_measured(validate_recipe(tree), measured)
+    streamed = plan_vs_measured(validate_recipe(tree), measured, resident_layers=11)
+    assert streamed["planned_resident_layers"] == 11 and "streaming" in streamed["predicted_tokens_per_s_label"]
+    assert whole["predicted_peak_reserved_gib"] - streamed["predicted_peak_reserved_gib"] > 5  # 18 of 32 layers off
+    assert streamed["predicted_tokens_per_s"] <= whole["predicted_tokens_per_s"]
+    bench = peak_memory(BenchConfig(model="llama-3-8b", seq=1024, micro_batch=2, kernels="onecard", gpu="h200",
+                                    offload_activations=True, offload_weights=True, resident_layers=11))
+    assert abs(streamed["predicted_peak_reserved_gib"] - bench["predicted_peak_gib"]) < 0.5  # the same model
+
+
 def test_row_length_of_sft_and_preference_examples():
     from onecard.data.store import row_token_count as row_length
 

@@ -33,9 +33,9 @@ def streamed_off_card_bytes(plan, cfg) -> int:
     into (plan/streaming.py); 0 without ``cfg.offload_weights``."""
     if not cfg.offload_weights:
         return 0
-    from onecard.plan.streaming import plan_streaming
+    from onecard.plan.streaming import off_card_bytes
 
-    return int(plan.total_bytes - plan_streaming(plan, resident=cfg.resident_layers).device_bytes)
+    return off_card_bytes(plan, cfg.resident_layers)
 
 
 def peak_memory(cfg) -> dict[str, Any]:

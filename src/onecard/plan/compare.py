@@ -22,12 +22,13 @@ def _pct(predicted: float | None, measured: float | None) -> float | None:
 
 
 def plan_vs_measured(recipe, measured: dict[str, Any], gpu: str | None = None, *, seq_len_memory: int | None = None,
-                     seq_len_speed: int | None = None) -> dict[str, Any]:
+                     seq_len_speed: int | None = None, resident_layers: int | None = None) -> dict[str, Any]:
     """``measured`` keys (any subset): ``peak_reserved_bytes``, ``peak_allocated_bytes``, ``tokens_per_s``,
     ``device_name`` (torch.cuda.get_device_name). ``gpu``: catalog id to plan for (default: from device_name, else
     the recipe's ``plan.gpu``). ``seq_len_memory`` / ``seq_len_speed``: the row lengths the run really had (its
-    longest and its mean example; default the recipe's ``seq_len``). Returns predicted and measured figures with
-    errors; never raises on a planner bug."""
+    longest and its mean example; default the recipe's ``seq_len``). ``resident_layers``: the run streamed the
+    base weights of the other layers (plan/streaming.py), so the plan does too. Returns predicted and measured
+    figures with errors; never raises on a planner bug."""
     out: dict[str, Any] = {"label": "planned (estimated/calibrated) vs measured"}
     gpu_id = gpu or _gpu_from_name(measured.get("device_name")) or recipe.plan.gpu
     out["gpu"] = gpu_id
@@ -37,9 +38,17 @@ def plan_vs_measured(recipe, measured: dict[str, Any], gpu: str | None = None, *
         speed_inp = inp.with_(seq_len=seq_len_speed or inp.seq_len)
         speed = estimate_throughput(speed_inp, memory_plan=plan_memory(speed_inp))
         out["planned_seq_len"] = {"memory": plan.inputs.seq_len, "speed": speed_inp.seq_len}
-        out["predicted_peak_reserved_gib"] = round(plan.allocator_bytes / GIB, 3)
-        out["predicted_tokens_per_s"] = round(speed.estimate_tokens_per_s, 1)
-        out["predicted_tokens_per_s_label"] = speed.label
+        allocator, tokens_per_s, label = plan.allocator_bytes, speed.estimate_tokens_per_s, speed.label
+        if resident_layers is not None:
+            from onecard.plan.streaming import off_card_bytes, plan_streaming, streamed_tokens_per_s
+
+            allocator -= off_card_bytes(plan, resident_layers)
+            sp = plan_streaming(plan_memory(speed_inp), resident=resident_layers)
+            tokens_per_s = streamed_tokens_per_s(tokens_per_s, speed_inp, sp)
+            label, out["planned_resident_layers"] = f"{label} + streaming (estimated)", resident_layers
+        out["predicted_peak_reserved_gib"] = round(allocator / GIB, 3)
+        out["predicted_tokens_per_s"] = round(tokens_per_s, 1)
+        out["predicted_tokens_per_s_label"] = label
     except Exception as exc:  # noqa: BLE001 -- a planner failure must not fail a finished run
         out["planner_error"] = f"{type(exc).__name__}: {exc}"
     reserved = measured.get("peak_reserved_bytes")

@@ -110,6 +110,12 @@ def fits_with_streaming(mem: MemoryPlan) -> bool:
     return sp.verdict == "fits with streaming" and not sp.host_short
 
 
+def off_card_bytes(mem: MemoryPlan, resident: int) -> int:
+    """What streaming all but ``resident`` layers takes off the card: the streamed layers, less the slots they
+    are copied into."""
+    return int(mem.total_bytes - plan_streaming(mem, resident=resident).device_bytes)
+
+
 def streamed_tokens_per_s(tokens_per_s: float, p: PlanInputs, sp: StreamPlan) -> float:
     """The step's tokens/s once the streamed layers' copies are added where they do not hide (module docstring)."""
     tokens = p.seq_len * p.micro_batch

@@ -59,7 +59,7 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
     started = state.global_step
     step = PreferenceStep(model, optimizer, recipe, device, reference, dataset, pad_token_id(tokenizer))
     state, timing = run_steps(step, schedule, state, console)
-    summary_extra = _final_metrics(state.metrics)
+    summary_extra = {**_final_metrics(state.metrics), **streaming.summary()}
     if eval_set.examples:
         from onecard.train.preference_step import evaluate_preferences
 

@@ -51,7 +51,8 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
            "split_checkpoint_calls": kernels.split_checkpoint_calls() - split_before}
     kernels.revert()  # the saved adapter/model and any later eval see plain transformers modules
     summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started,
-                     extra={"kernels": kernels.name, **ran, **setup, "data_summary": dataset.summary})
+                     extra={"kernels": kernels.name, **ran, **setup, "data_summary": dataset.summary,
+                            **streaming.summary()})
     if recipe.eval.at_end and has_eval_data(recipe):
         summary["eval"] = evaluate_and_save(model, tokenizer, recipe, summary)
     model.eval()

@@ -25,6 +25,10 @@ class StreamDecision:
     plan: object = None  # plan.streaming.StreamPlan
     park_layers: tuple[int, ...] = ()  # the streamed layers, which the loader parks in host memory as it reads them
 
+    def summary(self) -> dict:
+        """What summary.json records of it (and plans the run's plan-vs-measured with)."""
+        return {"streamed_weights_resident_layers": self.resident_layers} if self.stream else {}
+
 
 def _gpu_id(recipe: Recipe) -> str:
     import torch

@@ -60,7 +60,8 @@ def cuda_measurements(recipe: Recipe, dataset, summary: dict[str, Any]) -> dict[
         "peak_allocated_bytes": out["cuda_peak_allocated_bytes_measured"],
         "tokens_per_s": summary.get("steady_tokens_per_s_measured", summary["tokens_per_s_measured"]),
         "device_name": torch.cuda.get_device_name()},
-        seq_len_memory=max(lengths), seq_len_speed=round(sum(lengths) / len(lengths)))
+        seq_len_memory=max(lengths), seq_len_speed=round(sum(lengths) / len(lengths)),
+        resident_layers=summary.get("streamed_weights_resident_layers"))
     return out
 
 
