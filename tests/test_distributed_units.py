@@ -9,7 +9,8 @@ import pytest
 
 from onecard.errors import UserError
 from onecard.recipe import validate_recipe
-from onecard.train.distributed import choose_strategy, launch_command, quant_storage_kwargs, rank_slices
+from onecard.train.distributed import choose_strategy, quant_storage_kwargs, rank_slices
+from onecard.train.launch import launch_command
 
 
 def recipe(**training):
@@ -70,7 +71,7 @@ def test_quant_storage_only_inside_an_fsdp_worker(monkeypatch):
 
 
 def test_launch_refusals():
-    from onecard.train.distributed import check_launchable
+    from onecard.train.launch import check_launchable
 
     with pytest.raises(UserError, match="one GPU only"):
         check_launchable(validate_recipe({"model": {"name_or_path": "x"}, "task": "dpo"}), 2, cpu=True)
@@ -278,7 +279,8 @@ def test_accelerate_routes_to_fsdp_clipping_only_for_all_parameters():
 
 
 def test_worker_environment_carries_strategy_and_source_and_leaves_the_allocator_alone():
-    from onecard.train.distributed import CPU_ENV, STRATEGY_ENV, launch_env
+    from onecard.train.distributed import CPU_ENV, STRATEGY_ENV
+    from onecard.train.launch import launch_env
 
     env = launch_env("fsdp", cpu=False, base={"PATH": "/bin"})
     assert env[STRATEGY_ENV] == "fsdp" and CPU_ENV not in env and env["PATH"] == "/bin"
