@@ -108,3 +108,15 @@ def test_launch_flags_given_to_an_external_rank_are_refused(monkeypatch):
     assert os.environ[STRATEGY_ENV] == "fsdp"
     with pytest.raises(UserError, match="--num-gpus, --nnodes, --master-addr given to one of the 4 ranks"):
         join_external([], 2, Nodes(2, 0, "x"), "auto", False)
+
+
+def test_a_preference_task_is_refused_in_a_rank_of_an_external_launcher(monkeypatch):
+    """DPO/KTO have no multi-rank step: a torchrun rank must not fall into the SFT loop with it."""
+    from onecard.recipe import validate_recipe
+    from onecard.train.loop import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(UserError, match="task dpo runs on one GPU only") as exc:
+        train(validate_recipe({"model": {"name_or_path": "x"}, "task": "dpo", "training": {"num_gpus": 2}}))
+    assert "pairs" in exc.value.what and exc.value.fix

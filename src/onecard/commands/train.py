@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         num_gpus: int = typer.Option(None, "--num-gpus", min=1,
                                      help="GPUs to train on (default: training.num_gpus). N > 1 starts N processes "
                                           "(torch.distributed.run) that train through accelerate, same global batch."),
-        strategy: str = typer.Option("auto", "--strategy", help="With N > 1: ddp (replicate), fsdp (shard, FSDP1) "
+        strategy: str = typer.Option("auto", "--strategy", help="With N > 1: ddp (replicate), fsdp (shard, FSDP2) "
                                      "or auto = ddp when the plan fits one card, fsdp otherwise and for method full."),
         cpu: bool = typer.Option(False, "--cpu", help="With N > 1: N CPU processes on the gloo backend (tests, CI)."),
         nnodes: int = typer.Option(1, "--nnodes", help="Nodes in the job; run the same command on each, with its "
@@ -113,11 +113,6 @@ def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu:
     launch.check_launchable(recipe, per_node, cpu)
     chosen = distributed.choose_strategy(recipe, "ddp" if cpu and strategy == "auto" else strategy)
     distributed.check_strategy(recipe, chosen)
-    if cpu and chosen == "fsdp":
-        from onecard.errors import UserError
-
-        raise UserError("FSDP needs GPUs: accelerate runs CPU processes as DDP", where="--strategy",
-                        fix="use --strategy ddp (or auto) with --cpu")
     lint_or_stop(recipe, device="cpu" if cpu else None)
     if "--resume" in flags and single_node:
         check_resume_world(recipe.run_dir, world)

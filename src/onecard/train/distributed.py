@@ -1,8 +1,8 @@
 """Several GPUs, through accelerate: the strategy, one rank's view of the job, per-rank data, global token counts.
 
 The processes are started by train/launch.py (torchrun, on one node or several) or by the user's own launcher;
-each wraps its model in an ``accelerate.Accelerator`` -- DDP when the model fits one card, FSDP1 when it does not
-(or for full fine-tuning). The FSDP settings live here, in Python, passed to ``Accelerator(fsdp_plugin=...)``, not
+each wraps its model in an ``accelerate.Accelerator`` -- DDP when the model fits one card, FSDP2 (``fully_shard``)
+when it does not (or for full fine-tuning). The FSDP settings live here, in Python, passed to ``Accelerator(fsdp_plugin=...)``, not
 in an accelerate YAML, because onecard's own launcher is torchrun, not ``accelerate launch``.
 
 The maths that make N GPUs equal one GPU with the same global batch (tests/test_distributed_launch.py):
@@ -72,9 +72,10 @@ ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the older
 
 
 def quant_storage_kwargs() -> dict[str, Any]:
-    """bitsandbytes kwargs for QLoRA under FSDP: NF4 bytes stored in a bf16 tensor so FSDP1 can flatten and shard
-    them with the bf16 weights around them (the FSDP-QLoRA recipe of Answer.AI / HF; under FSDP2 4-bit weights have
-    been left unsharded or corrupted, accelerate issues #3874 and #3983, so FSDP1 is used). Empty elsewhere."""
+    """bitsandbytes kwargs for QLoRA under FSDP: NF4 bytes stored in a bf16 tensor, the FSDP-QLoRA recipe of
+    Answer.AI / HF. accelerate 1.16 ``fsdp2_prepare_model`` leaves uint8-stored Params4bit out of ``fully_shard``
+    (whole on every GPU: its "cannot survive fully_shard's DTensor conversion" warning, accelerate issues #3874 and
+    #3983); a floating storage dtype is sharded like any bf16 weight. Empty elsewhere."""
     if os.environ.get(STRATEGY_ENV) != "fsdp" or not is_worker():
         return {}
     import torch
@@ -189,65 +190,70 @@ class Dist:
         """Clip every rank's gradients by the norm of the *whole* model's gradients; returns that norm.
 
         Under FSDP each rank holds a shard of every gradient, so the norm must be all-reduced over ranks. accelerate
-        1.15 ``Accelerator.clip_grad_norm_`` routes to FSDP's own ``model.clip_grad_norm_`` (which does that) ONLY
-        when the parameters passed equal ``list(model.parameters())``; handed the trainable subset it falls back to
-        ``torch.nn.utils.clip_grad_norm_`` on this rank's shards, and each rank clips by a different local norm (the
-        FSDP parity run on 2 x H200 drifted 2.6% from one GPU in 20 steps, notes/multigpu.md). So FSDP calls the
-        root's ``clip_grad_norm_`` directly: explicit, and not dependent on accelerate's list comparison. Frozen
-        parameters have no gradient and add nothing. DDP gradients are already identical on every rank.
+        1.16 ``Accelerator.clip_grad_norm_`` takes its FSDP route (for FSDP2 ``_clip_grad_norm_dtensor_aware``: the
+        norm of the DTensor gradients, all-reduced) ONLY when the parameters passed equal
+        ``list(model.parameters())``; handed the trainable subset under FSDP1 it clipped each rank by its own
+        shard's norm (the FSDP parity run on 2 x H200 drifted 2.6% from one GPU in 20 steps, notes/multigpu.md).
+        So FSDP passes all parameters; frozen ones have no gradient and add nothing. DDP gradients are already
+        identical on every rank.
         """
         if self.strategy == "fsdp":
-            return float(model.clip_grad_norm_(max_norm))
+            return float(self.accelerator.clip_grad_norm_(list(model.parameters()), max_norm))
         params = [p for p in model.parameters() if p.requires_grad]
         return float(self.accelerator.clip_grad_norm_(params, max_norm))
 
 
 def init(recipe) -> Dist:
-    """The Accelerator for this rank; the FSDP plugin's wrap policy is filled in by :func:`prepare_model`."""
+    """The Accelerator for this rank, FSDP2 plugin included under FSDP."""
     from accelerate import Accelerator
 
     cpu = os.environ.get(CPU_ENV) == "1"
     strategy = os.environ.get(STRATEGY_ENV) or choose_strategy(recipe)
-    plugin = None
-    if strategy == "fsdp" and not cpu:
-        plugin = fsdp_plugin()
+    plugin = fsdp_plugin() if strategy == "fsdp" else None
     accelerator = Accelerator(cpu=cpu, fsdp_plugin=plugin)
+    if cpu and plugin is not None:
+        _fsdp_on_cpu(accelerator, plugin)
     if accelerator.num_processes != recipe.training.num_gpus:
         raise UserError(f"training.num_gpus is {recipe.training.num_gpus} but {accelerator.num_processes} processes "
                         "were launched", where="training.num_gpus", fix="launch with onecard train --num-gpus N")
     device = "cpu" if cpu else f"cuda:{accelerator.local_process_index}"
-    return Dist(accelerator, "ddp" if cpu else strategy, device)
+    return Dist(accelerator, strategy, device)
+
+
+def _fsdp_on_cpu(accelerator, plugin) -> None:
+    """FSDP2 for CPU processes (tests, CI). accelerate 1.16 turns an ``fsdp_plugin`` into FSDP only for accelerator
+    devices (``AcceleratorState.__init__``, the MULTI_GPU/NPU/XPU/... branch) and would silently run CPU processes
+    as plain DDP. torch 2.13's ``fully_shard`` runs on a CPU device mesh over gloo, so the distributed type GPUs get
+    is set here: the same wrap, clipping, state dict and save code then runs on CPU as on GPUs
+    (tests/test_distributed_fsdp.py)."""
+    from accelerate.utils import DistributedType
+
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def fsdp_plugin():
-    """FSDP1, full shard, original parameters kept (peft's trainable/frozen split and our checkpoint names need
-    them), no accelerate activation checkpointing: the loop uses transformers' ``gradient_checkpointing_enable``
-    (non-reentrant), the same path as on one GPU -- accelerate's ``activation_checkpointing`` would wrap every unit
-    of the auto-wrap policy, which for adapters includes each LoRA linear on its own."""
+    """FSDP2 (``fully_shard``), parameters resharded after each forward (FULL_SHARD), one unit per decoder layer
+    (``transformer_based_wrap``: the model's ``_no_split_modules``) plus accelerate's embedding and head units.
+    A layer's unit holds its frozen bf16 weights and its fp32 adapters together -- FSDP2 all-gathers mixed dtypes,
+    where FSDP1's flat parameters needed peft's one-unit-per-LoRA-linear policy -- so an adapter's weights are
+    whole wherever the layer's forward reads them (DoRA's magnitude included). No accelerate activation
+    checkpointing: the loop uses transformers' ``gradient_checkpointing_enable`` (non-reentrant), as on one GPU."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(
-        fsdp_version=1, sharding_strategy="FULL_SHARD", use_orig_params=True, sync_module_states=False,
-        limit_all_gathers=True, cpu_ram_efficient_loading=False, activation_checkpointing=False,
+        fsdp_version=2, reshard_after_forward=True, cpu_ram_efficient_loading=False, activation_checkpointing=False,
         state_dict_type="FULL_STATE_DICT", auto_wrap_policy="transformer_based_wrap")
 
 
-def prepare_model(dist: Dist, model, recipe):
-    """DDP or FSDP wrap through ``accelerator.prepare``. Under FSDP every flat parameter must hold one dtype: the
-    adapters (fp32) are wrapped as their own units by peft's policy, and peft's fp32 upcast of frozen norms and
-    embeddings for k-bit training is undone (bf16, as trl does for sharded QLoRA)."""
+def prepare(dist: Dist, model, optimizer, recipe):
+    """(model, optimizer) wrapped through ``accelerator.prepare`` -- together, as FSDP2 requires: accelerate swaps
+    the optimizer's parameters for the sharded DTensors. Under sharded QLoRA peft's fp32 upcast of frozen norms and
+    embeddings is undone (bf16, as trl does; the planner counts them so)."""
     check_strategy(recipe, dist.strategy)
-    if dist.strategy == "fsdp":
-        if recipe.training.weight_decay:
-            raise UserError("weight_decay under FSDP: matrices cannot be told from vectors once sharded",
-                            where="training.weight_decay", fix="set training.weight_decay=0 or --strategy ddp")
-        if recipe.is_adapter:
-            from peft.utils.other import fsdp_auto_wrap_policy
-
-            dist.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-        if recipe.method == "qlora":
-            _frozen_to_bf16_(model)
-    return dist.accelerator.prepare(model)
+    if dist.strategy == "fsdp" and recipe.method == "qlora":
+        _frozen_to_bf16_(model)
+    return dist.accelerator.prepare(model, optimizer)
 
 
 def _frozen_to_bf16_(model) -> None:

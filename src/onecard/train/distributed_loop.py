@@ -58,9 +58,9 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     dist.barrier()
     if recipe.training.grad_ckpt:
         enable_grad_ckpt(model, recipe)  # transformers' checkpointing, as on one GPU (see distributed.fsdp_plugin)
-    model = D.prepare_model(dist, model, recipe)
-    # After wrapping: FSDP1 replaces parameters, and accelerate does not re-point an optimizer built before.
-    optimizer = dist.accelerator.prepare(build_optimizer(model, recipe, dist.device, main_console))
+    # Built on the plain model (weight decay tells matrices from vectors by their shape); accelerate re-points it
+    # at FSDP2's sharded parameters when both are prepared together.
+    model, optimizer = D.prepare(dist, model, build_optimizer(model, recipe, dist.device, main_console), recipe)
     state = restore_ranks(run_dir, dist, model, optimizer) if resume else TrainState()
     started = state.global_step
     step = RankStep(model, optimizer, recipe, dist, dataset, pad_token_id(tokenizer), kernels.fused_loss)
@@ -155,10 +155,13 @@ def save_ranks(dist, model, optimizer, state, recipe: Recipe) -> None:
     from onecard.train.checkpoint import rng_state, save_checkpoint
 
     blob: dict[str, Any] = {"rng": rng_state()}
-    if dist.strategy == "fsdp":  # this rank's shards, by the wrapped model's own names
+    full: dict[str, Any] = {}
+    if dist.strategy == "fsdp":  # this rank's shards, by the model's parameter names
         from onecard.train.distributed import local_shards
+        from onecard.train.fsdp_save import gathered_trainable
 
         blob.update(local_shards(model, optimizer))
+        full = {"trainable": gathered_trainable(model), "optimizer_state": blob["optimizer"]}  # step-N/: whole weights
     ranks = ranks_dir(recipe.run_dir / "checkpoints" / f"step-{state.global_step}")
     if dist.is_main:
         ranks.mkdir(parents=True, exist_ok=True)
@@ -169,7 +172,7 @@ def save_ranks(dist, model, optimizer, state, recipe: Recipe) -> None:
             write_atomic(ranks / f"rank-{rank}.pt", lambda p: torch.save(received, p))
     if dist.is_main:
         save_checkpoint(recipe.run_dir, dist.accelerator.unwrap_model(model), optimizer, state,
-                        {"kind": recipe.training.lr_scheduler, "step": state.global_step})
+                        {"kind": recipe.training.lr_scheduler, "step": state.global_step}, **full)
     dist.barrier()
 
 
@@ -202,15 +205,16 @@ def restore_ranks(run_dir: Path, dist, model, optimizer):
     return dist.from_main(ckpt["state"] if dist.is_main else None)
 
 
-FSDP_KERNELS_NOTICE = ("onecard's kernels are off under FSDP: its fused LoRA ops read adapter weights that FSDP "
-                       "shards into their own units (gathered only inside those modules' forward); running plain "
-                       "transformers (--strategy ddp keeps the kernels when the model fits one GPU)")
+FSDP_KERNELS_NOTICE = ("onecard's kernels are off under FSDP: its fused LoRA ops have not been run on FSDP2's "
+                       "sharded (DTensor) parameters; running plain transformers (--strategy ddp keeps the kernels "
+                       "when the model fits one GPU)")
 
 
 def kernels_for_strategy(dist, model, recipe: Recipe, console=None):
-    """The recipe's kernels under DDP (or one process); none under FSDP, with a one-line notice. peft's FSDP wrap
-    policy makes every LoRA linear its own unit, whose parameters are whole only inside that linear's forward; the
-    fused ops (kernels/lora_linear.py, lora_mlp.py) read them from outside it."""
+    """The recipe's kernels under DDP (or one process); none under FSDP, with a one-line notice. Under FSDP1 the
+    fused ops (kernels/lora_linear.py, lora_mlp.py) read adapter weights outside the LoRA linears' own units; FSDP2's
+    layer units gather them for the whole layer's forward, but the kernels on DTensor parameters are unmeasured
+    (notes/multigpu-gpu-todo.md)."""
     if dist.strategy == "fsdp" and recipe.training.kernels != "none":
         if console is not None:
             console.print(f"[yellow]{FSDP_KERNELS_NOTICE}[/yellow]")
@@ -241,7 +245,9 @@ def finish_ranks(dist, model, tokenizer, state, timing, dataset, recipe: Recipe,
 
     unwrapped = dist.accelerator.unwrap_model(model)
     if dist.strategy == "fsdp":
-        unwrapped = _WithStateDict(unwrapped, dist.accelerator.get_state_dict(model))  # every rank gathers
+        from onecard.train.fsdp_save import gathered_trainable
+
+        unwrapped = _WithStateDict(unwrapped, gathered_trainable(model))  # every rank takes part
     summary = None
     if dist.is_main:
         summary = finish(recipe.run_dir, recipe, unwrapped, tokenizer, state, timing, dataset, dist.device, started,
