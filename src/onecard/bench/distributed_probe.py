@@ -61,10 +61,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--forward-prefetch", action="store_true", help="FSDP forward_prefetch=True")
     ap.add_argument("--backward-prefetch", default=None, choices=["none", "pre", "post"],
                     help="FSDP backward_prefetch (accelerate's default is none; torch FSDP's own is pre)")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="emulate a card of this size on each GPU (train/memory_cap.py), before the build")
     args = ap.parse_args(argv)
     os.environ[D.STRATEGY_ENV] = args.strategy
     cfg, recipe = probe_recipe(args.model, args.method, args.seq, args.batch, args.rank, D.world_size())
     dist = D.init(recipe)
+    if args.memory_cap_gib is not None:
+        from onecard.train.memory_cap import apply_memory_cap
+
+        apply_memory_cap(args.memory_cap_gib)  # this rank's GPU: accelerate made it the current device
     fsdp_settings = _fsdp_variant(dist, args)
     if args.method == "qlora":
         model = build_nf4(cfg, dist.device)
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
            "weights_gib_before_wrap": before / GIB, "weights_gib_after_wrap": after / GIB,
            "alloc_conf": {k: os.environ.get(k) for k in D.ALLOC_CONF_ENVS if os.environ.get(k)},
            "lora_rank": args.rank, "versions": bench_versions(), "fsdp_settings": fsdp_settings,
-           "variant": _variant_name(args)}
+           "variant": _variant_name(args), "memory_cap_gib": args.memory_cap_gib}
     row.update(_steps(dist, model, optimizer, cfg, args.steps, args.memory_snapshot))
     row["allocator_stats"] = _allocator_stats()
     row.update(plan_prediction(recipe, dist.strategy))

@@ -46,6 +46,9 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
         return None, None, ({**done, "already_finished": True} if dist.is_main else None)
     lint_or_stop(recipe, main_console, device=dist.device)
     seed_everything(recipe.training.seed, recipe.training.deterministic)
+    from onecard.train.memory_cap import apply_requested_cap
+
+    apply_requested_cap(dist.device, main_console)  # --memory-cap-gib, per GPU: before anything is allocated there
     model, tokenizer = load_model_and_tokenizer(recipe, dist.device)
     kernels = kernels_for_strategy(dist, model, recipe, main_console)  # before wrapping: patches the instance
     dataset = build_dataset(recipe, tokenizer, split="train")
