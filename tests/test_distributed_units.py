@@ -9,7 +9,8 @@ import pytest
 
 from onecard.errors import UserError
 from onecard.recipe import validate_recipe
-from onecard.train.distributed import choose_strategy, launch_command, quant_storage_kwargs, rank_slices
+from onecard.train.distributed import choose_strategy, quant_storage_kwargs, rank_slices
+from onecard.train.launch import launch_command
 
 
 def recipe(**training):
@@ -70,7 +71,7 @@ def test_quant_storage_only_inside_an_fsdp_worker(monkeypatch):
 
 
 def test_launch_refusals():
-    from onecard.train.distributed import check_launchable
+    from onecard.train.launch import check_launchable
 
     with pytest.raises(UserError, match="one GPU only"):
         check_launchable(validate_recipe({"model": {"name_or_path": "x"}, "task": "dpo"}), 2, cpu=True)
@@ -150,18 +151,6 @@ def test_planner_names_the_gpu_count_that_fits(model, method, gpu):
     assert plan_memory(inputs_from_recipe(r).with_(num_gpus=n)).fits
 
 
-def test_cli_refuses_fsdp_on_cpu_processes(tmp_path, capsys):
-    from onecard.cli import main
-
-    path = tmp_path / "r.yaml"
-    path.write_text(json.dumps({"model": {"name_or_path": str(tmp_path)}, "output_dir": str(tmp_path / "run")}))
-    with pytest.raises(SystemExit) as exc:
-        main(["train", str(path), "--num-gpus", "2", "--cpu", "--strategy", "fsdp"])
-    assert exc.value.code == 2
-    assert "FSDP needs GPUs" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()  # refused before anything was written or launched
-
-
 # --------------------------------------------------------------------------- gradient clipping under FSDP
 
 
@@ -238,11 +227,12 @@ def _one_step(strategy: str):
 
 
 def test_fsdp_clips_by_the_norm_over_all_shards():
-    """Under FSDP the loop must call the FSDP root's clip_grad_norm_ (norm all-reduced over ranks); accelerate
-    1.15 only routes there when handed exactly list(model.parameters()), and the trainable subset the loop used to
-    pass made each rank clip by its own shard's norm (the 2.6% FSDP parity drift on 2 x H200)."""
+    """Under FSDP the loop hands accelerate *all* parameters: only then does accelerate 1.16 take its FSDP route
+    (the DTensor-aware norm over every rank's shards); the trainable subset made each rank clip by its own shard's
+    norm under FSDP1 (the 2.6% parity drift on 2 x H200)."""
     model, accelerator, record = _one_step("fsdp")
-    assert model.root_clips == [0.5] and accelerator.clipped_with == []
+    [params] = accelerator.clipped_with
+    assert len(params) == len(list(model.parameters())) and all(a is b for a, b in zip(params, model.parameters()))
     assert record["grad_norm"] is not None and record["grad_norm"] > 0
 
 
@@ -256,29 +246,32 @@ def test_ddp_clips_the_trainable_parameters_through_accelerate():
 
 
 def test_accelerate_routes_to_fsdp_clipping_only_for_all_parameters():
-    """The accelerate behaviour the FSDP branch works around (accelerate 1.15 Accelerator.clip_grad_norm_):
-    if this starts failing, accelerate changed its routing and Dist.clip_grad_norm_ should be re-read."""
+    """The accelerate behaviour Dist.clip_grad_norm_ relies on (accelerate 1.16 Accelerator.clip_grad_norm_): under
+    FSDP2 the DTensor-aware norm (all-reduced over the shards) for list(model.parameters()) -- and, in 1.16, for a
+    subset too, through its fall-through; onecard passes all parameters, the route that does not depend on that.
+    If this starts failing, accelerate changed its routing and Dist.clip_grad_norm_ should be re-read."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     model = _TinyLM()
-    local = []
-    fake = SimpleNamespace(distributed_type=DistributedType.FSDP, _models=[model], is_fsdp2=False,
+    aware = []
+    fake = SimpleNamespace(distributed_type=DistributedType.FSDP, _models=[model], is_fsdp2=True,
                            unscale_gradients=lambda: None,
-                           _clip_grad_norm_dtensor_aware=lambda params, max_norm, norm_type=2: local.append(params))
-    Accelerator.clip_grad_norm_(fake, [p for p in model.parameters() if p.requires_grad], 1.0)
-    assert model.root_clips == [] and len(local) == 1  # the subset: this rank's own norm only
+                           _clip_grad_norm_dtensor_aware=lambda params, max_norm, norm_type=2: aware.append(params))
     Accelerator.clip_grad_norm_(fake, list(model.parameters()), 1.0)
-    assert model.root_clips == [1.0] and len(local) == 1  # all parameters: FSDP's all-reduced norm
+    assert len(aware) == 1  # all parameters: the FSDP2 route
+    Accelerator.clip_grad_norm_(fake, [p for p in model.parameters() if p.requires_grad], 1.0)
+    assert len(aware) == 2 and model.root_clips == []  # the subset: DTensor-aware as well, never FSDP1's root
 
 
 # --------------------------------------------------------------------------- worker environment
 
 
 def test_worker_environment_carries_strategy_and_source_and_leaves_the_allocator_alone():
-    from onecard.train.distributed import CPU_ENV, STRATEGY_ENV, launch_env
+    from onecard.train.distributed import CPU_ENV, STRATEGY_ENV
+    from onecard.train.launch import launch_env
 
     env = launch_env("fsdp", cpu=False, base={"PATH": "/bin"})
     assert env[STRATEGY_ENV] == "fsdp" and CPU_ENV not in env and env["PATH"] == "/bin"
@@ -340,14 +333,12 @@ def test_fsdp_runs_without_kernels_and_says_so(monkeypatch):
     assert ddp.name == "onecard" and len(applied) == 1
 
 
-def test_dora_under_fsdp_is_refused_before_launch():
-    """peft's DoRA reads lora_A's weight outside its FSDP unit (IndexError on 2 x H200): a clean refusal instead."""
-    from onecard.errors import UserError
+def test_dora_is_no_longer_refused_under_fsdp2():
+    """FSDP1 refused DoRA (peft read lora_A outside its unit); FSDP2's layer units hold it whole
+    (tests/test_distributed_fsdp.py trains it on 2 CPU processes)."""
     from onecard.train.distributed import check_strategy
 
-    with pytest.raises(UserError, match="DoRA does not run under FSDP"):
-        check_strategy(recipe(method="dora"), "fsdp")
-    check_strategy(recipe(method="dora"), "ddp")
+    check_strategy(recipe(method="dora"), "fsdp")
     check_strategy(recipe(method="lora"), "fsdp")
 
 
@@ -366,8 +357,8 @@ def test_counting_job_is_a_loadable_model_and_the_rows_asked_for(tmp_path):
     assert len(rows) == 27 and rows[14]["messages"][1]["content"] == "0 1 done"
 
 
-def test_planner_proposes_no_gpu_count_for_dora_and_says_why_under_fsdp():
-    """The planner agrees with train's refusal of DoRA under FSDP (distributed.check_strategy)."""
+def test_planner_may_propose_a_gpu_count_for_dora_under_fsdp2():
+    """The planner agrees with train, which runs DoRA under FSDP2: N x the card is proposed like for LoRA."""
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
     from onecard.plan.suggest import suggest_fixes
@@ -376,5 +367,7 @@ def test_planner_proposes_no_gpu_count_for_dora_and_says_why_under_fsdp():
                          "training": {"micro_batch_size": 8}})
     plan = plan_memory(inputs_from_recipe(r))
     assert plan.verdict == "does not fit"
-    assert not [s for s in suggest_fixes(plan) if "training.num_gpus" in s.set]
-    assert any("DoRA does not run under FSDP" in n for n in plan_memory(inputs_from_recipe(r).with_(num_gpus=2)).notes)
+    assert not any("DoRA does not run" in n for n in plan_memory(inputs_from_recipe(r).with_(num_gpus=2)).notes)
+    as_lora = plan_memory(inputs_from_recipe(r).with_(method="lora"))
+    gpu_counts = [[s.set for s in suggest_fixes(x) if "training.num_gpus" in s.set] for x in (plan, as_lora)]
+    assert gpu_counts[0] == gpu_counts[1]  # whatever N x the card LoRA gets (none here: activations), DoRA gets

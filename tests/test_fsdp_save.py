@@ -1,6 +1,7 @@
-"""An FSDP-trained adapter is saved with every tensor (issue 9): peft's save_pretrained given accelerate's gathered
-state dict wrote an empty adapter under nested FSDP units (onecard.train.fsdp_save). FSDP1 runs on CPU here in a
-one-process gloo group; the file must equal peft's own save of the same model before wrapping, key for key."""
+"""An FSDP-trained adapter is saved with every tensor: under FSDP1 peft's save_pretrained given the gathered state
+dict wrote an empty adapter (nested wrapper units, onecard.train.fsdp_save). FSDP2 (``fully_shard`` on a CPU mesh)
+runs here in a one-process gloo group, one unit per decoder layer as onecard wraps; the trainable tensors gathered by
+``gathered_trainable`` and saved must equal peft's own save of the same model before sharding, key for key."""
 
 import copy
 import socket
@@ -28,13 +29,14 @@ def gloo_group():
 def test_fsdp_adapter_saves_every_tensor_as_peft_does(gloo_group, tmp_path, dora):
     import peft
     import transformers
-    from peft.utils.other import fsdp_auto_wrap_policy
     from safetensors.torch import load_file
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
 
     from onecard.tiny import tiny_config
     from onecard.train.distributed_loop import _WithStateDict
-    from onecard.train.fsdp_save import fsdp_units_unwrapped
+    from onecard.train.fsdp_save import gathered_trainable
 
     def fresh_base():
         torch.manual_seed(0)
@@ -44,24 +46,21 @@ def test_fsdp_adapter_saves_every_tensor_as_peft_does(gloo_group, tmp_path, dora
                                                       use_dora=dora, init_lora_weights=False))
     plain = copy.deepcopy(model)
     plain.save_pretrained(tmp_path / "plain")
-    wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
-                   device_id=torch.device("cpu"))
-    inner = wrapped.module
-    assert any(isinstance(m, FSDP) for m in inner.modules())  # nested units: what broke peft's key match
-    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-        state = wrapped.state_dict()
-    names_before = [n for n, _ in inner.named_modules()]
-    _WithStateDict(inner, state).save_pretrained(str(tmp_path / "fsdp"), safe_serialization=True)
-    assert [n for n, _ in inner.named_modules()] == names_before  # the units are back in place
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert isinstance(model, FSDPModule) and all(isinstance(p, DTensor) for p in model.parameters())
+    state = gathered_trainable(model)
+    assert state and all(not isinstance(t, DTensor) for t in state.values())
+    assert all(model.get_parameter(k).requires_grad for k in state)  # the frozen base is not gathered
+    _WithStateDict(model, state).save_pretrained(str(tmp_path / "fsdp"), safe_serialization=True)
 
     want = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     got = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
     assert len(want) == 3 * (3 if dora else 2) * 2  # 2 layers x 3 targets x (A, B[, magnitude])
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
-    with fsdp_units_unwrapped(inner):  # and peft's loader reads it back into the same model
-        assert not any(isinstance(m, FSDP) for m in inner.modules())
     reloaded = peft.PeftModel.from_pretrained(fresh_base(), tmp_path / "fsdp")
     assert reloaded.peft_config["default"].use_dora == dora
     loaded = {k: v for k, v in reloaded.state_dict().items() if "lora_" in k}

@@ -2,14 +2,14 @@
 
 Its rows: bench/results/h200x2-multigpu.jsonl.
 
-Acceptance 3 (default): QLoRA with random NF4 weights under FSDP1. Acceptance 2: ``--method lora --strategy ddp``
+Acceptance 3 (default): QLoRA with random NF4 weights under FSDP2. Acceptance 2: ``--method lora --strategy ddp``
 (bf16 random base from onecard.bench.build), run once as plain ``python -m`` (1 GPU) and once under torchrun.
 
 Run under torchrun, one process per GPU (commands in notes/multigpu.md):
     python -m torch.distributed.run --nproc_per_node 2 -m onecard.bench.distributed_probe --model llama-3-70b
 Each rank builds the model as onecard.bench.build does (meta skeleton, one bf16 layer at a time on the GPU,
-quantised to NF4) but with ``quant_storage=bfloat16``, the storage FSDP1 can flatten and shard; wraps it exactly as
-``onecard train --num-gpus N --strategy fsdp`` does (distributed.prepare_model); runs ``--steps`` optimizer steps on
+quantised to NF4) but with ``quant_storage=bfloat16``, the storage FSDP2 shards; wraps it exactly as
+``onecard train --num-gpus N --strategy fsdp`` does (distributed.prepare); runs ``--steps`` optimizer steps on
 random tokens; and writes one JSON line per rank: the weight bytes on this GPU before and after sharding, the peak
 reserved memory of the steps, and the planner's per-GPU prediction for the same recipe with ``num_gpus=N``.
 Peak statistics are reset after wrapping: the build holds the whole NF4 model on every rank first (a transient the
@@ -61,10 +61,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--forward-prefetch", action="store_true", help="FSDP forward_prefetch=True")
     ap.add_argument("--backward-prefetch", default=None, choices=["none", "pre", "post"],
                     help="FSDP backward_prefetch (accelerate's default is none; torch FSDP's own is pre)")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="emulate a card of this size on each GPU (train/memory_cap.py), before the build")
     args = ap.parse_args(argv)
     os.environ[D.STRATEGY_ENV] = args.strategy
     cfg, recipe = probe_recipe(args.model, args.method, args.seq, args.batch, args.rank, D.world_size())
     dist = D.init(recipe)
+    if args.memory_cap_gib is not None:
+        from onecard.train.memory_cap import apply_memory_cap
+
+        apply_memory_cap(args.memory_cap_gib)  # this rank's GPU: accelerate made it the current device
     fsdp_settings = _fsdp_variant(dist, args)
     if args.method == "qlora":
         model = build_nf4(cfg, dist.device)
@@ -78,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     model = apply_adapter(model, recipe)
     enable_grad_ckpt(model, recipe)
     before = torch.cuda.memory_allocated()
-    model = D.prepare_model(dist, model, recipe)
+    from onecard.train.optim import build_optimizer
+
+    model, optimizer = D.prepare(dist, model, build_optimizer(model, recipe, dist.device), recipe)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     after = torch.cuda.memory_allocated()
@@ -88,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
            "weights_gib_before_wrap": before / GIB, "weights_gib_after_wrap": after / GIB,
            "alloc_conf": {k: os.environ.get(k) for k in D.ALLOC_CONF_ENVS if os.environ.get(k)},
            "lora_rank": args.rank, "versions": bench_versions(), "fsdp_settings": fsdp_settings,
-           "variant": _variant_name(args)}
-    row.update(_steps(dist, model, recipe, cfg, args.steps, args.memory_snapshot))
+           "variant": _variant_name(args), "memory_cap_gib": args.memory_cap_gib}
+    row.update(_steps(dist, model, optimizer, cfg, args.steps, args.memory_snapshot))
     row["allocator_stats"] = _allocator_stats()
     row.update(plan_prediction(recipe, dist.strategy))
     row["peak_vs_plan"] = row["peak_reserved_gib"] / row["predicted_reserved_gib"]
@@ -124,23 +132,17 @@ def _variant_name(args) -> str:
 
 
 def _fsdp_variant(dist, args) -> dict | None:
-    """Apply the FSDP flags to the rank's plugin before ``prepare_model`` wraps (as prepare_model itself sets the
-    wrap policy), so onecard train's settings in distributed.fsdp_plugin stay the single default; returns the
-    settings FSDP will be given, for the row. None under DDP."""
+    """The FSDP settings of the row. The three variant flags were FSDP1's (the all-gather stream's rate limit and
+    prefetch order, rows of bench/results/h200x2-multigpu.jsonl); onecard's FSDP is FSDP2 now, which has neither
+    knob in accelerate's plugin, so they are refused rather than silently ignored. None under DDP."""
     plugin = getattr(dist.accelerator.state, "fsdp_plugin", None)
     if dist.strategy != "fsdp" or plugin is None:
         return None
-    if args.no_limit_all_gathers:
-        plugin.limit_all_gathers = False
-    if args.forward_prefetch:
-        plugin.forward_prefetch = True
-    if args.backward_prefetch:
-        from torch.distributed.fsdp import BackwardPrefetch
-
-        plugin.backward_prefetch = None if args.backward_prefetch == "none" else \
-            BackwardPrefetch[f"BACKWARD_{args.backward_prefetch.upper()}"]
-    return {"limit_all_gathers": bool(plugin.limit_all_gathers), "forward_prefetch": bool(plugin.forward_prefetch),
-            "backward_prefetch": str(plugin.backward_prefetch), "sharding_strategy": str(plugin.sharding_strategy)}
+    if args.no_limit_all_gathers or args.forward_prefetch or args.backward_prefetch:
+        raise SystemExit("--no-limit-all-gathers, --forward-prefetch and --backward-prefetch are FSDP1 settings; "
+                         "onecard's FSDP is FSDP2 (train/distributed.py fsdp_plugin)")
+    return {"fsdp_version": int(plugin.fsdp_version), "reshard_after_forward": bool(plugin.reshard_after_forward),
+            "cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading)}
 
 
 class PeakSnapshot:
@@ -179,16 +181,13 @@ def _allocator_stats() -> dict:
     return {k: stats[k] for k in keys if k in stats}
 
 
-def _steps(dist, model, recipe, cfg, steps: int, memory_snapshot: bool = False) -> dict:
+def _steps(dist, model, optimizer, cfg, steps: int, memory_snapshot: bool = False) -> dict:
     import time
 
     import torch
 
     from onecard.bench.step import random_batch
     from onecard.train.sft import token_ce_sum
-    from onecard.train.optim import build_optimizer
-
-    optimizer = build_optimizer(model, recipe, dist.device)
     from onecard.bench.build import hf_config
 
     batch = random_batch(int(hf_config(cfg).vocab_size), cfg.micro_batch, cfg.seq, dist.device, seed=dist.rank)

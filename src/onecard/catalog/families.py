@@ -81,11 +81,12 @@ def kernels_for(model_type: str | None) -> FamilyKernels | None:
     return family.kernels if family is not None else None
 
 
-# Methods onecard refuses under FSDP, with why. DoRA: peft's DoRA magnitude layer (its own FSDP unit under peft's
-# wrap policy) reads lora_A's weight from outside lora_A's unit, where FSDP keeps it sharded and flat -- IndexError
-# in peft/tuners/lora/dora.py get_lora_weight, seen on 2 x H200 (notes/multigpu.md). train refuses them and the
-# planner reads the same table, so it never proposes what train refuses.
-NOT_UNDER_FSDP = {"dora": "DoRA does not run under FSDP (peft's DoRA reads adapter weights FSDP keeps sharded)"}
+# Methods onecard refuses under FSDP, with why; train refuses them and the planner reads the same table, so it never
+# proposes what train refuses. Empty under FSDP2: DoRA was refused under FSDP1, where its magnitude layer (its own
+# unit under peft's wrap policy) read lora_A's weight outside lora_A's unit -- IndexError in peft/tuners/lora/dora.py
+# get_lora_weight on 2 x H200 (notes/multigpu.md); FSDP2's units are whole decoder layers, and DoRA on 2 CPU
+# processes equals one process (tests/test_distributed_fsdp.py).
+NOT_UNDER_FSDP: dict[str, str] = {}
 NOT_UNDER_FSDP_FIX = "use --strategy ddp if the model fits one GPU, or method lora"
 
 

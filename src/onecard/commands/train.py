@@ -23,9 +23,15 @@ def register(app: typer.Typer) -> None:
         num_gpus: int = typer.Option(None, "--num-gpus", min=1,
                                      help="GPUs to train on (default: training.num_gpus). N > 1 starts N processes "
                                           "(torch.distributed.run) that train through accelerate, same global batch."),
-        strategy: str = typer.Option("auto", "--strategy", help="With N > 1: ddp (replicate), fsdp (shard, FSDP1) "
+        strategy: str = typer.Option("auto", "--strategy", help="With N > 1: ddp (replicate), fsdp (shard, FSDP2) "
                                      "or auto = ddp when the plan fits one card, fsdp otherwise and for method full."),
         cpu: bool = typer.Option(False, "--cpu", help="With N > 1: N CPU processes on the gloo backend (tests, CI)."),
+        nnodes: int = typer.Option(1, "--nnodes", help="Nodes in the job; run the same command on each, with its "
+                                   "--node-rank (torchrun's static rendezvous). --num-gpus counts one node's GPUs."),
+        node_rank: int = typer.Option(0, "--node-rank", help="With --nnodes M: this node's rank, 0..M-1."),
+        master_addr: str = typer.Option(None, "--master-addr", help="With --nnodes M > 1: node 0's address."),
+        master_port: int = typer.Option(None, "--master-port", help="With --nnodes: node 0's port, the same on "
+                                        "every node (default 29500; one node: a free port)."),
         ignore_lint: list[str] = typer.Option(None, "--ignore-lint", metavar="RULE",
                                               help="Train despite this lint error (repeatable; adds to lint.ignore)."),
         memory_cap_gib: float = typer.Option(None, "--memory-cap-gib", min=1,
@@ -36,7 +42,13 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from onecard.recipe import load_recipe
+        from onecard.train import launch
         from onecard.train.distributed import is_worker
+
+        nodes = launch.Nodes(nnodes, node_rank, master_addr, master_port)
+        nodes.check()
+        launch.adopt_slurm_env()
+        external = launch.external_worker()
 
         if memory_cap_gib is not None:
             import os
@@ -44,8 +56,12 @@ def register(app: typer.Typer) -> None:
             from onecard.train.memory_cap import MEMORY_CAP_ENV
 
             os.environ[MEMORY_CAP_ENV] = f"{memory_cap_gib:g}"  # read by the trainer (and by N worker processes)
-        if num_gpus is not None:
-            overrides = [*(overrides or []), f"training.num_gpus={num_gpus}"]
+        if external:  # a rank of torchrun / accelerate launch / srun: it runs, it launches nothing
+            overrides = launch.join_external(overrides or [], num_gpus, nodes, strategy, cpu)
+        elif num_gpus is not None or nodes.nnodes > 1:
+            recipe_gpus = load_recipe(recipe_path, overrides or []).training.num_gpus
+            per_node = launch.per_node_gpus(num_gpus, recipe_gpus, nodes)
+            overrides = [*(overrides or []), f"training.num_gpus={per_node * nodes.nnodes}"]
         recipe = load_recipe(recipe_path, overrides or [])
         if ignore_lint:
             recipe.lint.ignore = [*recipe.lint.ignore, *ignore_lint]
@@ -53,7 +69,7 @@ def register(app: typer.Typer) -> None:
         if recipe.training.num_gpus > 1 and not is_worker():
             flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite), ("--json", as_json),
                                      ("--allow-recipe-change", allow_recipe_change)) if on]
-            code = _launch(recipe, recipe_path, overrides or [], strategy, cpu, flags)
+            code = _launch(recipe, recipe_path, overrides or [], strategy, cpu, flags, nodes)
             if code:
                 raise SystemExit(code)  # not typer.Exit: cli.main's standalone_mode=False would swallow the code
             return
@@ -74,33 +90,33 @@ def register(app: typer.Typer) -> None:
         _print_summary(Console(highlight=False), summary)
 
 
-def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu: bool, flags: list[str]) -> int:
-    """Check what the parent can check (one clean message instead of N), then run the N-process job."""
-    from onecard.train import distributed
+def _launch(recipe, recipe_path: Path, overrides: list[str], strategy: str, cpu: bool, flags: list[str],
+            nodes) -> int:
+    """Check what the parent can check (one clean message instead of N), then run this node's processes.
+    The run directory is global rank 0's: with several nodes only that rank reads and writes it."""
+    from onecard.train import distributed, launch
     from onecard.train.checkpoint import check_resume_world
     from onecard.train.rundir import check_run_dir
     from onecard.train.spine import lint_or_stop
     from onecard.train.resume_policy import check_resume
 
-    n = recipe.training.num_gpus
-    if check_resume(recipe, "--resume" in flags, "--allow-recipe-change" in flags) is not None:
+    world = recipe.training.num_gpus
+    per_node = world // nodes.nnodes
+    single_node = nodes.nnodes == 1  # several nodes: the workers' rank 0 checks, and every node's workers stop alike
+    if single_node and check_resume(recipe, "--resume" in flags, "--allow-recipe-change" in flags) is not None:
         print(f"the run in {recipe.run_dir} is already finished: left as it is, nothing to resume")
         return 0
-    check_run_dir(recipe.run_dir, "--resume" in flags, "--overwrite" in flags)
-    cpu = cpu or distributed.cpu_requested()
+    if single_node:
+        check_run_dir(recipe.run_dir, "--resume" in flags, "--overwrite" in flags)
+    cpu = cpu or launch.cpu_requested()
     # the machine and the launch flags first: they make every answer about the recipe moot
-    distributed.check_launchable(recipe, n, cpu)
+    launch.check_launchable(recipe, per_node, cpu)
     chosen = distributed.choose_strategy(recipe, "ddp" if cpu and strategy == "auto" else strategy)
     distributed.check_strategy(recipe, chosen)
-    if cpu and chosen == "fsdp":
-        from onecard.errors import UserError
-
-        raise UserError("FSDP needs GPUs: accelerate runs CPU processes as DDP", where="--strategy",
-                        fix="use --strategy ddp (or auto) with --cpu")
     lint_or_stop(recipe, device="cpu" if cpu else None)
-    if "--resume" in flags:
-        check_resume_world(recipe.run_dir, n)
-    return distributed.launch(recipe_path, overrides, n, flags, strategy=chosen, cpu=cpu)
+    if "--resume" in flags and single_node:
+        check_resume_world(recipe.run_dir, world)
+    return launch.launch(recipe_path, overrides, per_node, flags, strategy=chosen, cpu=cpu, nodes=nodes)
 
 
 def device_text(summary: dict) -> str:

@@ -274,8 +274,9 @@ def _whole_model_load_bytes(p: PlanInputs) -> int:
 
 
 def _fsdp_root_unit_bytes(p: PlanInputs) -> int:
-    """FSDP1 gathers the root unit -- what no decoder-layer unit holds: the embeddings, an untied LM head, the final
-    norm -- at full size on its all-gather stream. That block is freed before the backward peak but stays in the
+    """FSDP gathers the root unit -- what no decoder-layer unit holds: the embeddings, an untied LM head, the final
+    norm -- at full size on its all-gather stream (measured under FSDP1; onecard's FSDP2 gathers the embedding and
+    the norm + head as two units, on its own all-gather stream: to be re-measured, notes/multigpu-gpu-todo.md). That block is freed before the backward peak but stays in the
     caching allocator's pool of *that* stream, which the compute stream cannot reuse: reserved, never allocated at
     the peak. Found in torch.cuda.memory_snapshot() on 2 x H200 (bench/distributed_probe.py --memory-snapshot,
     bench/results/h200x2-multigpu.jsonl): the all-gather stream held 4.72 GiB with nothing allocated, its

@@ -77,7 +77,10 @@ def load_trainable(model, tensors: dict[str, Any]) -> None:
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, scheduler_state: dict[str, Any]) -> Path:
+def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, scheduler_state: dict[str, Any], *,
+                    trainable: dict[str, Any] | None = None, optimizer_state: dict[str, Any] | None = None) -> Path:
+    """``trainable`` / ``optimizer_state``: tensors gathered elsewhere (FSDP) instead of the model's and the
+    optimizer's own."""
     import torch
     from safetensors.torch import save_file
 
@@ -86,8 +89,10 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, schedule
 
     def fill(tmp: Path) -> None:
         tmp.mkdir()
-        save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler_state, "rng": rng_state()},
+        tensors = trainable_state_dict(model) if trainable is None else {k: v.contiguous() for k, v in trainable.items()}
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        opt = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save({"optimizer": opt, "scheduler": scheduler_state, "rng": rng_state()},
                    tmp / "optimizer_rng.pt")
         (tmp / _STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
 

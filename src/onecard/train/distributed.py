@@ -1,12 +1,9 @@
-"""Several GPUs on one host, through accelerate: the launch, the strategy, per-rank data, global token counts.
+"""Several GPUs, through accelerate: the strategy, one rank's view of the job, per-rank data, global token counts.
 
-No home-made distributed layer: ``onecard train --num-gpus N`` re-executes itself under ``torch.distributed.run``
-(the launcher ``accelerate launch --multi_gpu`` calls, accelerate 1.15 ``commands/launch.py:multi_gpu_launcher``),
-and each process wraps its model in an ``accelerate.Accelerator`` -- DDP when the model fits one card, FSDP1 when
-it does not (or for full fine-tuning). torchrun is called directly rather than through ``accelerate launch``
-because ``accelerate launch --cpu`` runs ONE process (``simple_launcher``; several CPU processes need mpirun),
-and the CPU test in CI must go through the same launcher as the GPUs. The FSDP settings therefore live here, in
-Python, passed to ``Accelerator(fsdp_plugin=...)``, not in an accelerate YAML.
+The processes are started by train/launch.py (torchrun, on one node or several) or by the user's own launcher;
+each wraps its model in an ``accelerate.Accelerator`` -- DDP when the model fits one card, FSDP2 (``fully_shard``)
+when it does not (or for full fine-tuning). The FSDP settings live here, in Python, passed to ``Accelerator(fsdp_plugin=...)``, not
+in an accelerate YAML, because onecard's own launcher is torchrun, not ``accelerate launch``.
 
 The maths that make N GPUs equal one GPU with the same global batch (tests/test_distributed_launch.py):
 - a global step takes ``micro_batch_size x N x grad_accum`` examples in epoch order, split into ``grad_accum``
@@ -18,10 +15,7 @@ The maths that make N GPUs equal one GPU with the same global batch (tests/test_
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from onecard.catalog.families import NOT_UNDER_FSDP, NOT_UNDER_FSDP_FIX
@@ -71,64 +65,6 @@ def check_strategy(recipe, strategy: str) -> None:
         raise UserError(NOT_UNDER_FSDP[recipe.method], where="method", fix=NOT_UNDER_FSDP_FIX)
 
 
-def check_launchable(recipe, num_gpus: int, cpu: bool) -> None:
-    """User errors caught in the parent, before N processes would each print them."""
-    if recipe.task in ("dpo", "kto"):
-        raise UserError(f"task {recipe.task} runs on one GPU only for now", where="training.num_gpus",
-                        fix="set training.num_gpus=1 (or drop --num-gpus)")
-    if recipe.training.optimizer == "adamw_cpu_offload":
-        raise UserError("adamw_cpu_offload is a single-GPU optimizer", where="training.optimizer",
-                        fix="with several GPUs FSDP shards the optimizer state instead: use adamw_torch_fused")
-    if cpu:
-        return
-    import torch
-
-    have = torch.cuda.device_count()
-    if have < num_gpus:
-        raise UserError(f"{num_gpus} GPUs asked for, {have} visible", where="--num-gpus",
-                        fix=f"use --num-gpus {have}" if have > 1 else "drop --num-gpus (one GPU)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def launch_command(recipe_path: Path, overrides: list[str], num_gpus: int, flags: list[str]) -> list[str]:
-    """``python -m torch.distributed.run`` with N processes running this same ``onecard train``."""
-    sets = [part for override in overrides for part in ("--set", override)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_gpus),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--module", "onecard.cli", "train",
-            str(recipe_path), *sets, "--set", f"training.num_gpus={num_gpus}", *flags]
-
-
-def launch(recipe_path: Path, overrides: list[str], num_gpus: int, flags: list[str], *, strategy: str,
-           cpu: bool) -> int:
-    """Run the N-process job; returns its exit code (the workers print their own errors and results)."""
-    import subprocess
-
-    env = launch_env(strategy, cpu)
-    return subprocess.run(launch_command(recipe_path, overrides, num_gpus, flags), env=env).returncode
-
-
-def launch_env(strategy: str, cpu: bool, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The workers' environment: the parent's, plus the strategy, the CPU switch and onecard's source on the path.
-
-    The allocator is left as the user set it. PyTorch's expandable segments were tried against FSDP's
-    fragmentation and measured worse: the 70B QLoRA FSDP probe on 2 x H200 reserved 35.55 GiB with
-    ``expandable_segments:True`` and 32.96 GiB without, for the same 29.54 GiB allocated peak
-    (bench/results/h200x2-multigpu.jsonl)."""
-    env = dict(os.environ if base is None else base)
-    env[STRATEGY_ENV] = strategy
-    if cpu:
-        env[CPU_ENV] = "1"
-        env.setdefault("OMP_NUM_THREADS", "1")
-    src = str(Path(__file__).resolve().parents[2])  # the workers import the same onecard, installed or not
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the older name, and torch >= 2.9's (recorded)
 
 
@@ -136,9 +72,10 @@ ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the older
 
 
 def quant_storage_kwargs() -> dict[str, Any]:
-    """bitsandbytes kwargs for QLoRA under FSDP: NF4 bytes stored in a bf16 tensor so FSDP1 can flatten and shard
-    them with the bf16 weights around them (the FSDP-QLoRA recipe of Answer.AI / HF; under FSDP2 4-bit weights have
-    been left unsharded or corrupted, accelerate issues #3874 and #3983, so FSDP1 is used). Empty elsewhere."""
+    """bitsandbytes kwargs for QLoRA under FSDP: NF4 bytes stored in a bf16 tensor, the FSDP-QLoRA recipe of
+    Answer.AI / HF. accelerate 1.16 ``fsdp2_prepare_model`` leaves uint8-stored Params4bit out of ``fully_shard``
+    (whole on every GPU: its "cannot survive fully_shard's DTensor conversion" warning, accelerate issues #3874 and
+    #3983); a floating storage dtype is sharded like any bf16 weight. Empty elsewhere."""
     if os.environ.get(STRATEGY_ENV) != "fsdp" or not is_worker():
         return {}
     import torch
@@ -181,69 +118,142 @@ class Dist:
     def any_true(self, flag: bool) -> bool:
         return self.all_sum([1.0 if flag else 0.0])[0] > 0
 
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (torch's ``broadcast_object_list``): what only rank 0 may read -- the
+        run directory lives on its node -- reaches the others this way."""
+        import torch.distributed as tdist
+
+        box = [value if self.is_main else None]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def to_main(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value``, in rank order, on rank 0 (None elsewhere): what only rank 0 may write."""
+        import torch.distributed as tdist
+
+        out = [None] * self.world if self.is_main else None
+        tdist.gather_object(value, out, dst=0)
+        return out
+
+    def from_main_each(self, values: list[Any] | None) -> Any:
+        """Rank 0's ``values[r]`` on rank r (torch's ``scatter_object_list``)."""
+        import torch.distributed as tdist
+
+        box = [None]
+        tdist.scatter_object_list(box, values if self.is_main else None, src=0)
+        return box[0]
+
+    def send_to_main(self, value: Any, rank: int) -> Any:
+        """Rank ``rank``'s ``value`` on rank 0 (returned there; None elsewhere), point to point."""
+        import torch.distributed as tdist
+
+        if rank == 0:
+            return value if self.is_main else None
+        box = [value]
+        if self.rank == rank:
+            tdist.send_object_list(box, dst=0)
+        elif self.is_main:
+            tdist.recv_object_list(box, src=rank)
+            return box[0]
+        return None
+
+    def send_from_main(self, value: Any, rank: int) -> Any:
+        """Rank 0's ``value`` on rank ``rank`` (returned there; None on the ranks in between), point to point."""
+        import torch.distributed as tdist
+
+        if rank == 0:
+            return value if self.is_main else None
+        box = [value]
+        if self.is_main:
+            tdist.send_object_list(box, dst=rank)
+        elif self.rank == rank:
+            tdist.recv_object_list(box, src=0)
+            return box[0]
+        return None
+
+    def main_decides(self, check) -> Any:
+        """Run ``check()`` on rank 0 only and hand every rank its result, or raise its UserError on every rank: the
+        ranks stop alike, and only rank 0 reads the run directory."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", check())
+            except UserError as err:
+                outcome = ("error", (err.what, err.where, err.fix, type(err).__name__))
+        kind, payload = self.from_main(outcome)
+        if kind == "error":
+            what, where, fix, _ = payload
+            raise UserError(what, where=where, fix=fix)
+        return payload
+
     def clip_grad_norm_(self, model, max_norm: float) -> float:
         """Clip every rank's gradients by the norm of the *whole* model's gradients; returns that norm.
 
         Under FSDP each rank holds a shard of every gradient, so the norm must be all-reduced over ranks. accelerate
-        1.15 ``Accelerator.clip_grad_norm_`` routes to FSDP's own ``model.clip_grad_norm_`` (which does that) ONLY
-        when the parameters passed equal ``list(model.parameters())``; handed the trainable subset it falls back to
-        ``torch.nn.utils.clip_grad_norm_`` on this rank's shards, and each rank clips by a different local norm (the
-        FSDP parity run on 2 x H200 drifted 2.6% from one GPU in 20 steps, notes/multigpu.md). So FSDP calls the
-        root's ``clip_grad_norm_`` directly: explicit, and not dependent on accelerate's list comparison. Frozen
-        parameters have no gradient and add nothing. DDP gradients are already identical on every rank.
+        1.16 ``Accelerator.clip_grad_norm_`` takes its FSDP route (for FSDP2 ``_clip_grad_norm_dtensor_aware``: the
+        norm of the DTensor gradients, all-reduced) ONLY when the parameters passed equal
+        ``list(model.parameters())``; handed the trainable subset under FSDP1 it clipped each rank by its own
+        shard's norm (the FSDP parity run on 2 x H200 drifted 2.6% from one GPU in 20 steps, notes/multigpu.md).
+        So FSDP passes all parameters; frozen ones have no gradient and add nothing. DDP gradients are already
+        identical on every rank.
         """
         if self.strategy == "fsdp":
-            return float(model.clip_grad_norm_(max_norm))
+            return float(self.accelerator.clip_grad_norm_(list(model.parameters()), max_norm))
         params = [p for p in model.parameters() if p.requires_grad]
         return float(self.accelerator.clip_grad_norm_(params, max_norm))
 
 
 def init(recipe) -> Dist:
-    """The Accelerator for this rank; the FSDP plugin's wrap policy is filled in by :func:`prepare_model`."""
+    """The Accelerator for this rank, FSDP2 plugin included under FSDP."""
     from accelerate import Accelerator
 
     cpu = os.environ.get(CPU_ENV) == "1"
     strategy = os.environ.get(STRATEGY_ENV) or choose_strategy(recipe)
-    plugin = None
-    if strategy == "fsdp" and not cpu:
-        plugin = fsdp_plugin()
+    plugin = fsdp_plugin() if strategy == "fsdp" else None
     accelerator = Accelerator(cpu=cpu, fsdp_plugin=plugin)
+    if cpu and plugin is not None:
+        _fsdp_on_cpu(accelerator, plugin)
     if accelerator.num_processes != recipe.training.num_gpus:
         raise UserError(f"training.num_gpus is {recipe.training.num_gpus} but {accelerator.num_processes} processes "
                         "were launched", where="training.num_gpus", fix="launch with onecard train --num-gpus N")
     device = "cpu" if cpu else f"cuda:{accelerator.local_process_index}"
-    return Dist(accelerator, "ddp" if cpu else strategy, device)
+    return Dist(accelerator, strategy, device)
+
+
+def _fsdp_on_cpu(accelerator, plugin) -> None:
+    """FSDP2 for CPU processes (tests, CI). accelerate 1.16 turns an ``fsdp_plugin`` into FSDP only for accelerator
+    devices (``AcceleratorState.__init__``, the MULTI_GPU/NPU/XPU/... branch) and would silently run CPU processes
+    as plain DDP. torch 2.13's ``fully_shard`` runs on a CPU device mesh over gloo, so the distributed type GPUs get
+    is set here: the same wrap, clipping, state dict and save code then runs on CPU as on GPUs
+    (tests/test_distributed_fsdp.py)."""
+    from accelerate.utils import DistributedType
+
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def fsdp_plugin():
-    """FSDP1, full shard, original parameters kept (peft's trainable/frozen split and our checkpoint names need
-    them), no accelerate activation checkpointing: the loop uses transformers' ``gradient_checkpointing_enable``
-    (non-reentrant), the same path as on one GPU -- accelerate's ``activation_checkpointing`` would wrap every unit
-    of the auto-wrap policy, which for adapters includes each LoRA linear on its own."""
+    """FSDP2 (``fully_shard``), parameters resharded after each forward (FULL_SHARD), one unit per decoder layer
+    (``transformer_based_wrap``: the model's ``_no_split_modules``) plus accelerate's embedding and head units.
+    A layer's unit holds its frozen bf16 weights and its fp32 adapters together -- FSDP2 all-gathers mixed dtypes,
+    where FSDP1's flat parameters needed peft's one-unit-per-LoRA-linear policy -- so an adapter's weights are
+    whole wherever the layer's forward reads them (DoRA's magnitude included). No accelerate activation
+    checkpointing: the loop uses transformers' ``gradient_checkpointing_enable`` (non-reentrant), as on one GPU."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(
-        fsdp_version=1, sharding_strategy="FULL_SHARD", use_orig_params=True, sync_module_states=False,
-        limit_all_gathers=True, cpu_ram_efficient_loading=False, activation_checkpointing=False,
+        fsdp_version=2, reshard_after_forward=True, cpu_ram_efficient_loading=False, activation_checkpointing=False,
         state_dict_type="FULL_STATE_DICT", auto_wrap_policy="transformer_based_wrap")
 
 
-def prepare_model(dist: Dist, model, recipe):
-    """DDP or FSDP wrap through ``accelerator.prepare``. Under FSDP every flat parameter must hold one dtype: the
-    adapters (fp32) are wrapped as their own units by peft's policy, and peft's fp32 upcast of frozen norms and
-    embeddings for k-bit training is undone (bf16, as trl does for sharded QLoRA)."""
+def prepare(dist: Dist, model, optimizer, recipe):
+    """(model, optimizer) wrapped through ``accelerator.prepare`` -- together, as FSDP2 requires: accelerate swaps
+    the optimizer's parameters for the sharded DTensors. Under sharded QLoRA peft's fp32 upcast of frozen norms and
+    embeddings is undone (bf16, as trl does; the planner counts them so)."""
     check_strategy(recipe, dist.strategy)
-    if dist.strategy == "fsdp":
-        if recipe.training.weight_decay:
-            raise UserError("weight_decay under FSDP: matrices cannot be told from vectors once sharded",
-                            where="training.weight_decay", fix="set training.weight_decay=0 or --strategy ddp")
-        if recipe.is_adapter:
-            from peft.utils.other import fsdp_auto_wrap_policy
-
-            dist.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-        if recipe.method == "qlora":
-            _frozen_to_bf16_(model)
-    return dist.accelerator.prepare(model)
+    if dist.strategy == "fsdp" and recipe.method == "qlora":
+        _frozen_to_bf16_(model)
+    return dist.accelerator.prepare(model, optimizer)
 
 
 def _frozen_to_bf16_(model) -> None:
@@ -273,6 +283,48 @@ def rank_slices(window: list[int], micro_batch: int, world: int, rank: int) -> l
     return out
 
 
-def cpu_requested() -> bool:
-    """``ONECARD_DISTRIBUTED_CPU=1`` in the environment: the same as ``--cpu``."""
-    return os.environ.get(CPU_ENV) == "1"
+# --------------------------------------------------------------------------- sharded checkpoints
+
+
+def local_shards(model, optimizer) -> dict[str, Any]:
+    """This rank's shards of the trainable parameters and of the optimizer state, as plain CPU tensors (FSDP2
+    holds DTensors: their local part), keyed by the model's parameter names and the optimizer's own indices."""
+    import torch
+
+    params = {n: _local(p).detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state = _torch_optimizer(optimizer).state_dict()
+    state["state"] = {k: {n: _local(v).detach().cpu().clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                      for k, s in state["state"].items()}
+    return {"params": params, "optimizer": state}
+
+
+def load_local_shards(model, optimizer, blob: dict[str, Any]) -> None:
+    """:func:`local_shards` back into this rank's parameters and optimizer. torch's ``Optimizer.load_state_dict``
+    leaves plain tensors; the state of a DTensor parameter is made a DTensor of the same layout again, as the
+    optimizer step mixes them in one foreach op."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in blob["params"].items():
+            _local(params[name]).copy_(tensor)
+    inner = _torch_optimizer(optimizer)
+    inner.load_state_dict(blob["optimizer"])
+    for group in inner.param_groups:
+        for param in group["params"]:
+            if not isinstance(param, DTensor):
+                continue
+            state = inner.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == param.to_local().shape:
+                    state[key] = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                                    run_check=False, shape=param.shape, stride=param.stride())
+
+
+def _local(tensor):
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it

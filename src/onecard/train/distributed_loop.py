@@ -20,13 +20,14 @@ from typing import Any
 
 from onecard.errors import UserError
 from onecard.recipe import Recipe
-from onecard.train.checkpoint import check_resume_world, ranks_dir
+from onecard.train.checkpoint import ranks_dir
 from onecard.train.files import write_atomic
 from onecard.train.sft import AppliedKernels, apply_recipe_kernels, micro_batch_loss, trained_tokens
 from onecard.train.spine import Schedule, Step, lint_or_stop, run_steps, seed_everything
 
 
-def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False):
+def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False,
+                            allow_recipe_change: bool = False):
     """(model, tokenizer, summary); ``summary`` is None on ranks other than 0."""
     from onecard.data import build_dataset, pad_token_id
     from onecard.train import distributed as D
@@ -34,21 +35,25 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer
     from onecard.train.optim import build_optimizer
     from onecard.train.resume_policy import record_resume
-    from onecard.train.rundir import check_run_dir, prepare_run_dir
+    from onecard.train.rundir import prepare_run_dir
 
     dist = D.init(recipe)
     main_console = console if dist.is_main else None
     run_dir = recipe.run_dir
-    check_run_dir(run_dir, resume, overwrite)  # every rank: read-only, and every rank must stop alike
-    if resume:
-        check_resume_world(run_dir, dist.world)
+    done = dist.main_decides(lambda: check_run_state(recipe, dist.world, resume, overwrite, allow_recipe_change))
+    if done is not None:
+        _shutdown()
+        return None, None, ({**done, "already_finished": True} if dist.is_main else None)
     lint_or_stop(recipe, main_console, device=dist.device)
     seed_everything(recipe.training.seed, recipe.training.deterministic)
+    from onecard.train.memory_cap import apply_requested_cap
+
+    apply_requested_cap(dist.device, main_console)  # --memory-cap-gib, per GPU: before anything is allocated there
     model, tokenizer = load_model_and_tokenizer(recipe, dist.device)
     kernels = kernels_for_strategy(dist, model, recipe, main_console)  # before wrapping: patches the instance
     dataset = build_dataset(recipe, tokenizer, split="train")
     schedule = Schedule.from_recipe(recipe, len(dataset.examples), dist.world)
-    dist.barrier()  # every rank has read the run directory before rank 0 changes it
+    dist.barrier()
     if dist.is_main:
         if resume:
             record_resume(run_dir, recipe, main_console)  # resume policy: old recipe kept, resumes.jsonl
@@ -56,9 +61,9 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     dist.barrier()
     if recipe.training.grad_ckpt:
         enable_grad_ckpt(model, recipe)  # transformers' checkpointing, as on one GPU (see distributed.fsdp_plugin)
-    model = D.prepare_model(dist, model, recipe)
-    # After wrapping: FSDP1 replaces parameters, and accelerate does not re-point an optimizer built before.
-    optimizer = dist.accelerator.prepare(build_optimizer(model, recipe, dist.device, main_console))
+    # Built on the plain model (weight decay tells matrices from vectors by their shape); accelerate re-points it
+    # at FSDP2's sharded parameters when both are prepared together.
+    model, optimizer = D.prepare(dist, model, build_optimizer(model, recipe, dist.device, main_console), recipe)
     state = restore_ranks(run_dir, dist, model, optimizer) if resume else TrainState()
     started = state.global_step
     step = RankStep(model, optimizer, recipe, dist, dataset, pad_token_id(tokenizer), kernels.fused_loss)
@@ -70,6 +75,21 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     unwrapped = dist.accelerator.unwrap_model(model)
     _shutdown()
     return unwrapped, tokenizer, summary
+
+
+def check_run_state(recipe: Recipe, world: int, resume: bool, overwrite: bool, allow_recipe_change: bool):
+    """Rank 0's checks of the run directory before any work: the stored summary of a finished run (nothing to do),
+    else None; a UserError for flags the directory contradicts or a checkpoint of another world size."""
+    from onecard.train.checkpoint import check_resume_world
+    from onecard.train.resume_policy import check_resume
+    from onecard.train.rundir import check_run_dir
+
+    if (done := check_resume(recipe, resume, allow_recipe_change)) is not None:
+        return done
+    check_run_dir(recipe.run_dir, resume, overwrite)
+    if resume:
+        check_resume_world(recipe.run_dir, world)
+    return None
 
 
 # --------------------------------------------------------------------------- the step
@@ -131,60 +151,73 @@ class RankStep(Step):
 
 def save_ranks(dist, model, optimizer, state, recipe: Recipe) -> None:
     """Every rank's file (its RNG states; under FSDP its shards), then rank 0's single-GPU checkpoint and
-    ``latest``: whatever ``latest`` names has its rank files."""
+    ``latest``: whatever ``latest`` names has its rank files. Rank 0 writes them all -- the run directory may exist
+    on its node only -- receiving one rank's blob at a time, so its host holds one shard beyond its own."""
     import torch
 
     from onecard.train.checkpoint import rng_state, save_checkpoint
 
+    blob: dict[str, Any] = {"rng": rng_state()}
+    full: dict[str, Any] = {}
+    if dist.strategy == "fsdp":  # this rank's shards, by the model's parameter names
+        from onecard.train.distributed import local_shards
+        from onecard.train.fsdp_save import gathered_trainable
+
+        blob.update(local_shards(model, optimizer))
+        full = {"trainable": gathered_trainable(model), "optimizer_state": blob["optimizer"]}  # step-N/: whole weights
     ranks = ranks_dir(recipe.run_dir / "checkpoints" / f"step-{state.global_step}")
     if dist.is_main:
         ranks.mkdir(parents=True, exist_ok=True)
         write_atomic(ranks / "world.json", lambda p: p.write_text(json.dumps({"world_size": dist.world})))
-    dist.barrier()
-    blob: dict[str, Any] = {"rng": rng_state()}
-    if dist.strategy == "fsdp":  # this rank's shards, by the wrapped model's own names
-        blob["params"] = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-        blob["optimizer"] = optimizer.state_dict()
-    write_atomic(ranks / f"rank-{dist.rank}.pt", lambda p: torch.save(blob, p))
-    dist.barrier()
+    for rank in range(dist.world):
+        received = dist.send_to_main(blob, rank)
+        if dist.is_main:
+            write_atomic(ranks / f"rank-{rank}.pt", lambda p: torch.save(received, p))
     if dist.is_main:
         save_checkpoint(recipe.run_dir, dist.accelerator.unwrap_model(model), optimizer, state,
-                        {"kind": recipe.training.lr_scheduler, "step": state.global_step})
+                        {"kind": recipe.training.lr_scheduler, "step": state.global_step}, **full)
     dist.barrier()
 
 
 def restore_ranks(run_dir: Path, dist, model, optimizer):
+    """Rank 0 reads the checkpoint and hands each rank its own file (and, under DDP, its weights and optimizer
+    state); no other rank opens the run directory."""
     import torch
 
     from onecard.train.checkpoint import load_latest, load_trainable, set_rng_state
 
-    ckpt = load_latest(run_dir)
-    if ckpt is None:
+    ckpt = load_latest(run_dir) if dist.is_main else None
+    if not dist.from_main(ckpt is not None):  # check_run_state ruled this out; every rank stops alike anyway
         raise UserError("no checkpoint to resume from", where=str(run_dir))
-    # weights_only=False: RNG states are Python/NumPy tuples; onecard wrote this file itself.
-    blob = torch.load(ranks_dir(ckpt["path"]) / f"rank-{dist.rank}.pt", map_location="cpu", weights_only=False)
+    blob = None
+    for rank in range(dist.world):
+        # weights_only=False: RNG states are Python/NumPy tuples; onecard wrote this file itself.
+        mine = torch.load(ranks_dir(ckpt["path"]) / f"rank-{rank}.pt", map_location="cpu",
+                          weights_only=False) if dist.is_main else None
+        got = dist.send_from_main(mine, rank)
+        blob = got if rank == dist.rank else blob
     if dist.strategy == "fsdp":
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in blob["params"].items():
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-        optimizer.load_state_dict(blob["optimizer"])
+        from onecard.train.distributed import load_local_shards
+
+        load_local_shards(model, optimizer, blob)
     else:  # DDP: every rank holds the same weights and optimizer state, rank 0's files
-        load_trainable(dist.accelerator.unwrap_model(model), ckpt["trainable"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        trainable, optim_state = dist.from_main((ckpt["trainable"], ckpt["optimizer"]) if dist.is_main else None)
+        load_trainable(dist.accelerator.unwrap_model(model), trainable)
+        optimizer.load_state_dict(optim_state)
     set_rng_state(blob["rng"])
-    return ckpt["state"]
+    return dist.from_main(ckpt["state"] if dist.is_main else None)
 
 
-FSDP_KERNELS_NOTICE = ("onecard's kernels are off under FSDP: its fused LoRA ops read adapter weights that FSDP "
-                       "shards into their own units (gathered only inside those modules' forward); running plain "
-                       "transformers (--strategy ddp keeps the kernels when the model fits one GPU)")
+FSDP_KERNELS_NOTICE = ("onecard's kernels are off under FSDP: its fused LoRA ops have not been run on FSDP2's "
+                       "sharded (DTensor) parameters; running plain transformers (--strategy ddp keeps the kernels "
+                       "when the model fits one GPU)")
 
 
 def kernels_for_strategy(dist, model, recipe: Recipe, console=None):
-    """The recipe's kernels under DDP (or one process); none under FSDP, with a one-line notice. peft's FSDP wrap
-    policy makes every LoRA linear its own unit, whose parameters are whole only inside that linear's forward; the
-    fused ops (kernels/lora_linear.py, lora_mlp.py) read them from outside it."""
+    """The recipe's kernels under DDP (or one process); none under FSDP, with a one-line notice. Under FSDP1 the
+    fused ops (kernels/lora_linear.py, lora_mlp.py) read adapter weights outside the LoRA linears' own units; FSDP2's
+    layer units gather them for the whole layer's forward, but the kernels on DTensor parameters are unmeasured
+    (notes/multigpu-gpu-todo.md)."""
     if dist.strategy == "fsdp" and recipe.training.kernels != "none":
         if console is not None:
             console.print(f"[yellow]{FSDP_KERNELS_NOTICE}[/yellow]")
@@ -215,7 +248,9 @@ def finish_ranks(dist, model, tokenizer, state, timing, dataset, recipe: Recipe,
 
     unwrapped = dist.accelerator.unwrap_model(model)
     if dist.strategy == "fsdp":
-        unwrapped = _WithStateDict(unwrapped, dist.accelerator.get_state_dict(model))  # every rank gathers
+        from onecard.train.fsdp_save import gathered_trainable
+
+        unwrapped = _WithStateDict(unwrapped, gathered_trainable(model))  # every rank takes part
     summary = None
     if dist.is_main:
         summary = finish(recipe.run_dir, recipe, unwrapped, tokenizer, state, timing, dataset, dist.device, started,

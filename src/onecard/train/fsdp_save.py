@@ -1,38 +1,25 @@
 """Saving what an FSDP-trained model learned through the libraries' own ``save_pretrained``.
 
-Why the model is unwrapped first: peft 0.21 picks an adapter's entries out of a given state dict by module-name
-prefixes taken from ``model.named_modules()`` and strips only a *leading* ``_fsdp_wrapped_module.``
-(peft/tuners/tuners_utils.py ``_get_tuner_state_dict_key_prefixes``). onecard auto-wraps every decoder layer, and
-peft's ``fsdp_auto_wrap_policy`` every LoRA linear, as FSDP units, so the wrapper's name sits in the middle of
-those prefixes, nothing in accelerate's clean full state dict matches them, and peft writes an adapter with no
-tensors -- seen on 2 x H200 (notes/multigpu.md) and reproduced on CPU in
-tests/test_fsdp_save.py. Putting each unit's wrapped module back in its parent's place for the duration of
-the save gives peft (and transformers) the plain model's names; the gathered tensors come from the state dict,
-so the sharded parameters are never read.
+Under FSDP2 each rank holds a shard (a DTensor) of every parameter. :func:`gathered_trainable` collects the full
+*trainable* tensors on rank 0's host with torch's ``get_model_state_dict`` -- not accelerate's
+``Accelerator.get_state_dict``, which gathers the frozen base too (35 GiB of NF4 for a 70B QLoRA, for an adapter of
+a few hundred MiB). ``fully_shard`` changes each module's class in place and adds no wrapper module, so the names
+are the plain model's and peft's ``save_pretrained(state_dict=...)`` finds its adapter keys as on one GPU. (Under
+FSDP1 the wrapper's ``_fsdp_wrapped_module.`` in the middle of the names made peft 0.21 write an adapter with no
+tensors, seen on 2 x H200, notes/multigpu.md; tests/test_fsdp_save.py checks the FSDP2 file key for key.)
 """
 
 from __future__ import annotations
 
-import contextlib
 
+def gathered_trainable(model) -> dict:
+    """The full trainable tensors, on rank 0's CPU (empty elsewhere); every rank must call it (all-gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-@contextlib.contextmanager
-def fsdp_units_unwrapped(model):
-    """Within the block, every FSDP unit under ``model`` is replaced by the module it wraps; restored after."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    swaps = [(parent, name, child) for parent in list(model.modules()) if not isinstance(parent, FSDP)
-             for name, child in list(parent.named_children()) if isinstance(child, FSDP)]
-    try:
-        for parent, name, child in swaps:
-            setattr(parent, name, child.module)
-        yield model
-    finally:
-        for parent, name, child in reversed(swaps):
-            setattr(parent, name, child)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
 
 
 def save_gathered(model, path, state_dict, **kwargs) -> None:
-    """``model.save_pretrained(path, state_dict=...)`` with the FSDP units unwrapped (see the module docstring)."""
-    with fsdp_units_unwrapped(model):
-        model.save_pretrained(path, state_dict=state_dict, **kwargs)
+    """``model.save_pretrained(path, state_dict=...)``: the gathered tensors, never the local shards."""
+    model.save_pretrained(path, state_dict=state_dict, **kwargs)

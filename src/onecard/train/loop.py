@@ -24,9 +24,18 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
     ``--resume`` on a finished run changes nothing and returns (None, None, its stored summary); a resume with a
     changed recipe is refused unless ``allow_recipe_change`` (train/resume_policy.py).
     """
+    from onecard.train.distributed import is_worker
     from onecard.train.resume_policy import check_resume
     from onecard.train.sinks import require_sinks
 
+    if is_worker():  # rank 0 alone reads the run directory (it may live on rank 0's node only), then tells the rest
+        from onecard.train.distributed_loop import train_distributed_model
+        from onecard.train.launch import check_task_distributable
+
+        check_task_distributable(recipe)  # a rank of an external launcher has had no parent to check it
+        require_sinks(recipe)
+        return train_distributed_model(recipe, resume=resume, console=console, overwrite=overwrite,
+                                       allow_recipe_change=allow_recipe_change)
     if (done := check_resume(recipe, resume, allow_recipe_change)) is not None:
         return None, None, {**done, "already_finished": True}
     require_sinks(recipe)  # a logging: package missing stops the run here, before any model loads
@@ -34,12 +43,6 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
         from onecard.train.preference import train_preference_model
 
         return train_preference_model(recipe, resume=resume, console=console, overwrite=overwrite)
-    from onecard.train.distributed import is_worker
-
-    if is_worker():
-        from onecard.train.distributed_loop import train_distributed_model
-
-        return train_distributed_model(recipe, resume=resume, console=console, overwrite=overwrite)
     from onecard.train.sft import train_sft_model
 
     return train_sft_model(recipe, resume=resume, console=console, overwrite=overwrite)
