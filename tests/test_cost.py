@@ -77,7 +77,8 @@ def _recipe(*sets):
 def test_each_cloud_gpu_has_its_own_speed_and_fit():
     from onecard.plan.timecost import time_and_cost
 
-    res = time_and_cost(_recipe("model.name_or_path=llama-3-70b", "method=qlora"), gpu="rtx4090")
+    res = time_and_cost(_recipe("model.name_or_path=llama-3-70b", "method=qlora", "training.offload_weights=false"),
+                        gpu="rtx4090")
     rows = {r["gpu"]: r for r in res["cost"]["cloud"]}
     assert rows["rtx4090"]["verdict"] == "does not fit" and rows["rtx4090"]["cost"] is None
     assert rows["h200"]["fits"] and rows["h200"]["cost"]["per_job"] > 0
@@ -86,6 +87,21 @@ def test_each_cloud_gpu_has_its_own_speed_and_fit():
         assert r["hours_per_job"] == pytest.approx(res["time"]["tokens_per_epoch"] / r["tokens_per_s"] / 3600, rel=1e-3)
     assert rows["h200"]["hours_per_job"] < rows["a100-80gb"]["hours_per_job"]
     assert res["cost"]["your_card"]["per_job"] is None  # 70B does not fit the user's 4090
+
+
+def test_a_recipe_that_streams_is_timed_and_priced_as_it_will_run():
+    """offload_weights auto (the default): 70B QLoRA on a 4090 streams, so it has a verdict, hours and a cost at the
+    streamed speed (plan/streaming.py), where with streaming off it has none."""
+    from onecard.plan.timecost import time_and_cost
+
+    res = time_and_cost(_recipe("model.name_or_path=llama-3-70b", "method=qlora"), gpu="rtx4090")
+    rows = {r["gpu"]: r for r in res["cost"]["cloud"]}
+    assert rows["rtx4090"]["verdict"] == "fits with streaming" and rows["rtx4090"]["cost"]["per_job"] > 0
+    assert res["time"]["memory_verdict"] == "fits with streaming" and "streaming" in res["time"]["label"]
+    assert res["cost"]["your_card"]["per_job"] > 0
+    off = time_and_cost(_recipe("model.name_or_path=llama-3-70b", "method=qlora", "training.offload_weights=false"),
+                        gpu="rtx4090")
+    assert res["time"]["hours_per_epoch"] >= off["time"]["hours_per_epoch"]  # copies never make it faster
 
 
 def test_own_card_cost_and_twelve_months():

@@ -27,7 +27,8 @@ def _time_cost_section(recipe, inputs, memory_plan):
 
 SECTIONS.append(_time_cost_section)
 
-VERDICT_STYLE = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
+VERDICT_STYLE = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red",
+                 "fits with streaming": "bold green"}
 
 
 def direct_overrides(model=None, method=None, task=None, seq=None, batch=None, grad_accum=None, rank=None, gpu=None,
@@ -85,8 +86,12 @@ def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
     extras = also_worth_it(plan)
     payload = {"memory": plan.to_dict(), "suggestions": [s.to_dict() for s in fixes],
                "also_worth_it": [s.to_dict() for s in extras]}
-    renderables = memory_renderables(plan, fixes)
     stream = streaming_section(plan)
+    streams = stream is not None and stream["verdict"] == "fits with streaming" and stream["streamed_layers"] > 0
+    if streams:  # the recipe streams (training.offload_weights): its verdict, not the unstreamed plan's
+        payload["verdict"] = "fits with streaming"
+        fixes = []
+    renderables = memory_renderables(plan, fixes, stream if streams else None)
     renderables += [_also_text(s) for s in extras]
     for section in SECTIONS:
         key, part, extra = section(recipe, inputs, plan)
@@ -97,7 +102,7 @@ def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
         stream["hours_per_epoch"] = tokens / stream["tokens_per_s"] / 3600 if tokens else None
         stream["cloud_cost_per_epoch"] = _streamed_cloud_cost(inputs.gpu.id, stream["hours_per_epoch"])
         payload["streaming"] = stream
-        renderables.insert(len(memory_renderables(plan, fixes)), streaming_text(stream))
+        renderables.insert(len(memory_renderables(plan, fixes, stream if streams else None)), streaming_text(stream))
     return payload, renderables
 
 
@@ -141,7 +146,9 @@ def _also_text(suggestion):
     return Text(f"also worth it: {suggestion.change}: {sets}", style="cyan")
 
 
-def memory_renderables(plan, fixes) -> list:
+def memory_renderables(plan, fixes, stream: dict | None = None) -> list:
+    """The memory table and verdict; ``stream``: the recipe streams its base weights and that fits, so the verdict
+    is "fits with streaming" with the bytes on the card (plan/streaming.py)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -169,8 +176,14 @@ def memory_renderables(plan, fixes) -> list:
                   f"{plan.allocator_bytes / cap:.0%}", "")
     table.add_row(Text("total on the card", style="bold"), Text(f"{plan.total_bytes / GIB:.2f}", style="bold"),
                   Text(f"{plan.total_bytes / cap:.0%}", style="bold"), f"peak phase: {plan.peak_phase}")
-    verdict = Text(f"verdict: {plan.verdict}", style=VERDICT_STYLE[plan.verdict])
-    verdict.append(f"  ({plan.total_bytes / GIB:.1f} of {cap / GIB:.1f} GiB)", style="")
+    if stream is None:
+        verdict = Text(f"verdict: {plan.verdict}", style=VERDICT_STYLE[plan.verdict])
+        verdict.append(f"  ({plan.total_bytes / GIB:.1f} of {cap / GIB:.1f} GiB)", style="")
+    else:
+        verdict = Text("verdict: fits with streaming", style=VERDICT_STYLE["fits with streaming"])
+        verdict.append(f"  ({stream['device_bytes'] / GIB:.1f} of {cap / GIB:.1f} GiB on the card with "
+                       f"{stream['streamed_layers']} layers' base weights streamed; {plan.total_bytes / GIB:.1f} GiB "
+                       "without streaming)", style="")
     out: list = [table, verdict]
     out += [Text(f"note: {n}", style="yellow") for n in plan.notes]
     if fixes:

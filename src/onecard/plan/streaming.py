@@ -135,12 +135,19 @@ def host_ram_check(host_total_bytes: int, available_bytes: int) -> str | None:
             f"{available_bytes / GIB:.1f} GiB available (onecard keeps {1 - HOST_USABLE_FRACTION:.0%} free)")
 
 
+def streaming_chosen(plan: MemoryPlan) -> bool:
+    """Does the recipe stream: ``offload_weights: true``, or ``auto`` and the plan does not fit otherwise (one GPU,
+    with checkpointing: the streamed passes are the checkpointed layers')."""
+    p = plan.inputs
+    chosen = p.offload_weights is True or (p.offload_weights == "auto" and not plan.fits)
+    return chosen and p.num_gpus == 1 and p.grad_ckpt
+
+
 def streaming_section(plan: MemoryPlan) -> dict | None:
     """What ``onecard plan`` shows about streaming: for ``offload_weights: true``, or ``auto`` when the plan does
     not fit otherwise; None when streaming is not chosen (the plan's output is then as without this module)."""
     p = plan.inputs
-    chosen = p.offload_weights is True or (p.offload_weights == "auto" and not plan.fits)
-    if not chosen or p.num_gpus > 1 or not p.grad_ckpt:
+    if not streaming_chosen(plan):
         return None
     from onecard.plan.speed import estimate_throughput
 
@@ -152,3 +159,19 @@ def streaming_section(plan: MemoryPlan) -> dict | None:
                tokens_per_s=streamed_tokens_per_s(base.estimate_tokens_per_s, p, sp) if sp.streamed_layers else
                base.estimate_tokens_per_s)
     return out
+
+
+def as_the_run_streams(mem: MemoryPlan, tp):
+    """(memory plan, throughput) of the run as the recipe's ``training.offload_weights`` will make it: when streaming
+    is chosen and makes it fit, the verdict "fits with streaming" and the streamed tokens/s, so time and cost are
+    those of the run that happens rather than "does not fit"; else both unchanged."""
+    from dataclasses import replace
+
+    if not streaming_chosen(mem):
+        return mem, tp
+    sp = plan_streaming(mem, host_ram_gib=mem.inputs.host_ram_gib)
+    if sp.verdict != "fits with streaming" or not sp.streamed_layers:
+        return mem, tp
+    tokens_per_s = streamed_tokens_per_s(tp.estimate_tokens_per_s, mem.inputs, sp)
+    return (replace(mem, verdict="fits with streaming"),
+            replace(tp, estimate_tokens_per_s=tokens_per_s, label=f"{tp.label} + streaming"))

@@ -68,7 +68,9 @@ def _speed(recipe, gpu_id: str, **overrides):
         inp = inp.with_(**overrides)
     mem = plan_memory(inp)
     tp = estimate_throughput(inp, seq_len=effective_seq_len(recipe), memory_plan=mem, lora_dropout=recipe.adapter.dropout)
-    return inp, mem, tp
+    from onecard.plan.streaming import as_the_run_streams
+
+    return (inp, *as_the_run_streams(mem, tp))
 
 
 def _hours(tokens: float, tokens_per_s: float, num_gpus: int = 1) -> float:
