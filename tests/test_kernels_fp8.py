@@ -44,6 +44,21 @@ def test_quantize_rows_matches_reference_bit_for_bit(cols, with_col_scale):
     assert_close_rel(q.float() * s, src, 6e-2, "dequantised")  # e4m3 rounding, not something grosser
 
 
+@needs_triton
+@pytest.mark.parametrize("shape", [(64, 64), (70, 130), (1, 300), (257, 65)])
+def test_transpose_bytes_matches_torch_on_ragged_tiles(shape):
+    from onecard.kernels.fp8 import transpose_bytes, transpose_bytes_reference
+
+    torch.manual_seed(shape[1])
+    q = (torch.randn(*shape) * 50).to(E4M3)
+    t = transpose_bytes(q)
+    assert t.shape == (shape[1], shape[0]) and t.is_contiguous() and t.dtype == E4M3
+    _same_bits(t, transpose_bytes_reference(q), "transposed codes")
+    w = Fp8Weight.from_dense(torch.randn(*shape))
+    assert w.transposed().t().is_contiguous()  # the column-major operand the backward GEMM takes
+    _same_bits(w.transposed().t().contiguous(), w.qdata.t().contiguous(), "Fp8Weight.transposed")
+
+
 def test_weight_scales_are_per_output_channel():
     torch.manual_seed(0)
     w = torch.randn(40, 24)

@@ -31,6 +31,14 @@ def test_quantize_rows_cuda_bit_for_bit(cols):
         assert torch.equal(s, sr)
 
 
+@pytest.mark.parametrize("shape", [(4096, 14336), (28672, 4096), (1000, 2305)])
+def test_transpose_bytes_cuda_bit_for_bit(shape):
+    from onecard.kernels.fp8 import E4M3, transpose_bytes, transpose_bytes_reference
+
+    q = (torch.randn(*shape, device="cuda") * 50).to(E4M3)
+    _bits_equal(transpose_bytes(q), transpose_bytes_reference(q))
+
+
 def test_rms_norm_and_glu_fp8_copies_cuda():
     from onecard.kernels.fp8 import quantize_rows_reference
     from onecard.kernels.glu import glu_backward, glu_backward_fp8, glu_forward, glu_forward_fp8

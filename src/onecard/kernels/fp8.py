@@ -12,7 +12,9 @@ which is exact up to D_q's rounding, keeps one FP8 copy of W (1 byte per weight 
 tensor-wise scale. cuBLASLt's FP8 GEMM takes its second operand column-major only (the "TN" layout), so the backward
 reads Q through a transposed copy made per use (``Fp8Weight.transposed``: 58.7 MB for Llama 3 8B's down projection,
 a memory-bound pass of about 30 us at the H200's 4.8 TB/s, against a 0.8 ms GEMM), not a second stored copy (which
-would bring the base back to bf16's 2 bytes per weight).
+would bring the base back to bf16's 2 bytes per weight). The copy is a tiled Triton transpose
+(:func:`transpose_bytes`): torch's ``.t().contiguous()`` on 1-byte elements runs a generic strided copy, measured on
+the H200 at 40 ms per Llama 3 8B step (224 copies, ~350 GB/s; bench/results/profile_fp8_pair_2026-12-03.json).
 torchao's Float8 rowwise training recipe does the same per-row scaling of the activations and gradients
 (torchao/float8/config.py, ``Float8LinearRecipeName.ROWWISE``), but quantises W again each step for its trainable
 weight; Unsloth's FP8 LoRA keeps a frozen row-wise FP8 W and runs fbgemm's GEMM. Neither is on the GPU machine here,
@@ -93,6 +95,35 @@ if HAS_TRITON:
         tl.store(S + row, scale)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _transpose_bytes(X, Y, n_rows, n_cols, BLOCK: tl.constexpr):
+        """Y (n_cols x n_rows) = X^T for 1-byte elements, one BLOCK x BLOCK tile per program: loads along X's rows
+        and stores along Y's are both contiguous (the tile is transposed on chip)."""
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = (r[:, None] < n_rows) & (c[None, :] < n_cols)
+        tile = tl.load(X + r[:, None].to(tl.int64) * n_cols + c[None, :], mask=m)
+        tl.store(Y + c[:, None].to(tl.int64) * n_rows + r[None, :], tl.trans(tile), mask=tl.trans(m))
+
+
+def transpose_bytes_reference(q: torch.Tensor) -> torch.Tensor:
+    return q.t().contiguous()
+
+
+def transpose_bytes(q: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of q^T for a contiguous 2-D tensor of 1-byte elements (e4m3 codes)."""
+    if not use_triton(q) or q.element_size() != 1 or not q.is_contiguous():
+        return transpose_bytes_reference(q)
+    n_rows, n_cols = q.shape
+    out = torch.empty((n_cols, n_rows), dtype=torch.uint8, device=q.device)
+    block = 64
+    _transpose_bytes[(triton.cdiv(n_rows, block), triton.cdiv(n_cols, block))](q.view(torch.uint8), out, n_rows,
+                                                                               n_cols, BLOCK=block, num_warps=4)
+    return out.view(q.dtype)
+
+
 def quantize_rows_reference(x: torch.Tensor, col_scale: torch.Tensor | None = None):
     """(q, scale): x * col_scale = diag(scale) q row-wise, q in e4m3, scale (N, 1) fp32."""
     xf = x.float() if col_scale is None else x.float() * col_scale.float()
@@ -156,7 +187,7 @@ class Fp8Weight:
 
     def transposed(self) -> torch.Tensor:
         """Q as the column-major (out x in) operand the backward GEMM dy_q Q takes: a copy per use."""
-        return self.qdata.t().contiguous().t()
+        return transpose_bytes(self.qdata).t()
 
     def ones_in(self) -> torch.Tensor:
         """(1 x in) unit column scales for the backward GEMM (W's scales are folded into dy)."""
