@@ -147,3 +147,21 @@ def test_streamed_rows_planned_within_10pct_memory_and_15pct_tokens_per_s(rec):
     assert abs(planned_tps - rec["tokens_per_s"]) <= 0.15 * rec["tokens_per_s"], (planned_tps, rec["tokens_per_s"])
     planned_gib = peak_memory(cfg)["predicted_peak_gib"]
     assert abs(planned_gib - rec["peak_reserved_gib"]) <= 0.10 * rec["peak_reserved_gib"], (planned_gib,)
+
+
+# FP8-base rows of the code onecard runs: W's transposed copy by the Triton transpose, the rank-r input gradient
+# added last (kernels/fp8.py, kernels/lora_linear.py), measured from this date on.
+FP8_CURRENT_SINCE = "2026-12-03"
+
+
+@pytest.mark.parametrize("rec", [pytest.param(r, id=f"{r['model']}-{r['quant_base']}") for r in _rows({"fp8"})
+                                 if r["date"] >= FP8_CURRENT_SINCE])
+def test_fp8_rows_planned_within_15pct_tokens_per_s(rec):
+    """plan/fp8.py's estimate (the bf16 step with the frozen GEMMs' share at the FP8 rate, plus the quantisers'
+    traffic) against the FP8 pairs measured in one process, and their bf16 halves."""
+    from onecard.bench.predict import speed
+
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    cfg = BenchConfig(**{k: rec[k] for k in fields if k in rec and k != "gpu"}, gpu="h200")
+    planned = speed(cfg)["predicted_tokens_per_s"]
+    assert abs(planned - rec["tokens_per_s"]) <= 0.15 * rec["tokens_per_s"], (planned, rec["tokens_per_s"])

@@ -5,7 +5,13 @@ plus one fp32 scale per output channel; embeddings, norms and the LM head keep t
 forward, the checkpoint's recompute, and the input-gradient dy W -- run at the card's FP8 rate; the rank-r LoRA
 matmuls, the LM head and attention stay bf16. Left out: the row-wise quantisation passes (fused into RMSNorm and the
 GLU; x of o_proj and dy of o/down/q/k/v take one extra memory-bound pass each) and W's transposed copy per backward
-GEMM (1 byte per weight read and written): both are memory-bound work the step's bandwidth term does not model.
+GEMM (1 byte per weight read and written) are memory-bound: :func:`fp8_extra_bytes` counts them.
+
+Speed: the calibrated bf16 efficiency lumps everything a step does besides matmuls (elementwise work, attention,
+launch gaps) into its matmul time, so an FP8 estimate that divides the faster GEMMs by the same efficiency shrinks
+that fixed work too (it read 37-47% high against the H200). :func:`fp8_matmul_seconds` instead keeps the bf16 step's
+time and swaps only the frozen GEMMs' share: their FLOPs at the bf16 GEMM rate cuBLAS reaches, out; at the FP8 rate
+torch._scaled_mm reaches, in (:data:`GEMM_FRACTION`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,12 @@ from onecard.catalog.models import ModelShape
 
 FP8_BYTES_PER_WEIGHT = 1
 SCALE_BYTES = 4  # one fp32 scale per output channel
+# Fraction of the dense peak the frozen GEMMs reach at training shapes, H200 (torch 2.11, 2026-12-02): bf16 `@`
+# 680-787 TFLOP/s of 989 (~0.75), torch._scaled_mm row-wise e4m3 1,185-1,349 of 1,979 (~0.64), on the Llama 3 8B
+# and 70B projection shapes (bench/fp8_gemm_gpu.py; /work/shared/gpu-machine.md, docs/kernels.md). Other cards:
+# the same fractions, an estimate.
+GEMM_FRACTION = {"bf16": 0.75, "fp8": 0.64}
+QUANT_PASS_BYTES = 5  # a row quantiser reads bf16 twice (amax, then codes) and writes 1 byte per element
 
 
 def fp8_base_weight_bytes(shape: ModelShape, dtype_bytes: int = 2) -> int:
@@ -44,18 +56,32 @@ def frozen_gemm_flops_per_token(fl) -> float:
     return max(0.0, fwd) + max(0.0, bwd) + rec
 
 
-def fp8_matmul_seconds(fl, gpu: GPU, efficiency: float) -> float:
-    """Matmul time of one micro-batch with an FP8 base: the frozen GEMMs at the FP8 peak, the rest at the bf16 peak,
-    both at the same achieved fraction ``efficiency`` (an estimate: no FP8 row calibrates it yet)."""
+def fp8_matmul_seconds(fl, gpu: GPU, bf16_matmul_s: float) -> float:
+    """Matmul time of one micro-batch with an FP8 base, from the bf16 estimate ``bf16_matmul_s`` of the same
+    configuration: the frozen GEMMs' time at the bf16 GEMM rate replaced by their time at the FP8 rate (module
+    docstring); never below the frozen GEMMs alone."""
     if not has_fp8(gpu):
         raise ValueError(f"{gpu.id} has no FP8 tensor cores")
-    frozen = min(frozen_gemm_flops_per_token(fl), fl.matmul_per_token)
-    other = fl.matmul_per_token - frozen
-    per_token = frozen / (gpu.fp8_dense_tflops * 1e12) + other / (gpu.bf16_dense_tflops * 1e12)
-    return fl.tokens_per_microbatch * per_token / efficiency
+    frozen = min(frozen_gemm_flops_per_token(fl), fl.matmul_per_token) * fl.tokens_per_microbatch
+    as_bf16 = frozen / (gpu.bf16_dense_tflops * 1e12 * GEMM_FRACTION["bf16"])
+    as_fp8 = frozen / (gpu.fp8_dense_tflops * 1e12 * GEMM_FRACTION["fp8"])
+    return max(as_fp8, bf16_matmul_s - as_bf16 + as_fp8)
+
+
+def fp8_extra_bytes(shape: ModelShape, tokens: int, grad_ckpt: bool) -> int:
+    """DRAM bytes an FP8 base adds to one micro-batch: W's transposed copy per backward GEMM (read and written),
+    the standalone row quantisers (x of o_proj per forward pass; dy of o, down, q, k, v in backward), and the
+    quantised copies the RMSNorm and GLU kernels write and re-read for their row amax (kernels/fp8.py)."""
+    h, i, layers = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
+    passes = 2 if grad_ckpt else 1  # forward, and the checkpoint's recompute
+    transposes = 2 * FP8_BYTES_PER_WEIGHT * shape.linear_params_per_layer()
+    dy_quant = (2 * h + shape.q_dim + 2 * shape.kv_dim) * QUANT_PASS_BYTES
+    fused = passes * (shape.q_dim * QUANT_PASS_BYTES + 2 * h * 3 + i * QUANT_PASS_BYTES) + 2 * i * 3
+    return layers * (transposes + tokens * (dy_quant + fused))
 
 
 def fp8_speedup_bound(fl, gpu: GPU) -> float:
-    """bf16 matmul time / FP8-base matmul time at equal efficiency: the most FP8 can give on this card."""
-    bf16 = fl.tokens_per_microbatch * fl.matmul_per_token / (gpu.bf16_dense_tflops * 1e12)
-    return bf16 / fp8_matmul_seconds(fl, gpu, 1.0)
+    """bf16 matmul time / FP8-base matmul time, every matmul at its datasheet peak: the most FP8 can give here."""
+    frozen = min(frozen_gemm_flops_per_token(fl), fl.matmul_per_token)
+    fp8 = frozen / gpu.fp8_dense_tflops + (fl.matmul_per_token - frozen) / gpu.bf16_dense_tflops
+    return (fl.matmul_per_token / gpu.bf16_dense_tflops) / fp8

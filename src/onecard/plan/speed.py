@@ -255,7 +255,7 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     steps = {"matmul_s": fl.matmul_per_token * tokens / (gpu.bf16_dense_tflops * 1e12 * eff),
              "weights_read_s": tokens / memory_ceiling}
     if inp.quant_base == "fp8":
-        compute_ceiling, ceiling = _fp8_speed(inp, fl, eff, steps, notes, compute_ceiling, memory_ceiling)
+        compute_ceiling, ceiling = _fp8_speed(inp, fl, steps, notes, compute_ceiling, memory_ceiling)
         exact, label = None, "estimated"  # a measured bf16 row of this shape is not this run's speed
     if method == "qlora":
         dequants = 3 if ckpt else 2
@@ -280,19 +280,23 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
                       {**steps, "step_s": step}, notes)
 
 
-def _fp8_speed(inp, fl, eff, steps, notes, compute_ceiling, memory_ceiling):
-    """An FP8 base: the frozen block GEMMs at the card's FP8 peak (plan/fp8.py), an estimate (no FP8 row calibrates
-    the efficiency). Returns (compute ceiling, ceiling) and updates ``steps``."""
-    from onecard.plan.fp8 import fp8_matmul_seconds, fp8_speedup_bound, has_fp8
+def _fp8_speed(inp, fl, steps, notes, compute_ceiling, memory_ceiling):
+    """An FP8 base (plan/fp8.py, an estimate): the bf16 estimate with the frozen block GEMMs' share moved to the
+    card's FP8 rate, plus the quantisers' and W transposes' DRAM traffic. Returns (compute ceiling, ceiling) and
+    updates ``steps``."""
+    from onecard.plan.fp8 import fp8_extra_bytes, fp8_matmul_seconds, fp8_speedup_bound, has_fp8
 
     if not has_fp8(inp.gpu):
         notes.append(f"quant.base fp8: {inp.gpu.id} has no FP8 tensor cores (training there is refused)")
         return compute_ceiling, min(compute_ceiling, memory_ceiling)
-    steps["matmul_s"] = fp8_matmul_seconds(fl, inp.gpu, eff)
+    steps["matmul_s"] = fp8_matmul_seconds(fl, inp.gpu, steps["matmul_s"])
+    steps["fp8_quantise_s"] = fp8_extra_bytes(inp.shape, fl.tokens_per_microbatch, inp.grad_ckpt) / (
+        inp.gpu.bandwidth_gb_s * 1e9)
     bound = fp8_speedup_bound(fl, inp.gpu)
     compute_ceiling *= bound
     notes.append(f"quant.base fp8: frozen GEMMs at {inp.gpu.fp8_dense_tflops:g} TFLOP/s (FP8 peak), the rest bf16: "
-                 f"at most {bound:.2f}x bf16's matmul time (estimate; quantisation passes not modelled)")
+                 f"at most {bound:.2f}x bf16's matmul time; the estimate keeps the bf16 step's other work and adds "
+                 "the quantisation passes")
     return compute_ceiling, min(compute_ceiling, memory_ceiling)
 
 
