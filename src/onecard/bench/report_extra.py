@@ -14,8 +14,9 @@ from onecard.bench.report_md import fmt, table
 
 
 def render_extra(results_dir: Path) -> str:
-    return (data_prep_section(results_dir) + stream_train_section(results_dir) + stream_probe_section(results_dir)
-            + accelerate_offload_section(results_dir) + fp8_quality_section(results_dir))
+    return (data_prep_section(results_dir) + stream_train_section(results_dir) + stream_preference_section(results_dir)
+            + stream_probe_section(results_dir) + accelerate_offload_section(results_dir)
+            + deepspeed_offload_section(results_dir) + fp8_quality_section(results_dir))
 
 
 def _results(results_dir: Path, pattern: str) -> list[tuple[str, dict]]:
@@ -45,6 +46,50 @@ def stream_probe_section(results_dir: Path) -> str:
         out.append(table(["micro-batch", "checkpointing", "kernels", "resident layers", "status", "tokens/s",
                           "planned GiB", "peak reserved GiB"], rows))
         out.append(f"\nPicked: `{' '.join(r['set'])}`.\n")
+    return "".join(out)
+
+
+def stream_preference_section(results_dir: Path) -> str:
+    """DPO and KTO through ``onecard train`` on a streamed base (bench/stream_train_gpu.py --preference)."""
+    found = _results(results_dir, "stream_preference_*.json")
+    if not found:
+        return ""
+    out = ["\n## DPO and KTO with streamed weights - measured, H200\n\n"
+           "`PYTHONPATH=src python bench/stream_train_gpu.py OUT --preference`: the same random Llama 3 8B checkpoint "
+           "as above, `onecard train` with `task: dpo` / `task: kto`, `--memory-cap-gib 12`, offloaded checkpoints, "
+           "4 steps of 2 examples at seq 512 (that the preference spine streams, not its quality).\n\n"]
+    for name, r in found:
+        rows = []
+        for task in ("dpo", "kto"):
+            e = r.get(task, {})
+            said = next((x for x in e.get("streaming_lines", []) if x.startswith("streaming")), "")
+            losses = e.get("losses") or {}
+            rows.append([task, str(e.get("rc")), said, " -> ".join(f"{losses[k]:.4f}" for k in sorted(losses))
+                         if losses else "-", fmt((e.get("cuda_peak_reserved_bytes_measured") or 0) / 2**30, ".2f")])
+        out.append(f"{name} (cap {r['cap_gib']} GiB):\n\n")
+        out.append(table(["task", "exit", "the trainer's streaming line", "loss by step", "peak reserved GiB"], rows))
+    return "".join(out)
+
+
+def deepspeed_offload_section(results_dir: Path) -> str:
+    found = _results(results_dir, "deepspeed_offload_*.json")
+    if not found:
+        return ""
+    out = ["\n## DeepSpeed ZeRO-3 parameter offload for LoRA and QLoRA - measured, H200\n\n"
+           "`PYTHONPATH=src:.whl/site python3 bench/deepspeed_offload_gpu.py`: a random Llama 3 8B, peft LoRA r16 on "
+           "all seven projections, ZeRO stage 3 with `offload_param: cpu` (pinned), bf16, torch AdamW on the "
+           "adapter, non-reentrant checkpointing, seq 2048, micro-batch 1, 1 + 3 steps, one process. QLoRA: NF4 "
+           "linears stored as bf16 (what ZeRO-3 needs to partition them). Compare with the Llama 3 8B seq 2048 b1 "
+           "streamed rows above.\n\n"]
+    for name, r in found:
+        v = r["versions"]
+        rows = [[x["variant"], x["status"], fmt(x.get("tokens_per_s")), fmt(x.get("peak_reserved_gib"), ".2f"),
+                 f"{x.get('moved_from_zero', '-')} of {x.get('lora_B_tensors', '-')}", (x.get("error") or "")[:90]]
+                for x in r["variants"]]
+        out.append(f"{name}, {r['date'][:16]}, torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
+                   f"deepspeed {v['deepspeed']}, bitsandbytes {v['bitsandbytes']}:\n\n")
+        out.append(table(["variant", "status", "tokens/s", "peak reserved GiB", "lora_B tensors trained", "error"],
+                         rows))
     return "".join(out)
 
 
