@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from onecard.bench.calibrate import load_records
-from onecard.bench.report import probe_results
+from onecard.bench.report import kernel_probes
 from onecard.bench.report_kernels import kernels_section, latest_and_earlier, render_kernels
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -84,7 +84,7 @@ def test_the_latest_row_of_a_configuration_is_shown_and_earlier_ones_listed():
 
 def test_docs_kernels_section_matches_the_raw_results():
     doc = json.loads((DOCS / "benchmarks.json").read_text())
-    fresh = json.loads(json.dumps(kernels_section(load_records(), probes=probe_results()), default=str))
+    fresh = json.loads(json.dumps(kernels_section(load_records(), probes=kernel_probes()), default=str))
     assert doc["kernels"] == fresh, "regenerate with `python -m onecard.bench.report`"
     assert render_kernels(fresh) in (DOCS / "benchmarks.md").read_text()
 

@@ -171,6 +171,11 @@ def probe_results(results_dir: Path = RESULTS_DIR) -> list[dict]:
     return [json.loads(f.read_text()) | {"_file": f"e2e/{f.name}"} for f in files]
 
 
+def kernel_probes(results_dir: Path = RESULTS_DIR) -> list[dict]:
+    """The probes of a card with room (the kernels section's target); streamed ones have their own section."""
+    return [p for p in probe_results(results_dir) if not streamed_probe(p)]
+
+
 def streamed_probe(result: dict) -> bool:
     """A probe that tried streamed base weights (a model larger than the card): its own section (report_extra)."""
     return any(t.get("offload_weights") for t in result.get("tried", []))
@@ -193,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                "dates": sorted({r["date"][:10] for r in records if r.get("date")}),
                "epoch_samples": EPOCH_SAMPLES, "measured": measured, "rtx4090": rtx4090_rows(records),
                "claims": claims(records), "multigpu": multigpu_section(records),
-               "kernels": kernels_section(records, probes=[p for p in probe_results(args.results)
-                                                           if not streamed_probe(p)])}
+               "kernels": kernels_section(records, probes=kernel_probes(args.results))}
     (args.docs / "benchmarks.json").write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
     from onecard.bench.report_md import render
 
