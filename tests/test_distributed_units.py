@@ -73,8 +73,10 @@ def test_quant_storage_only_inside_an_fsdp_worker(monkeypatch):
 def test_launch_refusals():
     from onecard.train.launch import check_launchable
 
-    with pytest.raises(UserError, match="one GPU only"):
-        check_launchable(validate_recipe({"model": {"name_or_path": "x"}, "task": "dpo"}), 2, cpu=True)
+    check_launchable(validate_recipe({"model": {"name_or_path": "x"}, "task": "dpo"}), 2, cpu=True)  # runs on N
+    with pytest.raises(UserError, match="1 example per step"):
+        check_launchable(validate_recipe({"model": {"name_or_path": "x"}, "task": "kto", "training": {
+            "micro_batch_size": 1, "grad_accum": 1}}), 1, cpu=True)
     with pytest.raises(UserError, match="single-GPU optimizer"):
         check_launchable(recipe(method="full", optimizer="adamw_cpu_offload"), 2, cpu=True)
     import torch
@@ -82,6 +84,18 @@ def test_launch_refusals():
     if torch.cuda.device_count() < 64:
         with pytest.raises(UserError, match="64 GPUs asked for"):
             check_launchable(recipe(), 64, cpu=False)
+
+
+def test_a_reference_copy_is_refused_under_fsdp_only():
+    """Full fine-tuning's DPO reference is a frozen copy of the model: FSDP would shard the policy only."""
+    from onecard.train.distributed import check_strategy
+
+    full_dpo = validate_recipe({"model": {"name_or_path": "x"}, "task": "dpo", "method": "full"})
+    check_strategy(full_dpo, "ddp")
+    with pytest.raises(UserError, match="whole on every GPU") as exc:
+        check_strategy(full_dpo, "fsdp")
+    assert exc.value.where == "preference.reference" and "--strategy ddp" in exc.value.fix
+    check_strategy(validate_recipe({"model": {"name_or_path": "x"}, "task": "kto"}), "fsdp")  # LoRA: no copy
 
 
 def test_resume_refused_on_a_different_number_of_processes(tmp_path):
