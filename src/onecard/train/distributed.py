@@ -256,13 +256,20 @@ def fsdp_plugin():
         state_dict_type="FULL_STATE_DICT", auto_wrap_policy="transformer_based_wrap")
 
 
-def prepare(dist: Dist, model, optimizer, recipe):
+def prepare(dist: Dist, model, optimizer, recipe, low_memory: bool = False):
     """(model, optimizer) wrapped through ``accelerator.prepare`` -- together, as FSDP2 requires: accelerate swaps
     the optimizer's parameters for the sharded DTensors. Under sharded QLoRA peft's fp32 upcast of frozen norms and
-    embeddings is undone (bf16, as trl does; the planner counts them so)."""
+    embeddings is undone (bf16, as trl does; the planner counts them so). ``low_memory``: the model was loaded by
+    train/fsdp_load.py (rank 0's in host memory, the others' on meta), and the wrap hands out rank 0's weights."""
     check_strategy(recipe, dist.strategy)
-    if dist.strategy == "fsdp" and recipe.method == "qlora":
-        _frozen_to_bf16_(model)
+    if dist.strategy == "fsdp" and recipe.method == "qlora" and dist.device.startswith("cuda"):
+        _frozen_to_bf16_(model)  # on CPU compute is fp32 and prepare_kbit keeps fp32, as on one process
+    if low_memory:
+        from onecard.train.fsdp_load import share_quant_states
+
+        if recipe.method == "qlora":
+            share_quant_states(dist, model)
+        dist.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = True  # read by fsdp2_prepare_model
     return dist.accelerator.prepare(model, optimizer)
 
 

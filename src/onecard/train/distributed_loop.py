@@ -32,6 +32,7 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
                             allow_recipe_change: bool = False):
     """(model, tokenizer, summary); ``summary`` is None on ranks other than 0."""
     from onecard.train import distributed as D
+    from onecard.train import fsdp_load
     from onecard.train.checkpoint import TrainState
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer
     from onecard.train.optim import build_optimizer
@@ -51,7 +52,10 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     from onecard.train.memory_cap import apply_requested_cap
 
     apply_requested_cap(dist.device, main_console)  # --memory-cap-gib, per GPU: before anything is allocated there
-    model, tokenizer = load_model_and_tokenizer(recipe, dist.device)
+    low_memory = fsdp_load.low_memory(dist)  # FSDP2: rank 0 reads the weights into host memory, the rest on meta
+    model, tokenizer = (fsdp_load.load_for_fsdp(recipe, dist) if low_memory
+                        else load_model_and_tokenizer(recipe, dist.device))
+    meta_counts = dist.to_main(fsdp_load.meta_parameter_count(model))  # rank 0: every rank's, before the wrap
     task = task_ranks(dist, model, tokenizer, recipe, main_console)  # before wrapping: kernels, the reference
     schedule = Schedule.from_recipe(recipe, len(task.dataset.examples), dist.world)
     dist.barrier()
@@ -64,11 +68,14 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
         enable_grad_ckpt(model, recipe)  # transformers' checkpointing, as on one GPU (see distributed.fsdp_plugin)
     # Built on the plain model (weight decay tells matrices from vectors by their shape); accelerate re-points it
     # at FSDP2's sharded parameters when both are prepared together.
-    model, optimizer = D.prepare(dist, model, build_optimizer(model, recipe, dist.device, main_console), recipe)
+    model, optimizer = D.prepare(dist, model, build_optimizer(model, recipe, dist.device, main_console), recipe,
+                                 low_memory)
     state = restore_ranks(run_dir, dist, model, optimizer) if resume else TrainState()
     started = state.global_step
     state, timing = run_steps(task.step(model, optimizer), schedule, state, main_console)
     extra = task.end(model, state)  # every rank: a held-out eval takes all of them
+    extra["low_memory_loading"] = {"on": low_memory, "meta_params_before_wrap_by_rank": [m for m, _ in meta_counts],
+                                   "params": meta_counts[0][1]} if dist.is_main else None
     summary = finish_ranks(dist, model, tokenizer, state, timing, task.dataset, recipe, started, extra)
     unwrapped = dist.accelerator.unwrap_model(model)
     _shutdown()
