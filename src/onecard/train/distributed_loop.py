@@ -38,6 +38,7 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     from onecard.train.optim import build_optimizer
     from onecard.train.resume_policy import record_resume
     from onecard.train.rundir import prepare_run_dir
+    from onecard.train.summary import reset_peak_after_setup
 
     dist = D.init(recipe)
     D.check_strategy(recipe, dist.strategy)  # before loading: a rank of an external launcher had no parent check
@@ -71,11 +72,13 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     model, optimizer = D.prepare(dist, model, build_optimizer(model, recipe, dist.device, main_console), recipe,
                                  low_memory)
     state = restore_ranks(run_dir, dist, model, optimizer) if resume else TrainState()
+    setup = reset_peak_after_setup(dist.device)  # the load and wrap peak (plan: load_bytes), then the step's own
     started = state.global_step
     state, timing = run_steps(task.step(model, optimizer), schedule, state, main_console)
     extra = task.end(model, state)  # every rank: a held-out eval takes all of them
     extra["low_memory_loading"] = {"on": low_memory, "meta_params_before_wrap_by_rank": [m for m, _ in meta_counts],
                                    "params": meta_counts[0][1]} if dist.is_main else None
+    extra.update(setup)
     summary = finish_ranks(dist, model, tokenizer, state, timing, task.dataset, recipe, started, extra)
     unwrapped = dist.accelerator.unwrap_model(model)
     _shutdown()
