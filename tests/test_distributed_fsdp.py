@@ -1,7 +1,8 @@
 """FSDP2 on 2 CPU processes (gloo, a CPU device mesh; train/distributed.py ``_fsdp_on_cpu``), end to end through
 ``onecard train --num-gpus 2 --cpu --strategy fsdp``, against one in-process run with the same global batch:
 the loss curve to 1e-6 relative, the trained-token counts exactly, and the saved adapter (gathered from the shards on
-rank 0, peft's format) tensor for tensor. LoRA runs through a kill after the step-2 checkpoint and a resume (each
+rank 0, peft's format) tensor for tensor. Rank 0 alone reads the weights; rank 1 builds on meta and gets its
+shards from rank 0 in the wrap (train/fsdp_load.py). LoRA runs through a kill after the step-2 checkpoint and a resume (each
 rank's parameter and optimizer shards come back from ``ranks-step-2/``); DoRA, once refused under FSDP1 because
 peft read lora_A outside its unit, trains whole under FSDP2's layer units.
 """
@@ -60,4 +61,6 @@ def test_fsdp2_two_cpu_processes_match_one(tmp_path, tiny_llama_dir, method, res
     summary = json.loads(done.stdout)
     assert summary["strategy"] == "fsdp" and summary["num_gpus"] == 2
     assert summary.get("resumed_from_step") == (2 if resume else None)
+    loading = summary["low_memory_loading"]  # accelerate's cpu_ram_efficient_loading: rank 1 built on meta
+    assert loading["on"] and loading["meta_params_before_wrap_by_rank"] == [0, loading["params"]]
     _compare(single.run_dir, run_dir)

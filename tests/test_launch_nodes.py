@@ -110,13 +110,14 @@ def test_launch_flags_given_to_an_external_rank_are_refused(monkeypatch):
         join_external([], 2, Nodes(2, 0, "x"), "auto", False)
 
 
-def test_a_preference_task_is_refused_in_a_rank_of_an_external_launcher(monkeypatch):
-    """DPO/KTO have no multi-rank step: a torchrun rank must not fall into the SFT loop with it."""
+def test_a_preference_recipe_error_stops_a_rank_of_an_external_launcher_before_loading(monkeypatch):
+    """A rank started by torchrun has had no parent to check the recipe: the task's refusals run in it."""
     from onecard.recipe import validate_recipe
     from onecard.train.loop import train
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(UserError, match="task dpo runs on one GPU only") as exc:
-        train(validate_recipe({"model": {"name_or_path": "x"}, "task": "dpo", "training": {"num_gpus": 2}}))
-    assert "pairs" in exc.value.what and exc.value.fix
+    with pytest.raises(UserError, match="'adapter-disabled' needs an adapter method") as exc:
+        train(validate_recipe({"model": {"name_or_path": "x"}, "task": "dpo", "method": "full",
+                               "preference": {"reference": "adapter-disabled"}, "training": {"num_gpus": 2}}))
+    assert exc.value.fix

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from onecard.catalog.families import NOT_UNDER_FSDP, NOT_UNDER_FSDP_FIX
 from onecard.plan import activations as act
 from onecard.plan import static
+from onecard.plan.fsdp_load import fsdp_load_bytes, quant_constant_bytes
 from onecard.plan.inputs import PlanInputs
 
 GIB = 2**30
@@ -55,6 +56,7 @@ class MemoryPlan:
     spillable_bytes: int = 0       # paged optimizer state: on the card when there is room, else on the host
     host_bytes: int = 0
     verdict: str = ""              # fits | tight | does not fit
+    load_bytes: int = 0            # FSDP's load phase per GPU (plan/fsdp_load.py), 0 on one GPU
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -81,7 +83,7 @@ class MemoryPlan:
             "required_bytes": self.required_bytes, "spillable_bytes": self.spillable_bytes,
             "host_bytes": self.host_bytes, "total_bytes": self.total_bytes, "total_gib": round(self.total_bytes / GIB, 3),
             "capacity_bytes": self.capacity_bytes, "capacity_gib": round(self.capacity_bytes / GIB, 3),
-            "verdict": self.verdict, "notes": self.notes, "label": "estimated",
+            "verdict": self.verdict, "notes": self.notes, "label": "estimated", "load_bytes": self.load_bytes,
         }
 
 
@@ -90,6 +92,10 @@ def _static_components(p: PlanInputs) -> list[Component]:
     # Sharded (FSDP) QLoRA keeps frozen norms/embeddings bf16: one dtype per flat parameter (train/distributed.py).
     upcast = p.kbit_upcast and n == 1
     out = [Component("weights", _weights_label(p), _base_bytes(p, upcast) // n)]
+    if n > 1 and p.method == "qlora":  # QuantStates are not parameters: whole on every GPU, 1/n of them counted above
+        constants = quant_constant_bytes(p)
+        out.append(Component("quant_state", "NF4 quantisation constants (whole on every GPU: FSDP shards parameters "
+                             "only)", constants - constants // n))
     if p.task in ("dpo", "kto") and p.reference == "copy":
         out.append(Component("reference", "reference model (frozen copy)",
                              static.base_weight_bytes(shape, "full", p.dtype_bytes) // n))
@@ -262,17 +268,6 @@ def _reference_pass_bytes(p: PlanInputs, layer_tok: int, logits_bytes: int) -> i
     return layer_tok * tokens + logits
 
 
-def _whole_model_load_bytes(p: PlanInputs) -> int:
-    """Under FSDP (num_gpus > 1) onecard loads the whole model on every GPU, then shards it (train/distributed.py
-    prepare_model): a load phase outside the training step the rest of this plan describes, but one the card must
-    hold. Measured on 2 x H200: 37.59 GiB of Llama 3 70B NF4 (bf16 storage) before wrapping against 36.8 planned
-    here. 0 on one GPU (the static weights are the step's own)."""
-    if p.num_gpus <= 1:
-        return 0
-    return (static.base_weight_bytes(p.shape, p.method, p.dtype_bytes, double_quant=p.double_quant, kbit_upcast=False)
-            + CUDA_CONTEXT_BYTES)  # sharded QLoRA keeps norms/embeddings bf16 (train/distributed.py)
-
-
 def _fsdp_root_unit_bytes(p: PlanInputs) -> int:
     """FSDP gathers the root unit -- what no decoder-layer unit holds: the embeddings, an untied LM head, the final
     norm -- at full size on its all-gather stream (measured under FSDP1; onecard's FSDP2 gathers the embedding and
@@ -308,14 +303,14 @@ def _finish(p: PlanInputs, comps: list[Component], peak_phase: str) -> MemoryPla
         verdict = "tight"
     else:
         verdict = "fits"
-    load = _whole_model_load_bytes(p)
+    load = fsdp_load_bytes(p, CUDA_CONTEXT_BYTES)
     if load > cap:
         verdict = "does not fit"
-    plan = MemoryPlan(p, comps, peak_phase, cap, allocator, required, spillable, host, verdict)
-    if load > cap:
-        plan.notes.append(f"every GPU loads the whole model ({load / GIB:.1f} GiB with the CUDA context) before FSDP "
-                          f"shards it, more than the card holds; the sharded step alone would need "
-                          f"{plan.total_bytes / GIB:.1f} GiB per GPU (notes/multigpu.md, known gaps)")
+    plan = MemoryPlan(p, comps, peak_phase, cap, allocator, required, spillable, host, verdict, load_bytes=load)
+    if load:
+        plan.notes.append(f"loading: {load / GIB:.1f} GiB per GPU ({load:,} bytes with the CUDA context; rank 0 reads "
+                          "the weights into host memory, each GPU keeps its shards plus one whole tensor at a time; "
+                          "plan/fsdp_load.py)" + (", more than the card holds" if load > cap else ""))
     if p.num_gpus > 1 and p.method in NOT_UNDER_FSDP:
         plan.notes.append(f"{NOT_UNDER_FSDP[p.method]}; onecard train refuses it: {NOT_UNDER_FSDP_FIX}")
     if spillable and required <= cap < required + spillable:

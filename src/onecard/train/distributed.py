@@ -9,7 +9,8 @@ The maths that make N GPUs equal one GPU with the same global batch (tests/test_
 - a global step takes ``micro_batch_size x N x grad_accum`` examples in epoch order, split into ``grad_accum``
   sets of ``micro_batch_size x N``; rank r takes slice ``[r*mb, (r+1)*mb)`` of each set (:func:`rank_slices`);
 - each rank's summed token loss is divided by the window's *global* count of trained tokens (one all-reduce), and
-  multiplied by N, because DDP and FSDP average gradients over ranks (sum / N) where we want the sum.
+  multiplied by N, because DDP and FSDP average gradients over ranks (sum / N) where we want the sum;
+- DPO/KTO the same with the window's pair or example count (train/preference_step.py ``Share``).
 """
 
 from __future__ import annotations
@@ -60,9 +61,18 @@ def choose_strategy(recipe, requested: str = "auto") -> str:
 
 
 def check_strategy(recipe, strategy: str) -> None:
-    """What the chosen strategy cannot run (:data:`NOT_UNDER_FSDP`)."""
+    """What the chosen strategy cannot run (:data:`NOT_UNDER_FSDP`; a DPO/KTO reference copy under FSDP)."""
     if strategy == "fsdp" and recipe.method in NOT_UNDER_FSDP:
         raise UserError(NOT_UNDER_FSDP[recipe.method], where="method", fix=NOT_UNDER_FSDP_FIX)
+    if strategy == "fsdp" and recipe.task in ("dpo", "kto"):
+        from onecard.train.preference_reference import resolve_reference
+
+        if resolve_reference(recipe) == "copy":
+            raise UserError(f"task {recipe.task} with a frozen copy of the model as its reference cannot run under "
+                            "FSDP: FSDP shards the model it wraps, and the copy would sit whole on every GPU -- "
+                            "the memory FSDP was chosen to save", where="preference.reference",
+                            fix="an adapter method (method lora or qlora: the reference is the adapter switched "
+                                "off, no copy), or --strategy ddp if the model and its copy fit one GPU")
 
 
 ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the older name, and torch >= 2.9's (recorded)
@@ -246,13 +256,20 @@ def fsdp_plugin():
         state_dict_type="FULL_STATE_DICT", auto_wrap_policy="transformer_based_wrap")
 
 
-def prepare(dist: Dist, model, optimizer, recipe):
+def prepare(dist: Dist, model, optimizer, recipe, low_memory: bool = False):
     """(model, optimizer) wrapped through ``accelerator.prepare`` -- together, as FSDP2 requires: accelerate swaps
     the optimizer's parameters for the sharded DTensors. Under sharded QLoRA peft's fp32 upcast of frozen norms and
-    embeddings is undone (bf16, as trl does; the planner counts them so)."""
+    embeddings is undone (bf16, as trl does; the planner counts them so). ``low_memory``: the model was loaded by
+    train/fsdp_load.py (rank 0's in host memory, the others' on meta), and the wrap hands out rank 0's weights."""
     check_strategy(recipe, dist.strategy)
-    if dist.strategy == "fsdp" and recipe.method == "qlora":
-        _frozen_to_bf16_(model)
+    if dist.strategy == "fsdp" and recipe.method == "qlora" and dist.device.startswith("cuda"):
+        _frozen_to_bf16_(model)  # on CPU compute is fp32 and prepare_kbit keeps fp32, as on one process
+    if low_memory:
+        from onecard.train.fsdp_load import share_quant_states
+
+        if recipe.method == "qlora":
+            share_quant_states(dist, model)
+        dist.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = True  # read by fsdp2_prepare_model
     return dist.accelerator.prepare(model, optimizer)
 
 

@@ -1,8 +1,10 @@
-"""The SFT recipe on N processes (one per GPU, or N CPU processes on gloo): the spine (train/spine.py), per rank.
+"""The SFT and DPO/KTO recipes on N processes (one per GPU, or N CPU processes on gloo): the spine
+(train/spine.py), per rank.
 
-Same order as the single-GPU recipe -- seed -> model -> data -> optimizer -> loop -> save -- and the same pieces
-(model loading, the step loop, ``Schedule``, LR schedule, token cross-entropy, atomic checkpoints, ``finish``);
-what it supplies is its step, :class:`RankStep`; what differs is
+Same order as the single-GPU recipes -- seed -> model -> data -> optimizer -> loop -> save -- and the same pieces
+(model loading, the step loop, ``Schedule``, LR schedule, the task's loss, atomic checkpoints, ``finish``); what
+the task brings (SFT: :class:`SFTRanks`, :class:`RankStep`; DPO/KTO: train/distributed_preference.py) is its
+data, its step and its end; what differs is
 listed in onecard.train.distributed: each rank's slice of every global micro-batch set, the window's loss divided by
 the *global* trained-token count, and side effects (run directory, metrics, progress bar, checkpoint, result) from
 rank 0 only. Checkpoints resume on the same number of processes: next to ``checkpoints/step-N/`` (rank 0's, the
@@ -29,15 +31,17 @@ from onecard.train.spine import Schedule, Step, lint_or_stop, run_steps, seed_ev
 def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False,
                             allow_recipe_change: bool = False):
     """(model, tokenizer, summary); ``summary`` is None on ranks other than 0."""
-    from onecard.data import build_dataset, pad_token_id
     from onecard.train import distributed as D
+    from onecard.train import fsdp_load
     from onecard.train.checkpoint import TrainState
     from onecard.train.model import enable_grad_ckpt, load_model_and_tokenizer
     from onecard.train.optim import build_optimizer
     from onecard.train.resume_policy import record_resume
     from onecard.train.rundir import prepare_run_dir
+    from onecard.train.summary import reset_peak_after_setup
 
     dist = D.init(recipe)
+    D.check_strategy(recipe, dist.strategy)  # before loading: a rank of an external launcher had no parent check
     main_console = console if dist.is_main else None
     run_dir = recipe.run_dir
     done = dist.main_decides(lambda: check_run_state(recipe, dist.world, resume, overwrite, allow_recipe_change))
@@ -49,10 +53,12 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
     from onecard.train.memory_cap import apply_requested_cap
 
     apply_requested_cap(dist.device, main_console)  # --memory-cap-gib, per GPU: before anything is allocated there
-    model, tokenizer = load_model_and_tokenizer(recipe, dist.device)
-    kernels = kernels_for_strategy(dist, model, recipe, main_console)  # before wrapping: patches the instance
-    dataset = build_dataset(recipe, tokenizer, split="train")
-    schedule = Schedule.from_recipe(recipe, len(dataset.examples), dist.world)
+    low_memory = fsdp_load.low_memory(dist)  # FSDP2: rank 0 reads the weights into host memory, the rest on meta
+    model, tokenizer = (fsdp_load.load_for_fsdp(recipe, dist) if low_memory
+                        else load_model_and_tokenizer(recipe, dist.device))
+    meta_counts = dist.to_main(fsdp_load.meta_parameter_count(model))  # rank 0: every rank's, before the wrap
+    task = task_ranks(dist, model, tokenizer, recipe, main_console)  # before wrapping: kernels, the reference
+    schedule = Schedule.from_recipe(recipe, len(task.dataset.examples), dist.world)
     dist.barrier()
     if dist.is_main:
         if resume:
@@ -63,15 +69,17 @@ def train_distributed_model(recipe: Recipe, resume: bool = False, console=None, 
         enable_grad_ckpt(model, recipe)  # transformers' checkpointing, as on one GPU (see distributed.fsdp_plugin)
     # Built on the plain model (weight decay tells matrices from vectors by their shape); accelerate re-points it
     # at FSDP2's sharded parameters when both are prepared together.
-    model, optimizer = D.prepare(dist, model, build_optimizer(model, recipe, dist.device, main_console), recipe)
+    model, optimizer = D.prepare(dist, model, build_optimizer(model, recipe, dist.device, main_console), recipe,
+                                 low_memory)
     state = restore_ranks(run_dir, dist, model, optimizer) if resume else TrainState()
+    setup = reset_peak_after_setup(dist.device)  # the load and wrap peak (plan: load_bytes), then the step's own
     started = state.global_step
-    step = RankStep(model, optimizer, recipe, dist, dataset, pad_token_id(tokenizer), kernels.fused_loss)
-    state, timing = run_steps(step, schedule, state, main_console)
-    kernels.revert()  # the saved adapter/model sees plain transformers modules
-    summary = finish_ranks(dist, model, tokenizer, state, timing, dataset, recipe, started)
-    if summary is not None:
-        summary["kernels"] = kernels.name
+    state, timing = run_steps(task.step(model, optimizer), schedule, state, main_console)
+    extra = task.end(model, state)  # every rank: a held-out eval takes all of them
+    extra["low_memory_loading"] = {"on": low_memory, "meta_params_before_wrap_by_rank": [m for m, _ in meta_counts],
+                                   "params": meta_counts[0][1]} if dist.is_main else None
+    extra.update(setup)
+    summary = finish_ranks(dist, model, tokenizer, state, timing, task.dataset, recipe, started, extra)
     unwrapped = dist.accelerator.unwrap_model(model)
     _shutdown()
     return unwrapped, tokenizer, summary
@@ -90,6 +98,35 @@ def check_run_state(recipe: Recipe, world: int, resume: bool, overwrite: bool, a
     if resume:
         check_resume_world(recipe.run_dir, world)
     return None
+
+
+# --------------------------------------------------------------------------- the task
+
+
+def task_ranks(dist, model, tokenizer, recipe: Recipe, console=None):
+    """What the recipe's task brings to the N-rank spine: ``.dataset``, ``.step(model, optimizer)``,
+    ``.end(model, state)`` (the summary's extra keys; run on every rank)."""
+    if recipe.task in ("dpo", "kto"):
+        from onecard.train.distributed_preference import PreferenceRanks
+
+        return PreferenceRanks(dist, model, tokenizer, recipe, console)
+    return SFTRanks(dist, model, tokenizer, recipe, console)
+
+
+class SFTRanks:
+    def __init__(self, dist, model, tokenizer, recipe: Recipe, console=None):
+        from onecard.data import build_dataset, pad_token_id
+
+        self.dist, self.recipe, self.pad_id = dist, recipe, pad_token_id(tokenizer)
+        self.kernels = kernels_for_strategy(dist, model, recipe, console)  # patches the instance
+        self.dataset = build_dataset(recipe, tokenizer, split="train")
+
+    def step(self, model, optimizer) -> "RankStep":
+        return RankStep(model, optimizer, self.recipe, self.dist, self.dataset, self.pad_id, self.kernels.fused_loss)
+
+    def end(self, model, state) -> dict[str, Any]:
+        self.kernels.revert()  # the saved adapter/model sees plain transformers modules
+        return {"kernels": self.kernels.name}
 
 
 # --------------------------------------------------------------------------- the step
@@ -243,7 +280,8 @@ class _WithStateDict:
         return self._model.parameters()
 
 
-def finish_ranks(dist, model, tokenizer, state, timing, dataset, recipe: Recipe, started: int):
+def finish_ranks(dist, model, tokenizer, state, timing, dataset, recipe: Recipe, started: int,
+                 extra: dict[str, Any] | None = None):
     from onecard.train.summary import finish
 
     unwrapped = dist.accelerator.unwrap_model(model)
@@ -255,7 +293,8 @@ def finish_ranks(dist, model, tokenizer, state, timing, dataset, recipe: Recipe,
     if dist.is_main:
         summary = finish(recipe.run_dir, recipe, unwrapped, tokenizer, state, timing, dataset, dist.device, started,
                          extra={"num_gpus": dist.world, "strategy": dist.strategy,
-                                "peak_memory_note": "rank 0's peak; tokens and tokens/s are over all ranks"})
+                                "peak_memory_note": "rank 0's peak; tokens and tokens/s are over all ranks",
+                                **(extra or {})})
     dist.barrier()
     return summary
 

@@ -74,7 +74,7 @@ def per_node_gpus(num_gpus: int | None, recipe_gpus: int, nodes: Nodes) -> int:
 
 def check_launchable(recipe, num_gpus: int, cpu: bool) -> None:
     """User errors caught in the parent, before N processes would each print them."""
-    check_task_distributable(recipe)
+    check_task_recipe(recipe)
     if recipe.training.optimizer == "adamw_cpu_offload":
         raise UserError("adamw_cpu_offload is a single-GPU optimizer", where="training.optimizer",
                         fix="with several GPUs FSDP shards the optimizer state instead: use adamw_torch_fused")
@@ -88,15 +88,13 @@ def check_launchable(recipe, num_gpus: int, cpu: bool) -> None:
                         fix=f"use --num-gpus {have}" if have > 1 else "drop --num-gpus (one GPU)")
 
 
-def check_task_distributable(recipe) -> None:
-    """DPO/KTO have no multi-rank step yet: train/preference_step.py computes its loss and log-ratio statistics
-    over the micro-batch it holds, with no per-rank slices nor all-reduced pair counts, so N ranks would each train
-    on the whole batch. Refused, in the parent and in a rank of an external launcher alike."""
+def check_task_recipe(recipe) -> None:
+    """The task's own refusals that need the recipe only (DPO/KTO: the reference policy, KTO's examples per step),
+    in the parent and in a rank of an external launcher alike: before N processes load anything."""
     if recipe.task in ("dpo", "kto"):
-        raise UserError(f"task {recipe.task} runs on one GPU only for now: its step has no per-rank split of the "
-                        "pairs and no all-reduced pair counts", where="training.num_gpus",
-                        fix="train it on one GPU (drop --num-gpus, or run one process); a model too large for one "
-                            "GPU: method qlora, or training.offload_weights")
+        from onecard.train.preference import check_preference_recipe
+
+        check_preference_recipe(recipe)
 
 
 def free_port() -> int:

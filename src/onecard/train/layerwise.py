@@ -119,9 +119,13 @@ def local_snapshot(source: str, revision: str | None) -> str:
                         where="model.name_or_path", fix="download the model to a local directory") from None
 
 
-def load_layerwise(recipe, source: str, device: str, dtype, park_layers, attn_implementation: str = "sdpa"):
+def load_layerwise(recipe, source: str, device: str, dtype, park_layers, attn_implementation: str = "sdpa",
+                   quantize_on: str | None = None, quant_storage=None):
     """The recipe's base read from its checkpoint layer by layer: NF4 for qlora, e4m3 for ``quant.base: fp8``, else
-    ``dtype``; the ``park_layers`` parked in pinned host memory for streaming. Returns ``(model, fp8 handle or None)``."""
+    ``dtype``; the ``park_layers`` parked in pinned host memory for streaming. Returns ``(model, fp8 handle or None)``.
+    ``quantize_on``: the device a QLoRA layer is quantised on, when it is not ``device`` (FSDP2's low-memory load:
+    built in host memory, quantised on the GPU one layer at a time, back to the host); ``quant_storage`` as
+    :func:`quantize_linears_`."""
     import torch
     from transformers import AutoConfig
 
@@ -132,7 +136,10 @@ def load_layerwise(recipe, source: str, device: str, dtype, park_layers, attn_im
     convert, fp8_handle = None, None
     if recipe.method == "qlora":
         compute = getattr(torch, recipe.quant.compute_dtype)
-        convert = lambda layer: quantize_linears_(layer, device, compute_dtype=compute)  # noqa: E731
+        def convert(layer):
+            quantize_linears_(layer, quantize_on or device, compute_dtype=compute, quant_storage=quant_storage)
+            if quantize_on and quantize_on != device:
+                layer.to(device)  # Params4bit.to moves the packed data and its QuantState
     elif recipe.quant.base == "fp8":
         from onecard.patch.handle import PatchHandle
 

@@ -30,9 +30,9 @@ def train_model(recipe: Recipe, resume: bool = False, console=None, overwrite: b
 
     if is_worker():  # rank 0 alone reads the run directory (it may live on rank 0's node only), then tells the rest
         from onecard.train.distributed_loop import train_distributed_model
-        from onecard.train.launch import check_task_distributable
+        from onecard.train.launch import check_task_recipe
 
-        check_task_distributable(recipe)  # a rank of an external launcher has had no parent to check it
+        check_task_recipe(recipe)  # a rank of an external launcher has had no parent to check it
         require_sinks(recipe)
         return train_distributed_model(recipe, resume=resume, console=console, overwrite=overwrite,
                                        allow_recipe_change=allow_recipe_change)

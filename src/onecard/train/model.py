@@ -130,11 +130,13 @@ def quant_config(recipe: Recipe):
                               **quant_storage_kwargs())  # bf16 storage under FSDP, else bitsandbytes' uint8
 
 
-def load_base(recipe: Recipe, device: str | None = None, park_layers=()):
+def load_base(recipe: Recipe, device: str | None = None, park_layers=(), place: str = "device"):
     """The base model (no adapter) exactly as training sees it: (model, tokenizer, source).
 
     ``park_layers``: decoder layers whose frozen weights will stream from host memory (train/stream_setup.py); the
-    base is then read layer by layer (train/layerwise.py), so it never has to fit the card whole."""
+    base is then read layer by layer (train/layerwise.py), so it never has to fit the card whole.
+    ``place``: "device"; or, for FSDP2's low-memory loading (train/fsdp_load.py), "host" (the weights in host
+    memory, a QLoRA base quantised on ``device`` one layer at a time) or "meta" (shapes only, nothing read)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
@@ -151,7 +153,11 @@ def load_base(recipe: Recipe, device: str | None = None, park_layers=()):
     if recipe.method == "qlora":
         _require_bitsandbytes()
         kwargs.update(quantization_config=quant_config(recipe), device_map={"": device})
-    if park_layers:
+    if place != "device":
+        from onecard.train.fsdp_load import load_placed
+
+        model = load_placed(recipe, source, device, dtype, kwargs["attn_implementation"], place)
+    elif park_layers:
         from onecard.train.layerwise import load_layerwise
 
         model, fp8_handle = load_layerwise(recipe, source, device, dtype, park_layers, kwargs["attn_implementation"])
@@ -187,12 +193,12 @@ def _require_bitsandbytes() -> None:
                         fix="pip install bitsandbytes, or use method lora")
 
 
-def load_model_and_tokenizer(recipe: Recipe, device: str | None = None, park_layers=()):
+def load_model_and_tokenizer(recipe: Recipe, device: str | None = None, park_layers=(), place: str = "device"):
     """Base model + tokenizer with the recipe's adapter applied (or all weights trainable for full);
-    ``park_layers`` as :func:`load_base`."""
+    ``park_layers`` and ``place`` as :func:`load_base`."""
     from transformers import set_seed
 
-    model, tokenizer, _ = load_base(recipe, device, park_layers)
+    model, tokenizer, _ = load_base(recipe, device, park_layers, place)
     if recipe.method == "qlora":
         import torch
 

@@ -76,15 +76,12 @@ def check_preference_recipe(recipe: Recipe) -> None:
 
     resolve_reference(recipe)
     t = recipe.training
-    if t.num_gpus > 1:
-        raise UserError(f"task {recipe.task} runs on one GPU only for now", where="training.num_gpus",
-                        fix="set training.num_gpus=1 (or drop --num-gpus)")
-    if recipe.task == "kto" and t.micro_batch_size * t.grad_accum < 2:
+    if recipe.task == "kto" and t.micro_batch_size * t.num_gpus * t.grad_accum < 2:
         raise UserError("KTO estimates its KL reference point from mismatched (prompt, completion) pairs of one "
                         "optimizer step; with 1 example per step there is nothing to mismatch",
                         where="training.grad_accum",
-                        fix="use at least 2 examples per step (micro_batch_size x grad_accum >= 2), e.g. "
-                        "--set training.grad_accum=8")
+                        fix="use at least 2 examples per step (micro_batch_size x num_gpus x grad_accum >= 2), "
+                        "e.g. --set training.grad_accum=8")
 
 
 def _say_no_kernels(recipe: Recipe, console) -> None:
@@ -127,9 +124,14 @@ def _finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, s
     """The SFT loop's ``finish`` (weights, then summary.json), with the preference numbers added to the summary."""
     from onecard.train.summary import finish
 
-    extra = {**extra, "kernels": "none", "beta": recipe.preference.beta,
-             "loss_type": recipe.preference.loss_type if recipe.task == "dpo" else "kto"}
-    return finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started, extra=extra)
+    return finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started,
+                  extra=preference_extra(recipe, extra))
+
+
+def preference_extra(recipe: Recipe, extra: dict[str, Any]) -> dict[str, Any]:
+    """The preference numbers of the summary: the step's and eval metrics given, the loss settings."""
+    return {**extra, "kernels": "none", "beta": recipe.preference.beta,
+            "loss_type": recipe.preference.loss_type if recipe.task == "dpo" else "kto"}
 
 
 def progress_text(metrics: dict[str, Any]) -> str:
