@@ -240,3 +240,23 @@ def test_layerwise_loading_names_the_missing_tensor(tmp_path, four_layer_dir):
     with pytest.raises(UserError, match=r"no tensor model\.layers\.2\.mlp\.down_proj\.weight"):
         build_layerwise(AutoConfig.from_pretrained(bad), "cpu", lambda m, prefix: reader.fill(m, prefix, torch.float32),
                         dtype=torch.float32)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("fp4", False), ("nf4", True)])
+def test_layerwise_qlora_uses_the_recipe_s_4bit_settings(four_layer_dir, quant_type, double_quant):
+    """The layer-by-layer loader quantises as the recipe says (quant.quant_type, quant.double_quant), as the
+    whole-model loader's BitsAndBytesConfig does, not always NF4 with double quantisation."""
+    import bitsandbytes as bnb
+    import torch
+
+    from onecard.recipe import validate_recipe
+    from onecard.train.layerwise import load_layerwise
+
+    recipe = validate_recipe({"model": {"name_or_path": four_layer_dir}, "method": "qlora",
+                              "quant": {"quant_type": quant_type, "double_quant": double_quant,
+                                        "compute_dtype": "float32"}})
+    model, _ = load_layerwise(recipe, four_layer_dir, "cpu", torch.float32, ())
+    q = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert q and all(m.weight.quant_type == quant_type for m in q)
+    assert all(m.weight.compress_statistics == double_quant for m in q)
+    assert all((m.weight.quant_state.state2 is not None) == double_quant for m in q)

@@ -85,7 +85,7 @@ def meta_skeleton(recipe, source: str, device: str, dtype, attn_implementation: 
     if recipe.method == "qlora":
         for layer in decoder.layers:
             quantize_linears_(layer, "meta", compute_dtype=getattr(torch, recipe.quant.compute_dtype),
-                              quant_storage=storage)
+                              quant_storage=storage, quant=recipe.quant)
         model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit (peft/tuners/lora/model.py)
     left = [n for n, b in model.named_buffers() if b.is_meta]
     if left:  # accelerate re-registers non-persistent buffers from each rank's own copy, which must be real

@@ -137,7 +137,8 @@ def load_layerwise(recipe, source: str, device: str, dtype, park_layers, attn_im
     if recipe.method == "qlora":
         compute = getattr(torch, recipe.quant.compute_dtype)
         def convert(layer):
-            quantize_linears_(layer, quantize_on or device, compute_dtype=compute, quant_storage=quant_storage)
+            quantize_linears_(layer, quantize_on or device, compute_dtype=compute, quant_storage=quant_storage,
+                              quant=recipe.quant)
             if quantize_on and quantize_on != device:
                 layer.to(device)  # Params4bit.to moves the packed data and its QuantState
     elif recipe.quant.base == "fp8":
@@ -154,22 +155,25 @@ def load_layerwise(recipe, source: str, device: str, dtype, park_layers, attn_im
     return model, fp8_handle
 
 
-def quantize_linears_(module, device: str, compute_dtype=None, quant_storage=None) -> None:
-    """Replace every ``nn.Linear`` under ``module`` by an NF4 ``bnb.nn.Linear4bit`` (double quant, bf16 compute),
-    the QLoRA settings of ``onecard.train.model.quant_config``; ``quant_storage`` as bitsandbytes' (default uint8)."""
+def quantize_linears_(module, device: str, compute_dtype=None, quant_storage=None, quant=None) -> None:
+    """Replace every ``nn.Linear`` under ``module`` by a 4-bit ``bnb.nn.Linear4bit``: the recipe's ``quant``
+    section (quant_type, double_quant), as ``onecard.train.model.quant_config`` gives them to transformers; without
+    one, QLoRA's NF4 with double quantisation. bf16 compute unless ``compute_dtype``; ``quant_storage`` as
+    bitsandbytes' (default uint8)."""
     import bitsandbytes as bnb
     import torch
 
     compute_dtype = compute_dtype or torch.bfloat16
+    quant_type, double = ("nf4", True) if quant is None else (quant.quant_type, quant.double_quant)
     storage = {} if quant_storage is None else {"quant_storage": quant_storage}
     targets = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
     for name, lin in targets:
         parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                              compute_dtype=compute_dtype, compress_statistics=double, quant_type=quant_type,
                               device="meta", **storage)
-        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4", module=q, **storage).to(device)  # .to() quantises on the GPU
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=double,
+                                     quant_type=quant_type, module=q, **storage).to(device)  # .to() quantises on GPU
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
         setattr(parent, name.rsplit(".", 1)[-1], q)
