@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from onecard.bench.memory_snapshot import BUCKETS_BYTES, gib_view, summarize_snapshot
 
 MIB = 2**20
@@ -107,28 +109,26 @@ def test_probe_keeps_the_peak_reserved_snapshot():
     assert keeper.samples == 4
 
 
-def test_probe_fsdp_variant_flags_reach_the_plugin():
-    """The probe's FSDP flags change the plugin onecard train builds (distributed.fsdp_plugin) before wrapping, and
-    the row records what FSDP is given; no flags leave onecard's defaults."""
+def test_probe_fsdp_row_records_the_fsdp2_plugin_and_refuses_fsdp1_flags():
+    """The probe's row records what FSDP2 is given (distributed.fsdp_plugin); the FSDP1 variant flags (rate limit,
+    prefetch order) have no FSDP2 knob, so they stop the probe instead of being silently ignored; None under DDP."""
     from types import SimpleNamespace as NS
 
     from onecard.train import distributed as D
     from onecard.bench.distributed_probe import _fsdp_variant, _variant_name
 
-    def run(**flags):
-        args = NS(**{"no_limit_all_gathers": False, "forward_prefetch": False, "backward_prefetch": None, **flags})
-        plugin = D.fsdp_plugin()
-        settings = _fsdp_variant(NS(strategy="fsdp", accelerator=NS(state=NS(fsdp_plugin=plugin))), args)
-        return settings, _variant_name(args), plugin
+    def args(**flags):
+        return NS(**{"no_limit_all_gathers": False, "forward_prefetch": False, "backward_prefetch": None, **flags})
 
-    settings, name, plugin = run()
-    assert name == "default" and settings["limit_all_gathers"] is True and settings["forward_prefetch"] is False
-    settings, name, plugin = run(no_limit_all_gathers=True, forward_prefetch=True, backward_prefetch="pre")
-    assert name == "no-limit-all-gathers+forward-prefetch+backward-prefetch-pre"
-    assert plugin.limit_all_gathers is False and plugin.forward_prefetch is True
-    assert settings["backward_prefetch"].endswith("BACKWARD_PRE")
+    fsdp = NS(strategy="fsdp", accelerator=NS(state=NS(fsdp_plugin=D.fsdp_plugin())))
+    settings = _fsdp_variant(fsdp, args())
+    assert _variant_name(args()) == "default" and settings["fsdp_version"] == 2
+    assert set(settings) == {"fsdp_version", "reshard_after_forward", "cpu_ram_efficient_loading"}
+    for flag in ({"no_limit_all_gathers": True}, {"forward_prefetch": True}, {"backward_prefetch": "pre"}):
+        with pytest.raises(SystemExit, match="FSDP1 settings"):
+            _fsdp_variant(fsdp, args(**flag))
     ddp = NS(strategy="ddp", accelerator=NS(state=NS(fsdp_plugin=None)))
-    assert _fsdp_variant(ddp, NS(no_limit_all_gathers=True, forward_prefetch=False, backward_prefetch=None)) is None
+    assert _fsdp_variant(ddp, args(no_limit_all_gathers=True)) is None
 
 
 def test_probe_steps_record_snapshots(monkeypatch):
@@ -157,10 +157,11 @@ def test_probe_steps_record_snapshots(monkeypatch):
     model = apply_adapter(build_base(cfg, "cpu"), recipe)
     dist = NS(device="cpu", rank=0, world=1, clip_grad_norm_=lambda m, n: torch.nn.utils.clip_grad_norm_(
         [p for p in m.parameters() if p.requires_grad], n))
-    out = _steps(dist, model, recipe, cfg, 3, memory_snapshot=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    out = _steps(dist, model, optimizer, cfg, 3, memory_snapshot=True)
     assert len(out["losses"]) == 3 and out["peak_reserved_gib"] == 50
     assert out["memory_snapshot_at_peak"]["where"] == "step1.optimizer"
     assert out["memory_snapshot_at_peak"]["samples"] == 6
     assert out["memory_snapshot"]["total"]["inactive_bytes"] == MIB
     assert out["memory_snapshot_s_in_steps"] >= 0
-    assert "memory_snapshot" not in _steps(dist, model, recipe, cfg, 1)
+    assert "memory_snapshot" not in _steps(dist, model, optimizer, cfg, 1)
