@@ -226,7 +226,7 @@ def _one_step(strategy: str):
     from types import SimpleNamespace
 
     from onecard.train.distributed import Dist
-    from onecard.train.distributed_loop import RankStep
+    from onecard.train.rank_step import RankStep
     from onecard.train.spine import optimizer_step
 
     class OneProcess(Dist):

@@ -44,6 +44,7 @@ KERNELS = {
     "fp8.e4m3_code": None,
     "fp8._quant_rows": ({"X": "*bf16", "CS": "*fp32", "Q": "*fp8e4nv", "S": "*fp32", "stride_x": "i32",
                          "stride_q": "i32", "n_cols": "i32"}, {"HAS_CS": True, "CHUNK": 2048}),
+    "fp8._transpose_bytes": ({"X": "*u8", "Y": "*u8", "n_rows": "i32", "n_cols": "i32"}, {"BLOCK": 64}),
     "rope._rope_kernel": ({"X": "*bf16", "OUT": "*bf16", "COS": "*bf16", "SIN": "*bf16", "seq_len": "i32",
                            "n_heads": "i32", "half": "i32", "sxb": "i32", "sxh": "i32", "sxs": "i32", "sob": "i32",
                            "soh": "i32", "sos": "i32", "scb": "i32", "scs": "i32"},

@@ -384,3 +384,18 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, bas
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_reference(recipe: Recipe) -> str:
+    """The DPO/KTO reference policy ``preference.reference`` resolves to: ``auto`` is the adapter switched off (or
+    the starting adapter, loaded a second time, when training from one), and a frozen copy for full fine-tuning."""
+    choice = recipe.preference.reference
+    if choice == "auto":
+        if not recipe.is_adapter:
+            return "copy"
+        return "named-adapter" if recipe.adapter.init_adapter else "adapter-disabled"
+    if choice == "adapter-disabled" and not recipe.is_adapter:
+        raise UserError("preference.reference 'adapter-disabled' needs an adapter method; with method 'full' there "
+                        "is no adapter to switch off", where="preference.reference",
+                        fix="use reference: copy (or auto) for full fine-tuning, or method: lora")
+    return choice

@@ -173,12 +173,9 @@ def probe_results(results_dir: Path = RESULTS_DIR) -> list[dict]:
 
 def kernel_probes(results_dir: Path = RESULTS_DIR) -> list[dict]:
     """The probes of a card with room (the kernels section's target); streamed ones have their own section."""
+    from onecard.bench.report_extra import streamed_probe
+
     return [p for p in probe_results(results_dir) if not streamed_probe(p)]
-
-
-def streamed_probe(result: dict) -> bool:
-    """A probe that tried streamed base weights (a model larger than the card): its own section (report_extra)."""
-    return any(t.get("offload_weights") for t in result.get("tried", []))
 
 
 def main(argv: list[str] | None = None) -> None:

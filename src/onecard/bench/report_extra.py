@@ -24,10 +24,13 @@ def _results(results_dir: Path, pattern: str) -> list[tuple[str, dict]]:
     return [(f.name, json.loads(f.read_text())) for f in sorted(Path(results_dir).glob(pattern))]
 
 
+def streamed_probe(result: dict) -> bool:
+    """A probe that tried streamed base weights (a model larger than the card): its own section here."""
+    return any(t.get("offload_weights") for t in result.get("tried", []))
+
+
 def stream_probe_section(results_dir: Path) -> str:
     """``onecard plan --probe`` results that tried streamed weights (bench/results/e2e/probe_*.json)."""
-    from onecard.bench.report import streamed_probe
-
     found = [(n, r) for n, r in _results(Path(results_dir) / "e2e", "probe_*.json") if streamed_probe(r)]
     if not found:
         return ""

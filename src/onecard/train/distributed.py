@@ -65,7 +65,7 @@ def check_strategy(recipe, strategy: str) -> None:
     if strategy == "fsdp" and recipe.method in NOT_UNDER_FSDP:
         raise UserError(NOT_UNDER_FSDP[recipe.method], where="method", fix=NOT_UNDER_FSDP_FIX)
     if strategy == "fsdp" and recipe.task in ("dpo", "kto"):
-        from onecard.train.preference_reference import resolve_reference
+        from onecard.recipe import resolve_reference
 
         if resolve_reference(recipe) == "copy":
             raise UserError(f"task {recipe.task} with a frozen copy of the model as its reference cannot run under "

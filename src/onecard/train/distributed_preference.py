@@ -16,7 +16,7 @@ import contextlib
 from typing import Any
 
 from onecard.recipe import Recipe
-from onecard.train.distributed_loop import RankStep
+from onecard.train.rank_step import RankStep
 
 
 class PreferenceRanks:

@@ -30,17 +30,6 @@ def low_memory(dist) -> bool:
     return dist.strategy == "fsdp" and dist.world > 1
 
 
-def load_for_fsdp(recipe, dist):
-    """(model, tokenizer) for this rank: rank 0's base in host memory, the others' on meta; adapters applied."""
-    from onecard.train.model import load_model_and_tokenizer
-
-    if recipe.training.offload_weights is True:
-        raise UserError("training.offload_weights streams one GPU's frozen weights from host memory; under FSDP the "
-                        "weights are sharded over the GPUs instead", where="training.offload_weights",
-                        fix="set training.offload_weights: false with --num-gpus (or train on one GPU)")
-    return load_model_and_tokenizer(recipe, dist.device, place="host" if dist.is_main else "meta")
-
-
 def load_placed(recipe, source: str, device: str, dtype, attn_implementation: str, place: str):
     """The base of ``load_base(place=...)``: "host" (read into host memory) or "meta" (shapes only)."""
     import torch

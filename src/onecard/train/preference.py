@@ -72,7 +72,7 @@ def train_preference_model(recipe: Recipe, resume: bool = False, console=None, o
 
 def check_preference_recipe(recipe: Recipe) -> None:
     """Refusals that need the recipe only (before the model is loaded)."""
-    from onecard.train.preference_reference import resolve_reference
+    from onecard.recipe import resolve_reference
 
     resolve_reference(recipe)
     t = recipe.training

@@ -22,7 +22,7 @@ import contextlib
 import copy
 
 from onecard.errors import UserError
-from onecard.recipe import Recipe
+from onecard.recipe import Recipe, resolve_reference
 
 REFERENCE_ADAPTER = "reference"
 
@@ -68,19 +68,6 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
-
-
-def resolve_reference(recipe: Recipe) -> str:
-    choice = recipe.preference.reference
-    if choice == "auto":
-        if not recipe.is_adapter:
-            return "copy"
-        return "named-adapter" if recipe.adapter.init_adapter else "adapter-disabled"
-    if choice == "adapter-disabled" and not recipe.is_adapter:
-        raise UserError("preference.reference 'adapter-disabled' needs an adapter method; with method 'full' there "
-                        "is no adapter to switch off", where="preference.reference",
-                        fix="use reference: copy (or auto) for full fine-tuning, or method: lora")
-    return choice
 
 
 def setup_reference(model, recipe: Recipe) -> Reference:
