@@ -18,6 +18,17 @@ from test_offload import _model_and_batch  # noqa: E402
 from test_train_accum import grads, max_diff  # noqa: E402
 
 
+@pytest.fixture
+def torch_references():
+    """Model-level tests run onecard's Triton ops as their torch references (kernels/_triton.py reference_only):
+    streaming binds weights, it does not touch the ops, and the CPU interpreter would take a minute per case.
+    The kernels themselves are checked against those references in the kernel tests."""
+    from onecard.kernels._triton import reference_only
+
+    with reference_only():
+        yield
+
+
 @pytest.fixture(scope="module")
 def four_layer_dir(tmp_path_factory):
     """A 4-layer tiny Llama: with 1 resident layer and 2 slots, every slot is reused within a step."""
@@ -55,7 +66,8 @@ def _halves(batch):
 @pytest.mark.parametrize("method,kernels,offload", [("lora", "none", False), ("lora", "onecard", False),
                                                     ("lora", "onecard", True), ("qlora", "none", False),
                                                     ("qlora", "onecard", True), ("dora", "onecard", False)])
-def test_streaming_gives_the_same_loss_and_gradients(tmp_path, four_layer_dir, method, kernels, offload):
+def test_streaming_gives_the_same_loss_and_gradients(tmp_path, four_layer_dir, method, kernels, offload,
+                                                     torch_references):
     from onecard.patch.stream_weights import apply_weight_streaming, decoder_layers
 
     ref_model, batch = _model_and_batch(tmp_path, four_layer_dir, offload=offload, kernels=kernels, method=method)
@@ -195,7 +207,8 @@ def test_streamed_layers_are_spread_between_the_resident_ones():
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
-def test_a_base_read_layer_by_layer_and_parked_trains_as_one_loaded_whole(tmp_path, four_layer_dir, method):
+def test_a_base_read_layer_by_layer_and_parked_trains_as_one_loaded_whole(tmp_path, four_layer_dir, method,
+                                                                           torch_references):
     """train/layerwise.py: the loader for a base larger than the card. The parked layers are what streaming runs on
     (no second host copy), and loss and gradients equal the whole-loaded model's."""
     from onecard.patch.stream_weights import PARKED, apply_weight_streaming, decoder_layers, streamed_layer_ids
