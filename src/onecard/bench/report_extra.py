@@ -24,6 +24,11 @@ def _results(results_dir: Path, pattern: str) -> list[tuple[str, dict]]:
     return [(f.name, json.loads(f.read_text())) for f in sorted(Path(results_dir).glob(pattern))]
 
 
+def _section(found: list[tuple[str, dict]], header: str, part) -> str:
+    """``header`` then ``part(name, result)`` for each result file; nothing when there are none."""
+    return header + "".join(part(name, r) for name, r in found) if found else ""
+
+
 def streamed_probe(result: dict) -> bool:
     """A probe that tried streamed base weights (a model larger than the card): its own section here."""
     return any(t.get("offload_weights") for t in result.get("tried", []))
@@ -31,13 +36,8 @@ def streamed_probe(result: dict) -> bool:
 
 def stream_probe_section(results_dir: Path) -> str:
     """``onecard plan --probe`` results that tried streamed weights (bench/results/e2e/probe_*.json)."""
-    found = [(n, r) for n, r in _results(Path(results_dir) / "e2e", "probe_*.json") if streamed_probe(r)]
-    if not found:
-        return ""
-    out = ["\n## `plan --probe` with streamed weights - measured, H200\n\n"
-           "Each setting that does not fit the card is tried again with its base weights streamed (after every "
-           "setting that fits; none does here), the resident layer count the planner's for that setting.\n\n"]
-    for name, r in found:
+    def part(name: str, r: dict) -> str:
+        out: list[str] = []
         v = r["versions"]
         rows = [[f"b{t['micro_batch']}", ("offloaded" if t["offload_activations"] else "on") if t["grad_ckpt"]
                  else "off", t["kernels"], str(t["resident_layers"]) if t["offload_weights"] else "-", t["status"],
@@ -49,19 +49,19 @@ def stream_probe_section(results_dir: Path) -> str:
         out.append(table(["micro-batch", "checkpointing", "kernels", "resident layers", "status", "tokens/s",
                           "planned GiB", "peak reserved GiB"], rows))
         out.append(f"\nPicked: `{' '.join(r['set'])}`.\n")
-    return "".join(out)
+        return "".join(out)
+
+    found = [(n, r) for n, r in _results(Path(results_dir) / "e2e", "probe_*.json") if streamed_probe(r)]
+    header = ("\n## `plan --probe` with streamed weights - measured, H200\n\n"
+              "Each setting that does not fit the card is tried again with its base weights streamed (after every "
+              "setting that fits; none does here), the resident layer count the planner's for that setting.\n\n")
+    return _section(found, header, part)
 
 
 def stream_preference_section(results_dir: Path) -> str:
     """DPO and KTO through ``onecard train`` on a streamed base (bench/stream_train_gpu.py --preference)."""
-    found = _results(results_dir, "stream_preference_*.json")
-    if not found:
-        return ""
-    out = ["\n## DPO and KTO with streamed weights - measured, H200\n\n"
-           "`PYTHONPATH=src python bench/stream_train_gpu.py OUT --preference`: the same random Llama 3 8B checkpoint "
-           "as above, `onecard train` with `task: dpo` / `task: kto`, `--memory-cap-gib 12`, offloaded checkpoints, "
-           "4 steps of 2 examples at seq 512 (that the preference spine streams, not its quality).\n\n"]
-    for name, r in found:
+    def part(name: str, r: dict) -> str:
+        out: list[str] = []
         rows = []
         for task in ("dpo", "kto"):
             e = r.get(task, {})
@@ -71,20 +71,20 @@ def stream_preference_section(results_dir: Path) -> str:
                          if losses else "-", fmt((e.get("cuda_peak_reserved_bytes_measured") or 0) / 2**30, ".2f")])
         out.append(f"{name} (cap {r['cap_gib']} GiB):\n\n")
         out.append(table(["task", "exit", "the trainer's streaming line", "loss by step", "peak reserved GiB"], rows))
-    return "".join(out)
+        return "".join(out)
+
+    found = _results(results_dir, "stream_preference_*.json")
+    header = ("\n## DPO and KTO with streamed weights - measured, H200\n\n"
+              "`PYTHONPATH=src python bench/stream_train_gpu.py OUT --preference`: the same random Llama 3 8B "
+              "checkpoint "
+              "as above, `onecard train` with `task: dpo` / `task: kto`, `--memory-cap-gib 12`, offloaded checkpoints, "
+              "4 steps of 2 examples at seq 512 (that the preference spine streams, not its quality).\n\n")
+    return _section(found, header, part)
 
 
 def deepspeed_offload_section(results_dir: Path) -> str:
-    found = _results(results_dir, "deepspeed_offload_*.json")
-    if not found:
-        return ""
-    out = ["\n## DeepSpeed ZeRO-3 parameter offload for LoRA and QLoRA - measured, H200\n\n"
-           "`PYTHONPATH=src:.whl/site python3 bench/deepspeed_offload_gpu.py`: a random Llama 3 8B, peft LoRA r16 on "
-           "all seven projections, ZeRO stage 3 with `offload_param: cpu` (pinned), bf16, torch AdamW on the "
-           "adapter, non-reentrant checkpointing, seq 2048, micro-batch 1, 1 + 3 steps, one process. QLoRA: NF4 "
-           "linears stored as bf16 (what ZeRO-3 needs to partition them). Compare with the Llama 3 8B seq 2048 b1 "
-           "streamed rows above.\n\n"]
-    for name, r in found:
+    def part(name: str, r: dict) -> str:
+        out: list[str] = []
         v = r["versions"]
         rows = [[x["variant"], x["status"], fmt(x.get("tokens_per_s")), fmt(x.get("peak_reserved_gib"), ".2f"),
                  f"{x.get('moved_from_zero', '-')} of {x.get('lora_B_tensors', '-')}", (x.get("error") or "")[:90]]
@@ -93,20 +93,22 @@ def deepspeed_offload_section(results_dir: Path) -> str:
                    f"deepspeed {v['deepspeed']}, bitsandbytes {v['bitsandbytes']}:\n\n")
         out.append(table(["variant", "status", "tokens/s", "peak reserved GiB", "lora_B tensors trained", "error"],
                          rows))
-    return "".join(out)
+        return "".join(out)
+
+    found = _results(results_dir, "deepspeed_offload_*.json")
+    header = ("\n## DeepSpeed ZeRO-3 parameter offload for LoRA and QLoRA - measured, H200\n\n"
+              "`PYTHONPATH=src:.whl/site python3 bench/deepspeed_offload_gpu.py`: a random Llama 3 8B, peft LoRA "
+              "r16 on "
+              "all seven projections, ZeRO stage 3 with `offload_param: cpu` (pinned), bf16, torch AdamW on the "
+              "adapter, non-reentrant checkpointing, seq 2048, micro-batch 1, 1 + 3 steps, one process. QLoRA: NF4 "
+              "linears stored as bf16 (what ZeRO-3 needs to partition them). Compare with the Llama 3 8B seq 2048 b1 "
+              "streamed rows above.\n\n")
+    return _section(found, header, part)
 
 
 def accelerate_offload_section(results_dir: Path) -> str:
-    found = _results(results_dir, "accelerate_offload_*.json")
-    if not found:
-        return ""
-    out = ["\n## accelerate's CPU offload for LoRA, beside onecard's streaming - measured, H200\n\n"
-           "`PYTHONPATH=src python3 bench/accelerate_offload_gpu.py`: a random Llama 3 8B (bf16), `accelerate."
-           "dispatch_model` with the embeddings, head and the first layers on the GPU and the rest on the CPU, peft "
-           "LoRA r16 on all seven projections, non-reentrant checkpointing, seq 2048, micro-batch 1, 1 + 3 steps; "
-           "in both orders a user could take. Compare with the Llama 3 8B seq 2048 b1 rows of the streamed-weights "
-           "section above (the same shape streamed with 8 resident layers under a 24 GiB cap, and without).\n\n"]
-    for name, r in found:
+    def part(name: str, r: dict) -> str:
+        out: list[str] = []
         v = r["versions"]
         rows = []
         for x in r["variants"]:
@@ -120,7 +122,16 @@ def accelerate_offload_section(results_dir: Path) -> str:
                    f"{v['peft']}, accelerate {v['accelerate']}:\n\n")
         out.append(table(["order", "status", "stage", "tokens/s", "peak reserved GiB", "layers GPU / CPU",
                           "offloaded layers' adapter tensors with a gradient", "error"], rows))
-    return "".join(out)
+        return "".join(out)
+
+    found = _results(results_dir, "accelerate_offload_*.json")
+    header = ("\n## accelerate's CPU offload for LoRA, beside onecard's streaming - measured, H200\n\n"
+              "`PYTHONPATH=src python3 bench/accelerate_offload_gpu.py`: a random Llama 3 8B (bf16), `accelerate."
+              "dispatch_model` with the embeddings, head and the first layers on the GPU and the rest on the CPU, peft "
+              "LoRA r16 on all seven projections, non-reentrant checkpointing, seq 2048, micro-batch 1, 1 + 3 steps; "
+              "in both orders a user could take. Compare with the Llama 3 8B seq 2048 b1 rows of the streamed-weights "
+              "section above (the same shape streamed with 8 resident layers under a 24 GiB cap, and without).\n\n")
+    return _section(found, header, part)
 
 
 def data_prep_section(results_dir: Path) -> str:
@@ -151,15 +162,8 @@ def data_prep_section(results_dir: Path) -> str:
 
 
 def stream_train_section(results_dir: Path) -> str:
-    found = _results(results_dir, "stream_train_*.json")
-    if not found:
-        return ""
-    out = ["\n## `onecard train` with streamed weights, killed and resumed - measured, H200\n\n"
-           "`PYTHONPATH=src python bench/stream_train_gpu.py OUT`: a random Llama 3 8B saved as a safetensors "
-           "checkpoint (15 GiB of bf16 weights), trained through the CLI with `--memory-cap-gib 12`, "
-           "`training.offload_weights: true`, offloaded checkpoints and `training.deterministic: true`; A and A2 "
-           "run uninterrupted, B is killed with SIGKILL after step 6 and resumed from its step-4 checkpoint.\n\n"]
-    for name, r in found:
+    def part(name: str, r: dict) -> str:
+        out: list[str] = []
         s = r.get("summary_a", {})
         said = re.search(r"streaming the base weights of (\d+) layers .*?\((\d+) resident", " ".join(r["a"]["tail"].split()))
         out.append(table(
@@ -172,16 +176,20 @@ def stream_train_section(results_dir: Path) -> str:
               str(r.get("max_loss_diff_after_resume")), str(r.get("max_adapter_diff"))]]))
         if said:
             out.append(f"\n{said.group(1)} layers streamed, {said.group(2)} resident (the trainer's own line).\n")
-    return "".join(out)
+        return "".join(out)
+
+    found = _results(results_dir, "stream_train_*.json")
+    header = ("\n## `onecard train` with streamed weights, killed and resumed - measured, H200\n\n"
+              "`PYTHONPATH=src python bench/stream_train_gpu.py OUT`: a random Llama 3 8B saved as a safetensors "
+              "checkpoint (15 GiB of bf16 weights), trained through the CLI with `--memory-cap-gib 12`, "
+              "`training.offload_weights: true`, offloaded checkpoints and `training.deterministic: true`; A and A2 "
+              "run uninterrupted, B is killed with SIGKILL after step 6 and resumed from its step-4 checkpoint.\n\n")
+    return _section(found, header, part)
 
 
 def fp8_quality_section(results_dir: Path) -> str:
-    found = _results(results_dir, "fp8_quality_*.json")
-    if not found:
-        return ""
-    out = ["\n## FP8 base quality protocol - measured, H200\n\nPre-registered in notes/fp8.md; "
-           "`PYTHONPATH=src python bench/fp8_quality_gpu.py OUT`.\n\n"]
-    for name, r in found:
+    def part(name: str, r: dict) -> str:
+        out: list[str] = []
         one, two, three = r["1_loss_curves"], r["2_adapter_on_bf16_base"], r["3_step0_gradients"]
         out.append(table(["file", "date", "item", "measured", "threshold", "met"], [
             [name, r["date"], "1. mean loss, last 50 of 200 steps",
@@ -193,4 +201,9 @@ def fp8_quality_section(results_dir: Path) -> str:
             ["", "", "3. step-0 adapter gradients, cosine FP8 vs bf16",
              f"worst {three['worst_cosine']:.3f} ({three['worst_tensor'].split('model.model.')[-1]}), median "
              f"{three['median_cosine']:.3f}", ">= 0.99", "yes" if three["pass"] else "**no**"]]))
-    return "".join(out)
+        return "".join(out)
+
+    found = _results(results_dir, "fp8_quality_*.json")
+    header = ("\n## FP8 base quality protocol - measured, H200\n\nPre-registered in notes/fp8.md; "
+              "`PYTHONPATH=src python bench/fp8_quality_gpu.py OUT`.\n\n")
+    return _section(found, header, part)
