@@ -139,7 +139,7 @@ def claims(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def add_planned(rows: list[dict[str, Any]]) -> None:
     """The planner's peak (allocator figure, logits freed before backward as in the bench) beside each row, and for
-    the streamed rows and their uncapped pairs its tokens/s too, with today's calibration profile."""
+    the streamed and FP8 rows and their pairs its tokens/s too, with today's calibration profile."""
     import dataclasses
 
     from onecard.bench.config import BenchConfig
@@ -159,7 +159,7 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
         row["planned_reserved_gib"] = (plan.allocator_bytes - streamed_off_card_bytes(plan, cfg)) / GIB
         m = row.get("peak_reserved_gib")
         row["planned_error_pct"] = 100 * (row["planned_reserved_gib"] - m) / m if m and row["status"] == "ok" else None
-        if row["group"] == "stream":  # the streaming target holds the planner's speed to these rows as well
+        if row["group"] in ("stream", "fp8"):  # their targets hold the planner's speed to these rows as well
             tps = row["tokens_per_s"]
             row["planned_tokens_per_s"] = speed(cfg)["predicted_tokens_per_s"]
             row["planned_speed_error_pct"] = 100 * (row["planned_tokens_per_s"] - tps) / tps if tps else None

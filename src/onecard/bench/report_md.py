@@ -90,7 +90,8 @@ the same model, recipe and optimizer, in the same process.
     ]
     for group, heading, what in sections:
         out.append(f"\n## {heading}\n\n{what}\n\n")
-        out.append((_speed_table if group == "stream" else _memory_table)([r for r in m if r["group"] == group]))
+        out.append((_speed_table if group in ("stream", "fp8") else _memory_table)(
+            [r for r in m if r["group"] == group]))
     out.append("\n## The seed's relative claims - measured, H200\n\n")
     out.append(table(["claim", "measured", "what"],
                       [[c["claim"], fmt(c["measured"], ".2f"), c["what"]] for c in p["claims"]]))
@@ -113,11 +114,11 @@ def _memory_table(rows) -> str:
 
 
 def _speed_table(rows) -> str:
-    """The memory table's columns plus the planner's tokens/s (plan/speed.py, then plan/streaming.py for streamed
-    rows) and its error."""
-    return table(["recipe", "model", "seq", "batch", "tokens/s", "planned tokens/s", "error", "peak reserved GiB",
-                   "planned GiB", "error", "command"],
-                  [[r["recipe"], r["model"], str(r["seq"]), str(r["batch"]), fmt(r["tokens_per_s"]),
+    """The memory table's columns plus the run's date and the planner's tokens/s (plan/speed.py, then
+    plan/streaming.py for streamed rows, plan/fp8.py for an FP8 base) and its error."""
+    return table(["date", "recipe", "model", "seq", "batch", "tokens/s", "planned tokens/s", "error",
+                   "peak reserved GiB", "planned GiB", "error", "command"],
+                  [[r["date"][:10], r["recipe"], r["model"], str(r["seq"]), str(r["batch"]), fmt(r["tokens_per_s"]),
                     fmt(r.get("planned_tokens_per_s")), fmt(r.get("planned_speed_error_pct"), "+.1f") + "%",
                     fmt(r["peak_reserved_gib"], ".2f"), fmt(r.get("planned_reserved_gib"), ".2f"),
                     fmt(r.get("planned_error_pct"), "+.1f") + "%", f"`{r['command']}`"] for r in rows])
