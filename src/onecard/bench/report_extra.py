@@ -29,6 +29,11 @@ def _section(found: list[tuple[str, dict]], header: str, part) -> str:
     return header + "".join(part(name, r) for name, r in found) if found else ""
 
 
+def _run_line(name: str, r: dict, packages: tuple[str, ...]) -> str:
+    """A result file's name, date and the versions it ran on (``packages`` from its ``versions``)."""
+    return (f"{name}, {r['date'][:16]}, " + ", ".join(f"{p} {r['versions'][p]}" for p in packages) + ":\n\n")
+
+
 def streamed_probe(result: dict) -> bool:
     """A probe that tried streamed base weights (a model larger than the card): its own section here."""
     return any(t.get("offload_weights") for t in result.get("tried", []))
@@ -61,7 +66,6 @@ def stream_probe_section(results_dir: Path) -> str:
 def stream_preference_section(results_dir: Path) -> str:
     """DPO and KTO through ``onecard train`` on a streamed base (bench/stream_train_gpu.py --preference)."""
     def part(name: str, r: dict) -> str:
-        out: list[str] = []
         rows = []
         for task in ("dpo", "kto"):
             e = r.get(task, {})
@@ -69,37 +73,30 @@ def stream_preference_section(results_dir: Path) -> str:
             losses = e.get("losses") or {}
             rows.append([task, str(e.get("rc")), said, " -> ".join(f"{losses[k]:.4f}" for k in sorted(losses))
                          if losses else "-", fmt((e.get("cuda_peak_reserved_bytes_measured") or 0) / 2**30, ".2f")])
-        out.append(f"{name} (cap {r['cap_gib']} GiB):\n\n")
-        out.append(table(["task", "exit", "the trainer's streaming line", "loss by step", "peak reserved GiB"], rows))
-        return "".join(out)
+        return (f"{name} (cap {r['cap_gib']} GiB):\n\n"
+                + table(["task", "exit", "the trainer's streaming line", "loss by step", "peak reserved GiB"], rows))
 
     found = _results(results_dir, "stream_preference_*.json")
     header = ("\n## DPO and KTO with streamed weights - measured, H200\n\n"
               "`PYTHONPATH=src python bench/stream_train_gpu.py OUT --preference`: the same random Llama 3 8B "
-              "checkpoint "
-              "as above, `onecard train` with `task: dpo` / `task: kto`, `--memory-cap-gib 12`, offloaded checkpoints, "
-              "4 steps of 2 examples at seq 512 (that the preference spine streams, not its quality).\n\n")
+              "checkpoint as above, `onecard train` with `task: dpo` / `task: kto`, `--memory-cap-gib 12`, offloaded "
+              "checkpoints, 4 steps of 2 examples at seq 512 (that the preference spine streams, not its quality).\n\n")
     return _section(found, header, part)
 
 
 def deepspeed_offload_section(results_dir: Path) -> str:
     def part(name: str, r: dict) -> str:
-        out: list[str] = []
-        v = r["versions"]
         rows = [[x["variant"], x["status"], fmt(x.get("tokens_per_s")), fmt(x.get("peak_reserved_gib"), ".2f"),
                  f"{x.get('moved_from_zero', '-')} of {x.get('lora_B_tensors', '-')}", (x.get("error") or "")[:90]]
                 for x in r["variants"]]
-        out.append(f"{name}, {r['date'][:16]}, torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
-                   f"deepspeed {v['deepspeed']}, bitsandbytes {v['bitsandbytes']}:\n\n")
-        out.append(table(["variant", "status", "tokens/s", "peak reserved GiB", "lora_B tensors trained", "error"],
-                         rows))
-        return "".join(out)
+        return (_run_line(name, r, ("torch", "transformers", "peft", "deepspeed", "bitsandbytes"))
+                + table(["variant", "status", "tokens/s", "peak reserved GiB", "lora_B tensors trained", "error"],
+                        rows))
 
     found = _results(results_dir, "deepspeed_offload_*.json")
     header = ("\n## DeepSpeed ZeRO-3 parameter offload for LoRA and QLoRA - measured, H200\n\n"
               "`PYTHONPATH=src:.whl/site python3 bench/deepspeed_offload_gpu.py`: a random Llama 3 8B, peft LoRA "
-              "r16 on "
-              "all seven projections, ZeRO stage 3 with `offload_param: cpu` (pinned), bf16, torch AdamW on the "
+              "r16 on all seven projections, ZeRO stage 3 with `offload_param: cpu` (pinned), bf16, torch AdamW on the "
               "adapter, non-reentrant checkpointing, seq 2048, micro-batch 1, 1 + 3 steps, one process. QLoRA: NF4 "
               "linears stored as bf16 (what ZeRO-3 needs to partition them). Compare with the Llama 3 8B seq 2048 b1 "
               "streamed rows above.\n\n")
@@ -108,8 +105,6 @@ def deepspeed_offload_section(results_dir: Path) -> str:
 
 def accelerate_offload_section(results_dir: Path) -> str:
     def part(name: str, r: dict) -> str:
-        out: list[str] = []
-        v = r["versions"]
         rows = []
         for x in r["variants"]:
             grads = x.get("grads_after_first_backward") or {}
@@ -118,11 +113,9 @@ def accelerate_offload_section(results_dir: Path) -> str:
             rows.append([x["order"], x["status"], x["stage"], fmt(x.get("tokens_per_s")),
                          fmt(x.get("peak_reserved_gib"), ".2f"), f"{len(x['device_map_summary']['gpu_layers'])} / "
                          f"{len(x['device_map_summary']['offloaded_layers'])}", trained, (x.get("error") or "")[:90]])
-        out.append(f"{name}, {r['date'][:16]}, torch {v['torch']}, transformers {v['transformers']}, peft "
-                   f"{v['peft']}, accelerate {v['accelerate']}:\n\n")
-        out.append(table(["order", "status", "stage", "tokens/s", "peak reserved GiB", "layers GPU / CPU",
-                          "offloaded layers' adapter tensors with a gradient", "error"], rows))
-        return "".join(out)
+        return (_run_line(name, r, ("torch", "transformers", "peft", "accelerate"))
+                + table(["order", "status", "stage", "tokens/s", "peak reserved GiB", "layers GPU / CPU",
+                         "offloaded layers' adapter tensors with a gradient", "error"], rows))
 
     found = _results(results_dir, "accelerate_offload_*.json")
     header = ("\n## accelerate's CPU offload for LoRA, beside onecard's streaming - measured, H200\n\n"
@@ -189,9 +182,8 @@ def stream_train_section(results_dir: Path) -> str:
 
 def fp8_quality_section(results_dir: Path) -> str:
     def part(name: str, r: dict) -> str:
-        out: list[str] = []
         one, two, three = r["1_loss_curves"], r["2_adapter_on_bf16_base"], r["3_step0_gradients"]
-        out.append(table(["file", "date", "item", "measured", "threshold", "met"], [
+        return table(["file", "date", "item", "measured", "threshold", "met"], [
             [name, r["date"], "1. mean loss, last 50 of 200 steps",
              f"bf16 {one['mean_last_50']['none']:.4f}, FP8 {one['mean_last_50']['fp8']:.4f} "
              f"({one['relative_difference']:.2%})", "<= 1%", "yes" if one["pass"] else "**no**"],
@@ -200,8 +192,7 @@ def fp8_quality_section(results_dir: Path) -> str:
              f"({two['relative_difference']:.2%})", "<= 1%", "yes" if two["pass"] else "**no**"],
             ["", "", "3. step-0 adapter gradients, cosine FP8 vs bf16",
              f"worst {three['worst_cosine']:.3f} ({three['worst_tensor'].split('model.model.')[-1]}), median "
-             f"{three['median_cosine']:.3f}", ">= 0.99", "yes" if three["pass"] else "**no**"]]))
-        return "".join(out)
+             f"{three['median_cosine']:.3f}", ">= 0.99", "yes" if three["pass"] else "**no**"]])
 
     found = _results(results_dir, "fp8_quality_*.json")
     header = ("\n## FP8 base quality protocol - measured, H200\n\nPre-registered in notes/fp8.md; "
