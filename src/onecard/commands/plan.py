@@ -77,7 +77,7 @@ def use_data_stats(recipe) -> dict:
 def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.plan.memory import plan_memory
-    from onecard.plan.streaming import streaming_section
+    from onecard.plan.streaming import streaming_section, streams_to_fit
     from onecard.plan.suggest import also_worth_it, suggest_fixes
 
     inputs = inputs_from_recipe(recipe, gpu=gpu)
@@ -87,7 +87,7 @@ def build_report(recipe, gpu: str | None = None) -> tuple[dict, list]:
     payload = {"memory": plan.to_dict(), "suggestions": [s.to_dict() for s in fixes],
                "also_worth_it": [s.to_dict() for s in extras]}
     stream = streaming_section(plan)
-    streams = stream is not None and stream["verdict"] == "fits with streaming" and stream["streamed_layers"] > 0
+    streams = streams_to_fit(plan) is not None
     if streams:  # the recipe streams (training.offload_weights): its verdict, not the unstreamed plan's
         payload["verdict"] = "fits with streaming"
         fixes = []

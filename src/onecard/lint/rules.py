@@ -54,19 +54,17 @@ def does_not_fit(ctx: LintContext) -> list[Finding]:
     if plan is None or plan.verdict == "fits":
         return []
     from onecard.plan.memory import GIB
-    from onecard.plan.streaming import plan_streaming, streaming_chosen
+    from onecard.plan.streaming import streams_to_fit
     from onecard.plan.suggest import suggest_fixes
 
-    if not plan.fits and streaming_chosen(plan):  # training.offload_weights: the trainer streams what does not fit
-        sp = plan_streaming(plan, host_ram_gib=plan.inputs.host_ram_gib)
-        if sp.verdict == "fits with streaming":
-            return [Finding("streams-weights", "info", f"fits with streaming: {sp.device_bytes / GIB:.1f} of "
-                            f"{plan.capacity_bytes / GIB:.1f} GiB on {plan.inputs.gpu.id}, the base weights of "
-                            f"{sp.streamed_layers} layers from {sp.host_total_bytes / GIB:.1f} GiB of pinned host memory",
-                            f"the whole plan needs {plan.total_bytes / GIB:.1f} GiB; training.offload_weights streams "
-                            "the rest (slower where the copies do not hide: onecard plan shows by how much)",
-                            fix="none needed; training.offload_weights: false refuses to stream")]
-
+    sp = streams_to_fit(plan) if not plan.fits else None  # training.offload_weights streams what does not fit
+    if sp is not None:
+        return [Finding("streams-weights", "info", f"fits with streaming: {sp.device_bytes / GIB:.1f} of "
+                        f"{plan.capacity_bytes / GIB:.1f} GiB on {plan.inputs.gpu.id}, the base weights of "
+                        f"{sp.streamed_layers} layers from {sp.host_total_bytes / GIB:.1f} GiB of pinned host memory",
+                        f"the whole plan needs {plan.total_bytes / GIB:.1f} GiB; training.offload_weights streams "
+                        "the rest (slower where the copies do not hide: onecard plan shows by how much)",
+                        fix="none needed; training.offload_weights: false refuses to stream")]
     fixes = suggest_fixes(plan)
     fix = "; or ".join(f"{s.change} ({s.total_bytes / GIB:.1f} GiB)" for s in fixes[:2]) or "a larger card"
     total = f"{plan.total_bytes / GIB:.1f} of {plan.capacity_bytes / GIB:.1f} GiB on {plan.inputs.gpu.id}"

@@ -36,14 +36,15 @@ def plan_vs_measured(recipe, measured: dict[str, Any], gpu: str | None = None, *
         inp = inputs_from_recipe(recipe, gpu=gpu_id)
         plan = plan_memory(inp.with_(seq_len=seq_len_memory or inp.seq_len))
         speed_inp = inp.with_(seq_len=seq_len_speed or inp.seq_len)
-        speed = estimate_throughput(speed_inp, memory_plan=plan_memory(speed_inp))
+        speed_plan = plan_memory(speed_inp)
+        speed = estimate_throughput(speed_inp, memory_plan=speed_plan)
         out["planned_seq_len"] = {"memory": plan.inputs.seq_len, "speed": speed_inp.seq_len}
         allocator, tokens_per_s, label = plan.allocator_bytes, speed.estimate_tokens_per_s, speed.label
         if resident_layers is not None:
             from onecard.plan.streaming import off_card_bytes, plan_streaming, streamed_tokens_per_s
 
             allocator -= off_card_bytes(plan, resident_layers)
-            sp = plan_streaming(plan_memory(speed_inp), resident=resident_layers)
+            sp = plan_streaming(speed_plan, resident=resident_layers)
             tokens_per_s = streamed_tokens_per_s(tokens_per_s, speed_inp, sp)
             label, out["planned_resident_layers"] = f"{label} + streaming (estimated)", resident_layers
         out["predicted_peak_reserved_gib"] = round(allocator / GIB, 3)

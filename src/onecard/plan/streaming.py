@@ -161,16 +161,23 @@ def streaming_section(plan: MemoryPlan) -> dict | None:
     return out
 
 
+def streams_to_fit(mem: MemoryPlan) -> StreamPlan | None:
+    """The streaming the recipe will run when it streams and that makes it fit (layers really streamed), else None:
+    what ``onecard plan``'s verdict, time and cost, and lint go by."""
+    if not streaming_chosen(mem):
+        return None
+    sp = plan_streaming(mem, host_ram_gib=mem.inputs.host_ram_gib)
+    return sp if sp.verdict == "fits with streaming" and sp.streamed_layers else None
+
+
 def as_the_run_streams(mem: MemoryPlan, tp):
     """(memory plan, throughput) of the run as the recipe's ``training.offload_weights`` will make it: when streaming
     is chosen and makes it fit, the verdict "fits with streaming" and the streamed tokens/s, so time and cost are
     those of the run that happens rather than "does not fit"; else both unchanged."""
     from dataclasses import replace
 
-    if not streaming_chosen(mem):
-        return mem, tp
-    sp = plan_streaming(mem, host_ram_gib=mem.inputs.host_ram_gib)
-    if sp.verdict != "fits with streaming" or not sp.streamed_layers:
+    sp = streams_to_fit(mem)
+    if sp is None:
         return mem, tp
     tokens_per_s = streamed_tokens_per_s(tp.estimate_tokens_per_s, mem.inputs, sp)
     return (replace(mem, verdict="fits with streaming"),
