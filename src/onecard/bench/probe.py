@@ -82,9 +82,7 @@ def _streamed(cfg: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchCon
     from onecard.plan.memory import plan_memory
     from onecard.plan.streaming import plan_streaming
 
-    inputs = inputs_from_recipe(cfg.to_recipe(), gpu=gpu)
-    inputs = dataclasses.replace(inputs, gpu=dataclasses.replace(inputs.gpu, memory_gib=min(cap_gib, inputs.gpu.memory_gib)))
-    sp = plan_streaming(plan_memory(inputs))
+    sp = plan_streaming(plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=gpu).capped(cap_gib)))
     if sp.verdict != "fits with streaming" or not sp.streamed_layers:
         return []
     return [(dataclasses.replace(cfg, offload_weights=True, resident_layers=sp.resident_layers), sp.device_bytes / GIB)]

@@ -57,6 +57,12 @@ class PlanInputs:
     def with_(self, **changes) -> "PlanInputs":
         return replace(self, **changes)
 
+    def capped(self, cap_gib: float | None) -> "PlanInputs":
+        """The same plan on a card of ``cap_gib`` (``--memory-cap-gib``), when that is smaller than the card."""
+        if cap_gib is None or cap_gib >= self.gpu.memory_gib:
+            return self
+        return replace(self, gpu=replace(self.gpu, memory_gib=cap_gib))
+
     @property
     def split_halves(self) -> bool:
         """Offloaded checkpoints of a family onecard's kernels patch whole (catalog/families.py ``decoder_class``)

@@ -41,16 +41,10 @@ def _gpu_id(recipe: Recipe) -> str:
 
 def card_inputs(recipe: Recipe):
     """The plan's inputs for the GPU present, at the size ``--memory-cap-gib`` emulates if given."""
-    from dataclasses import replace
-
     from onecard.plan.inputs import inputs_from_recipe
     from onecard.train.memory_cap import memory_cap_gib
 
-    inputs = inputs_from_recipe(recipe, gpu=_gpu_id(recipe))
-    cap = memory_cap_gib()
-    if cap is not None and cap < inputs.gpu.memory_gib:
-        inputs = replace(inputs, gpu=replace(inputs.gpu, memory_gib=cap))
-    return inputs
+    return inputs_from_recipe(recipe, gpu=_gpu_id(recipe)).capped(memory_cap_gib())
 
 
 def decide(recipe: Recipe, device: str) -> StreamDecision:
