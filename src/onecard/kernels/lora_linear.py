@@ -130,7 +130,8 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
     for (W, A, B, m); ``douts`` entries may be None (output unused). ``outs``: DoRA outputs (for dm) or None.
 
     Per adapter p, Q_p = s_p dy_p B_p (N x r). dx = [Q_p]_p [A_p]_p (one K = sum r matmul, written first; added
-    last when a W is FP8) plus sum_p dy_p W_p (each added onto dx by its GEMM, beta=1: lora_first); dA = [Q_p]_p^T x (x read once);
+    last when a W is FP8) plus sum_p dy_p W_p (each added onto dx by its GEMM, beta=1: lora_first);
+    dA = [Q_p]_p^T x (x read once);
     dB_p = s_p dy_p^T (x A_p^T). DoRA: B_s and W_s in place of B and W, dB and dW row-scaled by m/n, dm from
     the output. An FP8 W (not DoRA): dy_p W_p through :func:`~onecard.kernels.fp8.fp8_input_grad`, on
     ``dy_fp8[p]`` (rowquant(dy_p diag(s_p)) from dy's producer) when given."""
@@ -141,15 +142,16 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
     for i in ratios:
         if needs[i][3]:
             grads[i][3] = dora_magnitude_grad(douts[i], outs[i], projs[i][4], norms[i], projs[i][1])
-    dx, q = None, None
+    dx, q, a_cat = None, None, None
     # An FP8 frozen GEMM cannot add into an output (torch._scaled_mm has no beta): it goes first and the rank-r
     # product adds onto it; otherwise the rank-r product first and the frozen GEMMs add onto it (lora_first).
     fp8_first = any(is_fp8(projs[i][0]) and i not in ratios for i in live)
     if ranked:
         bs = [row_scaled(projs[i][3], ratios[i], projs[i][3]) if i in ratios else projs[i][3] for i in ranked]
         q = torch.cat([(douts[i] @ b).mul_(scales[i]) for i, b in zip(ranked, bs)], dim=1)
+        a_cat = torch.cat([projs[i][2] for i in ranked])
         if not fp8_first:
-            dx = q @ torch.cat([projs[i][2] for i in ranked])
+            dx = q @ a_cat
         if any(needs[i][1] for i in ranked):
             for i, da in zip(ranked, (q.t() @ x).split([projs[i][2].shape[0] for i in ranked])):
                 grads[i][1] = da if needs[i][1] else None
@@ -171,7 +173,6 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
             dw = douts[i].t() @ x
             grads[i][0] = dw.mul_(ratios[i]) if i in ratios else dw
     if fp8_first and q is not None:
-        a_cat = torch.cat([projs[i][2] for i in ranked])
         dx = q @ a_cat if dx is None else dx.addmm_(q, a_cat)
     return dx, grads
 
