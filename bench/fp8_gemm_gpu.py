@@ -5,6 +5,7 @@ Writes $OUT/fp8_gemm.jsonl. Llama 3 8B shapes at 8 x 2048 tokens; CUDA-event tim
 - forward: bf16 x @ W^T vs FP8 (torch._scaled_mm, row-wise scales) with and without the Triton row quantiser of x;
 - input gradient: bf16 dy @ W vs FP8 with W's transposed copy and the column-scaled row quantiser of dy;
 - quantisers: plain torch vs the Triton kernel; RMSNorm and GLU (forward, backward) without and with the FP8 copy.
+- the accumulating GEMM (kernels/cublaslt.py) against torch._scaled_mm plus an add, and both with fast accumulation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import statistics
 
 import torch
 
-from onecard.kernels.fp8 import Fp8Weight, fp8_forward, fp8_input_grad, quantize_rows, quantize_rows_reference
+from onecard.kernels.cublaslt import matmul_into
+from onecard.kernels.fp8 import (Fp8Weight, fp8_forward, fp8_input_grad, quantize_rows, quantize_rows_reference,
+                                 scaled_mm)
 from onecard.kernels.glu import glu_backward, glu_backward_fp8, glu_forward, glu_forward_fp8
 from onecard.kernels.rms_norm import rms_norm
 
@@ -48,6 +51,7 @@ def main() -> None:
         w = torch.randn(n, k, device="cuda", dtype=bf) * 0.02
         fw = Fp8Weight.from_dense(w)
         xq = quantize_rows(x)
+        out = torch.zeros(TOKENS, n, device="cuda", dtype=bf)
         flop = 2 * TOKENS * k * n
         r = {"what": "gemm", "shape": name, "M": TOKENS, "K": k, "N": n,
              "bf16_fwd_ms": ms(lambda: x @ w.t()),
@@ -57,6 +61,14 @@ def main() -> None:
              "fp8_dgrad_ms_with_quant_and_transpose": ms(lambda: fp8_input_grad(dy, fw)),
              "transpose_ms": ms(lambda: fw.transposed()),
              "quant_x_triton_ms": ms(lambda: quantize_rows(x)),
+             "fp8_fwd_then_add_ms": ms(lambda: out.add_(scaled_mm(xq[0], xq[1], fw.qdata.t(), fw.scale.view(1, -1),
+                                                                   bf))),
+             "fp8_fwd_into_ms": ms(lambda: matmul_into(out, xq[0], xq[1].view(-1), fw.qdata, fw.scale, True)),
+             "fp8_fwd_into_fast_accum_ms": ms(lambda: matmul_into(out, xq[0], xq[1].view(-1), fw.qdata, fw.scale, True,
+                                                                  fast_accum=True)),
+             "fp8_fwd_scaled_mm_fast_accum_ms": ms(lambda: torch._scaled_mm(xq[0], fw.qdata.t(), scale_a=xq[1],
+                                                                            scale_b=fw.scale.view(1, -1),
+                                                                            out_dtype=bf, use_fast_accum=True)),
              "quant_x_torch_ms": ms(lambda: quantize_rows_reference(x))}
         for key in ("bf16_fwd_ms", "fp8_fwd_ms_prequantised", "fp8_fwd_ms_with_quant", "bf16_dgrad_ms",
                     "fp8_dgrad_ms_with_quant_and_transpose"):

@@ -49,13 +49,13 @@ def kernel_group(name: str) -> str:
     return "other (torch elementwise/reduce)"
 
 
-def profile_step(model, opt=None) -> dict:
+def profile_step(model, opt=None, micro_batch: int = MICRO_BATCH) -> dict:
     """``opt``: the optimizer (default: torch's AdamW, unfused, as the first kernel profiles ran)."""
     from torch.profiler import ProfilerActivity, profile
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = opt or torch.optim.AdamW(params, lr=1e-5)
-    ids = torch.randint(0, 128256, (MICRO_BATCH, SEQ), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (micro_batch, SEQ), device="cuda")
 
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
@@ -81,13 +81,15 @@ def profile_step(model, opt=None) -> dict:
     groups: dict[str, float] = {}
     for r in rows:
         groups[kernel_group(r["name"])] = groups.get(kernel_group(r["name"]), 0.0) + r["ms"]
-    return {"step_s": step_s, "tokens_per_s": MICRO_BATCH * SEQ / step_s,
+    return {"step_s": step_s, "tokens_per_s": micro_batch * SEQ / step_s,
             "kernel_ms_total": sum(r["ms"] for r in rows), "groups_ms": groups, "top": rows[:40]}
 
 
 def main_bench_pair() -> None:
     """``PROFILE_PAIR=fp8``: the F19 pair as ``onecard bench`` builds it (bench/build.py: fused kernels, offloaded
-    checkpoints, bf16 base then FP8 base), each step profiled; writes $OUT/profile_fp8_pair.json."""
+    checkpoints, bf16 base then FP8 base), each step profiled; writes $OUT/profile_fp8_pair.json. Other shapes:
+    PROFILE_MODEL (a preset), PROFILE_MICRO_BATCH, PROFILE_OFFLOAD=0 (checkpoints kept on the card), PROFILE_QUANTS
+    (comma-separated, default "none,fp8"); the file is then profile_fp8_<model>_b<micro-batch>.json."""
     import gc
 
     from onecard.bench.build import build_model as build_bench_model
@@ -96,16 +98,20 @@ def main_bench_pair() -> None:
     from onecard.bench.step import build_optimizer
 
     os.makedirs(OUT, exist_ok=True)
+    model_name = os.environ.get("PROFILE_MODEL", "llama-3-8b")
+    micro_batch = int(os.environ.get("PROFILE_MICRO_BATCH", MICRO_BATCH))
+    offload = os.environ.get("PROFILE_OFFLOAD", "1") == "1"
     result = {}
-    for quant in ("none", "fp8"):
-        cfg = BenchConfig(model="llama-3-8b", seq=SEQ, micro_batch=MICRO_BATCH, kernels="onecard",
-                          offload_activations=True, quant_base=quant)
+    for quant in os.environ.get("PROFILE_QUANTS", "none,fp8").split(","):
+        cfg = BenchConfig(model=model_name, seq=SEQ, micro_batch=micro_batch, kernels="onecard",
+                          offload_activations=offload, quant_base=quant)
         model, _ = build_bench_model(cfg, "cuda")
         applied = apply_kernels(model, cfg.kernels)["kernels_applied"]  # as run.measure does after the build
         assert applied == "onecard", f"onecard's kernels did not apply: {applied}"
-        result[quant] = profile_step(model, build_optimizer(model, "cuda"))  # the bench's fused AdamW
+        result[quant] = profile_step(model, build_optimizer(model, "cuda"), micro_batch)  # the bench's fused AdamW
         p = result[quant]
-        print(f"{quant}: step {p['step_s']:.3f} s, {p['tokens_per_s']:,.0f} tokens/s", flush=True)
+        print(f"{model_name} b{micro_batch} offload={offload} {quant}: step {p['step_s']:.3f} s, "
+              f"{p['tokens_per_s']:,.0f} tokens/s", flush=True)
         for g, ms in sorted(p["groups_ms"].items(), key=lambda kv: -kv[1]):
             print(f"  {g:34s} {ms:8.1f} ms")
         for r in p["top"][:25]:
@@ -113,7 +119,11 @@ def main_bench_pair() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    with open(os.path.join(OUT, "profile_fp8_pair.json"), "w") as f:
+    name = "profile_fp8_pair.json" if (model_name, micro_batch) == ("llama-3-8b", MICRO_BATCH) else \
+        f"profile_fp8_{model_name}_b{micro_batch}.json"
+    result["config"] = {"model": model_name, "micro_batch": micro_batch, "seq": SEQ, "offload_activations": offload,
+                        "torch": torch.__version__}
+    with open(os.path.join(OUT, name), "w") as f:
         json.dump(result, f, indent=1)
 
 

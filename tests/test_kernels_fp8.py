@@ -59,6 +59,21 @@ def test_transpose_bytes_matches_torch_on_ragged_tiles(shape):
     _same_bits(w.transposed().t().contiguous(), w.qdata.t().contiguous(), "Fp8Weight.transposed")
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_scaled_mm_into_adds_onto_its_output(accumulate):
+    """out (+)= diag(t) (X_q W_rows^T) diag(s): on the CPU the emulated product, added or written."""
+    from onecard.kernels.fp8 import scaled_mm_into
+
+    torch.manual_seed(8)
+    w = Fp8Weight.from_dense(torch.randn(48, 32))
+    xq, t = quantize_rows_reference(torch.randn(5, 32))
+    out = torch.randn(5, 48)
+    want = (xq.float() * t) @ w.dequantize(torch.float32).t() + (out if accumulate else 0)
+    got = scaled_mm_into(out, xq, t, w.qdata, w.scale, accumulate)
+    assert got is out
+    assert_close_rel(out, want, 1e-6, "out")
+
+
 def test_weight_scales_are_per_output_channel():
     torch.manual_seed(0)
     w = torch.randn(40, 24)

@@ -64,6 +64,23 @@ def test_rms_norm_and_glu_fp8_copies_cuda():
     _bits_equal(qu, quantize_rows_reference(ref[2], cu)[0])
 
 
+@pytest.mark.parametrize("m,k,n", [(4096, 4096, 1024), (37, 14336, 4096), (2048, 1024, 4096)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_cublaslt_matmul_into_cuda(m, k, n, accumulate):
+    """The accumulating cuBLASLt FP8 GEMM against torch._scaled_mm plus an add (bf16: one rounding fewer)."""
+    from onecard.kernels.cublaslt import matmul_into
+    from onecard.kernels.fp8 import Fp8Weight, quantize_rows
+
+    w = Fp8Weight.from_dense((torch.randn(n, k, device="cuda") / k**0.5).to(BF16))
+    xq, t = quantize_rows(torch.randn(m, k, device="cuda").to(BF16))
+    c = torch.randn(m, n, device="cuda").to(BF16)
+    want = torch._scaled_mm(xq, w.qdata.t(), scale_a=t, scale_b=w.scale.view(1, -1), out_dtype=BF16).float()
+    want = want + (c.float() if accumulate else 0)
+    out = c.clone()
+    assert matmul_into(out, xq, t.view(-1), w.qdata, w.scale, accumulate)
+    assert_close_rel(out, want, 1e-2, "out")
+
+
 @pytest.mark.parametrize("tokens", [4096, 37])
 def test_fp8_linear_cuda_is_the_quantised_algebra(tokens):
     from onecard.kernels.fp8 import Fp8Weight, fp8_linear, quantize_rows_reference

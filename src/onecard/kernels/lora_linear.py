@@ -81,17 +81,23 @@ def lin(x, w, a, b, s, bias=None, x_fp8=None):
     return lin_from(x, w, xa, b, s, bias, x_fp8), xa
 
 
+def rank_r_output(xa, b, s, bias, dtype):
+    """s xa B^T + bias, the output a frozen GEMM then adds onto (xa = x A^T)."""
+    xas = xa * s
+    return xas @ b.t() if bias is None else torch.addmm(bias.to(dtype), xas, b.t())
+
+
 def lin_from(x, w, xa, b, s, bias=None, x_fp8=None):
     """x W^T + bias + s xa B^T, the rank-r product xa = x A^T given (None: no adapter), in :func:`lora_first`'s
-    order. An FP8 W: the frozen GEMM first (torch._scaled_mm cannot add into an output), on ``x_fp8`` if given."""
+    order. An FP8 W (on ``x_fp8`` if given): always the rank-r part first, the FP8 GEMM adding onto it in its
+    epilogue (kernels/cublaslt.py), which costs less than either order's separate pass over the output."""
     if is_fp8(w):
-        out = fp8_forward(x, w, x_fp8, bias)
-        return out if xa is None else out.addmm_(xa, b.t(), alpha=s)
+        if xa is None:
+            return fp8_forward(x, w, x_fp8, bias)
+        return fp8_forward(x, w, x_fp8, out=rank_r_output(xa, b, s, bias, x.dtype))
     wt = dense(w, x.dtype).t()
     if xa is not None and lora_first(wt.shape[0], wt.shape[1]):
-        xas = xa * s
-        out = xas @ b.t() if bias is None else torch.addmm(bias.to(x.dtype), xas, b.t())
-        return out.addmm_(x, wt)
+        return rank_r_output(xa, b, s, bias, x.dtype).addmm_(x, wt)
     out = x @ wt if bias is None else torch.addmm(bias.to(x.dtype), x, wt)
     return out if xa is None else out.addmm_(xa, b.t(), alpha=s)
 
@@ -129,8 +135,8 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
     """Backward of :func:`shared_input_forward`: (dx, per projection [dW, dA, dB, dm]); ``needs`` per projection
     for (W, A, B, m); ``douts`` entries may be None (output unused). ``outs``: DoRA outputs (for dm) or None.
 
-    Per adapter p, Q_p = s_p dy_p B_p (N x r). dx = [Q_p]_p [A_p]_p (one K = sum r matmul, written first; added
-    last when a W is FP8) plus sum_p dy_p W_p (each added onto dx by its GEMM, beta=1: lora_first);
+    Per adapter p, Q_p = s_p dy_p B_p (N x r). dx = [Q_p]_p [A_p]_p (one K = sum r matmul, written first) plus
+    sum_p dy_p W_p (each added onto dx by its GEMM, beta=1: lora_first; FP8 too, kernels/cublaslt.py);
     dA = [Q_p]_p^T x (x read once);
     dB_p = s_p dy_p^T (x A_p^T). DoRA: B_s and W_s in place of B and W, dB and dW row-scaled by m/n, dm from
     the output. An FP8 W (not DoRA): dy_p W_p through :func:`~onecard.kernels.fp8.fp8_input_grad`, on
@@ -142,16 +148,12 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
     for i in ratios:
         if needs[i][3]:
             grads[i][3] = dora_magnitude_grad(douts[i], outs[i], projs[i][4], norms[i], projs[i][1])
-    dx, q, a_cat = None, None, None
-    # An FP8 frozen GEMM cannot add into an output (torch._scaled_mm has no beta): it goes first and the rank-r
-    # product adds onto it; otherwise the rank-r product first and the frozen GEMMs add onto it (lora_first).
-    fp8_first = any(is_fp8(projs[i][0]) and i not in ratios for i in live)
+    dx = None
+    # the rank-r product first, the frozen GEMMs adding onto it (bf16: cuBLAS beta = 1, lora_first; FP8: cuBLASLt's)
     if ranked:
         bs = [row_scaled(projs[i][3], ratios[i], projs[i][3]) if i in ratios else projs[i][3] for i in ranked]
         q = torch.cat([(douts[i] @ b).mul_(scales[i]) for i, b in zip(ranked, bs)], dim=1)
-        a_cat = torch.cat([projs[i][2] for i in ranked])
-        if not fp8_first:
-            dx = q @ a_cat
+        dx = q @ torch.cat([projs[i][2] for i in ranked])
         if any(needs[i][1] for i in ranked):
             for i, da in zip(ranked, (q.t() @ x).split([projs[i][2].shape[0] for i in ranked])):
                 grads[i][1] = da if needs[i][1] else None
@@ -161,8 +163,7 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
                 grads[i][2] = db.mul_(ratios[i]) if i in ratios else db
     for i in live:
         if is_fp8(projs[i][0]) and i not in ratios:
-            d = fp8_input_grad(douts[i], projs[i][0], None if dy_fp8 is None else dy_fp8[i])
-            dx = d if dx is None else dx.add_(d)
+            dx = fp8_input_grad(douts[i], projs[i][0], None if dy_fp8 is None else dy_fp8[i], out=dx)
             continue
         w = dense(projs[i][0], douts[i].dtype)
         if i in ratios:
@@ -172,8 +173,6 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
         if needs[i][0]:
             dw = douts[i].t() @ x
             grads[i][0] = dw.mul_(ratios[i]) if i in ratios else dw
-    if fp8_first and q is not None:
-        dx = q @ a_cat if dx is None else dx.addmm_(q, a_cat)
     return dx, grads
 
 

@@ -36,6 +36,7 @@ FP8 base (kernels/fp8.py): for an e4m3 W_d the GLU kernel writes h's row-wise e4
 backward, for e4m3 W_g and W_u, the GLU backward kernel writes rowquant(dg diag(s_g)) and rowquant(du diag(s_u))
 beside dg and du, so the FP8 input-gradient GEMMs dg W_g + du W_u read no separate quantisation pass; dy for
 dy W_d is quantised by one Triton pass. x's copy comes from the FP8 RMSNorm (``x_fp8``) or is made here.
+The frozen FP8 GEMMs add onto the rank-r parts in their epilogue, as the bf16 ones do (kernels/cublaslt.py).
 """
 
 from __future__ import annotations
@@ -103,10 +104,8 @@ class LoRAMLP(torch.autograd.Function):
             dmd = dora_magnitude_grad(dy2, ctx.dora_down_output, md, nd) if n[12] else None
             ctx.dora_down_output = None  # freed now: ctx outlives backward while the caller holds the loss
         dyb = None if ad is None else dy2 @ bd_used
-        if is_fp8(wd_dense):  # FP8 frozen GEMM first: _scaled_mm cannot add into an output
-            dh = fp8_input_grad(dy2, wd_dense)
-            if dyb is not None:
-                dh.addmm_(dyb, ad, alpha=sd)
+        if is_fp8(wd_dense):  # the FP8 GEMM adds onto the rank-r part in its epilogue (kernels/cublaslt.py)
+            dh = fp8_input_grad(dy2, wd_dense, out=None if dyb is None else (dyb * sd) @ ad)
         elif ad is None:
             dh = dy2 @ wd_dense
         else:
