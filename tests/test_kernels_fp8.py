@@ -202,7 +202,7 @@ def test_fused_lora_mlp_on_fp8_weights():
         assert_close_rel(a, t.grad, 6e-2, "grad")
 
 
-_COMPILE_SM90 = """
+_COMPILE_SM90 = r"""
 import json, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget

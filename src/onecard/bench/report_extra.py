@@ -1,6 +1,7 @@
 """The benchmark page's sections that are not ``onecard bench`` rows: data preparation on this 2-core CPU machine
 (bench/data_prep.py), ``onecard train`` with streamed weights killed and resumed on the GPU
-(bench/stream_train_gpu.py) and the FP8 base's quality protocol (bench/fp8_quality_gpu.py). Each reads its raw
+(bench/stream_train_gpu.py), the FP8 base's speed targets per run (the F19 suite parts) and its quality protocol
+(bench/fp8_quality_gpu.py). Each reads its raw
 files in bench/results/ and says what it measured; nothing here is typed in by hand.
 """
 
@@ -16,7 +17,8 @@ from onecard.bench.report_md import fmt, table
 def render_extra(results_dir: Path) -> str:
     return (data_prep_section(results_dir) + stream_train_section(results_dir) + stream_preference_section(results_dir)
             + stream_probe_section(results_dir) + accelerate_offload_section(results_dir)
-            + deepspeed_offload_section(results_dir) + fp8_quality_section(results_dir))
+            + deepspeed_offload_section(results_dir) + fp8_speed_section(results_dir)
+            + fp8_quality_section(results_dir))
 
 
 def _results(results_dir: Path, pattern: str) -> list[tuple[str, dict]]:
@@ -178,6 +180,36 @@ def stream_train_section(results_dir: Path) -> str:
               "`training.offload_weights: true`, offloaded checkpoints and `training.deterministic: true`; A and A2 "
               "run uninterrupted, B is killed with SIGKILL after step 6 and resumed from its step-4 checkpoint.\n\n")
     return _section(found, header, part)
+
+
+FP8_SPEED_TARGETS = {"llama-3-8b": 1.4, "mistral-7b": 1.35, "qwen2.5-7b": 1.35, "qwen2.5-14b": 1.3}  # the issue's
+
+
+def fp8_speed_section(results_dir: Path) -> str:
+    """Per F19 run (one bench/results/h200-f19*.jsonl: one process), each FP8-base row's tokens/s over the same
+    model's bf16 row of that run, against the issue's target for the model."""
+    out = []
+    for path in sorted(Path(results_dir).glob("h200-f19*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        bf16 = {r["model"]: r for r in rows if r.get("quant_base", "none") == "none" and r.get("status") == "ok"}
+        for r in rows:
+            base = bf16.get(r["model"])
+            if r.get("quant_base") != "fp8" or r.get("status") != "ok" or base is None:
+                continue
+            ratio, target = r["tokens_per_s"] / base["tokens_per_s"], FP8_SPEED_TARGETS.get(r["model"])
+            setting = ("offloaded ckpt" if r.get("offload_activations") else "ckpt") + (
+                f", cap {r['memory_cap_gib']:g} GiB" if r.get("memory_cap_gib") else "")
+            out.append([path.name, r["date"][:16], r["model"], setting, fmt(base["tokens_per_s"]),
+                        fmt(r["tokens_per_s"]), f"{ratio:.3f}x", f">= {target}x" if target else "",
+                        "" if target is None else "yes" if ratio >= target else "**no**",
+                        f"{r['step_s_min']:.3f}-{r['step_s_max']:.3f}"])
+    if not out:
+        return ""
+    return ("\n## FP8 base: speed targets per run - measured, H200\n\nEach line is one `onecard bench` suite part "
+            "(one process, bench/gpu_suite.sh): the FP8-base row over the bf16 row of the same model in that run "
+            "(bf16 uncapped; the 14B FP8 rows under `--memory-cap-gib 24`). Step range: the FP8 row's fastest and "
+            "slowest timed step.\n\n" + table(["file", "date", "model", "FP8 setting", "bf16 tokens/s",
+                                                "FP8 tokens/s", "ratio", "target", "met", "FP8 step s"], out))
 
 
 def fp8_quality_section(results_dir: Path) -> str:

@@ -60,17 +60,22 @@ def timed_steps(model, batch, *, steps: int, warmup: int, device: str, loss_path
     """Run ``warmup`` then ``steps`` optimizer steps; seconds per timed step, loss, peak memory."""
     import torch
 
+    from onecard.train.host_gc import freeze_startup_objects, unfreeze
+
     optimizer = build_optimizer(model, device)
-    losses = []
-    for _ in range(warmup):
-        losses.append(train_step(model, optimizer, batch, loss_path))
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        losses.append(train_step(model, optimizer, batch, loss_path))  # float() syncs: the step is finished
+    losses, times = [], []
+    freeze_startup_objects()  # as the training spine's loop does
+    try:
+        for _ in range(warmup):
+            losses.append(train_step(model, optimizer, batch, loss_path))
         _sync(device)
-        times.append(time.perf_counter() - start)
+        for _ in range(steps):
+            start = time.perf_counter()
+            losses.append(train_step(model, optimizer, batch, loss_path))  # float() syncs: the step is finished
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        unfreeze()
     tokens = batch["input_ids"].numel()
     s_per_step = sum(times) / len(times)
     result = {"s_per_step": s_per_step, "step_s_min": min(times), "step_s_max": max(times),

@@ -36,6 +36,7 @@ import logging
 import torch
 
 from ._triton import HAS_TRITON, next_power_of_2, use_triton
+from .cublaslt import matmul_into
 
 log = logging.getLogger("onecard.kernels")
 
@@ -228,8 +229,6 @@ def scaled_mm_into(out, a_q, a_scale, w_rows, w_scale, accumulate: bool, fast_ac
     GEMM that reads ``out`` in its epilogue (kernels/cublaslt.py); elsewhere, or where that has no kernel, the
     product is added after :func:`scaled_mm` (said once per shape)."""
     if out.is_cuda and out.dtype == torch.bfloat16:
-        from .cublaslt import matmul_into
-
         if matmul_into(out, a_q, a_scale.reshape(-1), w_rows, w_scale.reshape(-1), accumulate, fast_accum):
             return out
         shape = (tuple(a_q.shape), tuple(w_rows.shape))

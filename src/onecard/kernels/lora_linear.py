@@ -3,9 +3,10 @@
 Per projection p with frozen W_p (out x in), optional frozen bias c_p, adapter A_p (r x in), B_p (out x r),
 scale s_p:
     y_p = x W_p^T + c_p + s_p (x A_p^T) B_p^T
-Backward, upstream dy_p, with P_p = x A_p^T (N x r, saved) and Q_p = dy_p B_p (N x r):
+Backward, upstream dy_p, with P_p = s_p x A_p^T (N x r, saved: the scale folded in once, where forward's output
+needs it anyway) and Q_p = dy_p B_p (N x r):
     dx   = sum_p  dy_p W_p + s_p Q_p A_p          (one N x in buffer, accumulated in place)
-    dA_p = s_p Q_p^T x          dB_p = s_p dy_p^T P_p
+    dA_p = s_p Q_p^T x          dB_p = dy_p^T P_p
 Why by hand and not peft's LoRA Linear under autograd: peft keeps adapters in fp32 and casts the bf16 input up
 per projection (``x.to(lora_A.weight.dtype)``), so on a bf16 model every rank-r matmul runs in fp32 on CUDA
 cores, and each projection saves its own fp32 copy of x. On the H200 (Llama 3 8B, LoRA r16, seq 2048, b8) the
@@ -75,54 +76,66 @@ def out_features(w) -> int:
     return int(w.quant_state.shape[0]) if is_quantized(w) else int(w.shape[0])
 
 
+def scaled_in_place(t, s: float):
+    """t * s in place; no kernel when s is 1 (alpha = r)."""
+    return t if s == 1.0 else t.mul_(s)
+
+
 def lin(x, w, a, b, s, bias=None, x_fp8=None):
-    """x W^T + bias + s (x A^T) B^T for 2-D x; returns (out, x A^T or None)."""
-    xa = None if a is None else x @ a.t()
-    return lin_from(x, w, xa, b, s, bias, x_fp8), xa
+    """x W^T + bias + s (x A^T) B^T for 2-D x; returns (out, s x A^T or None)."""
+    xas = None if a is None else scaled_in_place(x @ a.t(), s)
+    return lin_from(x, w, xas, b, bias, x_fp8), xas
 
 
-def rank_r_output(xa, b, s, bias, dtype):
-    """s xa B^T + bias, the output a frozen GEMM then adds onto (xa = x A^T)."""
-    xas = xa * s
+def rank_r_output(xas, b, bias, dtype):
+    """xas B^T + bias, the output a frozen GEMM then adds onto (xas = s x A^T)."""
     return xas @ b.t() if bias is None else torch.addmm(bias.to(dtype), xas, b.t())
 
 
-def lin_from(x, w, xa, b, s, bias=None, x_fp8=None):
-    """x W^T + bias + s xa B^T, the rank-r product xa = x A^T given (None: no adapter), in :func:`lora_first`'s
-    order. An FP8 W (on ``x_fp8`` if given): always the rank-r part first, the FP8 GEMM adding onto it in its
-    epilogue (kernels/cublaslt.py), which costs less than either order's separate pass over the output."""
+def lin_from(x, w, xas, b, bias=None, x_fp8=None):
+    """x W^T + bias + xas B^T, the scaled rank-r product xas = s x A^T given (None: no adapter), in
+    :func:`lora_first`'s order. An FP8 W (on ``x_fp8`` if given): always the rank-r part first, the FP8 GEMM adding
+    onto it in its epilogue (kernels/cublaslt.py), which costs less than either order's separate pass over the
+    output."""
     if is_fp8(w):
-        if xa is None:
+        if xas is None:
             return fp8_forward(x, w, x_fp8, bias)
-        return fp8_forward(x, w, x_fp8, out=rank_r_output(xa, b, s, bias, x.dtype))
+        return fp8_forward(x, w, x_fp8, out=rank_r_output(xas, b, bias, x.dtype))
     wt = dense(w, x.dtype).t()
-    if xa is not None and lora_first(wt.shape[0], wt.shape[1]):
-        return rank_r_output(xa, b, s, bias, x.dtype).addmm_(x, wt)
+    if xas is not None and lora_first(wt.shape[0], wt.shape[1]):
+        return rank_r_output(xas, b, bias, x.dtype).addmm_(x, wt)
     out = x @ wt if bias is None else torch.addmm(bias.to(x.dtype), x, wt)
-    return out if xa is None else out.addmm_(xa, b.t(), alpha=s)
+    return out if xas is None else out.addmm_(xas, b.t())
 
 
-def rank_products(x, adapters):
-    """x A_p^T for every adapter A_p (None: no adapter) of projections sharing x, as one matmul over the
-    concatenated A, so x is read once rather than once per projection; returns views into that product."""
-    present = [a for a in adapters if a is not None]
+def rank_products(x, adapters, scales):
+    """s_p x A_p^T for every adapter A_p (None: no adapter) of projections sharing x, as one matmul over the
+    concatenated A, so x is read once rather than once per projection, and one scaling pass when the scales agree
+    (they do unless rank or alpha patterns differ per module); returns views into that product."""
+    present = [(a, s) for a, s in zip(adapters, scales) if a is not None]
     if not present:
         return [None] * len(adapters)
-    xa = x @ (present[0] if len(present) == 1 else torch.cat(present)).t()
-    pieces = iter(xa.split([a.shape[0] for a in present], dim=1))
+    xa = x @ (present[0][0] if len(present) == 1 else torch.cat([a for a, _ in present])).t()
+    pieces = xa.split([a.shape[0] for a, _ in present], dim=1)
+    if all(s == present[0][1] for _, s in present):
+        scaled_in_place(xa, present[0][1])
+    else:
+        for piece, (_, s) in zip(pieces, present):
+            scaled_in_place(piece, s)
+    pieces = iter(pieces)
     return [None if a is None else next(pieces) for a in adapters]
 
 
 def shared_input_forward(x, projs, scales, x_fp8=None):
-    """Projections of one 2-D input, ``projs`` = (W, bias, A, B, magnitude) each: (outputs, x A^T per projection,
+    """Projections of one 2-D input, ``projs`` = (W, bias, A, B, magnitude) each: (outputs, s x A^T per projection,
     DoRA norms). DoRA projections run as LoRA on their row-scaled (W_s, B_s) (:func:`dora_weights`). FP8 weights
     share one row-wise quantised x (``x_fp8`` from x's producer, else made here)."""
     eff = [(w, b, None) if m is None else dora_weights(w, a, b, s, m, x.dtype)
            for (w, _, a, b, m), s in zip(projs, scales)]
     if x_fp8 is None and any(is_fp8(we) for we, _, _ in eff):
         x_fp8 = quantize_rows(x)
-    xas = rank_products(x, [p[2] for p in projs])
-    outs = [lin_from(x, we, xa, be, s, p[1], x_fp8) for p, (we, be, _), xa, s in zip(projs, eff, xas, scales)]
+    xas = rank_products(x, [p[2] for p in projs], scales)
+    outs = [lin_from(x, we, xa, be, p[1], x_fp8) for p, (we, be, _), xa in zip(projs, eff, xas)]
     return outs, xas, [n for _, _, n in eff]
 
 
@@ -138,7 +151,7 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
     Per adapter p, Q_p = s_p dy_p B_p (N x r). dx = [Q_p]_p [A_p]_p (one K = sum r matmul, written first) plus
     sum_p dy_p W_p (each added onto dx by its GEMM, beta=1: lora_first; FP8 too, kernels/cublaslt.py);
     dA = [Q_p]_p^T x (x read once);
-    dB_p = s_p dy_p^T (x A_p^T). DoRA: B_s and W_s in place of B and W, dB and dW row-scaled by m/n, dm from
+    dB_p = dy_p^T (s_p x A_p^T) (``xas``). DoRA: B_s and W_s in place of B and W, dB and dW row-scaled by m/n, dm from
     the output. An FP8 W (not DoRA): dy_p W_p through :func:`~onecard.kernels.fp8.fp8_input_grad`, on
     ``dy_fp8[p]`` (rowquant(dy_p diag(s_p)) from dy's producer) when given."""
     grads = [[None] * 4 for _ in projs]
@@ -152,14 +165,17 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
     # the rank-r product first, the frozen GEMMs adding onto it (bf16: cuBLAS beta = 1, lora_first; FP8: cuBLASLt's)
     if ranked:
         bs = [row_scaled(projs[i][3], ratios[i], projs[i][3]) if i in ratios else projs[i][3] for i in ranked]
-        q = torch.cat([(douts[i] @ b).mul_(scales[i]) for i, b in zip(ranked, bs)], dim=1)
+        if all(scales[i] == scales[ranked[0]] for i in ranked):  # one scaling pass over the concatenation
+            q = scaled_in_place(torch.cat([douts[i] @ b for i, b in zip(ranked, bs)], dim=1), scales[ranked[0]])
+        else:
+            q = torch.cat([scaled_in_place(douts[i] @ b, scales[i]) for i, b in zip(ranked, bs)], dim=1)
         dx = q @ torch.cat([projs[i][2] for i in ranked])
         if any(needs[i][1] for i in ranked):
             for i, da in zip(ranked, (q.t() @ x).split([projs[i][2].shape[0] for i in ranked])):
                 grads[i][1] = da if needs[i][1] else None
         for i in ranked:
             if needs[i][2]:
-                db = (douts[i].t() @ xas[i]).mul_(scales[i])
+                db = douts[i].t() @ xas[i]
                 grads[i][2] = db.mul_(ratios[i]) if i in ratios else db
     for i in live:
         if is_fp8(projs[i][0]) and i not in ratios:
@@ -249,7 +265,7 @@ def dora_weights(w, a, b, s, m, dtype, n=None):
 
 
 def dora_lin(x, w, a, b, s, m, bias=None):
-    """DoRA's y = (m/n) z + bias for 2-D x (z = x W^T + s (x A^T) B^T); returns (y, x A^T, n)."""
+    """DoRA's y = (m/n) z + bias for 2-D x (z = x W^T + s (x A^T) B^T); returns (y, s x A^T, n)."""
     ws, bs, n = dora_weights(w, a, b, s, m, x.dtype)
     y, xa = lin(x, ws, a, bs, s, bias)
     return y, xa, n
@@ -288,12 +304,14 @@ class LoRAProjections(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         projs = [params[P * i: P * i + P] for i in range(len(scales))]  # (W, bias, A, B, magnitude)
         if skip_output and all(p[4] is None for p in projs):
-            ys, xas, norms = skipped_forward(x2, projs), rank_products(x2, [p[2] for p in projs]), [None] * len(projs)
+            ys, norms = skipped_forward(x2, projs), [None] * len(projs)
+            xas = rank_products(x2, [p[2] for p in projs], scales)
         else:
             ys, xas, norms = shared_input_forward(x2, projs, scales, x_fp8)
         dora_outs = [y if p[4] is not None else None for y, p in zip(ys, projs)]
         weights = keep_for_backward(ctx, params[0::P])
-        adapters = [t for p in projs for t in p[1:]]  # bias, A, B, m
+        # bias, A, B, m; the bias only for DoRA's magnitude gradient (fewer saved tensors: each costs checkpoint hooks)
+        adapters = [t for p in projs for t in (p[1] if p[4] is not None else None, *p[2:])]
         ctx.save_for_backward(x2, *weights, *adapters, *xas, *dora_outs, *norms)
         ctx.scales, ctx.shape = scales, shape
         return tuple(y.view(*shape[:-1], y.shape[-1]) for y in ys)

@@ -46,8 +46,8 @@ import torch
 from .fp8 import fp8_input_grad, is_fp8
 from .glu import glu_backward, glu_backward_fp8, glu_forward, glu_forward_fp8
 from .lora_linear import (dense, dora_lin, dora_magnitude_grad, dora_norm, dora_ratio, dora_weights, is_quantized,
-                          keep_for_backward, lin, out_features, restore_weights, shared_input_backward,
-                          shared_input_forward, unpack_parts)
+                          keep_for_backward, lin, out_features, restore_weights, scaled_in_place,
+                          shared_input_backward, shared_input_forward, unpack_parts)
 
 __all__ = ["lora_mlp", "lora_mlp_reference", "dense", "is_quantized"]
 
@@ -103,13 +103,13 @@ class LoRAMLP(torch.autograd.Function):
                                    "first backward; onecard's fused DoRA path does not support that")
             dmd = dora_magnitude_grad(dy2, ctx.dora_down_output, md, nd) if n[12] else None
             ctx.dora_down_output = None  # freed now: ctx outlives backward while the caller holds the loss
-        dyb = None if ad is None else dy2 @ bd_used
+        dybs = None if ad is None else scaled_in_place(dy2 @ bd_used, sd)  # s_d dy B_d, for dh and dA_d
         if is_fp8(wd_dense):  # the FP8 GEMM adds onto the rank-r part in its epilogue (kernels/cublaslt.py)
-            dh = fp8_input_grad(dy2, wd_dense, out=None if dyb is None else (dyb * sd) @ ad)
+            dh = fp8_input_grad(dy2, wd_dense, out=None if dybs is None else dybs @ ad)
         elif ad is None:
             dh = dy2 @ wd_dense
         else:
-            dh = (dyb * sd) @ ad
+            dh = dybs @ ad
             dh.addmm_(dy2, wd_dense)
         del wd_dense
         # in place (LoRA): dh, and g/u (saved for this backward alone) are overwritten; DoRA's dm needs g and u after
@@ -120,7 +120,7 @@ class LoRAMLP(torch.autograd.Function):
             h, dg, du = glu_backward(dh, g, u, ctx.gelu, inplace=inplace)
         del dh
         dwd = dy2.t() @ h if n[9] else None
-        dad = (dyb.t() @ h).mul_(sd) if (ad is not None and n[10]) else None
+        dad = dybs.t() @ h if (ad is not None and n[10]) else None
         dbd = (dy2.t() @ (h @ ad.t())).mul_(sd) if (ad is not None and n[11]) else None  # h A_d^T: rebuilt here
         if dbd is not None and md is not None:
             dbd.mul_(dora_ratio(md, nd))

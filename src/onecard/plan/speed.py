@@ -304,12 +304,13 @@ def _bound_note(steps: dict, device_s: float, inp, seq: int) -> str:
     """What sets the pace. Host-bound (small models, small micro-batches): the estimate is the host's dispatch
     time, which every card shares, so say so instead of ranking cards by a figure their hardware does not set."""
     at = f"micro-batch {inp.micro_batch} x {seq} tokens"
-    if steps["host_dispatch_s"] > device_s:
+    if steps["host_dispatch_s"] > device_s:  # the spread: bench/results/host_overhead_14b_2026-12-04_rounds.txt
         layers = inp.shape.num_hidden_layers
         return (f"host-bound at {at}: launching {layers} layers' work takes {steps['host_dispatch_s']:.3f} s a "
                 f"micro-batch, the card's own work {device_s:.3f} s: every card runs at about this speed (the cheapest "
                 f"that fits is the one to rent), a larger micro-batch costs little time, and the host figure is "
-                f"carried over from larger models (onecard bench measures this one)")
+                f"carried over from larger models (onecard bench measures this one); it is the CPU's speed, which "
+                f"wanders: one process's host-bound steps spread over a factor of 1.6 on the H200 test machine")
     bound = "memory" if steps["weights_read_s"] > steps["matmul_s"] else "compute"
     return f"{bound}-bound at {at}"
 

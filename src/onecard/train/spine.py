@@ -230,6 +230,7 @@ def run_steps(step: Step, schedule: Schedule, state, console):
 
     from onecard.data import epoch_order
     from onecard.train.guards import StepGuard, is_out_of_memory, out_of_memory
+    from onecard.train.host_gc import freeze_startup_objects, unfreeze
     from onecard.train.metrics import MetricsLogger, TrainProgress
     from onecard.train.save_policy import SaveClock
     from onecard.train.signals import RunInterrupted, StopSignals
@@ -244,6 +245,7 @@ def run_steps(step: Step, schedule: Schedule, state, console):
     clock, stop = (SaveClock(recipe), StopSignals(console).install()) if step.one_process else (None, None)
     model.train()
     outcome = "failed"  # what the sinks record if the loop raises
+    freeze_startup_objects()  # full collections would walk the whole model (train/host_gc.py)
     try:
         while state.global_step < schedule.total_steps:
             epoch, position = divmod(state.global_step, schedule.steps_per_epoch)
@@ -270,6 +272,7 @@ def run_steps(step: Step, schedule: Schedule, state, console):
         outcome = "killed"
         raise
     finally:
+        unfreeze()
         if stop is not None:
             stop.uninstall()
         progress.close()
