@@ -22,6 +22,7 @@ after torch._scaled_mm and says so once (kernels/fp8.py).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 
@@ -57,7 +58,12 @@ _SIGNATURES = {  # every argument typed: sizes are size_t and dims 64-bit, which
     "cublasLtMatmulPreferenceDestroy": [_VP],
     "cublasLtMatmulAlgoGetHeuristic": [_VP, _VP, _VP, _VP, _VP, _VP, _VP, _INT, _VP, _VP],
     "cublasLtMatmul": [_VP] * 14 + [ctypes.c_size_t, _VP],
+    "cublasLtMatmulDescDestroy": [_VP],
+    "cublasLtMatrixLayoutDestroy": [_VP],
 }
+# Plans kept, least recently used dropped first: batches padded to their longest row bring a new token count M most
+# steps, and each plan holds a descriptor and three layouts on the host.
+MAX_PLANS = 256
 
 
 def _address(value) -> int:
@@ -97,7 +103,7 @@ class _Lt:
         self.lib = lib
         self.handle = ctypes.c_void_p()
         self._check(lib.cublasLtCreate(_address(self.handle)), "cublasLtCreate")
-        self.plans: dict = {}
+        self.plans: collections.OrderedDict = collections.OrderedDict()
         self.workspaces: dict = {}
         self.set_attribute, self.matmul = lib.cublasLtMatmulDescSetAttribute, lib.cublasLtMatmul
 
@@ -149,7 +155,17 @@ class _Lt:
         if not found:
             log.warning("cuBLASLt has no FP8 outer-vector-scaled kernel for M=%d N=%d K=%d (heuristic status %d, "
                         "%d algorithms)", m, n, k, status, count.value)
+            self._destroy(desc, a, b, d)
+        while len(self.plans) > MAX_PLANS:
+            old = self.plans.popitem(last=False)[1]
+            if old is not None:  # queued GEMMs do not read it again: torch destroys its own when the call returns
+                self._destroy(old.desc, old.a, old.b, old.d)
         return self.plans[key]
+
+    def _destroy(self, desc, *layouts) -> None:
+        self._check(self.lib.cublasLtMatmulDescDestroy(desc), "cublasLtMatmulDescDestroy")
+        for layout in layouts:
+            self._check(self.lib.cublasLtMatrixLayoutDestroy(layout), "cublasLtMatrixLayoutDestroy")
 
     def workspace_address(self, device_index: int) -> int:
         if device_index not in self.workspaces:
@@ -191,9 +207,13 @@ def matmul_into(out: torch.Tensor, a_q: torch.Tensor, a_scale: torch.Tensor, w_r
                          f"{tuple(w_rows.shape)} into {tuple(out.shape)} {out.dtype}")
     device_index = out.get_device()
     key = (device_index, m, n, k, accumulate, fast_accum)
-    plan = lt.plans.get(key) or lt.plan(key, w_scale, a_scale)
+    plan = lt.plans.get(key)
     if plan is None:
-        return False
+        plan = lt.plan(key, w_scale, a_scale)
+        if plan is None:
+            return False
+    else:
+        lt.plans.move_to_end(key)
     plan.w_scale_cell.value, plan.a_scale_cell.value = w_scale.data_ptr(), a_scale.data_ptr()
     set_attribute, desc = lt.set_attribute, plan.desc
     status = set_attribute(desc, _DESC_A_SCALE_POINTER, _address(plan.w_scale_cell), _POINTER_BYTES) or \
