@@ -123,6 +123,20 @@ def test_eval_and_generation_keep_logits():
     assert out.logits.shape == (2, 19, 300) and gen.shape == (1, 8)
 
 
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_generation_with_kv_cache_matches_unpatched(arch):
+    """Greedy generation with a KV cache through the patched modules gives the unpatched model's tokens: the cache
+    reaches the patched attention under the name the installed transformers uses (``past_key_values`` in 5.17,
+    ``cache`` from 5.24); a forward that missed it attends each new token to itself alone."""
+    model = _model(arch, lora=True).eval()
+    ids = _batch()[0][:1, :6]
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True)
+        apply_kernels(model)
+        got = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True)
+    assert torch.equal(got, want)
+
+
 def test_unsupported_architecture_falls_back_with_notice():
     import transformers
 

@@ -6,6 +6,8 @@ against transformers' dense path. Tolerance fp32: loss 1e-5 relative, gradients 
 GPU (``gpu`` marker): bf16 tiny llama + LoRA, varlen vs the dense mask, loss and every LoRA gradient at 2e-2.
 """
 
+import inspect
+
 import _kernel_env  # noqa: F401
 import pytest
 import torch
@@ -143,8 +145,9 @@ def _hf_mask(position_ids, attention_mask=None, impl="sdpa", sliding_window=None
     cfg._attn_implementation = impl
     embeds = torch.zeros(*position_ids.shape, 8)
     make = create_causal_mask if sliding_window is None else create_sliding_window_causal_mask
-    return make(config=cfg, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
-                position_ids=position_ids)
+    cache = "cache" if "cache" in inspect.signature(make).parameters else "past_key_values"  # 5.24 / 5.17
+    return make(config=cfg, inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                **{cache: None})
 
 
 def _dispatch(position_ids, mask, dropout=0.0, past=None, **kwargs):

@@ -10,23 +10,32 @@ then None; eval, generation and ``logits_to_keep`` go through the original forwa
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from onecard.kernels.fused_ce import fused_linear_cross_entropy
+
+
+def _cache_field(output_class) -> str:
+    """The KV cache's field in transformers' output classes: ``past_key_values`` in 5.17, ``cache`` from 5.24."""
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(output_class)} else "past_key_values"
 
 
 def _fusable_head(lm_head) -> bool:
     return type(lm_head) is torch.nn.Linear and type(lm_head.weight) is torch.nn.Parameter
 
 
-def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                      inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                      use_cache=None, logits_to_keep=0, **kwargs):
+    """The KV cache, if any, stays in ``kwargs`` under the caller's name (``past_key_values`` in transformers 5.17,
+    ``cache`` from 5.24, which deprecates the old one) and goes on as given."""
     shift_labels = kwargs.get("shift_labels")
     wants_loss = labels is not None or shift_labels is not None
     if not (self.training and wants_loss and not logits_to_keep and _fusable_head(self.lm_head)):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                  use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return_dict = kwargs.pop("return_dict", None)
@@ -34,7 +43,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -47,6 +56,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
         loss = loss_sum / num_items
     else:
         loss = loss_sum / count.clamp(min=1)
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    cache_field = _cache_field(CausalLMOutputWithPast)
+    out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                 attentions=outputs.attentions, **{cache_field: getattr(outputs, cache_field)})
     return out.to_tuple() if return_dict is False else out

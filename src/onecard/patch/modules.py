@@ -132,8 +132,12 @@ def make_attention_forward(sliding_window: str | None):
     """
 
     def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                          past_key_values=None, **kwargs):
+                          past_key_values=None, cache=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        # The KV cache: the decoder layer passes it as ``past_key_values`` in transformers 5.17, as ``cache`` from
+        # 5.24 (the old name deprecated); read either, or generation would run with the cache silently ignored.
+        cache = past_key_values if cache is None else cache
 
         eager = sys.modules[type(self).__module__].eager_attention_forward
         input_shape = hidden_states.shape[:-1]
@@ -142,10 +146,10 @@ def make_attention_forward(sliding_window: str | None):
         q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in qkv)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attn = packed_attention_or(ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager),
-                                   past_key_values)  # packed rows -> varlen (patch/packed.py)
+                                   cache)  # packed rows -> varlen (patch/packed.py)
         if sliding_window == "attr":
             kwargs["sliding_window"] = self.sliding_window
         elif sliding_window == "config":

@@ -124,12 +124,12 @@ def use_varlen(module, query, key, attention_mask, dropout, sliding_window, posi
     return info
 
 
-def packed_attention_or(attn, past_key_values=None):
+def packed_attention_or(attn, cache=None):
     """``attn`` (a transformers attention function) wrapped to send packed rows through varlen.
 
     Same signature and return as transformers' sdpa_attention_forward: (output (B, S, H, D), None).
     With a KV cache (generation) ``attn`` itself is returned untouched."""
-    if past_key_values is not None:
+    if cache is not None:
         return attn
 
     def packed_or_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
