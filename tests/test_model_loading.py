@@ -190,3 +190,33 @@ def test_init_adapter_loads_trainable(tmp_path, tiny_llama_dir):
     assert all(torch.equal(want[k], got[k]) for k in want)
     with pytest.raises(UserError, match="adapter_config.json"):
         load_model_and_tokenizer(recipe(tiny_llama_dir, adapter={"init_adapter": str(tmp_path)}), "cpu")
+
+
+def test_auto_attention_falls_to_eager_where_the_class_has_no_sdpa(monkeypatch, caplog):
+    """transformers 5.24 has no SDPA path for Gemma 2 (5.17 had one): auto picks eager and says so, an explicit
+    sdpa is refused before loading; a class with SDPA keeps it."""
+    import transformers
+
+    from onecard.train.model import resolve_attn
+
+    auto, sdpa = recipe("m"), recipe("m", model={"name_or_path": "m", "attn_implementation": "sdpa"})
+    assert resolve_attn(auto, "cpu", "LlamaForCausalLM") == "sdpa"
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_supports_sdpa", False)
+    with caplog.at_level("WARNING", logger="onecard.train"):
+        assert resolve_attn(auto, "cpu", "LlamaForCausalLM") == "eager"
+    assert "no SDPA attention" in caplog.text
+    with pytest.raises(UserError, match="no SDPA attention") as exc:
+        resolve_attn(sdpa, "cpu", "LlamaForCausalLM")
+    assert exc.value.where.startswith("model.attn_implementation")
+
+
+def test_gemma2_loads_with_the_default_attention(tiny_model_factory):
+    """The default recipe loads Gemma 2 under whichever transformers is installed (with or without its SDPA
+    path)."""
+    import transformers
+
+    from onecard.train.model import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(recipe(tiny_model_factory("gemma2")), "cpu")
+    expected = "sdpa" if transformers.Gemma2ForCausalLM._supports_sdpa else "eager"
+    assert model.config._attn_implementation == expected

@@ -9,6 +9,7 @@ checkpoint's stored dtype unless told otherwise, which silently trains bf16 chec
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,38 @@ def resolve_dtype(recipe: Recipe, device: str, config: dict[str, Any]):
     return getattr(torch, name)
 
 
-def resolve_attn(recipe: Recipe, device: str) -> str:
-    """auto = SDPA, or FlashAttention 2 when the ``flash_attn`` package is importable and we are on CUDA."""
+def resolve_attn(recipe: Recipe, device: str, architecture: str | None = None) -> str:
+    """auto = FlashAttention 2 when the ``flash_attn`` package is importable and we are on CUDA, else SDPA where
+    transformers' class for ``architecture`` (config.json's ``architectures[0]``) has it, else eager, said in one
+    line. transformers 5.24 took SDPA away from Gemma 2 (soft-capped attention), which 5.17 ran through it: an
+    explicit ``sdpa`` there is refused before loading rather than failing inside transformers."""
     import importlib.util
 
-    if recipe.model.attn_implementation != "auto":
-        return recipe.model.attn_implementation
+    choice = recipe.model.attn_implementation
+    has_sdpa = _has_sdpa(architecture)
+    if choice == "sdpa" and not has_sdpa:
+        raise UserError(f"{architecture} has no SDPA attention in the installed transformers",
+                        where="model.attn_implementation: sdpa", fix="use eager (or auto, which picks it)")
+    if choice != "auto":
+        return choice
     if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if not has_sdpa:
+        logging.getLogger("onecard.train").warning(
+            "model.attn_implementation auto: %s has no SDPA attention in the installed transformers; eager "
+            "attention runs (its scores take seq_len^2 memory per head)", architecture)
+        return "eager"
     return "sdpa"
+
+
+def _has_sdpa(architecture: str | None) -> bool:
+    """Whether transformers' class of that name runs SDPA attention (True when the class is unknown here: the load
+    then says so itself)."""
+    if not architecture:
+        return True
+    import transformers
+
+    return bool(getattr(getattr(transformers, architecture, None), "_supports_sdpa", True))
 
 
 def resolve_source(recipe: Recipe) -> str:
@@ -147,7 +171,8 @@ def load_base(recipe: Recipe, device: str | None = None, park_layers=(), place: 
     source = resolve_source(recipe)
     config = _read_config(source, recipe)
     dtype = resolve_dtype(recipe, device, config)
-    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=resolve_attn(recipe, device),
+    architecture = (config.get("architectures") or [None])[0]
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=resolve_attn(recipe, device, architecture),
                                   trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision,
                                   use_safetensors=None if recipe.model.allow_pickle else True)
     if recipe.method == "qlora":
