@@ -47,6 +47,7 @@ class Family:
     fp16_safe: bool = True  # False: activations overflow fp16 (Llama 3: hidden states exceed 65504)
     note: str = ""
     kernels: FamilyKernels | None = None  # None: onecard has no fused kernels for the family (plain transformers)
+    no_sdpa_since: str | None = None  # the transformers release from which the family's class has no SDPA path
 
 
 FAMILIES: dict[str, Family] = {
@@ -63,9 +64,12 @@ FAMILIES: dict[str, Family] = {
     # transformers/models/gemma/modeling_gemma.py and gemma2: same names (GeGLU MLP)
     "gemma": Family("gemma", _LLAMA_STYLE, kernels=FamilyKernels(
         ("GemmaRMSNorm",), "GemmaMLP", "GemmaAttention", gemma_norm=True, decoder_class="GemmaDecoderLayer")),
+    # transformers 5.21.0 models/gemma2/modeling_gemma2.py: "_supports_sdpa = False  # sdpa does not support
+    # softcapping" (5.20.0 and earlier: True), so from 5.21 an auto attention runs eager (train/model.py)
     "gemma2": Family("gemma2", _LLAMA_STYLE, fp16_safe=False, note="Gemma 2 was trained in bf16; fp16 overflows",
                      kernels=FamilyKernels(("Gemma2RMSNorm",), "Gemma2MLP", None, gemma_norm=True,
-                                           act_key="hidden_activation", mlp_feeds_residual=False)),
+                                           act_key="hidden_activation", mlp_feeds_residual=False),
+                     no_sdpa_since="5.21.0"),
     # transformers/models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj
     "phi3": Family("phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
 }

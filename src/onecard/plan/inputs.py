@@ -7,9 +7,10 @@ onecard's kernels where onecard has them for the model family), never against th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
-from onecard.catalog.families import kernels_for
+from onecard.catalog.families import family_for, kernels_for
 from onecard.catalog.gpus import GPU, get_gpu
 from onecard.catalog.models import ModelShape, resolve_shape
 from onecard.plan.flops import FlopsBreakdown, flops_for_inputs
@@ -87,6 +88,38 @@ def planned_kernels(kernels: str, shape: ModelShape) -> str:
     return "onecard" if kernels_for(shape.model_type) is not None else "none"
 
 
+def planned_attention(attn: str, shape: ModelShape) -> str:
+    """What ``model.attn_implementation`` will run: ``auto`` is SDPA, or eager for a family whose class has no SDPA
+    path in the installed transformers (catalog/families.py ``no_sdpa_since``; the loader decides the same,
+    train/model.py resolve_attn). Read from the installed package's metadata: transformers is not imported."""
+    if attn != "auto":
+        return attn
+    family = family_for(shape.model_type)
+    since = family.no_sdpa_since if family is not None else None
+    return "eager" if since is not None and _release(installed_transformers()) >= _release(since) else "sdpa"
+
+
+@functools.lru_cache(maxsize=1)
+def installed_transformers() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+def _release(version: str | None) -> tuple[int, ...]:
+    """(5, 24, 0) of "5.24.0" or "5.24.0.dev0"; an unknown version counts as the newest."""
+    if version is None:
+        return (1 << 30,)
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def resolve_fused_ce(fused_ce, kernels: str) -> bool:
     return kernels in ("onecard", "liger") if fused_ce == "auto" else bool(fused_ce)
 
@@ -127,7 +160,7 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
         # onecard's preference step needs per-sequence log-probs from full logits, which the fused linear-CE
         # loss does not give: it runs on plain transformers modules (train/preference.py), so plan it so.
         kernels = "none"
-    attn = recipe.model.attn_implementation
+    attn = planned_attention(recipe.model.attn_implementation, shape)
     reference = recipe.preference.reference
     if reference == "auto":
         reference = "adapter-disabled" if recipe.is_adapter else "copy"
@@ -136,7 +169,7 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
         micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, rank=recipe.adapter.rank,
         targets=lora_targets(recipe.adapter.target_modules), optimizer=t.optimizer, grad_ckpt=t.grad_ckpt,
         offload_activations=t.offload_activations, kernels=kernels, fused_ce=resolve_fused_ce(t.fused_ce, kernels),
-        attn="sdpa" if attn == "auto" else attn, dtype_bytes=4 if recipe.model.dtype == "float32" else 2,
+        attn=attn, dtype_bytes=4 if recipe.model.dtype == "float32" else 2,
         double_quant=recipe.quant.double_quant, reference=reference, num_gpus=t.num_gpus,
         packed_example_tokens=packed_example_tokens(recipe), quant_base=recipe.quant.base,
         offload_weights=t.offload_weights,
