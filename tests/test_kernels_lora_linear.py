@@ -49,6 +49,19 @@ def test_qkv_like_projections_match_autograd_float64(bias):
         assert_close_rel(a, b, 1e-10, "grad")
 
 
+def test_projections_with_different_ranks_and_scales_match_autograd_float64():
+    """rank_pattern / alpha_pattern: each adapter's scale applied to its own columns of the shared products."""
+    torch.manual_seed(0)
+    q, v = _proj(32, 24, 4), _proj(8, 24, 2)
+    parts = [q, (*v[:3], 0.5, v[4])]
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    dys = [torch.randn(2, 7, p[0].shape[0], dtype=torch.float64) for p in parts]
+    got_y, got_g = _grads(lora_projections, x, parts, dys)
+    ref_y, ref_g = _grads(lora_projections_reference, x, parts, dys)
+    for a, b in zip([*got_y, *got_g], [*ref_y, *ref_g]):
+        assert_close_rel(a, b, 1e-10, "output or grad")
+
+
 def test_trainable_base_weight_gets_its_gradient():
     torch.manual_seed(0)
     parts = [_proj(16, 12, 4, frozen=False)]

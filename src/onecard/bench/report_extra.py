@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from onecard.bench.calibrate import load_records
 from onecard.bench.report_md import fmt, table
 
 
@@ -190,7 +191,7 @@ def fp8_speed_section(results_dir: Path) -> str:
     model's bf16 row of that run, against the issue's target for the model."""
     out = []
     for path in sorted(Path(results_dir).glob("h200-f19*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = load_records([path])
         bf16 = {r["model"]: r for r in rows if r.get("quant_base", "none") == "none" and r.get("status") == "ok"}
         for r in rows:
             base = bf16.get(r["model"])

@@ -27,15 +27,13 @@ BASELINE_FIELDS = ("baseline_tokens_per_s", "baseline_peak_reserved_gib", "speed
 
 
 def versions() -> dict[str, Any]:
-    import importlib.metadata as md
     import platform
+
+    from onecard.versions import installed_version
 
     out: dict[str, Any] = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "onecard"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
+        out[pkg] = installed_version(pkg)
     import torch
 
     out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -165,12 +165,11 @@ def _export_section(v: dict[str, Any]) -> str:
 
 
 def _versions_section() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from onecard.versions import installed_version
 
     lines = [f"- onecard {__version__}", f"- Python {platform.python_version()}"]
     for package in ("torch", "transformers", "peft", "trl", "bitsandbytes"):
-        try:
-            lines.append(f"- {package} {version(package)}")
-        except PackageNotFoundError:
-            continue  # optional packages (trl, bitsandbytes) may be absent
+        found = installed_version(package)
+        if found is not None:  # optional packages (trl, bitsandbytes) may be absent
+            lines.append(f"- {package} {found}")
     return "## Framework versions\n\n" + "\n".join(lines)

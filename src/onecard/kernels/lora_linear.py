@@ -108,21 +108,26 @@ def lin_from(x, w, xas, b, bias=None, x_fp8=None):
     return out if xas is None else out.addmm_(xas, b.t())
 
 
+def scale_column_blocks(t, widths, scales):
+    """t with its column blocks (``widths`` wide) times their ``scales``, in place: one pass when the scales agree
+    (they do unless rank or alpha patterns differ per module)."""
+    if all(s == scales[0] for s in scales):
+        return scaled_in_place(t, scales[0])
+    for block, s in zip(t.split(widths, dim=1), scales):
+        scaled_in_place(block, s)
+    return t
+
+
 def rank_products(x, adapters, scales):
     """s_p x A_p^T for every adapter A_p (None: no adapter) of projections sharing x, as one matmul over the
-    concatenated A, so x is read once rather than once per projection, and one scaling pass when the scales agree
-    (they do unless rank or alpha patterns differ per module); returns views into that product."""
+    concatenated A, so x is read once rather than once per projection, scaled in one pass where it can be
+    (:func:`scale_column_blocks`); returns views into that product."""
     present = [(a, s) for a, s in zip(adapters, scales) if a is not None]
     if not present:
         return [None] * len(adapters)
     xa = x @ (present[0][0] if len(present) == 1 else torch.cat([a for a, _ in present])).t()
-    pieces = xa.split([a.shape[0] for a, _ in present], dim=1)
-    if all(s == present[0][1] for _, s in present):
-        scaled_in_place(xa, present[0][1])
-    else:
-        for piece, (_, s) in zip(pieces, present):
-            scaled_in_place(piece, s)
-    pieces = iter(pieces)
+    widths = [a.shape[0] for a, _ in present]
+    pieces = iter(scale_column_blocks(xa, widths, [s for _, s in present]).split(widths, dim=1))
     return [None if a is None else next(pieces) for a in adapters]
 
 
@@ -165,10 +170,8 @@ def shared_input_backward(douts, x, xas, outs, norms, projs, scales, needs, dy_f
     # the rank-r product first, the frozen GEMMs adding onto it (bf16: cuBLAS beta = 1, lora_first; FP8: cuBLASLt's)
     if ranked:
         bs = [row_scaled(projs[i][3], ratios[i], projs[i][3]) if i in ratios else projs[i][3] for i in ranked]
-        if all(scales[i] == scales[ranked[0]] for i in ranked):  # one scaling pass over the concatenation
-            q = scaled_in_place(torch.cat([douts[i] @ b for i, b in zip(ranked, bs)], dim=1), scales[ranked[0]])
-        else:
-            q = torch.cat([scaled_in_place(douts[i] @ b, scales[i]) for i, b in zip(ranked, bs)], dim=1)
+        q = scale_column_blocks(torch.cat([douts[i] @ b for i, b in zip(ranked, bs)], dim=1),
+                                [b.shape[1] for b in bs], [scales[i] for i in ranked])
         dx = q @ torch.cat([projs[i][2] for i in ranked])
         if any(needs[i][1] for i in ranked):
             for i, da in zip(ranked, (q.t() @ x).split([projs[i][2].shape[0] for i in ranked])):

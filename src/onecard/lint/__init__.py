@@ -16,16 +16,7 @@ from typing import Callable
 from onecard.catalog.families import FAMILIES, family_for, is_llama3
 from onecard.lint.data import load_local_tokenizer
 from onecard.lint.findings import FLASH_ATTN_MIN, Finding
-
-
-def installed_version(dist: str) -> str | None:
-    """Installed distribution version via importlib.metadata (no import of the package itself)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+from onecard.versions import installed_version
 
 
 def read_power_limits() -> list[tuple[str, float, float]]:

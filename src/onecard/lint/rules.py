@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 from onecard.catalog.families import FAMILIES, family_for, is_llama3
-from onecard.lint.findings import FLASH_ATTN_MIN, Finding, _version_tuple
+from onecard.lint.findings import FLASH_ATTN_MIN, Finding
+from onecard.versions import version_tuple
 
 
 @dataclass
@@ -181,7 +182,7 @@ def flash_attn(ctx: LintContext) -> list[Finding]:
         return [Finding("flash-attn-missing", "error", "attn_implementation flash_attention_2 but flash-attn is not "
                         "installed", "transformers refuses to load the model", "install flash-attn >= 2.6.3, or "
                         "use attn_implementation: sdpa")]
-    if _version_tuple(version) >= FLASH_ATTN_MIN:
+    if version_tuple(version) >= FLASH_ATTN_MIN:
         return []
     return [Finding("flash-attn-old", "error", f"flash-attn {version} is older than 2.6.3",
                     "older releases lack softcapping (Gemma 2) and have varlen backward bugs transformers works around",

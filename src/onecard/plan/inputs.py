@@ -14,6 +14,7 @@ from onecard.catalog.families import family_for, kernels_for
 from onecard.catalog.gpus import GPU, get_gpu
 from onecard.catalog.models import ModelShape, resolve_shape
 from onecard.plan.flops import FlopsBreakdown, flops_for_inputs
+from onecard.versions import installed_version, version_tuple
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -96,28 +97,15 @@ def planned_attention(attn: str, shape: ModelShape) -> str:
         return attn
     family = family_for(shape.model_type)
     since = family.no_sdpa_since if family is not None else None
-    return "eager" if since is not None and _release(installed_transformers()) >= _release(since) else "sdpa"
+    if since is None:
+        return "sdpa"
+    installed = installed_transformers()  # not installed here: plan for the newest
+    return "eager" if installed is None or version_tuple(installed) >= version_tuple(since) else "sdpa"
 
 
 @functools.lru_cache(maxsize=1)
 def installed_transformers() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("transformers")
-    except PackageNotFoundError:
-        return None
-
-
-def _release(version: str | None) -> tuple[int, ...]:
-    """(5, 24, 0) of "5.24.0" or "5.24.0.dev0"; an unknown version counts as the newest."""
-    if version is None:
-        return (1 << 30,)
-    parts = []
-    for piece in version.split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    return installed_version("transformers")
 
 
 def resolve_fused_ce(fused_ce, kernels: str) -> bool:
