@@ -96,9 +96,9 @@ def full_collection_ms(frozen: bool) -> float:
     return ms
 
 
-def warmed_up(quant: str, cap_gib: float | None):
+def warmed_up(quant: str, cap_gib: float | None, offload: bool = True):
     """(model, optimizer, batch) of F19b's row for ``quant``, three steps run."""
-    cfg = BenchConfig(model="qwen2.5-14b", seq=2048, micro_batch=2, kernels="onecard", offload_activations=True,
+    cfg = BenchConfig(model="qwen2.5-14b", seq=2048, micro_batch=2, kernels="onecard", offload_activations=offload,
                       quant_base=quant, memory_cap_gib=cap_gib)
     if cap_gib:
         apply_memory_cap(cap_gib)

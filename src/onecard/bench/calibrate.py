@@ -59,6 +59,9 @@ CE_CHUNK_EXPERIMENT = ("2026-11-28T18:56", "2026-11-28T19:01")
 # sources freed in compute-stream order (patch/offload.py); run K9 had the split with record_stream (5.4 GiB reserved
 # and unused), run K10 (h200-k10.jsonl) the final code.
 SPLIT_OFFLOAD_SINCE = "2026-11-28T20:35"
+# FP8 GEMMs that add into their output (kernels/cublaslt.py) with fast accumulation in forward, from run F19e
+# (h200-f19e.jsonl); runs F19c/F19d (h200-f19c/d.jsonl, the same morning) added each LoRA output in a second pass.
+FP8_ACCUMULATING_SINCE = "2026-12-03T10:00"
 
 
 def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
@@ -68,7 +71,8 @@ def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
     - fp32-upcast QLoRA: train/model.py prepare_kbit casts back to bf16 since the second H200 run (h200-r2.jsonl);
     - older kernels: measured before :data:`KERNELS_SINCE`; offloaded checkpoints before :data:`OFFLOAD_SINCE`;
       onecard DoRA before :data:`DORA_SINCE`; the reverted fused-loss chunking of :data:`CE_CHUNK_EXPERIMENT`;
-      onecard's offloaded checkpoints before :data:`SPLIT_OFFLOAD_SINCE`."""
+      onecard's offloaded checkpoints before :data:`SPLIT_OFFLOAD_SINCE`; an FP8 base before
+      :data:`FP8_ACCUMULATING_SINCE`."""
     kernels = rec.get(f"{prefix}kernels_applied") or "none"
     if kernels == "none":
         return None
@@ -85,6 +89,8 @@ def superseded_reason(rec: dict[str, Any], prefix: str = "") -> str | None:
         return "earlier onecard DoRA"
     if kernels == "onecard" and CE_CHUNK_EXPERIMENT[0] <= str(rec.get("date", "")) < CE_CHUNK_EXPERIMENT[1]:
         return "fused loss with 2048-row chunks (reverted)"
+    if rec.get("quant_base", "none") == "fp8" and not prefix and str(rec.get("date", "")) < FP8_ACCUMULATING_SINCE:
+        return "FP8 GEMMs before the accumulating epilogue"
     return None
 
 

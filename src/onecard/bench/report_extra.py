@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from onecard.bench.calibrate import load_records
+from onecard.bench.calibrate import load_records, superseded_reason
 from onecard.bench.report_md import fmt, table
 
 
@@ -200,7 +200,9 @@ def fp8_speed_section(results_dir: Path) -> str:
             ratio, target = r["tokens_per_s"] / base["tokens_per_s"], FP8_SPEED_TARGETS.get(r["model"])
             setting = ("offloaded ckpt" if r.get("offload_activations") else "ckpt") + (
                 f", cap {r['memory_cap_gib']:g} GiB" if r.get("memory_cap_gib") else "")
-            out.append([path.name, r["date"][:16], r["model"], setting, fmt(base["tokens_per_s"]),
+            reason = superseded_reason(r)
+            name = path.name if reason is None else f"{path.name} (superseded: {reason})"
+            out.append([name, r["date"][:16], r["model"], setting, fmt(base["tokens_per_s"]),
                         fmt(r["tokens_per_s"]), f"{ratio:.3f}x", f">= {target}x" if target else "",
                         "" if target is None else "yes" if ratio >= target else "**no**",
                         f"{r['step_s_min']:.3f}-{r['step_s_max']:.3f}"])

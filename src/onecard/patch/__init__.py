@@ -60,14 +60,21 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
         _notice(handle, f"MLP activation {act!r} has no fused kernel: transformers' MLP kept")
     attn_fn = make_attention_forward(spec.sliding_window) if (rope and spec.attention_class) else None
     norm_fn = gemma_rms_norm_forward if spec.gemma_norm else rms_norm_forward
+    fused = []  # the modules whose projections the fused ops run
     for module in base.modules():
         name = type(module).__name__
         if name in spec.norm_classes:
             handle.set_forward(module, norm_fn, "rms_norm")
         elif name == spec.mlp_class and mlp_fn is not None:
             handle.set_forward(module, mlp_fn, "mlp")
+            fused.append(module)
         elif attn_fn is not None and name == spec.attention_class:
             handle.set_forward(module, attn_fn, "rope")
+            fused.append(module)
+    if fused:
+        from .adapter_copies import install
+
+        install(base, fused, handle)  # adapters cast once per training forward, not per use
     if mlp_fn is not None and spec.mlp_feeds_residual:
         from .recompute import mark_recompute
 

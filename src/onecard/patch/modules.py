@@ -19,6 +19,7 @@ from onecard.kernels.lora_mlp import lora_mlp
 from onecard.kernels.rms_norm import fp8_rows_of, rms_norm
 from onecard.kernels.rope import apply_rope
 
+from .adapter_copies import compute_weights
 from .fp8 import FP8_NORM_FLAG, Fp8Linear
 from .packed import packed_attention_or
 from .recompute import attention_output_unused, in_recompute
@@ -55,8 +56,9 @@ def projection_parts(proj, dtype, allow_bias: bool = False):
     """(W, A, B, scale, bias, magnitude) of a projection for the fused ops, or None when it cannot be fused.
 
     Plain nn.Linear -> (W, None, None, 1, bias, None). peft LoRA Linear with one active vanilla or DoRA adapter,
-    dropout 0, not merged, not disabled -> (W_base, A, B, scaling, bias, magnitude), A/B cast to the compute
-    dtype (peft keeps adapters in fp32 on bf16 models; autograd casts their grads back). The DoRA magnitude
+    dropout 0, not merged, not disabled -> (W_base, A, B, scaling, bias, magnitude), A/B in the compute dtype
+    (peft keeps adapters in fp32 on bf16 models): the copies the training forward made (patch/adapter_copies.py),
+    else cast here; autograd casts their grads back either way. The DoRA magnitude
     (None for vanilla LoRA) stays fp32: the op applies it as m/n - 1 in fp32 first (kernels/lora_linear.py).
     """
     if type(proj) in (torch.nn.Linear, Fp8Linear):
@@ -81,7 +83,8 @@ def projection_parts(proj, dtype, allow_bias: bool = False):
     a, b = proj.lora_A[name], proj.lora_B[name]
     if getattr(b, "bias", None) is not None:
         return None
-    return (w, a.weight.to(dtype), b.weight.to(dtype), float(proj.scaling[name]), base.bias, magnitude)
+    a_c, b_c = compute_weights(proj, name, a.weight, b.weight, dtype)  # this forward's copies (adapter_copies.py)
+    return (w, a_c, b_c, float(proj.scaling[name]), base.bias, magnitude)
 
 
 def _dora_magnitude(proj, name):

@@ -1,0 +1,134 @@
+"""The adapters' compute-dtype copies, made once per training forward instead of at every use.
+
+peft keeps LoRA and DoRA adapters in fp32 on a bf16 model, and onecard's fused ops compute in the input's dtype
+(kernels/lora_linear.py), so each fused projection cast its A and B itself -- with checkpointing twice per step
+(forward and recompute), and autograd cast each gradient back: about 2,000 small kernels and 700 autograd nodes
+per step on Qwen 2.5 14B. That is host time, and host time is what sets the speed once the GPU's work per step is
+small (an FP8 base at micro-batch 2: docs/kernels.md). Here a forward pre-hook on the CausalLM casts every fused
+projection's A and B in one multi-tensor copy (``torch._foreach_copy_``) under one autograd node, whose backward
+copies their gradients back to fp32 the same way; ``projection_parts`` (patch/modules.py) reads the copies. The
+arithmetic is the same casts as before, so results are bit-identical (tests/test_adapter_copies.py).
+
+The trap this avoids: a copy read after the weights it was made from have changed. Copies are made only by a
+forward with grad enabled in training mode and read only while grad is enabled: that forward, and its checkpoint
+recompute in the same step's backward, both before the optimizer steps. A no-grad forward (evaluation, a DPO or
+KTO reference pass with the adapter disabled, generation) neither makes nor reads them; an eval-mode forward with
+grad drops them. A copy also records the adapter name, the parameters it was made from and their version counters,
+so a projection whose active adapter or parameters have changed since (replaced, loaded, stepped by a torch
+optimizer) casts per use, as it would without this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+COPIES_ATTR = "_onecard_adapter_copies"
+
+
+class AdapterCopy:
+    """A's and B's copies for one projection, with what they were made from. Not copied by ``copy.deepcopy``
+    (a reference model copied from the policy gets none: it makes its own when it trains)."""
+
+    __slots__ = ("name", "a_source", "b_source", "versions", "a", "b")
+
+    def __init__(self, name, a_source, b_source, a, b):
+        self.name, self.a_source, self.b_source, self.a, self.b = name, a_source, b_source, a, b
+        self.versions = (a_source._version, b_source._version)
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def lookup(self, name, a_source, b_source, dtype):
+        """(A, B) copies if they stand for these parameters in ``dtype`` and grad is enabled, else None."""
+        if (name == self.name and a_source is self.a_source and b_source is self.b_source
+                and self.versions == (a_source._version, b_source._version)
+                and self.a.dtype == dtype and torch.is_grad_enabled()):
+            return self.a, self.b
+        return None
+
+
+class CastCopies(torch.autograd.Function):
+    """Tensors cast to ``dtype`` as one multi-tensor copy; backward casts their gradients back the same way (the
+    per-tensor ``.to`` autograd would run, with one node for all)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *sources):
+        ctx.set_materialize_grads(False)  # an adapter the step did not use gets no gradient, not a zero one
+        ctx.source_dtypes = [s.dtype for s in sources]
+        copies = [torch.empty(s.shape, dtype=dtype, device=s.device) for s in sources]
+        torch._foreach_copy_(copies, list(sources))
+        return tuple(copies)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        live = [i for i, g in enumerate(grads) if g is not None]
+        out = [None] * len(grads)
+        if live:
+            back = [torch.empty(grads[i].shape, dtype=ctx.source_dtypes[i], device=grads[i].device) for i in live]
+            torch._foreach_copy_(back, [grads[i] for i in live])
+            for i, g in zip(live, back):
+                out[i] = g
+        return (None, *out)
+
+
+def active_adapter_weights(proj):
+    """(name, A parameter, B parameter) of a peft LoRA layer's one active adapter, else None."""
+    lora_a = proj.__dict__.get("_modules", {}).get("lora_A")
+    if lora_a is None or proj.disable_adapters or proj.merged or len(proj.active_adapters) != 1:
+        return None
+    name = proj.active_adapters[0]
+    if name not in lora_a:
+        return None
+    return name, lora_a[name].weight, proj.lora_B[name].weight
+
+
+def make_copies(parents, dtype) -> int:
+    """Cast the active adapters of every projection directly under ``parents`` to ``dtype`` (those not in it
+    already) and leave the copies on the projections; returns how many projections got them."""
+    found = []
+    for parent in parents:
+        for proj in parent._modules.values():
+            weights = active_adapter_weights(proj)
+            if weights is not None and weights[1].dtype != dtype:
+                found.append((proj, *weights))
+    if not found:
+        return 0
+    copies = CastCopies.apply(dtype, *[t for _, _, a, b in found for t in (a, b)])
+    for i, (proj, name, a, b) in enumerate(found):
+        proj.__dict__[COPIES_ATTR] = AdapterCopy(name, a, b, copies[2 * i], copies[2 * i + 1])
+    return len(found)
+
+
+def compute_weights(proj, name, a, b, dtype):
+    """A and B of ``proj``'s adapter ``name`` in ``dtype``: this forward's copies where they hold, else cast now."""
+    copy = proj.__dict__.get(COPIES_ATTR)
+    found = None if copy is None else copy.lookup(name, a, b, dtype)
+    return found if found is not None else (a.to(dtype), b.to(dtype))
+
+
+def install(base, parents, handle) -> None:
+    """A forward pre-hook on ``base`` (the CausalLM) making the copies for ``parents``' projections each training
+    forward with grad enabled, in the input embeddings' dtype (the hidden states'); undone by ``handle``."""
+    parents = list(parents)
+
+    def before_forward(module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return  # reads none either
+        if module.training:
+            make_copies(parents, module.get_input_embeddings().weight.dtype)
+        else:
+            drop_copies(parents)  # an eval-mode forward with grad: cast per use, never the last step's copies
+
+    hook = base.register_forward_pre_hook(before_forward, with_kwargs=True)
+
+    def undo():
+        hook.remove()
+        drop_copies(parents)
+
+    handle.add_undo(undo)
+
+
+def drop_copies(parents) -> None:
+    for parent in parents:
+        for proj in parent._modules.values():
+            proj.__dict__.pop(COPIES_ATTR, None)

@@ -1,0 +1,185 @@
+"""Adapters cast once per training forward (patch/adapter_copies.py): the same bits as casting at every use, in
+far fewer ops, and never a copy made under other weights or another adapter state."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import _kernel_env  # noqa: E402,F401
+
+from onecard.kernels._triton import reference_only  # noqa: E402
+from onecard.patch import adapter_copies, apply_kernels  # noqa: E402
+from onecard.patch.recompute import recompute_contexts  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels():
+    with reference_only():  # wiring, not kernel numerics: the torch references on CPU
+        yield
+
+
+def _bf16_lora_model(checkpointing: bool = True):
+    """A tiny bf16 Llama with fp32 LoRA adapters (peft's default on a bf16 base), onecard's kernels on."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from onecard.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300, intermediate_size=96),
+                                                          dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft inits B = 0: make the adapters do something
+            torch.nn.init.normal_(p, std=0.05)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                           "context_fn": recompute_contexts})
+        model.enable_input_require_grads()
+    model.train()
+    handle = apply_kernels(model, "onecard")
+    return model, handle
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 300, (2, 17), generator=g) for _ in range(4)]
+
+
+def _train(model, batches, between=None):
+    """Two optimizer steps of two micro-batches each; ``between(model, ids)`` runs after each forward, before its
+    backward. Returns the losses, the last step's gradients and the final adapter weights."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses, grads = [], {}
+    for step in range(2):
+        for ids in batches[2 * step: 2 * step + 2]:
+            loss = model(input_ids=ids, labels=ids).loss
+            if between is not None:
+                between(model, ids)
+            loss.backward()
+            losses.append(float(loss))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, grads, weights
+
+
+def _without_copies(monkeypatch):
+    monkeypatch.setattr(adapter_copies, "make_copies", lambda parents, dtype: 0)
+
+
+def _assert_identical(got, want):
+    assert got[0] == want[0]
+    for got_d, want_d in ((got[1], want[1]), (got[2], want[2])):
+        assert got_d.keys() == want_d.keys()
+        for name in want_d:
+            assert torch.equal(got_d[name], want_d[name]), name
+
+
+def test_same_bits_as_casting_per_use(monkeypatch):
+    """Checkpointed, gradient accumulation, two optimizer steps: losses, gradients and weights bit-identical."""
+    with_copies = _train(_bf16_lora_model()[0], _batches())
+    _without_copies(monkeypatch)
+    per_use = _train(_bf16_lora_model()[0], _batches())
+    _assert_identical(with_copies, per_use)
+    assert any(g.abs().sum() > 0 for n, g in with_copies[1].items() if "lora_A" in n)
+
+
+class _CountCasts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _casts_in_a_step(model) -> int:
+    ids = _batches()[0]
+    with _CountCasts() as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return counter.casts
+
+
+def test_a_step_casts_each_adapter_once_not_per_use(monkeypatch):
+    model, _ = _bf16_lora_model()
+    adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
+    with_copies = _casts_in_a_step(model)
+    _without_copies(monkeypatch)
+    per_use = _casts_in_a_step(_bf16_lora_model()[0])
+    # per use: A and B cast in forward and in the recompute, and each gradient cast back
+    assert per_use - with_copies >= 5 * adapted, (per_use, with_copies, adapted)
+
+
+def test_a_reference_pass_between_forward_and_backward_changes_nothing(monkeypatch):
+    """DPO/KTO run the reference (adapter disabled, no grad) beside the policy: the recompute must still use
+    the policy's copies, and the reference pass must not make or read any."""
+
+    def reference_pass(model, ids):
+        with torch.no_grad(), model.disable_adapter():
+            model(input_ids=ids)
+
+    got = _train(_bf16_lora_model()[0], _batches(), between=reference_pass)
+    _without_copies(monkeypatch)
+    want = _train(_bf16_lora_model()[0], _batches())
+    _assert_identical(got, want)
+
+
+def test_no_copies_without_grad_or_after_revert():
+    model, handle = _bf16_lora_model(checkpointing=False)
+    ids = _batches()[0]
+    projections = [m for m in model.modules() if hasattr(m, "lora_A")]
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert not any(adapter_copies.COPIES_ATTR in m.__dict__ for m in projections)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(adapter_copies.COPIES_ATTR in m.__dict__ for m in projections)
+    assert copy.deepcopy(model) is not None  # a reference copy of a trained policy: copies are not deep-copied
+    handle.revert()
+    assert not any(adapter_copies.COPIES_ATTR in m.__dict__ for m in projections)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not any(adapter_copies.COPIES_ATTR in m.__dict__ for m in projections)
+
+
+def test_a_replaced_parameter_is_cast_not_read_from_a_stale_copy():
+    model, _ = _bf16_lora_model(checkpointing=False)
+    ids = _batches()[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    proj = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    name = proj.active_adapters[0]
+    a, b = proj.lora_A[name].weight, proj.lora_B[name].weight
+    assert adapter_copies.compute_weights(proj, name, a, b, torch.bfloat16)[0] is proj.__dict__[
+        adapter_copies.COPIES_ATTR].a
+    proj.lora_A[name].weight = torch.nn.Parameter(a.detach() * 2)
+    fresh = adapter_copies.compute_weights(proj, name, proj.lora_A[name].weight, b, torch.bfloat16)[0]
+    assert torch.equal(fresh, (a.detach() * 2).to(torch.bfloat16))
+
+
+def test_after_an_optimizer_step_no_forward_reads_the_old_copies():
+    """The step changes the fp32 weights; an eval-mode forward with grad (no copies made) must see the new ones."""
+    model, _ = _bf16_lora_model(checkpointing=False)
+    ids = _batches()[0]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    proj = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    name = proj.active_adapters[0]
+    a, b = proj.lora_A[name].weight, proj.lora_B[name].weight
+    assert adapter_copies.compute_weights(proj, name, a, b, torch.bfloat16)[0] is not proj.__dict__[
+        adapter_copies.COPIES_ATTR].a  # the step bumped the version: stale
+    model.eval()
+    model(input_ids=ids)
+    assert adapter_copies.COPIES_ATTR not in proj.__dict__
