@@ -27,7 +27,7 @@ def _reference_kernels():
         yield
 
 
-def _bf16_lora_model(checkpointing: bool = True):
+def _bf16_lora_model(checkpointing: bool = True, dropout: float = 0.0):
     """A tiny bf16 Llama with fp32 LoRA adapters (peft's default on a bf16 base), onecard's kernels on."""
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -37,7 +37,7 @@ def _bf16_lora_model(checkpointing: bool = True):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300, intermediate_size=96),
                                                           dtype=torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft inits B = 0: make the adapters do something
             torch.nn.init.normal_(p, std=0.05)
@@ -183,3 +183,11 @@ def test_after_an_optimizer_step_no_forward_reads_the_old_copies():
     model.eval()
     model(input_ids=ids)
     assert adapter_copies.COPIES_ATTR not in proj.__dict__
+
+
+def test_no_copies_where_peft_runs_the_projection_itself():
+    """With LoRA dropout the fused ops step aside (peft's forward reads the fp32 weights): no copy to make."""
+    model, _ = _bf16_lora_model(checkpointing=False, dropout=0.1)
+    ids = _batches()[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not any(adapter_copies.COPIES_ATTR in m.__dict__ for m in model.modules() if hasattr(m, "lora_A"))

@@ -72,12 +72,13 @@ class CastCopies(torch.autograd.Function):
 
 
 def active_adapter_weights(proj):
-    """(name, A parameter, B parameter) of a peft LoRA layer's one active adapter, else None."""
+    """(name, A parameter, B parameter) of a peft LoRA layer's one active adapter, else None; None too with LoRA
+    dropout, which the fused ops leave to peft's own forward (patch/modules.py ``projection_parts``)."""
     lora_a = proj.__dict__.get("_modules", {}).get("lora_A")
     if lora_a is None or proj.disable_adapters or proj.merged or len(proj.active_adapters) != 1:
         return None
     name = proj.active_adapters[0]
-    if name not in lora_a:
+    if name not in lora_a or not isinstance(proj.lora_dropout[name], torch.nn.Identity):
         return None
     return name, lora_a[name].weight, proj.lora_B[name].weight
 
