@@ -122,3 +122,40 @@ def test_nf4_base_weights_are_dequantised_per_use():
     assert_close_rel(got_y[0], ref_y[0], 1e-5, "y")
     for g, r in zip(got, ref):
         assert_close_rel(g, r, 1e-5, "grad")
+
+
+def _saved_by(fn) -> list:
+    """The tensors ``fn`` saves for backward: each one a checkpoint's hooks handle three times a step."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def _check_saves_no_weights_and_one_rank_product(fn, parts, tokens):
+    saved = _saved_by(fn)
+    adapters = [t for p in parts for t in p[1:3]]
+    kept = adapters + [p[0] for p in parts]
+    assert not any(t is k for t in saved for k in kept), "W, A or B saved: kept on ctx instead"
+    rank = sum(p[1].shape[0] for p in parts)
+    assert sum(1 for t in saved if tuple(t.shape) == (tokens, rank)) == 1, [tuple(t.shape) for t in saved]
+    return saved
+
+
+def test_fused_ops_save_one_rank_product_and_no_weights():
+    """q/k/v save x and x [A_q; A_k; A_v]^T once, not a block per projection, and keep W, A and B on ctx (they
+    outlive the step anyway); the MLP x, g, u and gate/up's product. Each saved tensor costs a checkpoint ~30 Python
+    calls a step."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    qkv = [_proj(24, 24, 4)[:4], _proj(8, 24, 4)[:4], _proj(8, 24, 4)[:4]]
+    saved = _check_saves_no_weights_and_one_rank_product(lambda: lora_projections(x, qkv), qkv, 10)
+    assert len(saved) == 2
+    gate, up, down = _proj(40, 24, 4)[:4], _proj(40, 24, 4)[:4], _proj(24, 40, 4)[:4]
+    saved = _check_saves_no_weights_and_one_rank_product(lambda: lora_mlp(x, gate, up, down), [gate, up], 10)
+    assert len(saved) == 4

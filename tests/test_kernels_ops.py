@@ -135,3 +135,23 @@ def test_bf16_large_inputs_stay_finite():
     assert torch.isfinite(rms_norm(x, w, 1e-5)).all()
     g = (torch.randn(4, 256) * 50).bfloat16()
     assert torch.isfinite(swiglu(g, g)).all() and torch.isfinite(geglu(g, g)).all()
+
+
+def test_norm_and_rope_save_only_what_backward_cannot_read_elsewhere():
+    """The RMSNorm weight (a parameter) and RoPE's cos/sin (shared by every layer) are kept on ctx, not saved:
+    each saved tensor costs a checkpoint three hook calls a step. RMSNorm saves its input and 1/rms."""
+    if not triton_active():
+        pytest.skip("the Triton ops (the references save what autograd saves)")
+    saved = []
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(64, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(2, 4, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = torch.randn(2, 8, 16, dtype=torch.bfloat16), torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = rms_norm(x, w, 1e-6)
+        assert [tuple(t.shape) for t in saved] == [(16, 64), (16,)]
+        qr, kr = apply_rope(q, k, cos, sin)
+    assert len(saved) == 2
+    (y.float().sum() + qr.float().sum() + kr.float().sum()).backward()
+    assert w.grad is not None and q.grad is not None and k.grad is not None

@@ -121,27 +121,36 @@ def scale_column_blocks(t, widths, scales):
 def rank_products(x, adapters, scales):
     """s_p x A_p^T for every adapter A_p (None: no adapter) of projections sharing x, as one matmul over the
     concatenated A, so x is read once rather than once per projection, scaled in one pass where it can be
-    (:func:`scale_column_blocks`); returns views into that product."""
+    (:func:`scale_column_blocks`); returns (that product or None, its column block per projection)."""
     present = [(a, s) for a, s in zip(adapters, scales) if a is not None]
     if not present:
-        return [None] * len(adapters)
+        return None, [None] * len(adapters)
     xa = x @ (present[0][0] if len(present) == 1 else torch.cat([a for a, _ in present])).t()
-    widths = [a.shape[0] for a, _ in present]
-    pieces = iter(scale_column_blocks(xa, widths, [s for _, s in present]).split(widths, dim=1))
+    scale_column_blocks(xa, [a.shape[0] for a, _ in present], [s for _, s in present])
+    return xa, rank_product_blocks(xa, adapters)
+
+
+def rank_product_blocks(xa, adapters):
+    """:func:`rank_products`' column blocks of ``xa`` (r_p wide, None where no adapter): backward saves the one
+    product and splits it again, rather than saving each block (each saved tensor costs a checkpoint's hooks)."""
+    if xa is None:
+        return [None] * len(adapters)
+    pieces = iter(xa.split([a.shape[0] for a in adapters if a is not None], dim=1))
     return [None if a is None else next(pieces) for a in adapters]
 
 
 def shared_input_forward(x, projs, scales, x_fp8=None):
-    """Projections of one 2-D input, ``projs`` = (W, bias, A, B, magnitude) each: (outputs, s x A^T per projection,
-    DoRA norms). DoRA projections run as LoRA on their row-scaled (W_s, B_s) (:func:`dora_weights`). FP8 weights
-    share one row-wise quantised x (``x_fp8`` from x's producer, else made here)."""
+    """Projections of one 2-D input, ``projs`` = (W, bias, A, B, magnitude) each: (outputs, the rank-r product
+    s x A^T of all adapters (:func:`rank_products`), DoRA norms). DoRA projections run as LoRA on their row-scaled
+    (W_s, B_s) (:func:`dora_weights`). FP8 weights share one row-wise quantised x (``x_fp8`` from x's producer,
+    else made here)."""
     eff = [(w, b, None) if m is None else dora_weights(w, a, b, s, m, x.dtype)
            for (w, _, a, b, m), s in zip(projs, scales)]
     if x_fp8 is None and any(is_fp8(we) for we, _, _ in eff):
         x_fp8 = quantize_rows(x)
-    xas = rank_products(x, [p[2] for p in projs], scales)
-    outs = [lin_from(x, we, xa, be, p[1], x_fp8) for p, (we, be, _), xa in zip(projs, eff, xas)]
-    return outs, xas, [n for _, _, n in eff]
+    xa, xas = rank_products(x, [p[2] for p in projs], scales)
+    outs = [lin_from(x, we, xa_p, be, p[1], x_fp8) for p, (we, be, _), xa_p in zip(projs, eff, xas)]
+    return outs, xa, [n for _, _, n in eff]
 
 
 def skipped_forward(x, projs):
@@ -282,15 +291,15 @@ def dora_magnitude_grad(dy, y, m, n, bias=None):
     return (dot / dora_divisor(m).to(n.dtype)).to(m.dtype)
 
 
-def keep_for_backward(ctx, weights):
-    """4-bit weights are frozen parameters: kept by reference on ctx (save_for_backward would drop the
-    quant_state they need to be dequantised); returns the list with those replaced by None."""
-    ctx.quantized = [w if is_quantized(w) or is_fp8(w) else None for w in weights]
-    return [None if is_quantized(w) or is_fp8(w) else w for w in weights]
-
-
-def restore_weights(ctx, weights):
-    return [q if q is not None else w for q, w in zip(ctx.quantized, weights)]
+def keep_for_backward(ctx, weights, adapters):
+    """The frozen W and the adapters' A and B, kept on ctx by reference rather than saved. Every saved tensor costs
+    a checkpoint three hook calls a step (pack in forward, pack in the recompute, unpack in backward), ~30 Python
+    calls each, and these tensors outlive the step anyway: each W is a parameter (a streamed layer's is bound to
+    its slot again before its backward, patch/stream_weights.py), and the A and B a training forward uses are its
+    compute copies (patch/adapter_copies.py; cast per use they are rank x features, small). 4-bit W could not be
+    saved at all: save_for_backward drops the quant_state they need. Nothing writes any of them in place before
+    backward (the optimizer steps after it), so save_for_backward's version check has nothing to catch."""
+    ctx.weights, ctx.adapters = tuple(weights), tuple(adapters)
 
 
 P = 5  # tensors per projection in LoRAProjections' inputs: W, bias, A, B, magnitude
@@ -308,14 +317,14 @@ class LoRAProjections(torch.autograd.Function):
         projs = [params[P * i: P * i + P] for i in range(len(scales))]  # (W, bias, A, B, magnitude)
         if skip_output and all(p[4] is None for p in projs):
             ys, norms = skipped_forward(x2, projs), [None] * len(projs)
-            xas = rank_products(x2, [p[2] for p in projs], scales)
+            xa, _ = rank_products(x2, [p[2] for p in projs], scales)
         else:
-            ys, xas, norms = shared_input_forward(x2, projs, scales, x_fp8)
+            ys, xa, norms = shared_input_forward(x2, projs, scales, x_fp8)
         dora_outs = [y if p[4] is not None else None for y, p in zip(ys, projs)]
-        weights = keep_for_backward(ctx, params[0::P])
-        # bias, A, B, m; the bias only for DoRA's magnitude gradient (fewer saved tensors: each costs checkpoint hooks)
-        adapters = [t for p in projs for t in (p[1] if p[4] is not None else None, *p[2:])]
-        ctx.save_for_backward(x2, *weights, *adapters, *xas, *dora_outs, *norms)
+        keep_for_backward(ctx, params[0::P], [t for p in projs for t in p[2:4]])
+        # the bias only for DoRA's magnitude gradient (fewer saved tensors: each costs checkpoint hooks)
+        dora = [t for p in projs for t in ((p[1], p[4]) if p[4] is not None else (None, None))]
+        ctx.save_for_backward(x2, xa, *dora, *dora_outs, *norms)
         ctx.scales, ctx.shape = scales, shape
         return tuple(y.view(*shape[:-1], y.shape[-1]) for y in ys)
 
@@ -323,9 +332,10 @@ class LoRAProjections(torch.autograd.Function):
     def backward(ctx, *douts):
         k = len(ctx.scales)
         saved = ctx.saved_tensors
-        x2, weights, adapters = saved[0], restore_weights(ctx, saved[1:1 + k]), saved[1 + k:1 + 5 * k]
-        xas, outs, norms = saved[1 + 5 * k:1 + 6 * k], saved[1 + 6 * k:1 + 7 * k], saved[1 + 7 * k:]
-        projs = [(weights[i], *adapters[4 * i: 4 * i + 4]) for i in range(k)]
+        x2, xa, dora, outs, norms = saved[0], saved[1], saved[2:2 + 2 * k], saved[2 + 2 * k:2 + 3 * k], saved[2 + 3 * k:]
+        weights, adapters = ctx.weights, ctx.adapters
+        projs = [(weights[i], dora[2 * i], adapters[2 * i], adapters[2 * i + 1], dora[2 * i + 1]) for i in range(k)]
+        xas = rank_product_blocks(xa, adapters[0::2])
         needs = [tuple(ctx.needs_input_grad[4 + P * i + j] for j in (0, 2, 3, 4)) for i in range(k)]
         dys = [None if d is None else d.reshape(-1, d.shape[-1]) for d in douts]
         dx, per_proj = shared_input_backward(dys, x2, xas, outs, norms, projs, ctx.scales, needs)

@@ -3,7 +3,8 @@
 Per projection p with frozen W_p (out x in), adapter A_p (r x in), B_p (out x r), scale s_p:
     lin_p(x) = x W_p^T + s_p (x A_p^T) B_p^T
     g = lin_g(x),  u = lin_u(x),  h = act(g) * u,  y = lin_d(h)
-Saved for backward: x, g, u and the rank-r products x A^T (tiny). h is *recomputed* in backward by
+Saved for backward: x, g, u and the rank-r product x [A_g; A_u]^T (tiny; W, A and B are kept on ctx,
+kernels/lora_linear.py ``keep_for_backward``). h is *recomputed* in backward by
 the fused GLU kernel together with dg, du (and h A_d^T from it), so the intermediate-sized act(g) and h are not
 kept (transformers + peft keep g, u, act(g), act(g)*u and the dropout inputs: ~2 more tensors), and a
 checkpoint's recompute (``skip_output``) stops after g and u: no GLU, no down projection.
@@ -46,7 +47,7 @@ import torch
 from .fp8 import fp8_input_grad, is_fp8
 from .glu import glu_backward, glu_backward_fp8, glu_forward, glu_forward_fp8
 from .lora_linear import (dense, dora_lin, dora_magnitude_grad, dora_norm, dora_ratio, dora_weights, is_quantized,
-                          keep_for_backward, lin, out_features, restore_weights, scaled_in_place,
+                          keep_for_backward, lin, out_features, rank_product_blocks, scaled_in_place,
                           shared_input_backward, shared_input_forward, unpack_parts)
 
 __all__ = ["lora_mlp", "lora_mlp_reference", "dense", "is_quantized"]
@@ -57,8 +58,8 @@ class LoRAMLP(torch.autograd.Function):
     def forward(ctx, x, wg, ag, bg, mg, wu, au, bu, mu, wd, ad, bd, md, sg, su, sd, gelu, skip_output, x_fp8):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        (g, u), (xag, xau), (ng, nu) = shared_input_forward(x2, [(wg, None, ag, bg, mg), (wu, None, au, bu, mu)],
-                                                            (sg, su), x_fp8)
+        (g, u), xa, (ng, nu) = shared_input_forward(x2, [(wg, None, ag, bg, mg), (wu, None, au, bu, mu)], (sg, su),
+                                                    x_fp8)
         nd = None
         if skip_output:  # a checkpoint's recompute: nothing reads y, nor h (see lora_mlp)
             y = x2.new_empty(x2.shape[0], out_features(wd))
@@ -79,15 +80,16 @@ class LoRAMLP(torch.autograd.Function):
                 # LoRA -- at the cost of y_d (tokens x hidden) staying on the GPU until backward.
                 ctx.dora_down_output = y
             del h
-        wg, wu, wd = keep_for_backward(ctx, (wg, wu, wd))
-        ctx.save_for_backward(x2, g, u, xag, xau, wg, ag, bg, mg, ng, wu, au, bu, mu, nu, wd, ad, bd, md, nd)
+        keep_for_backward(ctx, (wg, wu, wd), (ag, bg, au, bu, ad, bd))
+        ctx.save_for_backward(x2, g, u, xa, mg, ng, mu, nu, md, nd)
         ctx.scales, ctx.gelu, ctx.shape = (sg, su, sd), gelu, shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u, xag, xau, wg, ag, bg, mg, ng, wu, au, bu, mu, nu, wd, ad, bd, md, nd = ctx.saved_tensors
-        wg, wu, wd = restore_weights(ctx, (wg, wu, wd))
+        x2, g, u, xa, mg, ng, mu, nu, md, nd = ctx.saved_tensors
+        (wg, wu, wd), (ag, bg, au, bu, ad, bd) = ctx.weights, ctx.adapters
+        xag, xau = rank_product_blocks(xa, (ag, au))
         sg, su, sd = ctx.scales
         n = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])

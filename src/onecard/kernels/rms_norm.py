@@ -107,14 +107,16 @@ class TritonRMSNorm(torch.autograd.Function):
         block, warps = row_block(n_cols)
         _rms_fwd[(n_rows,)](x2, weight, y, rstd, q if fp8 else y, scale if fp8 else rstd, x2.stride(0), y.stride(0),
                             n_cols, eps, GEMMA=gemma, FP8=fp8, BLOCK=block, num_warps=warps)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.gemma, ctx.shape = gemma, shape
+        ctx.save_for_backward(x2, rstd)
+        # the weight, a parameter, kept by reference: a saved tensor costs a checkpoint's hooks (lora_linear.py
+        # keep_for_backward)
+        ctx.weight, ctx.gemma, ctx.shape = weight, gemma, shape
         ctx.mark_non_differentiable(q, scale)
         return y.view(*shape[:-1], n_cols), q, scale
 
     @staticmethod
     def backward(ctx, dy, _dq=None, _ds=None):
-        x2, weight, rstd = ctx.saved_tensors
+        (x2, rstd), weight = ctx.saved_tensors, ctx.weight
         n_rows, n_cols = x2.shape
         dy2 = dy.reshape(-1, n_cols)
         if dy2.stride(-1) != 1:

@@ -74,12 +74,14 @@ def _rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward:
 class TritonRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
+        # kept by reference, not saved (a saved tensor costs a checkpoint's hooks): every layer gets the same cos
+        # and sin, which the model's forward made and its checkpoints hold for their recompute anyway
+        ctx.cos_sin = (cos, sin)
         return _rope_apply(q, cos, sin, False), _rope_apply(k, cos, sin, False)
 
     @staticmethod
     def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
+        cos, sin = ctx.cos_sin
         dq = _rope_apply(dq, cos, sin, True) if dq is not None else None
         dk = _rope_apply(dk, cos, sin, True) if dk is not None else None
         return dq, dk, None, None

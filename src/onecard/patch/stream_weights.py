@@ -22,7 +22,7 @@ When a layer is in use, and what a slot must not be overwritten before:
   the split halves of patch/blocks.py); the slot is released when the gradient of the layer's *input* is complete
   (a tensor hook registered in the first forward), or at the end of backward (engine callback) for a first layer
   whose input needs no gradient. What autograd keeps meanwhile: the recompute's saved tensors are detached views of
-  the slot storage (torch.utils.checkpoint), onecard's fused ops keep NF4 weights by reference on ctx
+  the slot storage (torch.utils.checkpoint), onecard's fused ops keep every W by reference on ctx
   (kernels/lora_linear.py ``keep_for_backward``) and read ``.data``/``quant_state`` in backward, bitsandbytes'
   MatMul4Bit keeps a view made in the *first* forward on ctx. All three read the right bytes because the layer is
   bound again, to the same slot, whenever its backward runs.
