@@ -27,7 +27,7 @@ def _reference_kernels():
         yield
 
 
-def _bf16_lora_model(checkpointing: bool = True, dropout: float = 0.0):
+def _bf16_lora_model(checkpointing: bool = True, dropout: float = 0.0, dora: bool = False):
     """A tiny bf16 Llama with fp32 LoRA adapters (peft's default on a bf16 base), onecard's kernels on."""
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -37,7 +37,8 @@ def _bf16_lora_model(checkpointing: bool = True, dropout: float = 0.0):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300, intermediate_size=96),
                                                           dtype=torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS,
+                                             use_dora=dora))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft inits B = 0: make the adapters do something
             torch.nn.init.normal_(p, std=0.05)
@@ -87,11 +88,15 @@ def _assert_identical(got, want):
             assert torch.equal(got_d[name], want_d[name]), name
 
 
-def test_same_bits_as_casting_per_use(monkeypatch):
-    """Checkpointed, gradient accumulation, two optimizer steps: losses, gradients and weights bit-identical."""
-    with_copies = _train(_bf16_lora_model()[0], _batches())
+@pytest.mark.parametrize("dora", [False, True])
+def test_same_bits_as_casting_per_use(monkeypatch, dora):
+    """Checkpointed, gradient accumulation, two optimizer steps: losses, gradients and weights bit-identical
+    (DoRA: its fp32 magnitude is not copied)."""
+    model = _bf16_lora_model(dora=dora)[0]
+    with_copies = _train(model, _batches())
+    assert all(adapter_copies.COPIES_ATTR in m.__dict__ for m in model.modules() if hasattr(m, "lora_A"))
     _without_copies(monkeypatch)
-    per_use = _train(_bf16_lora_model()[0], _batches())
+    per_use = _train(_bf16_lora_model(dora=dora)[0], _batches())
     _assert_identical(with_copies, per_use)
     assert any(g.abs().sum() > 0 for n, g in with_copies[1].items() if "lora_A" in n)
 
