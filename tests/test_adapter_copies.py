@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import traceback
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def _reference_kernels():
         yield
 
 
-def _bf16_lora_model(checkpointing: bool = True, dropout: float = 0.0, dora: bool = False):
+def _bf16_lora_model(checkpointing: bool = True, dropout: float = 0.0, dora: bool = False, alpha: float = 8):
     """A tiny bf16 Llama with fp32 LoRA adapters (peft's default on a bf16 base), onecard's kernels on."""
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -37,7 +38,7 @@ def _bf16_lora_model(checkpointing: bool = True, dropout: float = 0.0, dora: boo
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300, intermediate_size=96),
                                                           dtype=torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS,
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS,
                                              use_dora=dora))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft inits B = 0: make the adapters do something
@@ -88,35 +89,45 @@ def _assert_identical(got, want):
             assert torch.equal(got_d[name], want_d[name]), name
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_same_bits_as_casting_per_use(monkeypatch, dora):
-    """Checkpointed, gradient accumulation, two optimizer steps: losses, gradients and weights bit-identical
-    (DoRA: its fp32 magnitude is not copied)."""
-    model = _bf16_lora_model(dora=dora)[0]
+@pytest.mark.parametrize("dora,alpha", [(False, 8), (True, 8), (False, 6), (False, 4)])
+def test_same_bits_as_casting_per_use(monkeypatch, dora, alpha):
+    """Checkpointed, gradient accumulation, two optimizer steps: losses, gradients and weights bit-identical.
+    r = 4: alpha 8 is a scale of 2, folded into A's copy; 6 (1.5) is left to the fused ops; 4 is 1. DoRA: its fp32
+    magnitude is not copied."""
+    model = _bf16_lora_model(dora=dora, alpha=alpha)[0]
     with_copies = _train(model, _batches())
-    assert all(adapter_copies.COPIES_ATTR in m.__dict__ for m in model.modules() if hasattr(m, "lora_A"))
+    copies = [m.__dict__.get(adapter_copies.COPIES_ATTR) for m in model.modules() if hasattr(m, "lora_A")]
+    assert all(c is not None and c.folded == (alpha == 8) for c in copies)
     _without_copies(monkeypatch)
-    per_use = _train(_bf16_lora_model(dora=dora)[0], _batches())
+    per_use = _train(_bf16_lora_model(dora=dora, alpha=alpha)[0], _batches())
     _assert_identical(with_copies, per_use)
     assert any(g.abs().sum() > 0 for n, g in with_copies[1].items() if "lora_A" in n)
 
 
-class _CountCasts(TorchDispatchMode):
+class _CountOps(TorchDispatchMode):
+    CASTS = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+    SCALINGS = (torch.ops.aten.mul_.Scalar, torch.ops.aten.mul_.Tensor)
+
     def __init__(self):
         super().__init__()
-        self.casts = 0
+        self.casts = self.scalings = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-            self.casts += 1
+        self.casts += func in self.CASTS
+        if func in self.SCALINGS:  # those of the fused LoRA ops (the loss has its own)
+            self.scalings += any("kernels/lora_" in f.filename for f in traceback.extract_stack())
         return func(*args, **(kwargs or {}))
 
 
-def _casts_in_a_step(model) -> int:
+def _ops_in_a_step(model) -> _CountOps:
     ids = _batches()[0]
-    with _CountCasts() as counter:
+    with _CountOps() as counter:
         model(input_ids=ids, labels=ids).loss.backward()
-    return counter.casts
+    return counter
+
+
+def _casts_in_a_step(model) -> int:
+    return _ops_in_a_step(model).casts
 
 
 def test_a_step_casts_each_adapter_once_not_per_use(monkeypatch):
@@ -166,11 +177,13 @@ def test_a_replaced_parameter_is_cast_not_read_from_a_stale_copy():
     proj = next(m for m in model.modules() if hasattr(m, "lora_A"))
     name = proj.active_adapters[0]
     a, b = proj.lora_A[name].weight, proj.lora_B[name].weight
-    assert adapter_copies.compute_weights(proj, name, a, b, torch.bfloat16)[0] is proj.__dict__[
+    scale = float(proj.scaling[name])
+    assert adapter_copies.compute_weights(proj, name, a, b, scale, torch.bfloat16)[0] is proj.__dict__[
         adapter_copies.COPIES_ATTR].a
     proj.lora_A[name].weight = torch.nn.Parameter(a.detach() * 2)
-    fresh = adapter_copies.compute_weights(proj, name, proj.lora_A[name].weight, b, torch.bfloat16)[0]
-    assert torch.equal(fresh, (a.detach() * 2).to(torch.bfloat16))
+    fresh, _, fresh_scale = adapter_copies.compute_weights(proj, name, proj.lora_A[name].weight, b, scale,
+                                                           torch.bfloat16)
+    assert torch.equal(fresh, (a.detach() * 2).to(torch.bfloat16)) and fresh_scale == scale
 
 
 def test_after_an_optimizer_step_no_forward_reads_the_old_copies():
@@ -183,8 +196,8 @@ def test_after_an_optimizer_step_no_forward_reads_the_old_copies():
     proj = next(m for m in model.modules() if hasattr(m, "lora_A"))
     name = proj.active_adapters[0]
     a, b = proj.lora_A[name].weight, proj.lora_B[name].weight
-    assert adapter_copies.compute_weights(proj, name, a, b, torch.bfloat16)[0] is not proj.__dict__[
-        adapter_copies.COPIES_ATTR].a  # the step bumped the version: stale
+    assert adapter_copies.compute_weights(proj, name, a, b, float(proj.scaling[name]), torch.bfloat16)[0] is not \
+        proj.__dict__[adapter_copies.COPIES_ATTR].a  # the step bumped the version: stale
     model.eval()
     model(input_ids=ids)
     assert adapter_copies.COPIES_ATTR not in proj.__dict__
@@ -196,3 +209,18 @@ def test_no_copies_where_peft_runs_the_projection_itself():
     ids = _batches()[0]
     model(input_ids=ids, labels=ids).loss.backward()
     assert not any(adapter_copies.COPIES_ATTR in m.__dict__ for m in model.modules() if hasattr(m, "lora_A"))
+
+
+def test_a_folded_scale_leaves_no_per_product_scaling(monkeypatch):
+    """alpha = 2 x rank: the scale is in A's copy, so the fused ops scale no rank-r product (forward, recompute or
+    backward); cast per use they scale each one."""
+    folded = _ops_in_a_step(_bf16_lora_model()[0]).scalings
+    _without_copies(monkeypatch)
+    per_use = _ops_in_a_step(_bf16_lora_model()[0]).scalings
+    layers = 2  # tiny_config
+    assert folded == 0 and per_use >= 12 * layers, (folded, per_use)
+
+
+def test_only_powers_of_two_fold():
+    assert [adapter_copies.exact_to_fold(s) for s in (2.0, 4.0, 0.5, 1.0, 1.5, 3.0, 0.3)] == [
+        True, True, True, False, False, False, False]

@@ -123,7 +123,7 @@ class LoRAMLP(torch.autograd.Function):
         del dh
         dwd = dy2.t() @ h if n[9] else None
         dad = dybs.t() @ h if (ad is not None and n[10]) else None
-        dbd = (dy2.t() @ (h @ ad.t())).mul_(sd) if (ad is not None and n[11]) else None  # h A_d^T: rebuilt here
+        dbd = scaled_in_place(dy2.t() @ (h @ ad.t()), sd) if (ad is not None and n[11]) else None  # h A_d^T: rebuilt
         if dbd is not None and md is not None:
             dbd.mul_(dora_ratio(md, nd))
         if dwd is not None and md is not None:

@@ -6,8 +6,11 @@ peft keeps LoRA and DoRA adapters in fp32 on a bf16 model, and onecard's fused o
 per step on Qwen 2.5 14B. That is host time, and host time is what sets the speed once the GPU's work per step is
 small (an FP8 base at micro-batch 2: docs/kernels.md). Here a forward pre-hook on the CausalLM casts every fused
 projection's A and B in one multi-tensor copy (``torch._foreach_copy_``) under one autograd node, whose backward
-copies their gradients back to fp32 the same way; ``projection_parts`` (patch/modules.py) reads the copies. The
-arithmetic is the same casts as before, so results are bit-identical (tests/test_adapter_copies.py).
+copies their gradients back to fp32 the same way; ``projection_parts`` (patch/modules.py) reads the copies. A
+power-of-two LoRA scale (alpha = 2 x rank, the default) goes into A's copy, so the fused ops' per-product scaling
+(a launch per product, forward, recompute and backward) drops out, and A's gradient is scaled once here instead.
+The arithmetic is the same casts, and multiplications by a power of two are exact, so results are bit-identical
+(tests/test_adapter_copies.py).
 
 The trap this avoids: a copy read after the weights it was made from have changed. Copies are made only by a
 forward with grad enabled in training mode and read only while grad is enabled: that forward, and its checkpoint
@@ -20,6 +23,8 @@ optimizer) casts per use, as it would without this.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 COPIES_ATTR = "_onecard_adapter_copies"
@@ -29,34 +34,47 @@ class AdapterCopy:
     """A's and B's copies for one projection, with what they were made from. Not copied by ``copy.deepcopy``
     (a reference model copied from the policy gets none: it makes its own when it trains)."""
 
-    __slots__ = ("name", "a_source", "b_source", "versions", "a", "b")
+    __slots__ = ("name", "a_source", "b_source", "versions", "scale", "folded", "a", "b")
 
-    def __init__(self, name, a_source, b_source, a, b):
+    def __init__(self, name, a_source, b_source, scale: float, folded: bool, a, b):
         self.name, self.a_source, self.b_source, self.a, self.b = name, a_source, b_source, a, b
         self.versions = (a_source._version, b_source._version)
+        self.scale, self.folded = scale, folded
 
     def __deepcopy__(self, memo):
         return None
 
-    def lookup(self, name, a_source, b_source, dtype):
-        """(A, B) copies if they stand for these parameters in ``dtype`` and grad is enabled, else None."""
-        if (name == self.name and a_source is self.a_source and b_source is self.b_source
+    def lookup(self, name, a_source, b_source, scale: float, dtype):
+        """(A, B, the scale left to apply) if the copies stand for these parameters and scale in ``dtype`` and grad
+        is enabled, else None."""
+        if (name == self.name and a_source is self.a_source and b_source is self.b_source and scale == self.scale
                 and self.versions == (a_source._version, b_source._version)
                 and self.a.dtype == dtype and torch.is_grad_enabled()):
-            return self.a, self.b
+            return self.a, self.b, 1.0 if self.folded else scale
         return None
 
 
+def exact_to_fold(scale: float) -> bool:
+    """A LoRA scale that can go into A's copy without changing a bit: a power of two other than 1 (the default,
+    alpha = 2 x rank, is 2). Multiplying by it is exact in bf16 and fp32, so s (x A^T) = x (s A)^T to the last bit;
+    any other scale would round differently and stays with the fused ops, applied to the products."""
+    mantissa, _ = math.frexp(scale)
+    return scale > 0 and scale != 1.0 and mantissa == 0.5
+
+
 class CastCopies(torch.autograd.Function):
-    """Tensors cast to ``dtype`` as one multi-tensor copy; backward casts their gradients back the same way (the
-    per-tensor ``.to`` autograd would run, with one node for all)."""
+    """Tensors cast to ``dtype`` as one multi-tensor copy, those with a factor in ``factors`` then multiplied by
+    it (LoRA scales folded into A: :func:`exact_to_fold`); backward takes their gradients back the same way: cast to
+    the sources' dtype and times the same factors (the per-tensor ``.to`` and ``mul`` autograd would run, with one
+    node for all)."""
 
     @staticmethod
-    def forward(ctx, dtype, *sources):
+    def forward(ctx, dtype, factors, *sources):
         ctx.set_materialize_grads(False)  # an adapter the step did not use gets no gradient, not a zero one
-        ctx.source_dtypes = [s.dtype for s in sources]
+        ctx.source_dtypes, ctx.factors = [s.dtype for s in sources], factors
         copies = [torch.empty(s.shape, dtype=dtype, device=s.device) for s in sources]
         torch._foreach_copy_(copies, list(sources))
+        _scale_each(copies, factors)
         return tuple(copies)
 
     @staticmethod
@@ -66,9 +84,17 @@ class CastCopies(torch.autograd.Function):
         if live:
             back = [torch.empty(grads[i].shape, dtype=ctx.source_dtypes[i], device=grads[i].device) for i in live]
             torch._foreach_copy_(back, [grads[i] for i in live])
+            _scale_each(back, [ctx.factors[i] for i in live])
             for i, g in zip(live, back):
                 out[i] = g
-        return (None, *out)
+        return (None, None, *out)
+
+
+def _scale_each(tensors, factors) -> None:
+    """tensors[i] *= factors[i] in place, one multi-tensor op for those whose factor is not 1."""
+    scaled = [(t, f) for t, f in zip(tensors, factors) if f != 1.0]
+    if scaled:
+        torch._foreach_mul_([t for t, _ in scaled], [f for _, f in scaled])
 
 
 def active_adapter_weights(proj):
@@ -85,26 +111,30 @@ def active_adapter_weights(proj):
 
 def make_copies(parents, dtype) -> int:
     """Cast the active adapters of every projection directly under ``parents`` to ``dtype`` (those not in it
-    already) and leave the copies on the projections; returns how many projections got them."""
+    already), the LoRA scale folded into A where that is exact, and leave the copies on the projections; returns
+    how many projections got them."""
     found = []
     for parent in parents:
         for proj in parent._modules.values():
             weights = active_adapter_weights(proj)
             if weights is not None and weights[1].dtype != dtype:
-                found.append((proj, *weights))
+                found.append((proj, *weights, float(proj.scaling[weights[0]])))
     if not found:
         return 0
-    copies = CastCopies.apply(dtype, *[t for _, _, a, b in found for t in (a, b)])
-    for i, (proj, name, a, b) in enumerate(found):
-        proj.__dict__[COPIES_ATTR] = AdapterCopy(name, a, b, copies[2 * i], copies[2 * i + 1])
+    factors = tuple(f for *_, scale in found for f in ((scale if exact_to_fold(scale) else 1.0), 1.0))
+    copies = CastCopies.apply(dtype, factors, *[t for _, _, a, b, _ in found for t in (a, b)])
+    for i, (proj, name, a, b, scale) in enumerate(found):
+        proj.__dict__[COPIES_ATTR] = AdapterCopy(name, a, b, scale, exact_to_fold(scale), copies[2 * i],
+                                                 copies[2 * i + 1])
     return len(found)
 
 
-def compute_weights(proj, name, a, b, dtype):
-    """A and B of ``proj``'s adapter ``name`` in ``dtype``: this forward's copies where they hold, else cast now."""
+def compute_weights(proj, name, a, b, scale: float, dtype):
+    """(A, B, scale) of ``proj``'s adapter ``name`` in ``dtype`` for the fused ops: this forward's copies where they
+    hold (the scale already in A where it was folded, then 1), else A and B cast now and the scale as it is."""
     copy = proj.__dict__.get(COPIES_ATTR)
-    found = None if copy is None else copy.lookup(name, a, b, dtype)
-    return found if found is not None else (a.to(dtype), b.to(dtype))
+    found = None if copy is None else copy.lookup(name, a, b, scale, dtype)
+    return found if found is not None else (a.to(dtype), b.to(dtype), scale)
 
 
 def install(base, parents, handle) -> None:

@@ -83,8 +83,9 @@ def projection_parts(proj, dtype, allow_bias: bool = False):
     a, b = proj.lora_A[name], proj.lora_B[name]
     if getattr(b, "bias", None) is not None:
         return None
-    a_c, b_c = compute_weights(proj, name, a.weight, b.weight, dtype)  # this forward's copies (adapter_copies.py)
-    return (w, a_c, b_c, float(proj.scaling[name]), base.bias, magnitude)
+    # this forward's copies (adapter_copies.py), the scale folded into A where exact
+    a_c, b_c, scale = compute_weights(proj, name, a.weight, b.weight, float(proj.scaling[name]), dtype)
+    return (w, a_c, b_c, scale, base.bias, magnitude)
 
 
 def _dora_magnitude(proj, name):
