@@ -332,7 +332,8 @@ class LoRAProjections(torch.autograd.Function):
     def backward(ctx, *douts):
         k = len(ctx.scales)
         saved = ctx.saved_tensors
-        x2, xa, dora, outs, norms = saved[0], saved[1], saved[2:2 + 2 * k], saved[2 + 2 * k:2 + 3 * k], saved[2 + 3 * k:]
+        x2, xa, dora = saved[0], saved[1], saved[2:2 + 2 * k]
+        outs, norms = saved[2 + 2 * k:2 + 3 * k], saved[2 + 3 * k:]
         weights, adapters = ctx.weights, ctx.adapters
         projs = [(weights[i], dora[2 * i], adapters[2 * i], adapters[2 * i + 1], dora[2 * i + 1]) for i in range(k)]
         xas = rank_product_blocks(xa, adapters[0::2])
