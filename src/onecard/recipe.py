@@ -116,6 +116,10 @@ class TrainingSection(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     optimizer: Optimizer = "adamw_torch_fused"
     grad_ckpt: bool = True
+    uncheckpointed_layers: int = Field(
+        0, ge=0, description="The last N decoder layers trained without activation checkpoints: their activations "
+        "stay on the GPU and backward does not recompute them -- faster where memory allows (onecard plan shows the "
+        "memory). 0 = every layer checkpointed. Needs grad_ckpt; not with streamed base weights.")
     offload_activations: bool = False
     offload_weights: Literal["auto"] | bool = Field(
         "auto", description="Stream the frozen base weights of the decoder layers from pinned host memory "
@@ -222,6 +226,10 @@ class Recipe(_Strict):
             raise ValueError(f"task {self.task!r} needs data.format {self.task!r} or 'auto', not {self.data.format!r}")
         if self.method == "full" and self.adapter.init_adapter:
             raise ValueError("adapter.init_adapter continues an adapter; it cannot be combined with method 'full'")
+        if self.training.uncheckpointed_layers and not self.training.grad_ckpt:
+            raise ValueError("training.uncheckpointed_layers leaves layers out of the activation checkpoints, but "
+                             "training.grad_ckpt is false (no layer is checkpointed): set grad_ckpt: true, or "
+                             "uncheckpointed_layers: 0")
         if self.quant.base == "fp8" and self.method not in ("lora", "dora"):
             raise ValueError(f"quant.base fp8 is for method lora or dora (a frozen base), not {self.method!r}: "
                              "set method: lora, or quant.base: none")

@@ -25,6 +25,7 @@ class BenchConfig:
     micro_batch: int = 1
     rank: int = 16
     grad_ckpt: bool = True
+    uncheckpointed_layers: int = 0  # the last N layers without checkpoints (recipe training.uncheckpointed_layers)
     kernels: str = "none"
     offload_activations: bool = False  # checkpoints in pinned host memory (patch/offload.py); needs grad_ckpt
     quant_base: str = "none"        # "fp8": e4m3 frozen base (recipe quant.base; patch/fp8.py), lora/dora only
@@ -56,6 +57,12 @@ class BenchConfig:
         if self.offload_weights and not self.grad_ckpt:
             raise UserError("--offload-weights streams each layer's weights per use: it needs checkpointing",
                             where="--offload-weights", fix="drop --no-grad-ckpt, or drop --offload-weights")
+        if self.uncheckpointed_layers < 0 or (self.uncheckpointed_layers and not self.grad_ckpt):
+            raise UserError("--uncheckpointed-layers leaves checkpointed layers out: it needs checkpointing and a "
+                            "count >= 0", where="--uncheckpointed-layers", fix="drop --no-grad-ckpt, or use 0")
+        if self.uncheckpointed_layers and self.offload_weights:
+            raise UserError("a layer whose base weights stream must be checkpointed", where="--uncheckpointed-layers",
+                            fix="drop --uncheckpointed-layers, or drop --offload-weights")
         if self.offload_activations and not self.grad_ckpt:
             raise UserError("--offload-activations offloads the checkpointed layers' inputs: it needs checkpointing",
                             where="--offload-activations", fix="drop --no-grad-ckpt, or drop --offload-activations")
@@ -79,6 +86,8 @@ class BenchConfig:
 
     def label(self) -> str:
         ck = ("ckpt+offload" if self.offload_activations else "ckpt") if self.grad_ckpt else "no-ckpt"
+        if self.uncheckpointed_layers:
+            ck += f"(last{self.uncheckpointed_layers}-not)"
         base = " fp8-base" if self.quant_base == "fp8" else ""
         stream = f" stream-weights(res{self.resident_layers})" if self.offload_weights else ""
         return self.name or (f"{self.model} {self.method}{base} r{self.rank} seq{self.seq} b{self.micro_batch} {ck} "
@@ -90,6 +99,8 @@ class BenchConfig:
                  f"--batch {self.micro_batch}", f"--rank {self.rank}",
                  "--grad-ckpt" if self.grad_ckpt else "--no-grad-ckpt", f"--kernels {self.kernels}",
                  f"--steps {self.steps}", f"--warmup {self.warmup}"]
+        if self.uncheckpointed_layers:
+            parts.append(f"--uncheckpointed-layers {self.uncheckpointed_layers}")
         if self.offload_activations:
             parts.append("--offload-activations")
         if self.quant_base != "none":
@@ -112,6 +123,7 @@ class BenchConfig:
             "quant": {"base": self.quant_base},
             "data": {"seq_len": self.seq},
             "training": {"micro_batch_size": self.micro_batch, "grad_accum": 1, "grad_ckpt": self.grad_ckpt,
+                         "uncheckpointed_layers": self.uncheckpointed_layers,
                          "offload_activations": self.offload_activations,
                          "offload_weights": self.offload_weights, "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused"},
             "plan": {"gpu": self.gpu},
@@ -129,6 +141,7 @@ def config_from_recipe(recipe, **overrides) -> BenchConfig:
     kernels = t.kernels if t.kernels != "auto" else "onecard"
     base = dict(model=recipe.model.name_or_path, method=recipe.method, seq=recipe.data.seq_len,
                 micro_batch=t.micro_batch_size, rank=recipe.adapter.rank, grad_ckpt=t.grad_ckpt, kernels=kernels,
+                uncheckpointed_layers=t.uncheckpointed_layers if t.grad_ckpt else 0,
                 offload_activations=t.offload_activations and t.grad_ckpt, gpu=recipe.plan.gpu,
                 quant_base=recipe.quant.base)
     base.update({k: v for k, v in overrides.items() if v is not None})

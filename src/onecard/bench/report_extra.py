@@ -199,6 +199,7 @@ def fp8_speed_section(results_dir: Path) -> str:
                 continue
             ratio, target = r["tokens_per_s"] / base["tokens_per_s"], FP8_SPEED_TARGETS.get(r["model"])
             setting = ("offloaded ckpt" if r.get("offload_activations") else "ckpt") + (
+                f" but the last {r['uncheckpointed_layers']} layers" if r.get("uncheckpointed_layers") else "") + (
                 f", cap {r['memory_cap_gib']:g} GiB" if r.get("memory_cap_gib") else "")
             reason = superseded_reason(r)
             name = path.name if reason is None else f"{path.name} (superseded: {reason})"

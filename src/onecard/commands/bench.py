@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         batch: Optional[int] = typer.Option(None, "--batch", help="Micro-batch size."),
         rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank."),
         grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing."),
+        uncheckpointed_layers: Optional[int] = typer.Option(None, "--uncheckpointed-layers", help="The last N "
+                                                            "decoder layers without checkpoints (no recompute)."),
         kernels: Optional[str] = typer.Option(None, "--kernels", help="none | onecard | liger | auto"),
         offload_activations: bool = typer.Option(False, "--offload-activations",
                                                  help="Keep the layers' checkpoints in pinned host memory."),
@@ -64,11 +66,13 @@ def register(app: typer.Typer) -> None:
 
             configs = [config_from_recipe(load_recipe(recipe, sets or []), method=method, seq=seq, micro_batch=batch,
                                           rank=rank, grad_ckpt=grad_ckpt, kernels=kernels,
-                                          offload_activations=offload_activations or None, quant_base=quant_base)]
+                                          offload_activations=offload_activations or None, quant_base=quant_base,
+                                          uncheckpointed_layers=uncheckpointed_layers)]
         elif model is not None or cpu:
             configs = [BenchConfig(model=model or "tiny", method=method or "lora", seq=seq or (64 if cpu else 2048),
                                    micro_batch=batch or 1, rank=rank or 16,
                                    grad_ckpt=True if grad_ckpt is None else grad_ckpt, kernels=kernels or "none",
+                                   uncheckpointed_layers=uncheckpointed_layers or 0,
                                    offload_activations=offload_activations, quant_base=quant_base or "none",
                                    offload_weights=offload_weights, resident_layers=resident_layers)]
         else:

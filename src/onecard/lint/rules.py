@@ -113,6 +113,26 @@ def offload_without_ckpt(ctx: LintContext) -> list[Finding]:
                     "set training.grad_ckpt: true, or training.offload_activations: false")]
 
 
+def uncheckpointed_layers(ctx: LintContext) -> list[Finding]:
+    """training.uncheckpointed_layers counts the model's last layers, and streamed layers must be checkpointed
+    (train/model.py uncheckpoint_last_layers, train/stream_setup.py)."""
+    t = ctx.recipe.training
+    if not t.uncheckpointed_layers:
+        return []
+    out = []
+    config_layers = (ctx.config or {}).get("num_hidden_layers")  # a local model's config (also on the CPU)
+    layers = ctx.inputs.shape.num_hidden_layers if ctx.inputs is not None else config_layers
+    if layers is not None and t.uncheckpointed_layers > layers:
+        out.append(Finding("uncheckpointed-layers", "error", f"training.uncheckpointed_layers is "
+                           f"{t.uncheckpointed_layers}, the model has {layers} decoder layers",
+                           "it counts the last layers of the model", f"use at most {layers}"))
+    if t.offload_weights is True:
+        out.append(Finding("uncheckpointed-layers", "error", "training.uncheckpointed_layers with "
+                           "training.offload_weights: true", "a layer whose base weights stream must be checkpointed",
+                           "set training.uncheckpointed_layers: 0, or training.offload_weights: auto"))
+    return out
+
+
 def fp8_base_gpu(ctx: LintContext) -> list[Finding]:
     """An FP8 base needs e4m3 tensor cores on the card the recipe is planned for (the loader refuses it elsewhere)."""
     from onecard.catalog.gpus import get_gpu
@@ -370,5 +390,6 @@ def data_files(ctx: LintContext) -> list[Finding]:
     return out
 
 
-RULES = [model_unknown, gpu_unknown, data_files, memory_not_checked, does_not_fit, qlora_optimizer, grad_ckpt_off, offload_without_ckpt, fp8_base_gpu, fp16, lora_targets, flash_attn,
-         lr_and_rank, qlora_grad_norm, seq_above_context, template_masking, template_mismatch, power_limit]
+RULES = [model_unknown, gpu_unknown, data_files, memory_not_checked, does_not_fit, qlora_optimizer, grad_ckpt_off,
+         offload_without_ckpt, uncheckpointed_layers, fp8_base_gpu, fp16, lora_targets, flash_attn, lr_and_rank,
+         qlora_grad_norm, seq_above_context, template_masking, template_mismatch, power_limit]

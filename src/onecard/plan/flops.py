@@ -129,6 +129,7 @@ def flops_per_token(
     kernels: str = "none",
     split_halves: bool = False,
     attention_span: int | None = None,
+    uncheckpointed_layers: int = 0,
 ) -> FlopsBreakdown:
     """The FLOPs of one trained token for ``method`` in lora | qlora | dora | full (terms in the module docstring).
 
@@ -139,6 +140,7 @@ def flops_per_token(
     ``split_halves`` (offloaded checkpoints per half-layer, PlanInputs.split_halves).
     ``attention_span``: the sequence the attention runs over when shorter than ``seq_len`` -- packed rows through
     varlen attention attend within their example only (:func:`varlen_span`).
+    ``uncheckpointed_layers``: under ``grad_ckpt``, the last layers left out of the checkpoints (no recompute).
     """
     if method not in ("lora", "qlora", "dora", "full"):
         raise ValueError(f"unknown method {method!r}")
@@ -175,16 +177,20 @@ def flops_per_token(
             FlopsTerm("lora_backward", 4.0 * p_lora - 2.0 * first_lora_a, MATMUL, "backward",
                       "2 x P_lora input grads + 2 x P_lora weight grads"),
         ]
-    passes = 2 if grad_ckpt else 1  # forward passes over the decoder blocks
+    recomputed = max(0, layers - uncheckpointed_layers) / layers if grad_ckpt else 0.0  # share of layers
+    passes = 1 + recomputed  # forward passes over the decoder blocks, per layer on average
     peft_dora = method == "dora" and kernels != "onecard"
     eye = layers * sum(2.0 * i * i * rank + 2.0 * i * rank * o for _, i, o in tgt) if peft_dora else 0.0
-    if grad_ckpt:
+    if recomputed:
         skipped, what = _recompute_skipped_per_layer(shape, method, tgt, rank, kernels, split_halves)
+        share = "" if recomputed == 1 else f" x {recomputed:.3g} (the checkpointed layers' share)"
+        per_pass = 2.0 * (p_layers + p_lora - layers * skipped) + eye / tokens_mb
         terms += [
-            FlopsTerm("recompute_forward", 2.0 * (p_layers + p_lora - layers * skipped) + eye / tokens_mb, MATMUL,
-                      "backward", f"2 x (P_layers + P_lora - L x {what}) (+ DoRA's B A per step): blocks only, "
-                      "not the LM head; torch stops before each block's last matmul"),
-            FlopsTerm("recompute_attention", attn_fwd, MATMUL, "backward", "forward_attention again"),
+            FlopsTerm("recompute_forward", recomputed * per_pass, MATMUL, "backward",
+                      f"2 x (P_layers + P_lora - L x {what}) (+ DoRA's B A per step){share}: blocks only, not the LM "
+                      "head; torch stops before each block's last matmul"),
+            FlopsTerm("recompute_attention", recomputed * attn_fwd, MATMUL, "backward",
+                      f"forward_attention again{share}"),
         ]
     if method == "dora" and not peft_dora:
         w_a = layers * sum(2.0 * i * o * rank + 2.0 * rank * rank * (i + o) for _, i, o in tgt)  # + A A^T, B (A A^T)
@@ -274,4 +280,5 @@ def flops_for_inputs(inp, *, seq_len: int | None = None, grad_ckpt: bool | None 
                            micro_batch=inp.micro_batch, rank=inp.rank, targets=inp.targets, grad_ckpt=ckpt,
                            attention="eager" if inp.attn == "eager" else "flash", lora_dropout=lora_dropout,
                            kernels=inp.kernels, split_halves=ckpt and inp.split_halves,
-                           attention_span=varlen_span(inp.packed_example_tokens, inp.kernels))
+                           attention_span=varlen_span(inp.packed_example_tokens, inp.kernels),
+                           uncheckpointed_layers=inp.uncheckpointed_layers if ckpt else 0)

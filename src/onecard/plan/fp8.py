@@ -68,16 +68,16 @@ def fp8_matmul_seconds(fl, gpu: GPU, bf16_matmul_s: float) -> float:
     return max(as_fp8, bf16_matmul_s - as_bf16 + as_fp8)
 
 
-def fp8_extra_bytes(shape: ModelShape, tokens: int, grad_ckpt: bool) -> int:
+def fp8_extra_bytes(shape: ModelShape, tokens: int, recomputed_layers: int) -> int:
     """DRAM bytes an FP8 base adds to one micro-batch: W's transposed copy per backward GEMM (read and written),
     the standalone row quantisers (x of o_proj per forward pass; dy of o, down, q, k, v in backward), and the
-    quantised copies the RMSNorm and GLU kernels write and re-read for their row amax (kernels/fp8.py)."""
+    quantised copies the RMSNorm and GLU kernels write and re-read for their row amax (kernels/fp8.py).
+    ``recomputed_layers``: those a checkpoint's recompute runs forward a second time."""
     h, i, layers = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
-    passes = 2 if grad_ckpt else 1  # forward, and the checkpoint's recompute
     transposes = 2 * FP8_BYTES_PER_WEIGHT * shape.linear_params_per_layer()
     dy_quant = (2 * h + shape.q_dim + 2 * shape.kv_dim) * QUANT_PASS_BYTES
-    fused = passes * (shape.q_dim * QUANT_PASS_BYTES + 2 * h * 3 + i * QUANT_PASS_BYTES) + 2 * i * 3
-    return layers * (transposes + tokens * (dy_quant + fused))
+    per_pass = shape.q_dim * QUANT_PASS_BYTES + 2 * h * 3 + i * QUANT_PASS_BYTES
+    return layers * (transposes + tokens * (dy_quant + per_pass + 2 * i * 3)) + recomputed_layers * tokens * per_pass
 
 
 def fp8_speedup_bound(fl, gpu: GPU) -> float:

@@ -32,6 +32,7 @@ class PlanInputs:
     targets: tuple[str, ...] = ALL_TARGETS
     optimizer: str = "adamw_torch_fused"
     grad_ckpt: bool = True
+    uncheckpointed_layers: int = 0    # the last N decoder layers not checkpointed (training.uncheckpointed_layers)
     offload_activations: bool = False
     kernels: str = "onecard"          # resolved: none | onecard | liger
     fused_ce: bool = True             # chunked cross-entropy fused with the LM head
@@ -71,6 +72,11 @@ class PlanInputs:
         are taken per half-layer, attention and MLP (patch/blocks.py): two offloaded inputs per layer, one half
         recomputed at a time, and the attention half's recompute ends before the o projection."""
         return takes_split_halves(self.shape, self.kernels, self.offload_activations, self.grad_ckpt)
+
+    @property
+    def recomputed_layers(self) -> int:
+        """Decoder layers a checkpoint recomputes in backward: all under grad_ckpt but the uncheckpointed last ones."""
+        return max(0, self.shape.num_hidden_layers - self.uncheckpointed_layers) if self.grad_ckpt else 0
 
     @property
     def is_adapter(self) -> bool:
@@ -156,7 +162,8 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
         shape=shape, gpu=card, method=recipe.method, task=recipe.task, seq_len=recipe.data.seq_len,
         micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, rank=recipe.adapter.rank,
         targets=lora_targets(recipe.adapter.target_modules), optimizer=t.optimizer, grad_ckpt=t.grad_ckpt,
-        offload_activations=t.offload_activations, kernels=kernels, fused_ce=resolve_fused_ce(t.fused_ce, kernels),
+        uncheckpointed_layers=t.uncheckpointed_layers, offload_activations=t.offload_activations, kernels=kernels,
+        fused_ce=resolve_fused_ce(t.fused_ce, kernels),
         attn=attn, dtype_bytes=4 if recipe.model.dtype == "float32" else 2,
         double_quant=recipe.quant.double_quant, reference=reference, num_gpus=t.num_gpus,
         packed_example_tokens=packed_example_tokens(recipe), quant_base=recipe.quant.base,

@@ -76,8 +76,8 @@ class MemoryPlan:
             "model": inp.shape.id, "gpu": inp.gpu.id, "method": inp.method, "task": inp.task,
             "seq_len": inp.seq_len, "micro_batch": inp.micro_batch, "grad_accum": inp.grad_accum,
             "rank": inp.rank if inp.is_adapter else None, "optimizer": inp.optimizer, "grad_ckpt": inp.grad_ckpt,
-            "offload_activations": inp.offload_activations, "kernels": inp.kernels, "fused_ce": inp.fused_ce,
-            "attn": inp.attn, "num_gpus": inp.num_gpus,
+            "uncheckpointed_layers": inp.uncheckpointed_layers, "offload_activations": inp.offload_activations,
+            "kernels": inp.kernels, "fused_ce": inp.fused_ce, "attn": inp.attn, "num_gpus": inp.num_gpus,
             "components": [{**asdict(c), "gib": round(c.gib, 3)} for c in self.components],
             "peak_phase": self.peak_phase, "allocator_bytes": self.allocator_bytes,
             "required_bytes": self.required_bytes, "spillable_bytes": self.spillable_bytes,
@@ -152,19 +152,23 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     # split halves (patch/blocks.py): each layer also keeps its MLP half's input, in host memory
     per_layer_total = per_layer_saved + (act_bytes * shape.hidden_size if p.split_halves else 0)
     head = act.head_activation_bytes_per_token(shape, p.kernels, act_bytes) * tokens  # after the layers: never offloaded
-    saved = layers * per_layer_total * tokens + head
+    checkpointed = p.recomputed_layers if p.grad_ckpt else layers
+    kept = (layers - checkpointed) * layer_tok * tokens  # training.uncheckpointed_layers: all their activations
+    saved = checkpointed * per_layer_total * tokens + kept + head
     what = ("half-layer inputs (checkpoints)" if p.split_halves else
             "block inputs (checkpoints)" if p.grad_ckpt else "all block activations")
+    if kept:
+        what += f"; all activations of the last {layers - checkpointed} layers (not checkpointed)"
     offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (patch/offload.py)
     if offloaded:
-        in_flight = 2 * per_layer_saved * tokens
-        comps.append(Component("activations", f"saved activations: 2 {what} in flight + the head's", in_flight + head,
-                               kind="estimated"))
+        in_flight = 2 * per_layer_saved * tokens if checkpointed else 0
+        comps.append(Component("activations", f"saved activations: 2 {what} in flight + the head's",
+                               in_flight + kept + head, kind="estimated"))
         comps.append(Component("activations_host", f"saved activations: {what} offloaded",
-                               saved - head - in_flight, where="host", kind="estimated"))
+                               saved - head - kept - in_flight, where="host", kind="estimated"))
     else:
         comps.append(Component("activations", f"saved activations: {what}", saved, kind="estimated"))
-    saved_device = in_flight + head if offloaded else saved
+    saved_device = in_flight + kept + head if offloaded else saved
 
     logits_bytes = static.FP32 if (p.method == "qlora" and p.kbit_upcast) else p.dtype_bytes
     ce = act.logits_ce_bytes(shape, tokens, fused_ce=p.fused_ce, logits_bytes=logits_bytes, hold_logits=p.hold_logits,
@@ -173,7 +177,7 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     # one recompute brings back a whole block, or with split halves the larger half (the attention half's tensors
     # are gone while the MLP half's backward runs, patch/blocks.py)
     recomputed = max(halves.values()) if p.split_halves else layer_tok
-    recompute = (recomputed if p.grad_ckpt else 0) * tokens
+    recompute = (recomputed if checkpointed and p.grad_ckpt else 0) * tokens
     block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes, p.kernels) * tokens + held
     # Gradients fill in during backward (zero_grad(set_to_none) frees them every step), so they are a per-phase
     # term, not static (bench calibration: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%

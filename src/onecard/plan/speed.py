@@ -87,10 +87,13 @@ def weight_bytes_per_pass(shape, method: str) -> float:
     return (NF4_BYTES_PER_PARAM if method == "qlora" else 2.0) * p_layers + 2.0 * p_head
 
 
-def ceilings(flops: FlopsBreakdown, gpu: GPU, shape, method: str, grad_ckpt: bool) -> tuple[float, float]:
-    """(compute ceiling, memory ceiling) in tokens/s."""
+def ceilings(flops: FlopsBreakdown, gpu: GPU, shape, method: str, grad_ckpt: bool,
+             recomputed_share: float | None = None) -> tuple[float, float]:
+    """(compute ceiling, memory ceiling) in tokens/s. ``recomputed_share``: of the layers, those a checkpoint
+    recomputes (default: all with ``grad_ckpt``, none without)."""
     compute = gpu.bf16_dense_tflops * 1e12 / flops.matmul_per_token
-    passes = 3 if grad_ckpt else 2  # forward, backward (input grads), recompute
+    share = (1.0 if grad_ckpt else 0.0) if recomputed_share is None else recomputed_share
+    passes = 2 + share  # forward, backward (input grads), recompute
     per_token = passes * weight_bytes_per_pass(shape, method) / flops.tokens_per_microbatch
     return compute, gpu.bandwidth_gb_s * 1e9 / per_token
 
@@ -234,7 +237,9 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     seq = seq_len or inp.seq_len
     fl_span = varlen_span(inp.packed_example_tokens, inp.kernels)
     fl = flops_for_inputs(inp, seq_len=seq, grad_ckpt=ckpt, lora_dropout=lora_dropout)
-    compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt)
+    layers = shape.num_hidden_layers
+    recomputed = max(0, layers - inp.uncheckpointed_layers) / layers if ckpt else 0.0  # training.uncheckpointed_layers
+    compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt, recomputed)
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
            "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7,
@@ -258,17 +263,19 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
         compute_ceiling, ceiling = _fp8_speed(inp, fl, steps, notes, compute_ceiling, memory_ceiling)
         exact, label = None, "estimated"  # a measured bf16 row of this shape is not this run's speed
     if method == "qlora":
-        dequants = 3 if ckpt else 2
+        dequants = 2 + recomputed
         p_layers = shape.num_hidden_layers * shape.linear_params_per_layer()
         steps["qlora_dequant_s"] = dequants * p_layers * DEQUANT_BYTES_PER_PARAM / bw
     if method == "dora":
         p_tgt = shape.num_hidden_layers * sum(i * o for n, i, o in shape.linear_layers_per_block() if n in inp.targets)
-        steps["dora_norm_s"] = (2 if ckpt else 1) * p_tgt * 2.0 / bw  # read W (bf16) per forward pass
+        steps["dora_norm_s"] = (1 + recomputed) * p_tgt * 2.0 / bw  # read W (bf16) per forward pass
     steps.update(_optimizer_and_host_s(inp, memory_plan, bw))
     device_s = (max(steps["matmul_s"], steps["weights_read_s"], steps.get("host_overlapped_s", 0.0))
                 + sum(v for k, v in steps.items() if k not in ("matmul_s", "weights_read_s", "host_overlapped_s")))
-    steps["host_dispatch_s"] = layer_overhead_s(profile, gpu.id, KERNEL_CLASS.get(inp.kernels, "none"), ckpt) \
-        * shape.num_hidden_layers
+    kclass = KERNEL_CLASS.get(inp.kernels, "none")
+    checkpointed = round(recomputed * layers)
+    steps["host_dispatch_s"] = layer_overhead_s(profile, gpu.id, kclass, ckpt) * (checkpointed if ckpt else layers) \
+        + (layer_overhead_s(profile, gpu.id, kclass, False) * (layers - checkpointed) if ckpt else 0.0)
     step = max(device_s, steps["host_dispatch_s"])  # the host enqueues asynchronously: the slower side sets the pace
     estimate = min(ceiling, tokens / step)
     if exact is not None:
@@ -290,7 +297,7 @@ def _fp8_speed(inp, fl, steps, notes, compute_ceiling, memory_ceiling):
         notes.append(f"quant.base fp8: {inp.gpu.id} has no FP8 tensor cores (training there is refused)")
         return compute_ceiling, min(compute_ceiling, memory_ceiling)
     steps["matmul_s"] = fp8_matmul_seconds(fl, inp.gpu, steps["matmul_s"])
-    steps["fp8_quantise_s"] = fp8_extra_bytes(inp.shape, fl.tokens_per_microbatch, inp.grad_ckpt) / (
+    steps["fp8_quantise_s"] = fp8_extra_bytes(inp.shape, fl.tokens_per_microbatch, inp.recomputed_layers) / (
         inp.gpu.bandwidth_gb_s * 1e9)
     bound = fp8_speedup_bound(fl, inp.gpu)
     compute_ceiling *= bound
@@ -320,7 +327,9 @@ def _unlike_measured_rows(inp, ckpt: bool, span: int | None, seq: int, exact: Me
     whole layers unless they offloaded checkpoints too), as words; empty when nothing."""
     split_unmeasured = ckpt and inp.split_halves and not (exact is not None and exact.offload_activations)
     work = [why for why, on in (("split halves", split_unmeasured),
-                                ("attention within packed examples", span is not None and span < seq)) if on]
+                                ("attention within packed examples", span is not None and span < seq),
+                                (f"the last {inp.uncheckpointed_layers} layers not checkpointed",
+                                 ckpt and inp.uncheckpointed_layers > 0)) if on]
     return " and ".join(work)
 
 

@@ -137,10 +137,11 @@ def host_ram_check(host_total_bytes: int, available_bytes: int) -> str | None:
 
 def streaming_chosen(plan: MemoryPlan) -> bool:
     """Does the recipe stream: ``offload_weights: true``, or ``auto`` and the plan does not fit otherwise (one GPU,
-    with checkpointing: the streamed passes are the checkpointed layers')."""
+    with every layer checkpointed: the streamed passes are the checkpointed layers')."""
     p = plan.inputs
     chosen = p.offload_weights is True or (p.offload_weights == "auto" and not plan.fits)
-    return chosen and p.num_gpus == 1 and p.grad_ckpt
+    # a streamed layer must be checkpointed: the trainer refuses streaming beside training.uncheckpointed_layers
+    return chosen and p.num_gpus == 1 and p.grad_ckpt and not p.uncheckpointed_layers
 
 
 def streaming_section(plan: MemoryPlan) -> dict | None:

@@ -29,8 +29,27 @@ class Suggestion:
                 "total_gib": round(self.total_bytes / GIB, 3), "verdict": self.verdict}
 
 
+def most_uncheckpointed_layers(p: PlanInputs) -> int:
+    """The most last layers that can go without checkpoints (``training.uncheckpointed_layers``) with the plan
+    still fitting (not tight), 0 when none can; memory grows with each layer left out, so a bisection."""
+    lo, hi = 0, p.shape.num_hidden_layers
+    if plan_memory(p.with_(uncheckpointed_layers=0)).verdict != "fits":
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if plan_memory(p.with_(uncheckpointed_layers=mid)).verdict == "fits":
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _candidates(p: PlanInputs) -> list[tuple[str, dict, PlanInputs]]:
     out: list[tuple[str, dict, PlanInputs]] = []
+    if p.grad_ckpt and p.uncheckpointed_layers:  # the cheapest: give back some of the recompute it saved
+        k = most_uncheckpointed_layers(p)
+        out.append((f"{k} layers without checkpoints instead of {p.uncheckpointed_layers}",
+                    {"training.uncheckpointed_layers": k}, p.with_(uncheckpointed_layers=k)))
     for mb in range(p.micro_batch - 1, 0, -1):
         accum = max(1, round(p.micro_batch * p.grad_accum / mb))
         if plan_memory(p.with_(micro_batch=mb, grad_accum=accum)).fits or mb == 1:
@@ -81,7 +100,8 @@ def _combined(p: PlanInputs, singles: list[tuple[str, dict, PlanInputs]]) -> tup
 
 def _apply(p: PlanInputs, overrides: dict) -> PlanInputs:
     keys = {"training.grad_ckpt": "grad_ckpt", "training.optimizer": "optimizer", "method": "method",
-            "training.offload_activations": "offload_activations"}
+            "training.offload_activations": "offload_activations",
+            "training.uncheckpointed_layers": "uncheckpointed_layers"}
     changes = {keys[k]: v for k, v in overrides.items() if k in keys}
     if overrides.get("training.kernels") == "onecard":
         changes.update(kernels="onecard", fused_ce=True)
@@ -143,17 +163,29 @@ def streaming_fix(plan: MemoryPlan) -> Suggestion | None:
 def also_worth_it(plan: MemoryPlan) -> list[Suggestion]:
     """For a plan that fits: offloaded checkpoints when onecard's kernels would then checkpoint each layer in two
     halves (PlanInputs.split_halves), which holds less on the GPU *and* recomputes less -- measured faster on the H200
-    (Llama 3 8B b8: 13,200 vs 12,906 tokens/s, bench/results/h200-k10.jsonl), at the cost of pinned host memory."""
+    (Llama 3 8B b8: 13,200 vs 12,906 tokens/s, bench/results/h200-k10.jsonl), at the cost of pinned host memory;
+    and the layers the card has room to train without checkpoints (no recompute for them: an estimate of the speed,
+    :func:`most_uncheckpointed_layers` for the memory)."""
     p = plan.inputs
-    offloaded = p.with_(offload_activations=True)
-    if not plan.fits or not p.grad_ckpt or p.offload_activations or not offloaded.split_halves:
+    if not plan.fits or not p.grad_ckpt:
         return []
-    new = plan_memory(offloaded)
-    saved_gib = (plan.total_bytes - new.total_bytes) / GIB
-    change = (f"offload activation checkpoints to host ({saved_gib:.1f} GiB less on the GPU, "
-              f"{new.host_bytes / GIB:.1f} GiB pinned host memory; the layers are then checkpointed in halves, "
-              "which recomputes less)")
-    return [Suggestion(change, {"training.offload_activations": True}, new.total_bytes, new.verdict)]
+    out = []
+    offloaded = p.with_(offload_activations=True)
+    if not p.offload_activations and offloaded.split_halves:
+        new = plan_memory(offloaded)
+        saved_gib = (plan.total_bytes - new.total_bytes) / GIB
+        change = (f"offload activation checkpoints to host ({saved_gib:.1f} GiB less on the GPU, "
+                  f"{new.host_bytes / GIB:.1f} GiB pinned host memory; the layers are then checkpointed in halves, "
+                  "which recomputes less)")
+        out.append(Suggestion(change, {"training.offload_activations": True}, new.total_bytes, new.verdict))
+    k = most_uncheckpointed_layers(p) if p.offload_weights is not True else 0
+    if k > p.uncheckpointed_layers:
+        new = plan_memory(p.with_(uncheckpointed_layers=k))
+        change = (f"the last {k} of {p.shape.num_hidden_layers} layers without activation checkpoints (their "
+                  f"activations stay on the GPU, {(new.total_bytes - plan.total_bytes) / GIB:.1f} GiB more; backward "
+                  "does not recompute them)")
+        out.append(Suggestion(change, {"training.uncheckpointed_layers": k}, new.total_bytes, new.verdict))
+    return out
 
 
 def cheapest_reduction(plan: MemoryPlan) -> Suggestion | None:

@@ -327,15 +327,34 @@ def target_modules(model, recipe: Recipe) -> list[str]:
     return list(wanted)
 
 
+def uncheckpoint_last_layers(model, n: int) -> None:
+    """The last ``n`` decoder layers trained without activation checkpoints (``training.uncheckpointed_layers``):
+    transformers' GradientCheckpointingLayer reads its ``gradient_checkpointing`` flag at every call, so the flag is
+    cleared on those layers after ``gradient_checkpointing_enable`` set it on all. The last ones because backward
+    reaches them first: their kept activations are freed before the checkpointed layers' recomputes run."""
+    if n == 0:
+        return
+    from onecard.patch.stream_weights import decoder_layers
+
+    layers = list(decoder_layers(model))
+    if n > len(layers):
+        raise UserError(f"training.uncheckpointed_layers is {n}, but the model has {len(layers)} decoder layers",
+                        where="training.uncheckpointed_layers", fix=f"use at most {len(layers)}")
+    for layer in layers[len(layers) - n:]:
+        layer.gradient_checkpointing = False
+
+
 def enable_grad_ckpt(model, recipe: Recipe) -> None:
     """Non-reentrant checkpointing: works with frozen inputs and keeps dropout's RNG state on recompute.
 
     ``training.offload_activations``: the layers' checkpoint inputs wait in pinned host memory (patch/offload.py).
+    ``training.uncheckpointed_layers``: the last N layers are not checkpointed (:func:`uncheckpoint_last_layers`).
     """
     from onecard.patch.recompute import recompute_contexts  # lets patched MLPs skip work nothing reads
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
                                                                        "context_fn": recompute_contexts})
+    uncheckpoint_last_layers(model, recipe.training.uncheckpointed_layers)  # before offloading wraps the rest
     if recipe.training.offload_activations:
         from onecard.patch.offload import enable_offloaded_checkpointing
 

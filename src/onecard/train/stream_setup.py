@@ -64,6 +64,11 @@ def decide(recipe: Recipe, device: str) -> StreamDecision:
     sp = plan_streaming(mem, host_ram_gib=recipe.plan.host_ram_gib)
     if sp.streamed_layers == 0:
         return StreamDecision(False, message="training.offload_weights: every layer fits on the card: nothing streamed")
+    if recipe.training.uncheckpointed_layers:  # a streamed layer must be checkpointed (patch/stream_weights.py)
+        raise UserError(f"the plan needs streamed base weights ({sp.streamed_layers} layers), and streamed layers must "
+                        "be checkpointed, but training.uncheckpointed_layers is "
+                        f"{recipe.training.uncheckpointed_layers}", where="training.uncheckpointed_layers",
+                        fix="set it to 0 (or lower what else the plan holds: onecard plan RECIPE)")
     if sp.verdict != "fits with streaming":
         raise UserError(f"the plan does not fit even with streamed weights ({sp.device_bytes / GIB:.1f} GiB on the "
                         "card)", where="training.offload_weights", fix="onecard plan RECIPE shows what else to change")
