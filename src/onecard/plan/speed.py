@@ -238,7 +238,8 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     fl_span = varlen_span(inp.packed_example_tokens, inp.kernels)
     fl = flops_for_inputs(inp, seq_len=seq, grad_ckpt=ckpt, lora_dropout=lora_dropout)
     layers = shape.num_hidden_layers
-    recomputed = max(0, layers - inp.uncheckpointed_layers) / layers if ckpt else 0.0  # training.uncheckpointed_layers
+    checkpointed = inp.with_(grad_ckpt=ckpt).recomputed_layers  # less training.uncheckpointed_layers
+    recomputed = checkpointed / layers
     compute_ceiling, memory_ceiling = ceilings(fl, gpu, shape, method, ckpt, recomputed)
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
@@ -273,7 +274,6 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     device_s = (max(steps["matmul_s"], steps["weights_read_s"], steps.get("host_overlapped_s", 0.0))
                 + sum(v for k, v in steps.items() if k not in ("matmul_s", "weights_read_s", "host_overlapped_s")))
     kclass = KERNEL_CLASS.get(inp.kernels, "none")
-    checkpointed = round(recomputed * layers)
     steps["host_dispatch_s"] = layer_overhead_s(profile, gpu.id, kclass, ckpt) * (checkpointed if ckpt else layers) \
         + (layer_overhead_s(profile, gpu.id, kclass, False) * (layers - checkpointed) if ckpt else 0.0)
     step = max(device_s, steps["host_dispatch_s"])  # the host enqueues asynchronously: the slower side sets the pace
