@@ -187,3 +187,11 @@ def test_onecard_train_runs_it_and_stops_on_too_many(tmp_path, tiny_llama_dir, c
     code, _, err = run_cli(["train", str(recipe), "--set", "training.uncheckpointed_layers=1", "--set",
                             "name=no-ckpt"], capsys)
     assert_user_error(code, err, "grad_ckpt")
+
+
+def test_room_for_every_layer_suggests_checkpointing_off():
+    plan = plan_memory(_inputs(gpu="h200"))  # 8B LoRA b1 on 141 GiB
+    hints = [s for s in also_worth_it(plan) if "training.grad_ckpt" in s.set]
+    assert [h.set["training.grad_ckpt"] for h in hints] == [False]
+    assert not any("training.uncheckpointed_layers" in s.set and s.set["training.uncheckpointed_layers"]
+                   for s in also_worth_it(plan))

@@ -165,10 +165,17 @@ def also_worth_it(plan: MemoryPlan) -> list[Suggestion]:
     halves (PlanInputs.split_halves), which holds less on the GPU *and* recomputes less -- measured faster on the H200
     (Llama 3 8B b8: 13,200 vs 12,906 tokens/s, bench/results/h200-k10.jsonl), at the cost of pinned host memory;
     and the layers the card has room to train without checkpoints (no recompute for them: an estimate of the speed,
-    :func:`most_uncheckpointed_layers` for the memory)."""
+    :func:`most_uncheckpointed_layers` for the memory) -- checkpointing off when every layer has room."""
     p = plan.inputs
     if not plan.fits or not p.grad_ckpt:
         return []
+    k = most_uncheckpointed_layers(p) if p.offload_weights is not True else 0
+    off = plan_memory(p.with_(grad_ckpt=False, offload_activations=False, uncheckpointed_layers=0))
+    if k == p.shape.num_hidden_layers and off.verdict == "fits":
+        change = (f"activation checkpointing off: every layer's activations fit "
+                  f"({(off.total_bytes - plan.total_bytes) / GIB:.1f} GiB more; no recompute)")
+        return [Suggestion(change, {"training.grad_ckpt": False, "training.offload_activations": False,
+                                    "training.uncheckpointed_layers": 0}, off.total_bytes, off.verdict)]
     out = []
     offloaded = p.with_(offload_activations=True)
     if not p.offload_activations and offloaded.split_halves:
@@ -178,7 +185,6 @@ def also_worth_it(plan: MemoryPlan) -> list[Suggestion]:
                   f"{new.host_bytes / GIB:.1f} GiB pinned host memory; the layers are then checkpointed in halves, "
                   "which recomputes less)")
         out.append(Suggestion(change, {"training.offload_activations": True}, new.total_bytes, new.verdict))
-    k = most_uncheckpointed_layers(p) if p.offload_weights is not True else 0
     if k > p.uncheckpointed_layers:
         new = plan_memory(p.with_(uncheckpointed_layers=k))
         change = (f"the last {k} of {p.shape.num_hidden_layers} layers without activation checkpoints (their "
