@@ -195,3 +195,31 @@ def test_room_for_every_layer_suggests_checkpointing_off():
     assert [h.set["training.grad_ckpt"] for h in hints] == [False]
     assert not any("training.uncheckpointed_layers" in s.set and s.set["training.uncheckpointed_layers"]
                    for s in also_worth_it(plan))
+
+
+def test_the_probe_tries_the_most_layers_that_fit_without_checkpoints():
+    """For each checkpointed setting that fits, the probe also measures it with as many of its last layers out of
+    the checkpoints as the planner fits under the cap, first; when that measures fastest the answer sets it."""
+    from onecard.bench.probe import probe, summary_lines
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.recipe import validate_recipe
+
+    recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}, "data": {"seq_len": 2048}})
+    seen = []
+
+    def fake_measure(cfg):
+        seen.append(cfg)
+        if not cfg.grad_ckpt or cfg.micro_batch > 2:
+            return {"status": "oom"}
+        speed = cfg.micro_batch * 100 * (1.1 if cfg.uncheckpointed_layers else 1.0)
+        return {"status": "ok", "tokens_per_s": speed, "peak_reserved_gib": 20.0}
+
+    out = probe(recipe, cap_gib=24, gpu="rtx4090", measure=fake_measure)
+    partial = [c for c in seen if c.uncheckpointed_layers]
+    assert partial
+    for cfg in partial:
+        inp = inputs_from_recipe(cfg.to_recipe(), gpu="rtx4090").with_(uncheckpointed_layers=0).capped(24)
+        assert cfg.uncheckpointed_layers == most_uncheckpointed_layers(inp)
+    k = out["best"]["uncheckpointed_layers"]
+    assert k > 0 and f"training.uncheckpointed_layers={k}" in out["set"]
+    assert f"but the last {k} layers" in "\n".join(summary_lines(out, 24))

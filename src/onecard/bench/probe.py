@@ -65,14 +65,33 @@ def candidates(base: BenchConfig, cap_gib: float, gpu: str, stream: bool = True)
         for grad_ckpt, offload in CHECKPOINTING:
             for mb in MICRO_BATCHES:
                 cfg = dataclasses.replace(base, micro_batch=mb, grad_ckpt=grad_ckpt, offload_activations=offload,
-                                          kernels=kernels, baseline=False, offload_weights=False)
+                                          kernels=kernels, baseline=False, offload_weights=False,
+                                          uncheckpointed_layers=0)
                 planned = plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=gpu)).required_bytes / GIB
                 if planned <= cap_gib * PLAN_MARGIN:
                     out.append((cfg, planned))
+                    if grad_ckpt:
+                        out += _partly_checkpointed(cfg, cap_gib, gpu)
                 elif grad_ckpt and stream:
                     out += _streamed(cfg, cap_gib, gpu)
+    # a line's partly checkpointed variant before its fully checkpointed one: it recomputes less
     return sorted(out, key=lambda c: (c[0].offload_weights, CHECKPOINTING.index(_checkpointing(c[0])),
-                                      c[0].kernels != "onecard", c[0].micro_batch))
+                                      c[0].uncheckpointed_layers == 0, c[0].kernels != "onecard", c[0].micro_batch))
+
+
+def _partly_checkpointed(cfg: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchConfig, float]]:
+    """The setting with as many of its last layers out of the checkpoints as the planner fits under the cap
+    (``training.uncheckpointed_layers``, plan/suggest.py), when that is some but not all of them."""
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import plan_memory
+    from onecard.plan.suggest import most_uncheckpointed_layers
+
+    inp = inputs_from_recipe(cfg.to_recipe(), gpu=gpu).capped(cap_gib)
+    k = most_uncheckpointed_layers(inp)
+    if not 0 < k < inp.shape.num_hidden_layers:
+        return []
+    planned = plan_memory(inp.with_(uncheckpointed_layers=k)).required_bytes / GIB
+    return [(dataclasses.replace(cfg, uncheckpointed_layers=k), planned)]
 
 
 def _streamed(cfg: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchConfig, float]]:
@@ -104,7 +123,7 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
     base.memory_cap_gib = cap_gib
     tried, oom_from, last_rate = [], {}, {}
     for cfg, planned in candidates(base, cap_gib, gpu, stream=recipe.training.offload_weights is not False):
-        line = (*_checkpointing(cfg), cfg.kernels, cfg.offload_weights)
+        line = (*_checkpointing(cfg), cfg.kernels, cfg.offload_weights, cfg.uncheckpointed_layers > 0)
         if cfg.micro_batch >= oom_from.get(line, 10**9):
             continue
         best_rate = max(last_rate.values(), default=0.0)
@@ -120,6 +139,7 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
             oom_from[line] = min(oom_from.get(line, 10**9), cfg.micro_batch * 2)
         last_rate[line] = max(rate, last_rate.get(line, 0.0))
         tried.append({"micro_batch": cfg.micro_batch, "grad_ckpt": cfg.grad_ckpt,
+                      "uncheckpointed_layers": cfg.uncheckpointed_layers,
                       "offload_activations": cfg.offload_activations, "kernels": cfg.kernels,
                       "offload_weights": cfg.offload_weights, "resident_layers": cfg.resident_layers,
                       "planned_gib": round(planned, 2), "status": rec.get("status"),
@@ -133,17 +153,21 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
     sets = [f"training.micro_batch_size={best['micro_batch']}", f"training.grad_ckpt={str(best['grad_ckpt']).lower()}",
             f"training.offload_activations={str(best['offload_activations']).lower()}",
             f"training.kernels={best['kernels']}", f"training.fused_ce={'true' if best['kernels'] != 'none' else 'false'}",
-            f"training.offload_weights={'true' if best['offload_weights'] else 'false'}"]
+            f"training.offload_weights={'true' if best['offload_weights'] else 'false'}",
+            f"training.uncheckpointed_layers={best['uncheckpointed_layers']}"]
     return {"best": best, "set": sets, "tried": tried, "seq": base.seq, "cap_gib": cap_gib}
 
 
 def _describe(cfg: BenchConfig) -> str:
     return _setting(cfg.micro_batch, cfg.grad_ckpt, cfg.offload_activations, cfg.kernels, cfg.offload_weights,
-                    cfg.resident_layers)
+                    cfg.resident_layers, cfg.uncheckpointed_layers)
 
 
-def _setting(micro_batch, grad_ckpt, offload_activations, kernels, offload_weights, resident_layers) -> str:
+def _setting(micro_batch, grad_ckpt, offload_activations, kernels, offload_weights, resident_layers,
+             uncheckpointed_layers=0) -> str:
     ckpt = ("offloaded" if offload_activations else "on") if grad_ckpt else "off"
+    if uncheckpointed_layers:
+        ckpt += f" but the last {uncheckpointed_layers} layers"
     stream = f" streamed weights ({resident_layers} resident)" if offload_weights else ""
     return f"b{micro_batch} checkpointing {ckpt} kernels={kernels}{stream}"
 
@@ -155,7 +179,7 @@ def summary_lines(result: dict[str, Any], cap_gib: float) -> list[str]:
     lines = []
     for t in result["tried"]:
         setting = _setting(t["micro_batch"], t["grad_ckpt"], t["offload_activations"], t["kernels"],
-                           t["offload_weights"], t["resident_layers"])
+                           t["offload_weights"], t["resident_layers"], t.get("uncheckpointed_layers", 0))
         lines.append(f"  {setting}: {t['status']} "
                      f"{(t['tokens_per_s'] or 0):,.0f} tokens/s (measured), planned {t['planned_gib']} GiB")
     lines.append(f"fastest that fits: {result['best']['tokens_per_s']:,.0f} tokens/s (measured) with "
