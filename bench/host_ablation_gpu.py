@@ -23,16 +23,20 @@ from host_overhead_gpu import warmed_up  # bench/ is the script's directory: F19
 
 import onecard.patch.adapter_copies as adapter_copies
 from onecard.bench.step import train_step
+from onecard.patch.stream_weights import decoder_layers
+from onecard.train.model import uncheckpoint_last_layers
 
 OUT = os.environ.get("OUT", "bench_out")
 MAKE_COPIES = adapter_copies.make_copies
 TOKENS = 2 * 2048
 
 
-def _set(layers, copies: bool, uncheckpointed: int) -> None:
+def _set(model, copies: bool, uncheckpointed: int) -> None:
+    """Copies on or off; every layer checkpointed again, then the trainer's own uncheckpointing of the last ones."""
     adapter_copies.make_copies = MAKE_COPIES if copies else (lambda parents, dtype: 0)
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < len(layers) - uncheckpointed
+    for layer in decoder_layers(model):
+        layer.gradient_checkpointing = True
+    uncheckpoint_last_layers(model, uncheckpointed)
 
 
 def _measure(model, opt, batch) -> dict:
@@ -64,10 +68,9 @@ def _measure(model, opt, batch) -> dict:
 
 def run(quant: str, cap_gib: float | None, offload: bool, settings) -> list[dict]:
     model, opt, batch = warmed_up(quant, cap_gib, offload)
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     rows = []
     for copies, uncheckpointed in settings:
-        _set(layers, copies, uncheckpointed)
+        _set(model, copies, uncheckpointed)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -81,7 +84,7 @@ def run(quant: str, cap_gib: float | None, offload: bool, settings) -> list[dict
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         rows.append(row)
         gc.collect()
-    _set(layers, True, 0)
+    _set(model, True, 0)
     del model, opt, batch
     gc.collect()
     torch.cuda.empty_cache()

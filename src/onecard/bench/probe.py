@@ -67,11 +67,12 @@ def candidates(base: BenchConfig, cap_gib: float, gpu: str, stream: bool = True)
                 cfg = dataclasses.replace(base, micro_batch=mb, grad_ckpt=grad_ckpt, offload_activations=offload,
                                           kernels=kernels, baseline=False, offload_weights=False,
                                           uncheckpointed_layers=0)
-                planned = plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=gpu)).required_bytes / GIB
+                inp = inputs_from_recipe(cfg.to_recipe(), gpu=gpu)
+                planned = plan_memory(inp).required_bytes / GIB
                 if planned <= cap_gib * PLAN_MARGIN:
                     out.append((cfg, planned))
                     if grad_ckpt:
-                        out += _partly_checkpointed(cfg, cap_gib, gpu)
+                        out += _partly_checkpointed(cfg, inp.capped(cap_gib))
                 elif grad_ckpt and stream:
                     out += _streamed(cfg, cap_gib, gpu)
     # a line's partly checkpointed variant before its fully checkpointed one: it recomputes less
@@ -79,14 +80,13 @@ def candidates(base: BenchConfig, cap_gib: float, gpu: str, stream: bool = True)
                                       c[0].uncheckpointed_layers == 0, c[0].kernels != "onecard", c[0].micro_batch))
 
 
-def _partly_checkpointed(cfg: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchConfig, float]]:
-    """The setting with as many of its last layers out of the checkpoints as the planner fits under the cap
-    (``training.uncheckpointed_layers``, plan/suggest.py), when that is some but not all of them."""
-    from onecard.plan.inputs import inputs_from_recipe
+def _partly_checkpointed(cfg: BenchConfig, inp) -> list[tuple[BenchConfig, float]]:
+    """The setting with as many of its last layers out of the checkpoints as the planner fits on ``inp`` (its
+    plan inputs on the capped card; ``training.uncheckpointed_layers``, plan/suggest.py), when that is some but
+    not all of them."""
     from onecard.plan.memory import plan_memory
     from onecard.plan.suggest import most_uncheckpointed_layers
 
-    inp = inputs_from_recipe(cfg.to_recipe(), gpu=gpu).capped(cap_gib)
     k = most_uncheckpointed_layers(inp)
     if not 0 < k < inp.shape.num_hidden_layers:
         return []

@@ -121,11 +121,11 @@ def make_copies(parents, dtype) -> int:
                 found.append((proj, *weights, float(proj.scaling[weights[0]])))
     if not found:
         return 0
-    factors = tuple(f for *_, scale in found for f in ((scale if exact_to_fold(scale) else 1.0), 1.0))
+    folded = [exact_to_fold(scale) for *_, scale in found]
+    factors = tuple(f for (*_, scale), fold in zip(found, folded) for f in (scale if fold else 1.0, 1.0))
     copies = CastCopies.apply(dtype, factors, *[t for _, _, a, b, _ in found for t in (a, b)])
-    for i, (proj, name, a, b, scale) in enumerate(found):
-        proj.__dict__[COPIES_ATTR] = AdapterCopy(name, a, b, scale, exact_to_fold(scale), copies[2 * i],
-                                                 copies[2 * i + 1])
+    for i, ((proj, name, a, b, scale), fold) in enumerate(zip(found, folded)):
+        proj.__dict__[COPIES_ATTR] = AdapterCopy(name, a, b, scale, fold, copies[2 * i], copies[2 * i + 1])
     return len(found)
 
 

@@ -152,16 +152,16 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     # split halves (patch/blocks.py): each layer also keeps its MLP half's input, in host memory
     per_layer_total = per_layer_saved + (act_bytes * shape.hidden_size if p.split_halves else 0)
     head = act.head_activation_bytes_per_token(shape, p.kernels, act_bytes) * tokens  # after the layers: never offloaded
-    checkpointed = p.recomputed_layers if p.grad_ckpt else layers
-    kept = (layers - checkpointed) * layer_tok * tokens  # training.uncheckpointed_layers: all their activations
-    saved = checkpointed * per_layer_total * tokens + kept + head
+    kept_layers = layers - p.recomputed_layers if p.grad_ckpt else 0  # training.uncheckpointed_layers
+    kept = kept_layers * layer_tok * tokens  # all their activations
+    saved = (layers - kept_layers) * per_layer_total * tokens + kept + head
     what = ("half-layer inputs (checkpoints)" if p.split_halves else
             "block inputs (checkpoints)" if p.grad_ckpt else "all block activations")
     if kept:
-        what += f"; all activations of the last {layers - checkpointed} layers (not checkpointed)"
+        what += f"; all activations of the last {kept_layers} layers (not checkpointed)"
     offloaded = p.offload_activations and p.grad_ckpt  # the trainer offloads checkpoints only (patch/offload.py)
     if offloaded:
-        in_flight = 2 * per_layer_saved * tokens if checkpointed else 0
+        in_flight = 2 * per_layer_saved * tokens if p.recomputed_layers else 0
         comps.append(Component("activations", f"saved activations: 2 {what} in flight + the head's",
                                in_flight + kept + head, kind="estimated"))
         comps.append(Component("activations_host", f"saved activations: {what} offloaded",
@@ -177,7 +177,7 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     # one recompute brings back a whole block, or with split halves the larger half (the attention half's tensors
     # are gone while the MLP half's backward runs, patch/blocks.py)
     recomputed = max(halves.values()) if p.split_halves else layer_tok
-    recompute = (recomputed if checkpointed and p.grad_ckpt else 0) * tokens
+    recompute = (recomputed if p.recomputed_layers else 0) * tokens
     block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes, p.kernels) * tokens + held
     # Gradients fill in during backward (zero_grad(set_to_none) frees them every step), so they are a per-phase
     # term, not static (bench calibration: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%

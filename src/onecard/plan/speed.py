@@ -274,8 +274,9 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     device_s = (max(steps["matmul_s"], steps["weights_read_s"], steps.get("host_overlapped_s", 0.0))
                 + sum(v for k, v in steps.items() if k not in ("matmul_s", "weights_read_s", "host_overlapped_s")))
     kclass = KERNEL_CLASS.get(inp.kernels, "none")
-    steps["host_dispatch_s"] = layer_overhead_s(profile, gpu.id, kclass, ckpt) * (checkpointed if ckpt else layers) \
-        + (layer_overhead_s(profile, gpu.id, kclass, False) * (layers - checkpointed) if ckpt else 0.0)
+    plain_layers = layers - checkpointed  # those run without a checkpoint: all of them without grad_ckpt
+    steps["host_dispatch_s"] = sum(layer_overhead_s(profile, gpu.id, kclass, ckpt_layer) * n
+                                   for ckpt_layer, n in ((True, checkpointed), (False, plain_layers)) if n)
     step = max(device_s, steps["host_dispatch_s"])  # the host enqueues asynchronously: the slower side sets the pace
     estimate = min(ceiling, tokens / step)
     if exact is not None:
