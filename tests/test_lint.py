@@ -54,6 +54,14 @@ def test_fp8_base_needs_an_fp8_card():
     assert "fp8-base-gpu" not in ids(recipe("plan.gpu=rtx3090", "training.micro_batch_size=1"))
 
 
+def test_lora_dropout_leaves_the_fused_layers():
+    found = ids(recipe("adapter.dropout=0.05"))["lora-dropout-unfused"]
+    assert found.severity == "warning" and "0.05" in found.message and "adapter.dropout: 0" in found.fix
+    assert "lora-dropout-unfused" not in ids(recipe("adapter.dropout=0.05", "training.kernels=none"))
+    assert "lora-dropout-unfused" not in ids(recipe("adapter.dropout=0.05", "task=dpo"))  # planned unfused anyway
+    assert "lora-dropout-unfused" not in ids(recipe("adapter.dropout=0.05", "method=full"))
+
+
 def test_fp16():
     assert ids(recipe("model.dtype=float16"))["fp16-unsafe-model"].severity == "error"
     assert "fp16-on-bf16-card" in ids(recipe("model.dtype=float16", model="mistral-7b"))

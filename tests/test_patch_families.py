@@ -165,6 +165,12 @@ def test_dropout_lora_falls_back_to_peft_mlp():
     model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.1, target_modules=["gate_proj"]))
     gate = model.get_base_model().model.layers[0].mlp.gate_proj
     assert projection_parts(gate, torch.float32) is None
+    handle = apply_kernels(model, "onecard")  # and the user is told, in one line
+    assert "LoRA dropout 0.1" in handle.notice and "adapter.dropout: 0" in handle.notice
+    handle.revert()
+    plain = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300))
+    plain = get_peft_model(plain, LoraConfig(r=4, lora_dropout=0.0, target_modules=["gate_proj"]))
+    assert apply_kernels(plain, "onecard").notice is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma"])

@@ -213,3 +213,18 @@ def test_a_fitting_plan_with_checkpoints_on_the_gpu_is_told_about_offloading_the
     assert offload_hints(offloaded) == []
     no_ckpt = plan_memory(inputs(gpu="h200", micro_batch=1, grad_ckpt=False))
     assert no_ckpt.fits and also_worth_it(no_ckpt) == []
+
+
+def test_adapter_copies_are_planned_only_where_the_fused_layers_make_them():
+    """The compute-dtype A/B copies exist for onecard's fused layers, which LoRA dropout > 0 hands to peft."""
+    def copies(**kw):
+        row = plan_memory(inputs(micro_batch=1, **kw)).component("adapter_copies")
+        return 0 if row is None else row.bytes
+
+    lora_params = 41_943_040  # Llama 3 8B r16 on all seven projections (peft's print_trainable_parameters)
+    assert copies() == lora_params * 2
+    assert copies(lora_dropout=0.05) == 0 and copies(kernels="none") == 0
+    rec = load_recipe(None, ["model.name_or_path=llama-3-8b", "adapter.dropout=0.05"])
+    assert inputs_from_recipe(rec).lora_dropout == 0.05
+    assert inputs_from_recipe(load_recipe(None, ["model.name_or_path=llama-3-8b", "method=full",
+                                                  "adapter.dropout=0.05"])).lora_dropout == 0.0

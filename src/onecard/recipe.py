@@ -41,7 +41,8 @@ class ModelSection(_Strict):
 class AdapterSection(_Strict):
     rank: int = Field(16, ge=1, le=1024)
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 x rank.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout. Above 0, onecard's fused attention "
+                           "and MLP do not apply (peft's modules run them).")
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "auto", description="auto = the family's published targets; all-linear = every linear layer of the blocks "
                             "(peft's idiom, the LM head left out); or a list of module names, e.g. [q_proj, v_proj].")

@@ -194,6 +194,23 @@ def lora_targets(ctx: LintContext) -> list[Finding]:
                     f"use target_modules: auto, or names from {', '.join(family.lora_targets)}")]
 
 
+def lora_dropout_unfused(ctx: LintContext) -> list[Finding]:
+    """onecard's fused attention and MLP take the LoRA input undropped (kernels/lora_linear.py shares one x @ A
+    between projections), so with adapter.dropout > 0 those layers run peft's own modules (patch/modules.py
+    ``projection_parts``): slower, and with the dropped-out inputs kept for backward, which the plan does not count."""
+    r = ctx.recipe
+    if not r.is_adapter or r.adapter.dropout == 0:
+        return []
+    kernels = ctx.inputs.kernels if ctx.inputs is not None else r.training.kernels
+    if kernels != "onecard":
+        return []
+    return [Finding("lora-dropout-unfused", "warning",
+                    f"adapter.dropout is {r.adapter.dropout}: onecard's fused attention and MLP do not apply LoRA "
+                    "dropout, so those layers run peft's own modules",
+                    "the plan's speed and activation memory are for the fused layers, which will not run",
+                    "set adapter.dropout: 0 to keep the fused layers (onecard's examples train without dropout)")]
+
+
 def flash_attn(ctx: LintContext) -> list[Finding]:
     if ctx.recipe.model.attn_implementation != "flash_attention_2":
         return []
@@ -391,5 +408,5 @@ def data_files(ctx: LintContext) -> list[Finding]:
 
 
 RULES = [model_unknown, gpu_unknown, data_files, memory_not_checked, does_not_fit, qlora_optimizer, grad_ckpt_off,
-         offload_without_ckpt, uncheckpointed_layers, fp8_base_gpu, fp16, lora_targets, flash_attn, lr_and_rank,
-         qlora_grad_norm, seq_above_context, template_masking, template_mismatch, power_limit]
+         offload_without_ckpt, uncheckpointed_layers, fp8_base_gpu, fp16, lora_targets, lora_dropout_unfused,
+         flash_attn, lr_and_rank, qlora_grad_norm, seq_above_context, template_masking, template_mismatch, power_limit]

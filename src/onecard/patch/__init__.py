@@ -71,6 +71,10 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
         elif attn_fn is not None and name == spec.attention_class:
             handle.set_forward(module, attn_fn, "rope")
             fused.append(module)
+    dropped = sorted({float(d.p) for m in fused for d in _lora_dropouts(m)})
+    if dropped:
+        _notice(handle, f"LoRA dropout {', '.join(map(str, dropped))}: onecard's fused attention and MLP do not apply "
+                        "it, so those layers run peft's own modules (slower); adapter.dropout: 0 keeps them fused")
     if fused:
         from .adapter_copies import install
 
@@ -85,6 +89,15 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
         mark_split_layers(base, spec.decoder_class, handle)  # taken up by offloaded checkpoints only (patch/offload.py)
     if fused_loss and hasattr(base, "lm_head") and hasattr(base, "model"):
         handle.set_forward(base, causal_lm_forward, "fused_linear_ce")
+
+
+def _lora_dropouts(module):
+    """The dropout modules of peft LoRA layers under ``module`` that are not peft's nn.Identity (dropout 0)."""
+    import torch
+
+    for sub in module.modules():
+        if hasattr(sub, "lora_A"):
+            yield from (d for d in sub.lora_dropout.values() if not isinstance(d, torch.nn.Identity))
 
 
 def _apply_liger(base, handle: PatchHandle) -> PatchHandle:

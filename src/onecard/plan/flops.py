@@ -271,14 +271,14 @@ def varlen_span(example_tokens: int | None, kernels: str) -> int | None:
     return example_tokens if kernels == "onecard" else None
 
 
-def flops_for_inputs(inp, *, seq_len: int | None = None, grad_ckpt: bool | None = None, method: str | None = None,
-                     lora_dropout: float = 0.0) -> FlopsBreakdown:
+def flops_for_inputs(inp, *, seq_len: int | None = None, grad_ckpt: bool | None = None,
+                     method: str | None = None) -> FlopsBreakdown:
     """:func:`flops_per_token` for resolved planner inputs (:class:`onecard.plan.inputs.PlanInputs`): its kernels,
     targets, split halves and packed span. ``seq_len`` / ``grad_ckpt`` / ``method`` override for what-ifs."""
     ckpt = inp.grad_ckpt if grad_ckpt is None else grad_ckpt
     return flops_per_token(inp.shape, method=method or inp.method, seq_len=seq_len or inp.seq_len,
                            micro_batch=inp.micro_batch, rank=inp.rank, targets=inp.targets, grad_ckpt=ckpt,
-                           attention="eager" if inp.attn == "eager" else "flash", lora_dropout=lora_dropout,
+                           attention="eager" if inp.attn == "eager" else "flash", lora_dropout=inp.lora_dropout,
                            kernels=inp.kernels, split_halves=ckpt and inp.split_halves,
                            attention_span=varlen_span(inp.packed_example_tokens, inp.kernels),
                            uncheckpointed_layers=inp.uncheckpointed_layers if ckpt else 0)

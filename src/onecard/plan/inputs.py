@@ -35,6 +35,7 @@ class PlanInputs:
     uncheckpointed_layers: int = 0    # the last N decoder layers not checkpointed (training.uncheckpointed_layers)
     offload_activations: bool = False
     kernels: str = "onecard"          # resolved: none | onecard | liger
+    lora_dropout: float = 0.0         # adapter.dropout: above 0 onecard's fused attention/MLP give way to peft's
     fused_ce: bool = True             # chunked cross-entropy fused with the LM head
     attn: str = "sdpa"                # sdpa | flash_attention_2 | eager | flex_attention
     dtype_bytes: int = 2              # base weight dtype: bf16/fp16 = 2, fp32 = 4
@@ -163,6 +164,7 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
         micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, rank=recipe.adapter.rank,
         targets=lora_targets(recipe.adapter.target_modules), optimizer=t.optimizer, grad_ckpt=t.grad_ckpt,
         uncheckpointed_layers=t.uncheckpointed_layers, offload_activations=t.offload_activations, kernels=kernels,
+        lora_dropout=recipe.adapter.dropout if recipe.is_adapter else 0.0,
         fused_ce=resolve_fused_ce(t.fused_ce, kernels),
         attn=attn, dtype_bytes=4 if recipe.model.dtype == "float32" else 2,
         double_quant=recipe.quant.double_quant, reference=reference, num_gpus=t.num_gpus,
@@ -178,8 +180,7 @@ def flops_for_recipe(recipe, shape: ModelShape | None = None, *, grad_ckpt: bool
     for DPO/KTO and under FSDP, split halves) at its effective sequence length; ``method`` / ``grad_ckpt`` override
     for what-ifs."""
     inp = inputs_from_recipe(recipe, shape=shape)
-    return flops_for_inputs(inp, seq_len=effective_seq_len(recipe), grad_ckpt=grad_ckpt, method=method,
-                            lora_dropout=recipe.adapter.dropout)
+    return flops_for_inputs(inp, seq_len=effective_seq_len(recipe), grad_ckpt=grad_ckpt, method=method)
 
 
 def takes_split_halves(shape, kernels: str, offload_activations: bool, grad_ckpt: bool) -> bool:

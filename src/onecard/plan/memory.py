@@ -103,7 +103,8 @@ def _static_components(p: PlanInputs) -> list[Component]:
     tbytes = static.trainable_dtype_bytes(p.method, p.dtype_bytes)
     if p.is_adapter:
         out.append(Component("adapter", f"{p.method} adapter weights (r={p.rank}, fp32)", sum(tensors) * tbytes // n))
-        if p.kernels == "onecard" and tbytes != p.dtype_bytes:  # A and B in the compute dtype (patch/adapter_copies.py)
+        # A and B in the compute dtype (patch/adapter_copies.py); with LoRA dropout peft casts per use instead
+        if p.kernels == "onecard" and p.lora_dropout == 0 and tbytes != p.dtype_bytes:
             copies = sum(static.trainable_tensors(shape, "lora", p.rank, p.targets)) * p.dtype_bytes
             out.append(Component("adapter_copies", "adapter A/B cast for onecard's kernels (one copy per step)", copies))
     out.append(Component("gradients", "gradients (trainable params)", sum(tensors) * tbytes // n))

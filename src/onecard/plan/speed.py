@@ -228,7 +228,7 @@ def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str
 
 
 def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, profile: Profile | None = None,
-                        lora_dropout: float = 0.0, grad_ckpt: bool | None = None) -> Throughput:
+                        grad_ckpt: bool | None = None) -> Throughput:
     """Ceiling and estimate for :class:`onecard.plan.inputs.PlanInputs` ``inp`` (``seq_len``: the effective
     sequence length when it differs from inp.seq_len, e.g. unpacked short examples)."""
     profile = profile or load_profile()
@@ -236,7 +236,7 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     ckpt = inp.grad_ckpt if grad_ckpt is None else grad_ckpt
     seq = seq_len or inp.seq_len
     fl_span = varlen_span(inp.packed_example_tokens, inp.kernels)
-    fl = flops_for_inputs(inp, seq_len=seq, grad_ckpt=ckpt, lora_dropout=lora_dropout)
+    fl = flops_for_inputs(inp, seq_len=seq, grad_ckpt=ckpt)
     layers = shape.num_hidden_layers
     checkpointed = inp.with_(grad_ckpt=ckpt).recomputed_layers  # less training.uncheckpointed_layers
     recomputed = checkpointed / layers

@@ -67,7 +67,7 @@ def _speed(recipe, gpu_id: str, **overrides):
     if overrides:
         inp = inp.with_(**overrides)
     mem = plan_memory(inp)
-    tp = estimate_throughput(inp, seq_len=effective_seq_len(recipe), memory_plan=mem, lora_dropout=recipe.adapter.dropout)
+    tp = estimate_throughput(inp, seq_len=effective_seq_len(recipe), memory_plan=mem)
     from onecard.plan.streaming import as_the_run_streams
 
     return (inp, *as_the_run_streams(mem, tp))
