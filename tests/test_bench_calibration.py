@@ -174,6 +174,24 @@ def test_fp8_rows_planned_within_15pct_tokens_per_s(rec):
     assert abs(planned - rec["tokens_per_s"]) <= 0.15 * rec["tokens_per_s"], (planned, rec["tokens_per_s"])
 
 
+# A plan under the measured peak is the direction that runs out of memory: the FP8 rows get at most this much of it
+# (the memory matrix's +-10% either way stays the bound above).
+FP8_UNDER_PLAN_FRACTION = 0.06
+
+
+@pytest.mark.parametrize("rec", [pytest.param(r, id=f"{r['model']}-{r['quant_base']}-{r['_file']}")
+                                 for r in _rows({"fp8"})])
+def test_fp8_rows_planned_peak_at_most_6pct_under_and_10pct_over(rec):
+    """The memory plan of the FP8 pairs (the FP8 base's block weights, and its backward's e4m3 gradient codes and
+    transposed W, plan/fp8.py) against measured max_memory_reserved, the bf16 halves too."""
+    from onecard.bench.predict import peak_memory
+
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    cfg = BenchConfig(**{k: rec[k] for k in fields if k in rec and k != "gpu"}, gpu="h200")
+    planned, measured = peak_memory(cfg)["predicted_peak_gib"], rec["peak_reserved_gib"]
+    assert -FP8_UNDER_PLAN_FRACTION * measured <= planned - measured <= 0.10 * measured, (planned, measured)
+
+
 def test_fp8_rows_of_the_separate_add_code_are_superseded_and_their_bf16_halves_not():
     """Run F19c/F19d (the morning of 2026-12-03) added each LoRA output after the FP8 GEMM; F19e on added in it."""
     old = [r for r in RECORDS if r.get("quant_base") == "fp8" and r["date"] < "2026-12-03T07"]

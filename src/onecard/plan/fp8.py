@@ -80,6 +80,21 @@ def fp8_extra_bytes(shape: ModelShape, tokens: int, recomputed_layers: int) -> i
     return layers * (transposes + tokens * (dy_quant + per_pass + 2 * i * 3)) + recomputed_layers * tokens * per_pass
 
 
+def fp8_backward_transient_bytes(shape: ModelShape, tokens: int, kernels: str) -> int:
+    """Bytes an FP8 base adds to the worst moment of one block's backward, beside the bf16 gradients that
+    plan/activations.py counts: the e4m3 codes (and fp32 row scales) of the gradients the input-gradient GEMMs
+    read, and the transposed W of one such GEMM (each made per use and freed after it, kernels/fp8.py
+    ``fp8_input_grad``). onecard's fused GLU backward writes the codes of dg and du together (kernels/glu.py
+    ``glu_backward_fp8``) and they live through the gate and up GEMMs; the unfused path quantises one
+    projection's dy at a time. Without this term the plan was 7.8-9.5% under the measured peak reserved of the
+    H200's Llama 3 8B and Mistral 7B FP8 rows at 16,384 tokens (bench/results/h200-f19g.jsonl); with it, within 5%."""
+    i = shape.intermediate_size
+    per_token = (2 * (i + SCALE_BYTES) if kernels == "onecard"
+                 else max(n_out for _, _, n_out in shape.linear_layers_per_block()) + SCALE_BYTES)
+    transposed = FP8_BYTES_PER_WEIGHT * max(n_in * n_out for _, n_in, n_out in shape.linear_layers_per_block())
+    return per_token * tokens + transposed
+
+
 def fp8_speedup_bound(fl, gpu: GPU) -> float:
     """bf16 matmul time / FP8-base matmul time, every matmul at its datasheet peak: the most FP8 can give here."""
     frozen = min(frozen_gemm_flops_per_token(fl), fl.matmul_per_token)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from onecard.catalog.families import NOT_UNDER_FSDP, NOT_UNDER_FSDP_FIX
 from onecard.plan import activations as act
 from onecard.plan import static
+from onecard.plan.fp8 import fp8_backward_transient_bytes, fp8_base_weight_bytes
 from onecard.plan.fsdp_load import fsdp_load_bytes, quant_constant_bytes
 from onecard.plan.inputs import PlanInputs
 
@@ -121,8 +122,6 @@ def _static_components(p: PlanInputs) -> list[Component]:
 
 def _base_bytes(p: PlanInputs, upcast: bool) -> int:
     if p.quant_base == "fp8":
-        from onecard.plan.fp8 import fp8_base_weight_bytes
-
         return fp8_base_weight_bytes(p.shape, p.dtype_bytes)
     return static.base_weight_bytes(p.shape, p.method, p.dtype_bytes, double_quant=p.double_quant, kbit_upcast=upcast)
 
@@ -180,6 +179,8 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     recomputed = max(halves.values()) if p.split_halves else layer_tok
     recompute = (recomputed if p.recomputed_layers else 0) * tokens
     block = recompute + act.backward_transient_bytes_per_token(shape, act_bytes, p.kernels) * tokens + held
+    if p.quant_base == "fp8":
+        block += fp8_backward_transient_bytes(shape, tokens, p.kernels)
     # Gradients fill in during backward (zero_grad(set_to_none) frees them every step), so they are a per-phase
     # term, not static (bench calibration: full fine-tuning of Llama 3.2 1B on the H200 was planned 18-23%
     # high when all gradients sat beside the logits). At the logits phase only the LM head's gradient exists (the
