@@ -1,10 +1,12 @@
 """plan/inputs.py planned_attention: ``auto`` plans what the loader will run (train/model.py resolve_attn), eager
-for Gemma 2 from the transformers release that dropped its SDPA path, and the plan's activation memory follows."""
+for Gemma 2 from the transformers release that dropped its SDPA path, and the plan's activation memory follows; on
+the installed transformers the planner's catalog and the loader's class check agree for every family."""
 
 from __future__ import annotations
 
 import pytest
 
+from onecard.catalog.families import FAMILIES
 from onecard.catalog.models import resolve_shape
 from onecard.plan import inputs
 
@@ -31,3 +33,22 @@ def test_eager_gemma2_plans_more_activation_memory(monkeypatch):
         plan_inputs = inputs.inputs_from_recipe(recipe, gpu="h200")
         peaks[plan_inputs.attn] = plan_memory(plan_inputs).allocator_bytes
     assert peaks["eager"] > peaks["sdpa"]
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_the_planner_and_the_loader_agree_on_the_installed_transformers(model_type):
+    """The planner reads SDPA support from the catalog (it imports no transformers); the loader asks transformers'
+    class. On the installed release they must agree for every catalog family, so a release that drops SDPA from
+    another family fails here until catalog/families.py names it (``no_sdpa_since``)."""
+    import dataclasses
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from onecard.catalog.models import PRESETS
+    from onecard.recipe import validate_recipe
+    from onecard.train.model import resolve_attn
+
+    shape = dataclasses.replace(PRESETS["llama-3-8b"], model_type=model_type)
+    recipe = validate_recipe({"model": {"name_or_path": "llama-3-8b"}})  # attn_implementation: auto
+    loader = resolve_attn(recipe, "cpu", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    assert inputs.planned_attention("auto", shape) == loader
