@@ -129,7 +129,7 @@ def test_demo_run_improves_over_base(demo_run):
 
     loaded = load_run(demo_run[0])
     result = evaluate(loaded.model, loaded.tokenizer, loaded.recipe, str(HELDOUT_FILE), baseline=True,
-                      max_examples=32, max_new_tokens=48)
+                      max_examples=16, max_new_tokens=32)
     assert result["delta"]["loss"] < 0
     if "token_f1" in result["delta"]:
         assert result["delta"]["token_f1"] > 0
