@@ -173,6 +173,33 @@ def test_dropout_lora_falls_back_to_peft_mlp():
     assert apply_kernels(plain, "onecard").notice is None
 
 
+def test_unfusable_adapters_are_named_in_the_notice_and_run_by_peft():
+    """A bias on lora_B or two active adapters: the fused ops cannot run them, the layers defer to peft (same loss as
+    without kernels) and the notice says why, once per reason."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from onecard.patch.modules import projection_parts
+    from onecard.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300))
+    model = get_peft_model(model, LoraConfig(r=4, lora_bias=True, target_modules=["gate_proj", "q_proj"]))
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["up_proj"]))
+    layers = model.get_base_model().model.layers
+    layers[0].mlp.up_proj.set_adapter(["default", "second"])
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids, labels=ids).loss
+    assert projection_parts(layers[1].mlp.gate_proj, torch.float32) is None  # bias on B
+    assert projection_parts(layers[0].mlp.up_proj, torch.float32) is None  # two active adapters
+    assert projection_parts(layers[1].mlp.up_proj, torch.float32) is not None  # "second" not active there
+    handle = apply_kernels(model, "onecard")
+    assert handle.notice.startswith("2 active adapters, a bias on lora_B: onecard's fused attention and MLP")
+    assert "adapter.dropout" not in handle.notice
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want)
+    handle.revert()
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_convergence_30_steps(arch):
     """30 AdamW steps of LoRA on a fixed batch, with and without kernels: the mean loss of the

@@ -71,10 +71,11 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
         elif attn_fn is not None and name == spec.attention_class:
             handle.set_forward(module, attn_fn, "rope")
             fused.append(module)
-    dropped = sorted({float(d.p) for m in fused for d in _lora_dropouts(m)})
-    if dropped:
-        _notice(handle, f"LoRA dropout {', '.join(map(str, dropped))}: onecard's fused attention and MLP do not apply "
-                        "it, so those layers run peft's own modules (slower); adapter.dropout: 0 keeps them fused")
+    refusals = _adapter_refusals(fused)
+    if refusals:
+        fix = "; adapter.dropout: 0 keeps them fused" if any(r.startswith("LoRA dropout") for r in refusals) else ""
+        _notice(handle, f"{', '.join(refusals)}: onecard's fused attention and MLP do not run it, so those layers run "
+                        f"peft's own modules (slower){fix}")
     if fused:
         from .adapter_copies import install
 
@@ -91,13 +92,13 @@ def _apply_onecard(base, spec, handle: PatchHandle, *, rope: bool, fused_loss: b
         handle.set_forward(base, causal_lm_forward, "fused_linear_ce")
 
 
-def _lora_dropouts(module):
-    """The dropout modules of peft LoRA layers under ``module`` that are not peft's nn.Identity (dropout 0)."""
-    import torch
+def _adapter_refusals(modules) -> list[str]:
+    """Why the peft LoRA layers under ``modules`` cannot be fused (patch/adapter_copies.py ``adapter_refusal``), each
+    reason once, sorted."""
+    from .adapter_copies import adapter_refusal
 
-    for sub in module.modules():
-        if hasattr(sub, "lora_A"):
-            yield from (d for d in sub.lora_dropout.values() if not isinstance(d, torch.nn.Identity))
+    reasons = {adapter_refusal(sub) for m in modules for sub in m.modules() if hasattr(sub, "lora_A")}
+    return sorted(reasons - {None})
 
 
 def _apply_liger(base, handle: PatchHandle) -> PatchHandle:

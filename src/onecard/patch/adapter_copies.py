@@ -97,14 +97,36 @@ def _scale_each(tensors, factors) -> None:
         torch._foreach_mul_([t for t, _ in scaled], [f for _, f in scaled])
 
 
+def adapter_refusal(proj) -> str | None:
+    """Why onecard's fused ops cannot run a peft LoRA layer's adapters (peft's own forward runs the projection
+    then), or None when they can: one active adapter, not merged or disabled, dropout 0 (peft's nn.Identity) and no
+    bias on B where the adapter is on this projection. The one place these checks live: ``projection_parts``
+    (patch/modules.py) runs them per forward, ``make_copies`` before casting, ``apply_kernels`` once to say why."""
+    if proj.disable_adapters:
+        return "adapters disabled"
+    if proj.merged:
+        return "adapter merged into the base"
+    if len(proj.active_adapters) != 1:
+        return f"{len(proj.active_adapters)} active adapters"
+    name = proj.active_adapters[0]
+    if name not in proj.lora_A:
+        return None
+    dropout = proj.lora_dropout[name]
+    if not isinstance(dropout, torch.nn.Identity):
+        return f"LoRA dropout {float(dropout.p)}"
+    if proj.lora_B[name].bias is not None:
+        return "a bias on lora_B"
+    return None
+
+
 def active_adapter_weights(proj):
-    """(name, A parameter, B parameter) of a peft LoRA layer's one active adapter, else None; None too with LoRA
-    dropout, which the fused ops leave to peft's own forward (patch/modules.py ``projection_parts``)."""
+    """(name, A parameter, B parameter) of a peft LoRA layer's one active adapter when the fused ops run it
+    (``adapter_refusal``), else None."""
     lora_a = proj.__dict__.get("_modules", {}).get("lora_A")
-    if lora_a is None or proj.disable_adapters or proj.merged or len(proj.active_adapters) != 1:
+    if lora_a is None or adapter_refusal(proj) is not None:
         return None
     name = proj.active_adapters[0]
-    if name not in lora_a or not isinstance(proj.lora_dropout[name], torch.nn.Identity):
+    if name not in lora_a:
         return None
     return name, lora_a[name].weight, proj.lora_B[name].weight
 

@@ -19,7 +19,7 @@ from onecard.kernels.lora_mlp import lora_mlp
 from onecard.kernels.rms_norm import fp8_rows_of, rms_norm
 from onecard.kernels.rope import apply_rope
 
-from .adapter_copies import compute_weights
+from .adapter_copies import adapter_refusal, compute_weights
 from .fp8 import FP8_NORM_FLAG, Fp8Linear
 from .packed import packed_attention_or
 from .recompute import attention_output_unused, in_recompute
@@ -67,7 +67,7 @@ def projection_parts(proj, dtype, allow_bias: bool = False):
     base = getattr(proj, "base_layer", None)
     if base is None or not hasattr(proj, "lora_A"):
         return None
-    if proj.disable_adapters or proj.merged or len(proj.active_adapters) != 1:
+    if adapter_refusal(proj) is not None:
         return None
     name = proj.active_adapters[0]
     w = _plain_weight(base, allow_bias)
@@ -75,14 +75,10 @@ def projection_parts(proj, dtype, allow_bias: bool = False):
         return None
     if name not in proj.lora_A:  # adapter not on this projection: frozen matmul only
         return (w, None, None, 1.0, base.bias, None)
-    if not isinstance(proj.lora_dropout[name], torch.nn.Identity):
-        return None
     magnitude = _dora_magnitude(proj, name)
     if magnitude is False:
         return None
     a, b = proj.lora_A[name], proj.lora_B[name]
-    if getattr(b, "bias", None) is not None:
-        return None
     # this forward's copies (adapter_copies.py), the scale folded into A where exact
     a_c, b_c, scale = compute_weights(proj, name, a.weight, b.weight, float(proj.scaling[name]), dtype)
     return (w, a_c, b_c, scale, base.bias, magnitude)
