@@ -187,10 +187,13 @@ FP8_SPEED_TARGETS = {"llama-3-8b": 1.4, "mistral-7b": 1.35, "qwen2.5-7b": 1.35, 
 
 
 def fp8_speed_section(results_dir: Path) -> str:
-    """Per F19 run (one bench/results/h200-f19*.jsonl: one process), each FP8-base row's tokens/s over the same
-    model's bf16 row of that run, against the issue's target for the model."""
+    """Per F19 run (one bench/results/h200-f19*.jsonl, or h100/h100-f19*.jsonl: one process), each FP8-base row's
+    tokens/s over the same model's bf16 row of that run, against the issue's target for the model. H100 runs live
+    in a folder of their own so that the H200 calibration (bench/calibrate.py, results_dir/*.jsonl) never reads
+    them; a ratio is taken within one run, so each run's card is named beside it."""
     out = []
-    for path in sorted(Path(results_dir).glob("h200-f19*.jsonl")):
+    results = Path(results_dir)
+    for path in sorted(results.glob("h200-f19*.jsonl")) + sorted(results.glob("h100/h100-f19*.jsonl")):
         rows = load_records([path])
         bf16 = {r["model"]: r for r in rows if r.get("quant_base", "none") == "none" and r.get("status") == "ok"}
         for r in rows:
@@ -203,17 +206,19 @@ def fp8_speed_section(results_dir: Path) -> str:
                 f", cap {r['memory_cap_gib']:g} GiB" if r.get("memory_cap_gib") else "")
             reason = superseded_reason(r)
             name = path.name if reason is None else f"{path.name} (superseded: {reason})"
-            out.append([name, r["date"][:16], r["model"], setting, fmt(base["tokens_per_s"]),
+            card = r["versions"]["gpu"].removeprefix("NVIDIA ")
+            out.append([name, card, r["date"][:16], r["model"], setting, fmt(base["tokens_per_s"]),
                         fmt(r["tokens_per_s"]), f"{ratio:.3f}x", f">= {target}x" if target else "",
                         "" if target is None else "yes" if ratio >= target else "**no**",
                         f"{r['step_s_min']:.3f}-{r['step_s_max']:.3f}"])
     if not out:
         return ""
-    return ("\n## FP8 base: speed targets per run - measured, H200\n\nEach line is one `onecard bench` suite part "
+    return ("\n## FP8 base: speed targets per run - measured, H200 and H100\n\nEach line is one `onecard bench` suite part "
             "(one process, bench/gpu_suite.sh): the FP8-base row over the bf16 row of the same model in that run "
             "(bf16 uncapped; the 14B FP8 rows under `--memory-cap-gib 24`). Step range: the FP8 row's fastest and "
-            "slowest timed step.\n\n" + table(["file", "date", "model", "FP8 setting", "bf16 tokens/s",
-                                                "FP8 tokens/s", "ratio", "target", "met", "FP8 step s"], out))
+            "slowest timed step. The targets are the issue's, set for the H200; an H100 run's ratio is its own "
+            "card's.\n\n" + table(["file", "card", "date", "model", "FP8 setting", "bf16 tokens/s", "FP8 tokens/s",
+                                    "ratio", "target", "met", "FP8 step s"], out))
 
 
 def fp8_quality_section(results_dir: Path) -> str:
