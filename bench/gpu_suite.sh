@@ -10,6 +10,22 @@ export PYTHONUNBUFFERED=1
 TEST_S=${1:?seconds for the GPU tests (0: none)}; shift
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.draw,temperature.gpu --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+# the host's speed, which sets a host-bound step's (docs/kernels.md): its CPU, and us per small CUDA launch queued
+lscpu | grep -E "^Model name|^CPU max MHz" | tr -s ' '
+python3 - <<'PY'
+import time, torch
+x = torch.ones(8, device="cuda")
+for _ in range(2000):
+    x.add_(1)
+rounds = []
+for _ in range(5):
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    for _ in range(20000):
+        x.add_(1)
+    rounds.append((time.perf_counter() - t0) / 20000 * 1e6)
+    torch.cuda.synchronize()
+print("host us per queued add_:", " ".join(f"{r:.2f}" for r in rounds))
+PY
 if [ "$TEST_S" -gt 0 ]; then
   timeout "$TEST_S" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_split_checkpoint.py \
     tests/test_stream_weights.py tests/test_kernels_fp8_gpu.py tests/test_offload.py tests/test_kernels_gpu.py \
