@@ -24,6 +24,7 @@ from host_overhead_gpu import warmed_up  # bench/ is the script's directory: F19
 import onecard.patch.adapter_copies as adapter_copies
 from onecard.bench.step import train_step
 from onecard.patch.stream_weights import decoder_layers
+from onecard.train.host_gc import freeze_startup_objects, unfreeze
 from onecard.train.model import uncheckpoint_last_layers
 
 OUT = os.environ.get("OUT", "bench_out")
@@ -43,15 +44,18 @@ def _measure(model, opt, batch) -> dict:
     for _ in range(2):
         train_step(model, opt, batch)
     torch.cuda.synchronize()
-    gc.collect()
-    gc.freeze()  # as the training loop does (train/host_gc.py)
     times = []
-    for _ in range(8):
-        t0 = time.perf_counter()
-        train_step(model, opt, batch)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    gc.unfreeze()
+    # as the training loop does (train/host_gc.py); unfrozen on an out-of-memory step too, or the frozen model's
+    # reference cycles outlive ``run`` and the next build finds its memory still taken
+    freeze_startup_objects()
+    try:
+        for _ in range(8):
+            t0 = time.perf_counter()
+            train_step(model, opt, batch)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    finally:
+        unfreeze()
     t0 = time.perf_counter()
     loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
     t1 = time.perf_counter()
