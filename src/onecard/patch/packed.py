@@ -22,7 +22,6 @@ patched by onecard at all (families.py).
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -46,20 +45,6 @@ class PackedInfo:
 _cache: list[tuple[weakref.ref, weakref.ref, tuple[int, int], PackedInfo]] = []
 computations = 0  # how many times packed_info did the work (tests read it: once per forward)
 varlen_calls = 0  # attention calls that went through varlen_attn (train's summary.json reports them)
-_host_checks_off = 0  # > 0 inside without_host_checks (a global, not thread-local: backward runs on autograd's thread)
-
-
-@contextmanager
-def without_host_checks():
-    """No packed-row detection inside: it reads position_ids and the mask on the host (a sync), which a CUDA graph
-    cannot record (train/graphed_step.py). Rows then go through transformers' attention with the mask transformers
-    built, which is right for packed rows too, only without varlen's speed."""
-    global _host_checks_off
-    _host_checks_off += 1
-    try:
-        yield
-    finally:
-        _host_checks_off -= 1
 
 
 @lru_cache(maxsize=1)
@@ -126,7 +111,7 @@ def _shape_ok(query, key, mask, position_ids) -> bool:
 
 def use_varlen(module, query, key, attention_mask, dropout, sliding_window, position_ids) -> PackedInfo | None:
     """The shared PackedInfo when this call may go through varlen, else None (normal path)."""
-    if dropout or _host_checks_off or not getattr(module, "is_causal", True) or not tensors_supported(query):
+    if dropout or not getattr(module, "is_causal", True) or not tensors_supported(query):
         return None
     if not _shape_ok(query, key, attention_mask, position_ids):
         return None

@@ -20,8 +20,10 @@ which branch ran, tensors created once. So one graph serves one batch shape: a b
 not replayed; the inputs are copied into the graph's own tensors, never swapped. Code that looks at the data on the
 host cannot be recorded, and a capture that fails leaves torch's CUDA state unusable for the rest of the process.
 So one warm-up pass runs with host syncs raising (torch.cuda.set_sync_debug_mode), which refuses such a step before
-any capture and names the file and line; packed-row detection, the one such check in onecard's own forward, is off
-while the step is recorded (patch/packed.py ``without_host_checks``: transformers' mask then serves packed rows).
+any capture and names the file and line. The batch is input_ids and labels only, each row one whole causal
+sequence, and the step runs under patch/unmasked_causal.py: transformers then builds no attention mask (a capture
+would otherwise get the dense S x S one, transformers being unable to look at the data while recording), sdpa takes
+its flash kernel through ``is_causal``, and onecard's packed-row check, which needs a mask, has nothing to read.
 Offloaded checkpoints and streamed weights copy to and from the host inside the step, and are refused by the
 callers.
 """
@@ -49,6 +51,8 @@ class GraphedStep:
         self.graph, self.inputs, self.loss = graph, inputs, loss
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if set(batch) != set(self.inputs):
+            raise ValueError(f"the CUDA graph was recorded for a batch of {sorted(self.inputs)}, got {sorted(batch)}")
         for key, static in self.inputs.items():
             value = batch[key]
             if value.shape != static.shape:
@@ -112,10 +116,13 @@ def capture(model, batch: dict[str, torch.Tensor]) -> GraphedStep:
     The warm-up passes' gradients are zeroed: after this every trainable parameter has a zero ``.grad``."""
     if not batch["input_ids"].is_cuda:
         raise GraphCaptureError("a CUDA graph needs the model and batch on a CUDA GPU")
-    from onecard.patch import packed
+    from onecard.patch import unmasked_causal
 
+    reason = unmasked_causal.refusal(model, batch)
+    if reason:
+        raise GraphCaptureError(reason)
     inputs = {key: value.clone() for key, value in batch.items()}
-    with packed.without_host_checks():
+    with unmasked_causal.causal_rows_without_mask(model, inputs):
         _warm_up(model, inputs)
         _zero_grads_in_place(model)
         torch.cuda.synchronize()
