@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from onecard.errors import UserError
 from onecard.recipe import Recipe
 from onecard.train.spine import Schedule, Step, lint_or_stop, run_steps, seed_everything, start_run
 
@@ -45,7 +46,8 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
     started = state.global_step
     setup = reset_peak_after_setup(device)
     varlen_before, split_before = kernels.varlen_calls(), kernels.split_checkpoint_calls()
-    step = SFTStep(model, optimizer, recipe, device, dataset, pad_token_id(tokenizer), kernels.fused_loss, tokenizer)
+    step = sft_step_class(recipe, streaming.stream, kernels.fused_loss)(
+        model, optimizer, recipe, device, dataset, pad_token_id(tokenizer), kernels.fused_loss, tokenizer)
     state, timing = run_steps(step, schedule, state, console)
     ran = {"kernels_patched": kernels.patched(), "varlen_attention_calls": kernels.varlen_calls() - varlen_before,
            "split_checkpoint_calls": kernels.split_checkpoint_calls() - split_before}
@@ -115,6 +117,23 @@ def apply_recipe_kernels(model, recipe: Recipe, device: str, console=None) -> Ap
 
 
 # --------------------------------------------------------------------------- the step
+
+
+def sft_step_class(recipe: Recipe, streaming: bool, fused_loss: bool) -> type:
+    """SFTStep, or with training.cuda_graph the recorded one; what lint checks from the recipe alone (lint/cuda_graph.py)
+    is decided here at run time: whether weights stream (offload_weights: auto) and whether the fused loss applied."""
+    if not recipe.training.cuda_graph:
+        return SFTStep
+    where, fix = "training.cuda_graph", "set training.cuda_graph: false"
+    if streaming:
+        raise UserError("the base weights stream from host memory (offload_weights: auto chose it), which a CUDA "
+                        "graph cannot record", where=where, fix=f"{fix}, or use a card the model fits")
+    if not fused_loss:
+        raise UserError("onecard's fused linear cross-entropy did not apply to this model, and the recorded step "
+                        "needs it (it divides by a token count held on the GPU)", where=where, fix=fix)
+    from onecard.train.graphed_sft import GraphedSFTStep
+
+    return GraphedSFTStep
 
 
 def token_ce_sum(logits, labels):
