@@ -16,7 +16,8 @@ from onecard.errors import UserError  # noqa: E402
 from onecard.lint import lint_recipe  # noqa: E402
 from onecard.recipe import load_recipe  # noqa: E402
 from onecard.train import graphed_sft, graphed_step  # noqa: E402
-from onecard.train.sft import SFTStep, sft_step_class  # noqa: E402
+from onecard.train.sft import sft_step_class  # noqa: E402
+from onecard.train.sft_step import SFTStep  # noqa: E402
 from test_train_accum import grads, max_diff, recipe_for  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def _setup(tmp_path, tiny_llama_dir, **training):
 
 def test_right_padding_without_a_mask_trains_the_same_tokens(tmp_path, tiny_llama_dir):
     from onecard.data import collate
-    from onecard.train.sft import token_ce_sum
+    from onecard.train.sft_step import token_ce_sum
 
     recipe, model, examples, pad = _setup(tmp_path, tiny_llama_dir)
     model.eval()

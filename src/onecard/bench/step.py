@@ -33,9 +33,9 @@ def build_optimizer(model, device: str, lr: float = 1e-5):
 
 def train_step(model, optimizer, batch, loss_path: str = "hf") -> float:
     """One optimizer step. ``loss_path``: "hf" = ``model(labels=...)`` (transformers' loss, or a patched fused
-    loss); "spine" = logits then ``onecard.train.sft.token_ce_sum`` / token count, as ``onecard train`` does."""
+    loss); "spine" = logits then ``onecard.train.sft_step.token_ce_sum`` / token count, as ``onecard train`` does."""
     if loss_path == "spine":
-        from onecard.train.sft import token_ce_sum
+        from onecard.train.sft_step import token_ce_sum
 
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits
         loss_sum, n_tokens = token_ce_sum(logits, batch["labels"])

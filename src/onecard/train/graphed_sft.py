@@ -1,6 +1,6 @@
 """The SFT step with every micro-batch's forward and backward replayed from one CUDA graph (train/graphed_step.py).
 
-What changes against :class:`onecard.train.sft.SFTStep`, and why each is exact:
+What changes against :class:`onecard.train.sft_step.SFTStep`, and why each is exact:
 - One graph serves one shape, so every micro-batch is right-padded to ``data.seq_len`` and a short micro-batch
   (an epoch's last) gets rows of padding only. Pads carry labels -100, so they add nothing to the loss sum nor to
   the token count.
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from onecard.errors import UserError
-from onecard.train.sft import SFTStep, trained_tokens
+from onecard.train.sft_step import SFTStep, trained_tokens
 
 
 def fixed_batch(batch: dict, rows: int, width: int, pad_id: int) -> dict:
