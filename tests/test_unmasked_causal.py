@@ -12,6 +12,8 @@ from transformers import masking_utils
 from onecard.patch import unmasked_causal
 from onecard.tiny import tiny_config
 
+_IDS = torch.zeros(1, 8, dtype=torch.long)
+
 
 def _model(arch: str = "qwen2", attn: str = "sdpa"):
     torch.manual_seed(0)
@@ -51,7 +53,7 @@ def test_while_transformers_cannot_look_no_mask_is_built_and_the_function_is_unc
 def test_the_implementation_is_restored_when_the_body_raises():
     model = _model()
     with pytest.raises(RuntimeError, match="boom"):
-        with unmasked_causal.causal_rows_without_mask(model, {"input_ids": None}):
+        with unmasked_causal.causal_rows_without_mask(model, {"input_ids": _IDS}):
             assert model.config._attn_implementation == unmasked_causal.ALIAS
             raise RuntimeError("boom")
     assert {c._attn_implementation for c in unmasked_causal._configs(model)} == {"sdpa"}
@@ -61,12 +63,20 @@ def test_the_implementation_is_restored_when_the_body_raises():
 def test_a_batch_that_carries_a_mask_or_positions_is_refused(key):
     model = _model()
     with pytest.raises(ValueError, match=f"carries {key}"):
-        with unmasked_causal.causal_rows_without_mask(model, {"input_ids": None, key: None}):
+        with unmasked_causal.causal_rows_without_mask(model, {"input_ids": _IDS, key: None}):
             pass
     assert model.config._attn_implementation == "sdpa"
 
 
 def test_eager_attention_is_refused_it_would_see_the_future():
     model = _model(attn="eager")
-    assert "needs sdpa" in unmasked_causal.refusal(model, {"input_ids": None})
-    assert unmasked_causal.refusal(_model(), {"input_ids": None, "labels": None}) is None
+    assert "needs sdpa" in unmasked_causal.refusal(model, {"input_ids": _IDS})
+    assert unmasked_causal.refusal(_model(), {"input_ids": _IDS, "labels": _IDS}) is None
+
+
+def test_a_sliding_window_shorter_than_the_rows_is_refused():
+    model = _model("mistral")
+    model.config.sliding_window = 16
+    ids = torch.zeros(1, 24, dtype=torch.long)
+    assert "sliding window of 16" in unmasked_causal.refusal(model, {"input_ids": ids})
+    assert unmasked_causal.refusal(model, {"input_ids": ids[:, :16]}) is None

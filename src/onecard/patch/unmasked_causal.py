@@ -32,15 +32,22 @@ def _configs(model) -> list:
 
 
 def refusal(model, batch: dict) -> str | None:
-    """Why ``model`` may not run ``batch`` without a mask, or None when it may."""
+    """Why ``model`` may not run ``batch`` (input_ids, labels) without a mask, or None when it may."""
     extra = sorted(set(batch) & {"attention_mask", "position_ids"})
     if extra:
         return (f"the batch carries {', '.join(extra)}: only rows that are each one whole causal sequence "
                 "(input_ids and labels) may run without a mask")
-    others = sorted({c._attn_implementation for c in _configs(model)} - {"sdpa"})
-    if others or not _configs(model):
+    configs = _configs(model)
+    others = sorted({c._attn_implementation for c in configs} - {"sdpa"})
+    if others or not configs:
         return (f"attention implementation {others or 'unknown'}: running without a mask needs sdpa, whose "
                 "is_causal flag then keeps the rows causal")
+    seq = batch["input_ids"].shape[-1]
+    for config in configs:  # transformers configs differ by family: read what a family may have
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and seq > window:
+            return (f"a sliding window of {window} tokens, shorter than the rows' {seq}: only the mask transformers "
+                    "builds holds the window")
     return None
 
 
