@@ -15,9 +15,6 @@ import _kernel_env  # noqa: E402,F401
 from onecard.errors import UserError  # noqa: E402
 from onecard.train import graphed_step  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 class _CountingGraph:
     def __init__(self):
         self.replays = 0
@@ -64,26 +61,10 @@ def test_bench_row_names_the_graph():
 
 
 def _cuda_model(fp8: bool):
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
+    from _kernel_env import tiny_cuda_lora
     from onecard.patch import apply_kernels
-    from onecard.patch.fp8 import apply_fp8_base
-    from onecard.patch.recompute import recompute_contexts
-    from onecard.tiny import tiny_config
 
-    torch.manual_seed(0)
-    cfg = tiny_config("llama", vocab_size=320, hidden_size=512, intermediate_size=1024, num_hidden_layers=3)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda()
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    if fp8:
-        apply_fp8_base(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                       "context_fn": recompute_contexts})
-    model.enable_input_require_grads()
+    model = tiny_cuda_lora(fp8)
     model.train()
     apply_kernels(model, "onecard")
     return model
