@@ -29,7 +29,7 @@ PY
 if [ "$TEST_S" -gt 0 ]; then
   timeout "$TEST_S" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_split_checkpoint.py \
     tests/test_stream_weights.py tests/test_kernels_fp8_gpu.py tests/test_offload.py tests/test_kernels_gpu.py \
-    tests/test_adapter_copies.py \
+    tests/test_adapter_copies.py tests/test_graphed_step.py tests/test_graphed_sft.py \
     > "$OUT/gputests.log" 2>&1
   echo "gpu tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gputests.log" | tail -n 12
 fi

@@ -239,27 +239,11 @@ def test_gpu_copies_match_casting_per_use(monkeypatch, fp8):
         pytest.skip("needs a CUDA GPU")
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 tensor cores")
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
-    from _kernel_env import rel_err
+    from _kernel_env import rel_err, tiny_cuda_lora
     from onecard.patch import offload
-    from onecard.patch.fp8 import apply_fp8_base
-    from onecard.tiny import tiny_config
 
     def build():
-        torch.manual_seed(0)
-        cfg = tiny_config("llama", vocab_size=320, hidden_size=512, intermediate_size=1024, num_hidden_layers=3)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda()
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)
-        if fp8:  # the frozen base layers peft wrapped
-            assert apply_fp8_base(model).patched["fp8_linear"] == 7 * 3
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                           "context_fn": recompute_contexts})
-        model.enable_input_require_grads()
+        model = tiny_cuda_lora(fp8)
         offload.enable_offloaded_checkpointing(model)
         model.train()
         apply_kernels(model, "onecard")

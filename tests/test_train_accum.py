@@ -47,7 +47,7 @@ def max_diff(a, b):
 
 def mean_of_means(model, micro_batches):
     """The common bug: each micro-batch's *mean* loss, averaged over the window."""
-    from onecard.train.sft import token_ce_sum
+    from onecard.train.sft_step import token_ce_sum
 
     for batch in micro_batches:
         loss_sum, n = token_ce_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
@@ -57,7 +57,7 @@ def mean_of_means(model, micro_batches):
 
 def test_micro_batch_split_gives_same_gradient(tmp_path, tiny_llama_dir):
     from onecard.data import build_dataset, collate, pad_token_id
-    from onecard.train.sft import accumulate_gradients
+    from onecard.train.sft_step import accumulate_gradients
     from onecard.train.model import load_model_and_tokenizer
 
     recipe = recipe_for(tmp_path, tiny_llama_dir)

@@ -30,17 +30,17 @@ def straight_final_loss(tmp_path_factory, tiny_model_factory):
 
 
 def faulty_accumulate(monkeypatch, at_call: int, fault):
-    """``sft.accumulate_gradients`` with ``fault(loss, n, model)`` applied at its ``at_call``-th call (1-based)."""
-    from onecard.train import sft
+    """``sft_step.accumulate_gradients`` with ``fault(loss, n, model)`` applied at its ``at_call``-th call (1-based)."""
+    from onecard.train import sft_step
 
-    real, calls = sft.accumulate_gradients, []
+    real, calls = sft_step.accumulate_gradients, []
 
     def accumulate(model, *args, **kwargs):
         calls.append(1)
         loss, n = real(model, *args, **kwargs)
         return fault(loss, n, model) if len(calls) == at_call else (loss, n)
 
-    monkeypatch.setattr(sft, "accumulate_gradients", accumulate)
+    monkeypatch.setattr(sft_step, "accumulate_gradients", accumulate)
 
 
 def latest(run_dir) -> str:

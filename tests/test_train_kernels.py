@@ -17,7 +17,8 @@ from test_train_accum import grads, max_diff, recipe_for  # noqa: E402
 
 def test_fused_loss_gives_the_same_window_gradient(tmp_path, tiny_llama_dir):
     from onecard.data import build_dataset, collate, pad_token_id
-    from onecard.train.sft import accumulate_gradients, apply_recipe_kernels
+    from onecard.train.sft import apply_recipe_kernels
+    from onecard.train.sft_step import accumulate_gradients
     from onecard.train.spine import seed_everything
     from onecard.train.model import load_model_and_tokenizer
 

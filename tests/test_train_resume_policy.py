@@ -115,10 +115,10 @@ def test_save_clock_defaults_to_thirty_minutes(tmp_path, tiny_llama_dir):
 
 
 def test_unfinished_run_without_checkpoint_advice_is_not_circular(tmp_path, tiny_llama_dir, capsys, monkeypatch):
-    from onecard.train import sft
+    from onecard.train import sft_step
 
     recipe = write_recipe(tmp_path, tiny_llama_dir, "nockpt", save_every_minutes=0)
-    real = sft.accumulate_gradients
+    real = sft_step.accumulate_gradients
     calls = []
 
     def crashing(*args, **kwargs):
@@ -127,7 +127,7 @@ def test_unfinished_run_without_checkpoint_advice_is_not_circular(tmp_path, tiny
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sft, "accumulate_gradients", crashing)
+    monkeypatch.setattr(sft_step, "accumulate_gradients", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_cli(["train", recipe], capsys)
     monkeypatch.undo()

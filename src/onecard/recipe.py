@@ -122,6 +122,11 @@ class TrainingSection(_Strict):
         "stay on the GPU and backward does not recompute them -- faster where memory allows (onecard plan shows the "
         "memory). 0 = every layer checkpointed. Needs grad_ckpt; not with streamed base weights.")
     offload_activations: bool = False
+    cuda_graph: bool = Field(
+        False, description="Record one micro-batch's forward and backward as a CUDA graph and replay it each "
+        "micro-batch (train/graphed_step.py): the host's speed drops out of a host-bound step (an FP8 base at a "
+        "small micro-batch). Micro-batches are padded to data.seq_len. SFT/pretrain, onecard kernels, no packing, "
+        "no offloaded checkpoints or streamed weights.")
     offload_weights: Literal["auto"] | bool = Field(
         "auto", description="Stream the frozen base weights of the decoder layers from pinned host memory "
         "(patch/stream_weights.py). auto = only when the plan does not fit the GPU otherwise; a no-op on CPU.")

@@ -125,6 +125,8 @@ def measurement_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue  # an FP8 base: plan/fp8.py estimates it from the bf16 efficiency, no row calibrates it
         if rec.get("uncheckpointed_layers"):
             continue  # layers left out of the checkpoints: less recompute than the grad_ckpt rows it would join
+        if rec.get("cuda_graph"):
+            continue  # a step replayed from a CUDA graph: none of the host time the planner's rows include
         runs = [(rec.get("kernels_applied") or "none", "", False)]
         if rec.get("baseline"):
             runs.append(("none", "baseline_", True))

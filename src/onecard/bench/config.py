@@ -31,6 +31,7 @@ class BenchConfig:
     quant_base: str = "none"        # "fp8": e4m3 frozen base (recipe quant.base; patch/fp8.py), lora/dora only
     offload_weights: bool = False   # frozen base weights streamed from pinned host memory (patch/stream_weights.py)
     resident_layers: int = 0        # with offload_weights: N decoder layers stay on the GPU (spread, streamed_layer_ids)
+    cuda_graph: bool = False        # forward + backward replayed from one CUDA graph (train/graphed_step.py)
     steps: int = 4                  # timed optimizer steps
     warmup: int = 2                 # untimed steps first (allocator, autotuning, optimizer state)
     baseline: bool = False          # also run plain transformers + peft, same process
@@ -63,6 +64,14 @@ class BenchConfig:
         if self.uncheckpointed_layers and self.offload_weights:
             raise UserError("a layer whose base weights stream must be checkpointed", where="--uncheckpointed-layers",
                             fix="drop --uncheckpointed-layers, or drop --offload-weights")
+        if self.cuda_graph and (self.offload_activations or self.offload_weights):
+            raise UserError("a CUDA graph cannot hold host copies: offloaded checkpoints and streamed weights copy "
+                            "to and from host memory during the step", where="--cuda-graph",
+                            fix="drop --offload-activations and --offload-weights, or drop --cuda-graph")
+        if self.cuda_graph and self.kernels == "none":
+            raise UserError("a CUDA graph records the patched model's loss (fused linear-CE); the unpatched loss "
+                            "counts tokens on the host, which a graph cannot", where="--cuda-graph",
+                            fix="add --kernels onecard, or drop --cuda-graph")
         if self.offload_activations and not self.grad_ckpt:
             raise UserError("--offload-activations offloads the checkpointed layers' inputs: it needs checkpointing",
                             where="--offload-activations", fix="drop --no-grad-ckpt, or drop --offload-activations")
@@ -90,8 +99,9 @@ class BenchConfig:
             ck += f"(last{self.uncheckpointed_layers}-not)"
         base = " fp8-base" if self.quant_base == "fp8" else ""
         stream = f" stream-weights(res{self.resident_layers})" if self.offload_weights else ""
+        graph = " cuda-graph" if self.cuda_graph else ""
         return self.name or (f"{self.model} {self.method}{base} r{self.rank} seq{self.seq} b{self.micro_batch} {ck} "
-                             f"{self.kernels}{stream}")
+                             f"{self.kernels}{stream}{graph}")
 
     def command(self) -> str:
         """The single-configuration command line that reproduces this row."""
@@ -107,6 +117,8 @@ class BenchConfig:
             parts.append(f"--quant-base {self.quant_base}")
         if self.offload_weights:
             parts.append(f"--offload-weights --resident-layers {self.resident_layers}")
+        if self.cuda_graph:
+            parts.append("--cuda-graph")
         if self.baseline:
             parts.append("--baseline")
         if self.memory_cap_gib:

@@ -187,7 +187,7 @@ def _steps(dist, model, optimizer, cfg, steps: int, memory_snapshot: bool = Fals
     import torch
 
     from onecard.bench.step import random_batch
-    from onecard.train.sft import token_ce_sum
+    from onecard.train.sft_step import token_ce_sum
     from onecard.bench.build import hf_config
 
     batch = random_batch(int(hf_config(cfg).vocab_size), cfg.micro_batch, cfg.seq, dist.device, seed=dist.rank)

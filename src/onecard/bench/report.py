@@ -27,9 +27,12 @@ def _recipe(rec: dict[str, Any], kernels: str) -> str:
     rank = f" r{rec['rank']}" if rec["method"] != "full" else ""
     offloaded = rec.get("offload_activations") and kernels != "none"  # the baseline half never offloads
     ck = ("ckpt, offloaded to host" if offloaded else "ckpt") if rec["grad_ckpt"] else "no ckpt"
+    if rec.get("uncheckpointed_layers"):
+        ck += f" but the last {rec['uncheckpointed_layers']} layers"
     extra = (", fp8 base" if rec.get("quant_base") == "fp8" else "") + (
         f", streamed weights ({rec.get('resident_layers', 0)} resident)" if rec.get("offload_weights") else "") + (
-        f", cap {rec['memory_cap_gib']:g} GiB" if rec.get("memory_cap_gib") else "")
+        f", cap {rec['memory_cap_gib']:g} GiB" if rec.get("memory_cap_gib") else "") + (
+        ", CUDA graph" if rec.get("cuda_graph") and kernels != "none" else "")
     return f"{rec['method']}{rank}, {ck}, kernels {kernels}{extra}"
 
 
@@ -51,6 +54,7 @@ def measured_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "offload_activations": bool(rec.get("offload_activations")) and not prefix,
                          "offload_weights": bool(rec.get("offload_weights")), "resident_layers": rec.get("resident_layers", 0),
                          "quant_base": rec.get("quant_base", "none"),
+                         "uncheckpointed_layers": rec.get("uncheckpointed_layers", 0),
                          "status": rec.get(f"{prefix}status"), "tokens_per_s": tps,
                          "hours_per_50k_epoch": epoch_hours(tps, rec["seq"]),
                          "peak_reserved_gib": rec.get(f"{prefix}peak_reserved_gib"),
@@ -152,7 +156,8 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
                           rank=row["rank"], grad_ckpt=row["grad_ckpt"], kernels=row["kernels"], gpu="h200",
                           offload_activations=row.get("offload_activations", False),
                           offload_weights=row.get("offload_weights", False), resident_layers=row.get("resident_layers", 0),
-                          quant_base=row.get("quant_base", "none"))
+                          quant_base=row.get("quant_base", "none"),
+                          uncheckpointed_layers=row.get("uncheckpointed_layers", 0))
         inp = dataclasses.replace(inputs_from_recipe(cfg.to_recipe(), gpu="h200"), hold_logits=False,
                                   kbit_upcast=row.get("kbit_upcast", False))
         plan = plan_memory(inp)

@@ -90,7 +90,8 @@ def measure(cfg: BenchConfig, device: str, *, baseline: bool) -> dict[str, Any]:
     from onecard.patch import offload
 
     offload.reset_stats()
-    result = timed_steps(model, batch, steps=cfg.steps, warmup=cfg.warmup, device=device, loss_path=loss_path)
+    result = timed_steps(model, batch, steps=cfg.steps, warmup=cfg.warmup, device=device, loss_path=loss_path,
+                         cuda_graph=cfg.cuda_graph and not baseline)  # the baseline is plain transformers + peft
     held = offload.stats()  # what really went to host memory (0 unless the checkpoints were offloaded)
     result.update(offloaded_gib_per_step=held["bytes"] / GIB / max(1, cfg.steps + cfg.warmup),
                   offloaded_tensors_pinned=held["pinned"], offloaded_tensors=held["tensors"])

@@ -33,9 +33,9 @@ def build_optimizer(model, device: str, lr: float = 1e-5):
 
 def train_step(model, optimizer, batch, loss_path: str = "hf") -> float:
     """One optimizer step. ``loss_path``: "hf" = ``model(labels=...)`` (transformers' loss, or a patched fused
-    loss); "spine" = logits then ``onecard.train.sft.token_ce_sum`` / token count, as ``onecard train`` does."""
+    loss); "spine" = logits then ``onecard.train.sft_step.token_ce_sum`` / token count, as ``onecard train`` does."""
     if loss_path == "spine":
-        from onecard.train.sft import token_ce_sum
+        from onecard.train.sft_step import token_ce_sum
 
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits
         loss_sum, n_tokens = token_ce_sum(logits, batch["labels"])
@@ -49,6 +49,15 @@ def train_step(model, optimizer, batch, loss_path: str = "hf") -> float:
     return float(loss.detach())
 
 
+def graphed_train_step(graphed, optimizer, batch) -> float:
+    """One optimizer step whose forward and backward replay a CUDA graph (train/graphed_step.py): gradients are
+    zeroed in place, since the graph adds into the tensors it was recorded with."""
+    loss = graphed.step(batch)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    return float(loss)
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -56,22 +65,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(model, batch, *, steps: int, warmup: int, device: str, loss_path: str = "hf") -> dict[str, Any]:
-    """Run ``warmup`` then ``steps`` optimizer steps; seconds per timed step, loss, peak memory."""
-    import torch
-
+def timed_steps(model, batch, *, steps: int, warmup: int, device: str, loss_path: str = "hf",
+                cuda_graph: bool = False) -> dict[str, Any]:
+    """Run ``warmup`` then ``steps`` optimizer steps; seconds per timed step, loss, peak memory. ``cuda_graph``:
+    forward and backward recorded once and replayed (the recording's warm-up passes come first, untimed)."""
     from onecard.train.host_gc import freeze_startup_objects, unfreeze
 
     optimizer = build_optimizer(model, device)
     losses, times = [], []
     freeze_startup_objects()  # as the training spine's loop does
     try:
+        if cuda_graph:
+            from onecard.train.graphed_step import capture
+
+            graphed = capture(model, batch)
+            one_step = lambda: graphed_train_step(graphed, optimizer, batch)  # noqa: E731
+        else:
+            one_step = lambda: train_step(model, optimizer, batch, loss_path)  # noqa: E731
         for _ in range(warmup):
-            losses.append(train_step(model, optimizer, batch, loss_path))
+            losses.append(one_step())
         _sync(device)
         for _ in range(steps):
             start = time.perf_counter()
-            losses.append(train_step(model, optimizer, batch, loss_path))  # float() syncs: the step is finished
+            losses.append(one_step())  # float() syncs: the step is finished
             _sync(device)
             times.append(time.perf_counter() - start)
     finally:

@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
                                              help="Stream the frozen base weights from pinned host memory."),
         resident_layers: int = typer.Option(0, "--resident-layers", help="With --offload-weights: decoder layers "
                                             "kept on the GPU (the first N)."),
+        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Record forward + backward once as a CUDA graph "
+                                        "and replay it (on-card checkpoints, fixed batch shape)."),
         steps: int = typer.Option(4, "--steps", help="Timed optimizer steps."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up steps."),
         baseline: bool = typer.Option(False, "--baseline", help="Also run plain transformers + peft, same process."),
@@ -74,7 +76,8 @@ def register(app: typer.Typer) -> None:
                                    grad_ckpt=True if grad_ckpt is None else grad_ckpt, kernels=kernels or "none",
                                    uncheckpointed_layers=uncheckpointed_layers or 0,
                                    offload_activations=offload_activations, quant_base=quant_base or "none",
-                                   offload_weights=offload_weights, resident_layers=resident_layers)]
+                                   offload_weights=offload_weights, resident_layers=resident_layers,
+                                   cuda_graph=cuda_graph)]
         else:
             raise UserError("nothing to measure", where="onecard bench",
                             fix="give a RECIPE, --model PRESET (onecard models), --suite FILE, or --cpu")

@@ -17,7 +17,7 @@ from onecard.errors import UserError
 from onecard.recipe import Recipe
 from onecard.train.checkpoint import ranks_dir
 from onecard.train.files import write_atomic
-from onecard.train.sft import micro_batch_loss, trained_tokens
+from onecard.train.sft_step import micro_batch_loss, trained_tokens
 from onecard.train.spine import Step
 
 

@@ -184,6 +184,10 @@ class Step:
     def backward(self, window: list[list[int]]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def zero_grad(self) -> None:
+        """After each optimizer step: the gradients are freed until the next backward."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def clip(self, max_grad_norm: float | None) -> float | None:
         import torch
 
@@ -258,7 +262,7 @@ def run_steps(step: Step, schedule: Schedule, state, console):
             except Exception as exc:  # out-of-memory becomes a clean stop with the plan beside it
                 if not is_out_of_memory(exc):
                     raise
-                step.optimizer.zero_grad(set_to_none=True)
+                step.zero_grad()
                 raise out_of_memory(exc, recipe, state.global_step, step.device) from None
             account_step(state, record, schedule, recipe, rate, step.device, logger)
             progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"],
@@ -299,7 +303,7 @@ def optimizer_step(step: Step, window: list[list[int]], global_step: int, total_
     if guard is not None:
         guard.check(global_step, metrics["loss"], grad_norm)  # before optimizer.step: a bad step is never applied
     step.optimizer.step()
-    step.optimizer.zero_grad(set_to_none=True)
+    step.zero_grad()
     return {"loss": metrics.pop("loss"), "lr": lr, "grad_norm": grad_norm, **metrics}
 
 
