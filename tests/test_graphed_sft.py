@@ -158,8 +158,8 @@ def test_lint_refuses_a_recorded_step_on_the_cpu():
 @pytest.mark.gpu
 def test_gpu_a_recorded_run_trains_as_the_eager_run(tmp_path, tiny_llama_dir):
     """`onecard train` with and without training.cuda_graph, onecard kernels and checkpoints on: the same logged
-    losses within 2e-3 and adapter weights within 5e-3 (bf16; cuBLAS may sum another shape in another order; a stale batch, a frozen token count or
-    a missed zeroing is off by far more), and the recorded run logs every step."""
+    losses within 2e-3 and adapter weights within 5e-3 (bf16; cuBLAS may sum another shape in another order; a stale
+    batch, a frozen token count or a missed zeroing is off by far more), and the recorded run logs every step."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     import json

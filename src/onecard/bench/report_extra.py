@@ -221,8 +221,8 @@ def fp8_speed_section(results_dir: Path) -> str:
     return ("\n## FP8 base: speed targets per run - measured, H200 and H100\n\nEach line is one `onecard bench` "
             "suite part (one process, bench/gpu_suite.sh): the FP8-base row over the fastest bf16 row of the same "
             "model in that run (bf16 uncapped; the 14B FP8 rows under `--memory-cap-gib 24`). Step range: the FP8 "
-            "row's fastest and slowest timed step. The targets are the issue's, set for the H200; an H100 run's ratio is "
-            "its own card's.\n\n" + table(["file", "card", "date", "model", "FP8 setting", "bf16 tokens/s",
+            "row's fastest and slowest timed step. The targets are the issue's, set for the H200; an H100 run's ratio "
+            "is its own card's.\n\n" + table(["file", "card", "date", "model", "FP8 setting", "bf16 tokens/s",
                                              "FP8 tokens/s", "ratio", "target", "met", "FP8 step s"], out))
 
 

@@ -119,8 +119,9 @@ def apply_recipe_kernels(model, recipe: Recipe, device: str, console=None) -> Ap
 
 
 def sft_step_class(recipe: Recipe, streaming: bool, fused_loss: bool) -> type:
-    """SFTStep, or with training.cuda_graph the recorded one; what lint checks from the recipe alone (lint/cuda_graph.py)
-    is decided here at run time: whether weights stream (offload_weights: auto) and whether the fused loss applied."""
+    """SFTStep, or with training.cuda_graph the recorded one. What lint cannot check from the recipe alone
+    (lint/cuda_graph.py) is decided here at run time: whether weights stream (offload_weights: auto) and whether
+    the fused loss applied."""
     if not recipe.training.cuda_graph:
         return SFTStep
     where, fix = "training.cuda_graph", "set training.cuda_graph: false"
