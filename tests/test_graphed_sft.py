@@ -182,3 +182,14 @@ def test_gpu_a_recorded_run_trains_as_the_eager_run(tmp_path, tiny_llama_dir):
     assert graph_losses == pytest.approx(eager_losses, rel=2e-3)
     for name in eager_weights:
         assert rel_err(graph_weights[name].float(), eager_weights[name].float()) <= 5e-3, name
+
+
+def test_lint_refuses_a_recorded_step_where_the_plan_streams_the_weights():
+    def findings(gpu):
+        rec = load_recipe(None, ["model.name_or_path=qwen2.5-14b", f"plan.gpu={gpu}", "training.cuda_graph=true"])
+        return [f for f in lint_recipe(rec, power_reader=lambda: [], version_reader=lambda d: None)
+                if f.id == "cuda-graph"]
+
+    (got,) = findings("rtx4090")  # a bf16 14B base streams on a 24 GB card
+    assert "the plan streams the base weights" in got.message
+    assert findings("h200") == []

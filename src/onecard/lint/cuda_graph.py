@@ -11,6 +11,15 @@ def _refused(what: str, why: str, fix: str) -> Finding:
     return Finding("cuda-graph", "error", f"{_FIELD} with {what}", why, f"{fix}, or set {_FIELD}: false", _FIELD)
 
 
+def _plan_streams(ctx) -> bool:
+    """Whether ``training.offload_weights: auto`` will stream on the planned card (train/stream_setup.py decides
+    the same from the same plan)."""
+    from onecard.plan.streaming import streams_to_fit
+
+    plan = ctx.plan()
+    return plan is not None and not plan.fits and streams_to_fit(plan) is not None
+
+
 def cuda_graph(ctx) -> list[Finding]:
     """Each way a recipe asks the recorded step to do what a CUDA graph cannot replay."""
     recipe = ctx.recipe
@@ -27,9 +36,11 @@ def cuda_graph(ctx) -> list[Finding]:
     if t.offload_activations:
         out.append(_refused("training.offload_activations", "offloaded checkpoints copy to host memory inside "
                             "the step", "set training.offload_activations: false"))
-    if t.offload_weights is True:
-        out.append(_refused("training.offload_weights: true", "streamed weights copy from host memory inside the "
-                            "step", "set training.offload_weights: auto"))
+    if t.offload_weights is True or (t.offload_weights == "auto" and _plan_streams(ctx)):
+        out.append(_refused("training.offload_weights: true" if t.offload_weights is True else
+                            "training.offload_weights: auto (the plan streams the base weights)",
+                            "streamed weights copy from host memory inside the step",
+                            "train on a card the model fits without streaming"))
     if t.kernels in ("none", "liger") or t.fused_ce is False:
         out.append(_refused(f"training.kernels {t.kernels}, fused_ce {t.fused_ce}", "the recorded loss is "
                             "onecard's fused linear cross-entropy, which divides by a token count held on the GPU",
