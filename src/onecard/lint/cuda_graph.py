@@ -8,7 +8,8 @@ _FIELD = "training.cuda_graph"
 
 
 def _refused(what: str, why: str, fix: str) -> Finding:
-    return Finding("cuda-graph", "error", f"{_FIELD} with {what}", why, f"{fix}, or set {_FIELD}: false", _FIELD)
+    return Finding("cuda-graph", "error", f"a CUDA-graph step with {what}", why, f"{fix}, or set {_FIELD}: false",
+                   _FIELD)
 
 
 def _plan_streams(ctx) -> bool:
