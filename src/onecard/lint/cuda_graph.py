@@ -12,15 +12,6 @@ def _refused(what: str, why: str, fix: str) -> Finding:
                    _FIELD)
 
 
-def _plan_streams(ctx) -> bool:
-    """Whether ``training.offload_weights: auto`` will stream on the planned card (train/stream_setup.py decides
-    the same from the same plan)."""
-    from onecard.plan.streaming import streams_to_fit
-
-    plan = ctx.plan()
-    return plan is not None and not plan.fits and streams_to_fit(plan) is not None
-
-
 def cuda_graph(ctx) -> list[Finding]:
     """Each way a recipe asks the recorded step to do what a CUDA graph cannot replay."""
     recipe = ctx.recipe
@@ -37,7 +28,7 @@ def cuda_graph(ctx) -> list[Finding]:
     if t.offload_activations:
         out.append(_refused("training.offload_activations", "offloaded checkpoints copy to host memory inside "
                             "the step", "set training.offload_activations: false"))
-    if t.offload_weights is True or (t.offload_weights == "auto" and _plan_streams(ctx)):
+    if t.offload_weights is True or (t.offload_weights == "auto" and ctx.stream_plan is not None):
         out.append(_refused("training.offload_weights: true" if t.offload_weights is True else
                             "training.offload_weights: auto (the plan streams the base weights)",
                             "streamed weights copy from host memory inside the step",

@@ -45,6 +45,14 @@ class LintContext:
         except UserError:
             return None
 
+    @cached_property
+    def stream_plan(self):
+        """The streaming ``training.offload_weights`` runs when the recipe's plan does not fit the card, else None."""
+        from onecard.plan.streaming import streams_to_fit
+
+        plan = self.plan()
+        return None if plan is None or plan.fits else streams_to_fit(plan)
+
     def plan(self, **changes):
         from onecard.plan.memory import plan_memory
 
@@ -56,10 +64,9 @@ def does_not_fit(ctx: LintContext) -> list[Finding]:
     if plan is None or plan.verdict == "fits":
         return []
     from onecard.plan.memory import GIB
-    from onecard.plan.streaming import streams_to_fit
     from onecard.plan.suggest import suggest_fixes
 
-    sp = streams_to_fit(plan) if not plan.fits else None  # training.offload_weights streams what does not fit
+    sp = ctx.stream_plan  # training.offload_weights streams what does not fit
     if sp is not None:
         return [Finding("streams-weights", "info", f"fits with streaming: {sp.device_bytes / GIB:.1f} of "
                         f"{plan.capacity_bytes / GIB:.1f} GiB on {plan.inputs.gpu.id}, the base weights of "

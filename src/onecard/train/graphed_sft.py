@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from onecard.errors import UserError
-from onecard.train.sft_step import SFTStep, trained_tokens
+from onecard.train.sft_step import SFTStep, real_tokens, trained_tokens
 
 
 def fixed_batch(batch: dict, rows: int, width: int, pad_id: int) -> dict:
@@ -39,12 +39,10 @@ class GraphedSFTStep(SFTStep):
     graphed = None  # train/graphed_step.GraphedStep, recorded at the first micro-batch
 
     def backward(self, window: list[list[int]]) -> dict[str, Any]:
-        from onecard.data import collate
         from onecard.train.graphed_step import GraphCaptureError, capture
 
         rows, width = self.recipe.training.micro_batch_size, self.recipe.data.seq_len
-        micro = [fixed_batch(collate([self.dataset.examples[i] for i in idx], self.pad_id), rows, width,
-                             self.pad_id) for idx in window]
+        micro = [fixed_batch(b, rows, width, self.pad_id) for b in self.collated(window)]
         window_tokens = max(1, sum(trained_tokens(b) for b in micro))
         items = torch.tensor(float(window_tokens), device=self.device)
         losses = []
@@ -58,8 +56,7 @@ class GraphedSFTStep(SFTStep):
                     raise UserError(str(exc), where="training.cuda_graph",
                                     fix="set training.cuda_graph: false (the eager step runs the same maths)") from exc
             losses.append(self.graphed.step(inputs))  # summed CE / window_tokens, on the GPU
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        return {"loss": float(torch.stack(losses).sum()), "tokens": n_tokens, "trained_tokens": window_tokens}
+        return {"loss": float(torch.stack(losses).sum()), "tokens": real_tokens(micro), "trained_tokens": window_tokens}
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=False)

@@ -27,6 +27,11 @@ def trained_tokens(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def real_tokens(micro_batches: list[dict]) -> int:
+    """Tokens that are not padding, over the micro-batches."""
+    return sum(int(b["attention_mask"].sum()) for b in micro_batches)
+
+
 def micro_batch_loss(model, batch, device: str, fused_items: float | None, objective) -> float:
     """Forward and backward of ``objective(loss)`` for one micro-batch; returns its summed token cross-entropy.
 
@@ -72,13 +77,16 @@ class SFTStep(Step):
         super().__init__(model, optimizer, recipe, device)
         self.dataset, self.pad_id, self.fused_loss, self.tokenizer = dataset, pad_id, fused_loss, tokenizer
 
-    def backward(self, window: list[list[int]]) -> dict[str, Any]:
+    def collated(self, window: list[list[int]]) -> list[dict]:
+        """The window's micro-batches, each right-padded to its longest example (data/collate.py)."""
         from onecard.data import collate
 
-        micro = [collate([self.dataset.examples[i] for i in idx], self.pad_id) for idx in window]
+        return [collate([self.dataset.examples[i] for i in idx], self.pad_id) for idx in window]
+
+    def backward(self, window: list[list[int]]) -> dict[str, Any]:
+        micro = self.collated(window)
         loss, n_trained = accumulate_gradients(self.model, micro, self.device, self.fused_loss)
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        return {"loss": loss, "tokens": n_tokens, "trained_tokens": n_trained}
+        return {"loss": loss, "tokens": real_tokens(micro), "trained_tokens": n_trained}
 
     def after_step(self, step: int, logger) -> None:
         from onecard.train.summary import eval_if_due
