@@ -187,3 +187,31 @@ def test_probe_tries_streamed_weights_when_nothing_else_fits_and_says_how_to_get
     tree["training"] = {"offload_weights": False}
     off = probe(validate_recipe(tree), cap_gib=24, gpu="rtx4090", measure=fake_measure)
     assert off["best"] is None and not seen
+
+
+def test_probe_of_a_cuda_graph_recipe_graphs_the_settings_a_graph_can_hold():
+    """training.cuda_graph: each candidate with onecard's kernels and no host copies is measured replayed from a
+    graph; offloaded checkpoints, streamed weights and the unpatched kernels run eager (a graph cannot hold them),
+    and the answer says whether the pick keeps the graph. A recipe without the field never gets a graph."""
+    from onecard.bench.probe import probe, summary_lines
+    from onecard.recipe import validate_recipe
+
+    tree = {"model": {"name_or_path": "llama-3-8b"}, "data": {"seq_len": 2048},
+            "training": {"kernels": "onecard", "cuda_graph": True}}
+    measured = []
+
+    def fake_measure(cfg):
+        measured.append(cfg)
+        rate = min(cfg.micro_batch, 4) * 100 * (1.5 if cfg.cuda_graph else 1.0)  # the card saturates at 4
+        return {"status": "ok", "tokens_per_s": rate, "peak_reserved_gib": 20.0}
+
+    out = probe(validate_recipe(tree), cap_gib=24, gpu="rtx4090", measure=fake_measure)
+    for cfg in measured:
+        assert cfg.cuda_graph == (cfg.kernels == "onecard" and not cfg.offload_activations and not cfg.offload_weights)
+    assert any(c.cuda_graph for c in measured) and any(c.offload_activations for c in measured)
+    assert out["best"]["cuda_graph"] and "training.cuda_graph=true" in out["set"]
+    assert "CUDA graph" in "\n".join(summary_lines(out, 24))
+    measured.clear()
+    tree["training"]["cuda_graph"] = False
+    out = probe(validate_recipe(tree), cap_gib=24, gpu="rtx4090", measure=fake_measure)
+    assert not any(c.cuda_graph for c in measured) and not any("cuda_graph" in s for s in out["set"])

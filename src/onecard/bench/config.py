@@ -137,7 +137,8 @@ class BenchConfig:
             "training": {"micro_batch_size": self.micro_batch, "grad_accum": 1, "grad_ckpt": self.grad_ckpt,
                          "uncheckpointed_layers": self.uncheckpointed_layers,
                          "offload_activations": self.offload_activations,
-                         "offload_weights": self.offload_weights, "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused"},
+                         "offload_weights": self.offload_weights, "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused",
+                         "cuda_graph": self.cuda_graph},
             "plan": {"gpu": self.gpu},
         }
 
@@ -155,6 +156,6 @@ def config_from_recipe(recipe, **overrides) -> BenchConfig:
                 micro_batch=t.micro_batch_size, rank=recipe.adapter.rank, grad_ckpt=t.grad_ckpt, kernels=kernels,
                 uncheckpointed_layers=t.uncheckpointed_layers if t.grad_ckpt else 0,
                 offload_activations=t.offload_activations and t.grad_ckpt, gpu=recipe.plan.gpu,
-                quant_base=recipe.quant.base)
+                quant_base=recipe.quant.base, cuda_graph=t.cuda_graph)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return BenchConfig(**base)

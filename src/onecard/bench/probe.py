@@ -64,9 +64,11 @@ def candidates(base: BenchConfig, cap_gib: float, gpu: str, stream: bool = True)
     for kernels in ("onecard", "none"):
         for grad_ckpt, offload in CHECKPOINTING:
             for mb in MICRO_BATCHES:
+                # a recipe's training.cuda_graph holds where a graph can record the step (bench/config.py)
+                graph = base.cuda_graph and kernels == "onecard" and not offload
                 cfg = dataclasses.replace(base, micro_batch=mb, grad_ckpt=grad_ckpt, offload_activations=offload,
                                           kernels=kernels, baseline=False, offload_weights=False,
-                                          uncheckpointed_layers=0)
+                                          uncheckpointed_layers=0, cuda_graph=graph)
                 inp = inputs_from_recipe(cfg.to_recipe(), gpu=gpu)
                 planned = plan_memory(inp).required_bytes / GIB
                 if planned <= cap_gib * PLAN_MARGIN:
@@ -104,7 +106,8 @@ def _streamed(cfg: BenchConfig, cap_gib: float, gpu: str) -> list[tuple[BenchCon
     sp = plan_streaming(plan_memory(inputs_from_recipe(cfg.to_recipe(), gpu=gpu).capped(cap_gib)))
     if sp.verdict != "fits with streaming" or not sp.streamed_layers:
         return []
-    return [(dataclasses.replace(cfg, offload_weights=True, resident_layers=sp.resident_layers), sp.device_bytes / GIB)]
+    return [(dataclasses.replace(cfg, offload_weights=True, resident_layers=sp.resident_layers, cuda_graph=False),
+             sp.device_bytes / GIB)]
 
 
 def _checkpointing(cfg: BenchConfig) -> tuple[bool, bool]:
@@ -142,7 +145,7 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
                       "uncheckpointed_layers": cfg.uncheckpointed_layers,
                       "offload_activations": cfg.offload_activations, "kernels": cfg.kernels,
                       "offload_weights": cfg.offload_weights, "resident_layers": cfg.resident_layers,
-                      "planned_gib": round(planned, 2), "status": rec.get("status"),
+                      "cuda_graph": cfg.cuda_graph, "planned_gib": round(planned, 2), "status": rec.get("status"),
                       "tokens_per_s": rec.get("tokens_per_s"), "peak_reserved_gib": rec.get("peak_reserved_gib")})
         if rec.get("status") == "oom":
             oom_from[line] = min(oom_from.get(line, 10**9), cfg.micro_batch)
@@ -155,21 +158,24 @@ def probe(recipe, *, cap_gib: float, gpu: str, measure: Callable[[BenchConfig], 
             f"training.kernels={best['kernels']}", f"training.fused_ce={'true' if best['kernels'] != 'none' else 'false'}",
             f"training.offload_weights={'true' if best['offload_weights'] else 'false'}",
             f"training.uncheckpointed_layers={best['uncheckpointed_layers']}"]
+    if base.cuda_graph:  # the recipe asked for a graph; say whether the pick keeps it
+        sets.append(f"training.cuda_graph={str(best['cuda_graph']).lower()}")
     return {"best": best, "set": sets, "tried": tried, "seq": base.seq, "cap_gib": cap_gib}
 
 
 def _describe(cfg: BenchConfig) -> str:
     return _setting(cfg.micro_batch, cfg.grad_ckpt, cfg.offload_activations, cfg.kernels, cfg.offload_weights,
-                    cfg.resident_layers, cfg.uncheckpointed_layers)
+                    cfg.resident_layers, cfg.uncheckpointed_layers, cfg.cuda_graph)
 
 
 def _setting(micro_batch, grad_ckpt, offload_activations, kernels, offload_weights, resident_layers,
-             uncheckpointed_layers=0) -> str:
+             uncheckpointed_layers=0, cuda_graph=False) -> str:
     ckpt = ("offloaded" if offload_activations else "on") if grad_ckpt else "off"
     if uncheckpointed_layers:
         ckpt += f" but the last {uncheckpointed_layers} layers"
     stream = f" streamed weights ({resident_layers} resident)" if offload_weights else ""
-    return f"b{micro_batch} checkpointing {ckpt} kernels={kernels}{stream}"
+    graph = " CUDA graph" if cuda_graph else ""
+    return f"b{micro_batch} checkpointing {ckpt} kernels={kernels}{stream}{graph}"
 
 
 def summary_lines(result: dict[str, Any], cap_gib: float) -> list[str]:
@@ -179,7 +185,7 @@ def summary_lines(result: dict[str, Any], cap_gib: float) -> list[str]:
     lines = []
     for t in result["tried"]:
         setting = _setting(t["micro_batch"], t["grad_ckpt"], t["offload_activations"], t["kernels"],
-                           t["offload_weights"], t["resident_layers"], t.get("uncheckpointed_layers", 0))
+                           t["offload_weights"], t["resident_layers"], t["uncheckpointed_layers"], t["cuda_graph"])
         lines.append(f"  {setting}: {t['status']} "
                      f"{(t['tokens_per_s'] or 0):,.0f} tokens/s (measured), planned {t['planned_gib']} GiB")
     lines.append(f"fastest that fits: {result['best']['tokens_per_s']:,.0f} tokens/s (measured) with "

@@ -55,6 +55,7 @@ def measured_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "offload_weights": bool(rec.get("offload_weights")), "resident_layers": rec.get("resident_layers", 0),
                          "quant_base": rec.get("quant_base", "none"),
                          "uncheckpointed_layers": rec.get("uncheckpointed_layers", 0),
+                         "cuda_graph": bool(rec.get("cuda_graph")) and not prefix,
                          "status": rec.get(f"{prefix}status"), "tokens_per_s": tps,
                          "hours_per_50k_epoch": epoch_hours(tps, rec["seq"]),
                          "peak_reserved_gib": rec.get(f"{prefix}peak_reserved_gib"),
@@ -157,7 +158,7 @@ def add_planned(rows: list[dict[str, Any]]) -> None:
                           offload_activations=row.get("offload_activations", False),
                           offload_weights=row.get("offload_weights", False), resident_layers=row.get("resident_layers", 0),
                           quant_base=row.get("quant_base", "none"),
-                          uncheckpointed_layers=row.get("uncheckpointed_layers", 0))
+                          uncheckpointed_layers=row.get("uncheckpointed_layers", 0), cuda_graph=row["cuda_graph"])
         inp = dataclasses.replace(inputs_from_recipe(cfg.to_recipe(), gpu="h200"), hold_logits=False,
                                   kbit_upcast=row.get("kbit_upcast", False))
         plan = plan_memory(inp)

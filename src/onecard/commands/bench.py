@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
             configs = [config_from_recipe(load_recipe(recipe, sets or []), method=method, seq=seq, micro_batch=batch,
                                           rank=rank, grad_ckpt=grad_ckpt, kernels=kernels,
                                           offload_activations=offload_activations or None, quant_base=quant_base,
-                                          uncheckpointed_layers=uncheckpointed_layers)]
+                                          uncheckpointed_layers=uncheckpointed_layers, cuda_graph=cuda_graph or None)]
         elif model is not None or cpu:
             configs = [BenchConfig(model=model or "tiny", method=method or "lora", seq=seq or (64 if cpu else 2048),
                                    micro_batch=batch or 1, rank=rank or 16,

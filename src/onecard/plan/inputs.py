@@ -50,6 +50,7 @@ class PlanInputs:
     quant_base: str = "none"          # "fp8": e4m3 block linears (plan/fp8.py), recipe quant.base
     offload_weights: str | bool = "auto"  # streamed base weights (plan/streaming.py): auto | True | False
     host_ram_gib: float | None = None  # host RAM planned for; None: plan/streaming.py DEFAULT_HOST_RAM_GIB
+    cuda_graph: bool = False          # forward + backward replayed from one CUDA graph (training.cuda_graph)
 
     def __post_init__(self) -> None:
         # num_gpus > 1 is FSDP here, and onecard trains FSDP without its kernels (train/distributed_loop.py
@@ -170,7 +171,7 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
         double_quant=recipe.quant.double_quant, reference=reference, num_gpus=t.num_gpus,
         packed_example_tokens=packed_example_tokens(recipe), quant_base=recipe.quant.base,
         offload_weights=t.offload_weights,
-        host_ram_gib=recipe.plan.host_ram_gib,
+        host_ram_gib=recipe.plan.host_ram_gib, cuda_graph=t.cuda_graph,
     )
 
 

@@ -10,7 +10,8 @@ estimate: one micro-batch takes
   + DoRA column-norm bytes / bandwidth          (reads W once per forward pass)
   + optimizer-step bytes / bandwidth / grad_accum  (full fine-tuning; negligible for adapters)
 and the step is max(that device time, host dispatch time = layers x t_layer): the host enqueues kernels
-asynchronously, so small micro-batches are host-bound (t_layer fitted from measured pairs, layer_overhead_s).
+asynchronously, so small micro-batches are host-bound (t_layer fitted from measured pairs, layer_overhead_s);
+a step replayed from a CUDA graph (training.cuda_graph) has no dispatch term.
   + host-link traffic that cannot overlap (CPU-offloaded optimizer: grads down, params up, per optimizer step;
     paged optimizer state that did not fit)
 so the estimate is at or below the ceiling by construction (efficiency <= 1, the other terms only add time).
@@ -275,8 +276,12 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
                 + sum(v for k, v in steps.items() if k not in ("matmul_s", "weights_read_s", "host_overlapped_s")))
     kclass = KERNEL_CLASS.get(inp.kernels, "none")
     plain_layers = layers - checkpointed  # those run without a checkpoint: all of them without grad_ckpt
-    steps["host_dispatch_s"] = sum(layer_overhead_s(profile, gpu.id, kclass, ckpt_layer) * n
-                                   for ckpt_layer, n in ((True, checkpointed), (False, plain_layers)) if n)
+    steps["host_dispatch_s"] = 0.0 if inp.cuda_graph else sum(
+        layer_overhead_s(profile, gpu.id, kclass, ckpt_layer) * n
+        for ckpt_layer, n in ((True, checkpointed), (False, plain_layers)) if n)
+    if inp.cuda_graph:  # the host queues one graph launch a micro-batch; the optimizer step's few stay eager
+        notes.append("training.cuda_graph: forward and backward replay from one CUDA graph, so no host dispatch "
+                     "time is on the step's path")
     step = max(device_s, steps["host_dispatch_s"])  # the host enqueues asynchronously: the slower side sets the pace
     estimate = min(ceiling, tokens / step)
     if exact is not None:
