@@ -140,3 +140,26 @@ def test_deadline_says_what_would_meet_it():
     assert "QLoRA" in changes
     easy = time_and_cost(_recipe("data.num_examples=100"), deadline_hours=4)["deadline"]
     assert easy["meets"] and easy["options"] == []
+
+
+def test_an_fp8_base_is_priced_only_on_cards_that_run_it():
+    """quant.base fp8 fits an A100's or RTX 3090's memory, but lint refuses the run there (no FP8 tensor cores): no
+    cost, no own-card year, no deadline met, and no what-if card that would refuse it; FP8 cards keep their costs."""
+    from onecard.plan.timecost import REFUSED_VERDICT, time_and_cost
+
+    res = time_and_cost(_recipe("quant.base=fp8", "training.epochs=5"), gpu="rtx3090", deadline_hours=1000)
+    rows = {r["gpu"]: r for r in res["cost"]["cloud"]}
+    for gpu in ("rtx3090", "a100-80gb"):
+        assert rows[gpu]["verdict"] == REFUSED_VERDICT and not rows[gpu]["fits"] and rows[gpu]["cost"] is None
+    assert rows["rtx4090"]["fits"] and rows["rtx4090"]["cost"]["per_job"] > 0
+    own = res["cost"]["your_card"]
+    assert own["per_job"] is None and "no FP8 tensor cores" in own["why"]
+    assert "own_card" not in res["cost"]["twelve_months"]
+    dl = res["deadline"]
+    assert dl["total_hours"] < 1000 and dl["meets"] is False and "rtx3090" in dl["refused"]
+    on_4090 = time_and_cost(_recipe("quant.base=fp8", "training.epochs=5"), gpu="rtx4090", deadline_hours=1)
+    cards = {o["set"]["plan.gpu"]: o for o in on_4090["deadline"]["options"] if "plan.gpu" in o["set"]}
+    assert cards["a100-80gb"]["memory_verdict"] == REFUSED_VERDICT and not cards["a100-80gb"]["fits_memory"]
+    assert cards["h200"]["fits_memory"]
+    qlora = next(o for o in on_4090["deadline"]["options"] if o["change"] == "QLoRA")
+    assert qlora["set"] == {"method": "qlora", "quant.base": "none"}

@@ -73,6 +73,18 @@ def _speed(recipe, gpu_id: str, **overrides):
     return (inp, *as_the_run_streams(mem, tp))
 
 
+REFUSED_VERDICT = "no FP8 (refused)"  # a table row's verdict where _refusal answers
+
+
+def _refusal(inp) -> str | None:
+    """Why ``inp.gpu`` refuses the run whatever its memory (lint's fp8-base-gpu), or None."""
+    from onecard.plan.fp8 import has_fp8
+
+    if inp.quant_base == "fp8" and not has_fp8(inp.gpu):
+        return f"{inp.gpu.id} has no FP8 tensor cores, so quant.base fp8 is refused there"
+    return None
+
+
 def _hours(tokens: float, tokens_per_s: float, num_gpus: int = 1) -> float:
     return tokens / (tokens_per_s * num_gpus) / 3600.0
 
@@ -126,22 +138,26 @@ def deadline_options(recipe, deadline_h: float, time: dict, inp, tp) -> dict:
         whatifs = []
         if inp.grad_ckpt:
             whatifs.append(("gradient checkpointing off", {"training.grad_ckpt": False}, inp.gpu.id, {"grad_ckpt": False}))
-        if inp.method != "qlora" and inp.method != "full":
-            whatifs.append(("QLoRA", {"method": "qlora"}, inp.gpu.id, {"method": "qlora"}))
+        if inp.method != "qlora" and inp.method != "full":  # QLoRA's base is NF4, not FP8
+            whatifs.append(("QLoRA", {"method": "qlora", "quant.base": "none"}, inp.gpu.id,
+                            {"method": "qlora", "quant_base": "none"}))
         for g in sorted(GPUS.values(), key=lambda x: -x.bf16_dense_tflops):
             if g.bf16_dense_tflops > inp.gpu.bf16_dense_tflops:
                 whatifs.append((f"a bigger card: {g.id}", {"plan.gpu": g.id}, g.id, {}))
         cards = []
         for change, sets, gpu_id, over in whatifs:
-            _, mem, t2 = _speed(recipe, gpu_id, **over)
+            inp2, mem, t2 = _speed(recipe, gpu_id, **over)
             hours = total * tp.estimate_tokens_per_s / t2.estimate_tokens_per_s
-            row = {"change": change, "set": sets, "hours": hours, "fits_memory": mem.fits,
-                   "label": t2.label, "memory_verdict": mem.verdict}
+            refused = _refusal(inp2)
+            row = {"change": change, "set": sets, "hours": hours, "fits_memory": mem.fits and not refused,
+                   "label": t2.label, "memory_verdict": REFUSED_VERDICT if refused else mem.verdict}
             (cards if "plan.gpu" in sets else opts).append(row)
         opts += sorted(cards, key=lambda r: (not r["fits_memory"], r["hours"]))
     for o in opts:
         o["meets"] = o["hours"] <= deadline_h and o["fits_memory"]
-    return {"deadline_hours": deadline_h, "total_hours": total, "meets": total <= deadline_h,
+    refused = _refusal(inp)
+    return {"deadline_hours": deadline_h, "total_hours": total, "meets": total <= deadline_h and not refused,
+            "refused": refused,
             "target": target_name(deadline_h), "options": opts}
 
 
@@ -151,6 +167,7 @@ def cost_section(recipe, prices, time: dict, inp, mem) -> dict:
     out: dict = {"currency": prices.output_currency, "prices_file": prices.path, "label": "estimated",
                  "your_card": None, "cloud": [], "managed": []}
     monthly = prices.your_card.get(inp.gpu.id)
+    refused = _refusal(inp)
     same_card_cloud = next((c for c in prices.cloud if c[0] == inp.gpu.id), None)
     if known:
         if monthly is not None:
@@ -164,21 +181,23 @@ def cost_section(recipe, prices, time: dict, inp, mem) -> dict:
             own = None
             out["your_card_note"] = f"no price for {inp.gpu.id} in {prices.path}: add your_card.{inp.gpu.id}"
         if own is not None:
-            out["your_card"] = {"gpu": inp.gpu.id, "fits": mem.fits, "verdict": mem.verdict, "label": "estimated",
-                                **own}
-            if not mem.fits:  # a job that cannot run has no cost on this card
-                out["your_card"].update(per_job=None, per_epoch=None,
-                                        why=f"the plan does not fit {inp.gpu.id}: see the cloud rows that fit")
+            out["your_card"] = {"gpu": inp.gpu.id, "fits": mem.fits and not refused,
+                                "verdict": REFUSED_VERDICT if refused else mem.verdict, "label": "estimated", **own}
+            if refused or not mem.fits:  # a job that cannot run has no cost on this card
+                why = refused or f"the plan does not fit {inp.gpu.id}"
+                out["your_card"].update(per_job=None, per_epoch=None, why=f"{why}: see the cloud rows that fit")
     for gpu_id, provider, hourly in prices.cloud:
-        _, cmem, ctp = _speed(recipe, gpu_id)
-        row = {"gpu": gpu_id, "provider": provider, "verdict": cmem.verdict, "fits": cmem.fits,
+        cinp, cmem, ctp = _speed(recipe, gpu_id)
+        card_refused = _refusal(cinp)
+        row = {"gpu": gpu_id, "provider": provider, "verdict": REFUSED_VERDICT if card_refused else cmem.verdict,
+               "fits": cmem.fits and not card_refused,
                "tokens_per_s": round(ctp.estimate_tokens_per_s, 1), "ceiling_tokens_per_s": round(ctp.ceiling_tokens_per_s, 1),
                "speed_label": ctp.label, "hours_per_job": None, "cost": None}
         if known:
             hours_epoch = _hours(time["tokens_per_epoch"], ctp.estimate_tokens_per_s, recipe.training.num_gpus)
             row["hours_per_epoch"] = hours_epoch
             row["hours_per_job"] = hours_epoch * time["epochs"]
-            if cmem.fits:
+            if row["fits"]:
                 row["cost"] = money.cloud_cost(row["hours_per_job"], hours_epoch, hourly, prices)
         out["cloud"].append(row)
     out["cloud"].sort(key=lambda r: (r["cost"] is None, r["cost"]["per_job"] if r["cost"] else 0))
@@ -191,7 +210,8 @@ def cost_section(recipe, prices, time: dict, inp, mem) -> dict:
                     else inp.shape.total_params() * 2)
         out["storage"] = money.storage_cost(artifact, prices)
         fitting = [r for r in out["cloud"] if r["cost"]]
-        out["twelve_months"] = money.twelve_month_comparison(time["total_hours"], monthly if mem.fits else None,
+        runs_here = mem.fits and not refused
+        out["twelve_months"] = money.twelve_month_comparison(time["total_hours"], monthly if runs_here else None,
                                                              fitting, prices)
         out["hidden"] = {"setup_hours_per_job": prices.hidden.get("setup_hours_per_job", 0),
                          "maintenance_hours_per_week": prices.hidden.get("maintenance_hours_per_week", 0),
@@ -264,8 +284,9 @@ def render_time_and_cost(result: dict) -> list:
                         f"{_h(tm['fastest_possible_hours'])} at the ceiling"))
     dl = result.get("deadline")
     if dl:
-        verdict = "meets" if dl["meets"] else "misses"
-        out.append(Text(f"deadline {dl['deadline_hours']:g} h ({dl['target']}): {verdict} it ({_h(dl['total_hours'])})",
+        verdict = (f"cannot run: {dl['refused']}" if dl["refused"] else
+                   f"{'meets' if dl['meets'] else 'misses'} it ({_h(dl['total_hours'])})")
+        out.append(Text(f"deadline {dl['deadline_hours']:g} h ({dl['target']}): {verdict}",
                         style="green" if dl["meets"] else "bold red"))
         if dl["options"]:
             d = Table(title="What would meet the deadline")
