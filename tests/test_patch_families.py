@@ -276,3 +276,27 @@ def test_kernels_applied_after_checkpointing_still_mark_the_recompute():
     assert layer._gradient_checkpointing_func is not before
     handle.revert()
     assert layer._gradient_checkpointing_func is before
+
+
+def test_a_lora_variant_the_fused_ops_do_not_model_is_named_and_run_by_peft():
+    """peft's LoRA variants other than DoRA (here aLoRA, which activates after an invocation token) change the
+    adapter's forward: the projections defer to peft (same loss) and the notice names the variant."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from onecard.patch.modules import projection_parts
+    from onecard.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300))
+    config = LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], alora_invocation_tokens=[7],
+                        task_type="CAUSAL_LM", init_lora_weights=False)  # B != 0: the adapter changes the loss
+    model = get_peft_model(model, config)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids[0, 3] = 7
+    want = model(input_ids=ids, labels=ids).loss
+    assert projection_parts(model.get_base_model().model.layers[0].mlp.gate_proj, torch.float32) is None
+    handle = apply_kernels(model, "onecard")
+    assert handle.notice.startswith("the LoRA variant ALoraLinearVariant: onecard's fused attention and MLP")
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want)
+    handle.revert()

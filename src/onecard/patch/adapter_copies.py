@@ -99,9 +99,10 @@ def _scale_each(tensors, factors) -> None:
 
 def adapter_refusal(proj) -> str | None:
     """Why onecard's fused ops cannot run a peft LoRA layer's adapters (peft's own forward runs the projection
-    then), or None when they can: one active adapter, not merged or disabled, dropout 0 (peft's nn.Identity) and no
-    bias on B where the adapter is on this projection. The one place these checks live: ``projection_parts``
-    (patch/modules.py) runs them per forward, ``make_copies`` before casting, ``apply_kernels`` once to say why."""
+    then), or None when they can: one active adapter, not merged or disabled, and where the adapter is on this
+    projection dropout 0 (peft's nn.Identity), no bias on B, W not transposed (fan_in_fan_out) and no LoRA variant
+    but DoRA on a Linear. The one place these checks live: ``projection_parts`` (patch/modules.py) runs them per
+    forward, ``make_copies`` before casting, ``apply_kernels`` once to say why."""
     if proj.disable_adapters:
         return "adapters disabled"
     if proj.merged:
@@ -116,6 +117,11 @@ def adapter_refusal(proj) -> str | None:
         return f"LoRA dropout {float(dropout.p)}"
     if proj.lora_B[name].bias is not None:
         return "a bias on lora_B"
+    if getattr(proj, "fan_in_fan_out", False):  # peft's Linear and bnb layers set it; its Embedding has none
+        return "fan_in_fan_out (transposed) base weights"
+    variant = proj.lora_variant.get(name)  # peft's LoRA variants: only DoRA on a Linear is modelled
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        return f"the LoRA variant {type(variant).__name__}"
     return None
 
 

@@ -76,8 +76,6 @@ def projection_parts(proj, dtype, allow_bias: bool = False):
     if name not in proj.lora_A:  # adapter not on this projection: frozen matmul only
         return (w, None, None, 1.0, base.bias, None)
     magnitude = _dora_magnitude(proj, name)
-    if magnitude is False:
-        return None
     a, b = proj.lora_A[name], proj.lora_B[name]
     # this forward's copies (adapter_copies.py), the scale folded into A where exact
     a_c, b_c, scale = compute_weights(proj, name, a.weight, b.weight, float(proj.scaling[name]), dtype)
@@ -85,14 +83,11 @@ def projection_parts(proj, dtype, allow_bias: bool = False):
 
 
 def _dora_magnitude(proj, name):
-    """None for a vanilla adapter, the magnitude parameter for a peft DoRA one on a Linear, False otherwise."""
-    variant = getattr(proj, "lora_variant", {}).get(name)
-    if variant is None:
+    """None for a vanilla adapter, the magnitude parameter for a peft DoRA one (the only variant
+    ``adapter_refusal`` lets through)."""
+    if proj.lora_variant.get(name) is None:
         return None
-    dora = getattr(proj, "lora_magnitude_vector", {})
-    if type(variant).__name__ != "DoraLinearVariant" or name not in dora or getattr(dora[name], "fan_in_fan_out", True):
-        return False
-    return dora[name].weight
+    return proj.lora_magnitude_vector[name].weight
 
 
 def _fusable(parts, dtype) -> bool:
