@@ -70,7 +70,8 @@ def lint_recipe(recipe, *, tokenizer=None, model_config: dict | None = None,
     so; a catalog GPU id checks against that card (the one training runs on). data_tokens: measure the examples'
     token lengths (needs the tokenizer); the per-file reports land in ``reports`` (recipe field -> report).
     """
-    from onecard.lint.rules import RULES, LintContext
+    from onecard.lint.context import LintContext
+    from onecard.lint.rules import RULES
 
     config = model_config if model_config is not None else _load_config(recipe)
     if tokenizer is None:
