@@ -13,6 +13,7 @@ import os
 import signal
 
 import pytest
+import yaml
 
 from _run_helpers import one_line, run_cli, run_process, summary, write_recipe
 
@@ -100,6 +101,35 @@ def test_out_of_memory_mid_run_names_step_plan_and_fix(tmp_path, tiny_llama_dir,
     assert "micro-batch 3" in text and "--set training.micro_batch_size=3" in text  # the plan's cheapest change
     assert f"The last checkpoint, {tmp_path / 'runs' / 'oom' / 'checkpoints' / 'step-2'}, is kept" in text
     assert latest(tmp_path / "runs" / "oom") == "step-2"
+
+
+def test_out_of_memory_in_the_eval_between_steps_is_the_same_clean_stop(tmp_path, tiny_llama_dir, capsys,
+                                                                        monkeypatch):
+    """The held-out eval runs in batches of the training micro-batch; if it still runs out of memory, the run
+    stops with the same message as a step's OOM, naming the eval and the checkpoint kept."""
+    import torch
+
+    from onecard.eval import harness
+
+    real, batch_sizes = harness.heldout_loss, []
+
+    def heldout_loss(model, examples, pad_id, batch_size=8, progress=None):
+        batch_sizes.append(batch_size)
+        if len(batch_sizes) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.28 GiB")
+        return real(model, examples, pad_id, batch_size, progress)
+
+    recipe = write_recipe(tmp_path, tiny_llama_dir, "evaloom", save_every_steps=2, micro_batch_size=3)
+    tree = yaml.safe_load(recipe.read_text())
+    tree["data"]["eval_path"] = tree["data"]["path"]
+    tree["eval"] = {"every_steps": 2}
+    recipe.write_text(yaml.safe_dump(tree))
+    monkeypatch.setattr(harness, "heldout_loss", heldout_loss)
+    code, _, err = run_cli(["train", recipe], capsys)
+    text = one_line(err)
+    assert code == 2 and "Traceback" not in err, err
+    assert "out of memory in the eval after step 4" in text and "Tried to allocate 9.28 GiB" in text
+    assert batch_sizes == [3, 3] and latest(tmp_path / "runs" / "evaloom") == "step-2"
 
 
 def test_disk_full_during_checkpoint_keeps_previous_and_resumes(tmp_path, tiny_llama_dir, capsys, monkeypatch,

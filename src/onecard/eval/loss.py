@@ -28,15 +28,37 @@ def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8,
             chunk = examples[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
             with torch.inference_mode():
-                logits = model(**model_inputs(batch)).logits
-            labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                    labels.reshape(-1), ignore_index=-100, reduction="sum")
+                nll, count = _nll_sum(model, model_inputs(batch), batch["labels"][:, 1:])
             total_nll += float(nll)
-            total_tokens += int((labels != -100).sum())
+            total_tokens += int(count)
             if progress is not None:
                 progress(len(chunk))
     finally:
         model.train(was_training)
     loss = total_nll / max(total_tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens}
+
+
+def _nll_sum(model, inputs: dict, labels):
+    """(sum of next-token NLL over ``labels`` != -100, their count) for one batch, without its (tokens x vocab)
+    logits where the model is a decoder + linear head: the hidden states go through the chunked head + CE of
+    kernels/fused_ce.py, whose peak is one chunk of logits. The trap it avoids: at Qwen 2.5 14B's vocabulary a batch
+    of 8 x 2048 tokens holds 4.6 GiB of bf16 logits and 9.3 GiB of fp32 ones, which ran out of memory beside an
+    FP8 14B training run under a 24 GiB cap though training itself fit
+    (bench/results/e2e/train_e2e_14b_fullogits_2026-12-07.json)."""
+    import torch
+
+    from onecard.kernels.fused_ce import fused_linear_cross_entropy
+    from onecard.patch import base_causal_lm
+
+    lm = base_causal_lm(model)
+    head = getattr(lm, "lm_head", None)
+    scaled = any(getattr(lm.config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
+    if type(head) is not torch.nn.Linear or not hasattr(lm, "model") or scaled:  # heads the fused op does not model
+        logits = model(**inputs).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                ignore_index=-100, reduction="sum")
+        return nll, (labels != -100).sum()
+    hidden = lm.model(**inputs).last_hidden_state[:, :-1]
+    return fused_linear_cross_entropy(hidden, head.weight, labels, softcap=getattr(lm.config,
+                                      "final_logit_softcapping", None), bias=head.bias)

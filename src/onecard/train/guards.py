@@ -73,8 +73,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
-def out_of_memory(exc: BaseException, recipe: Recipe, step: int, device: str) -> UserError:
-    """The clean stop for an OOM at 0-based ``step``: planned vs measured memory, and the cheapest fix."""
+def out_of_memory(exc: BaseException, recipe: Recipe, step: int, device: str, where: str = "at") -> UserError:
+    """The clean stop for an OOM at 0-based ``step`` (``where``: "at", or "in the eval after" for the work between
+    steps): planned vs measured memory, and the cheapest fix."""
     from onecard.train.metrics import peak_memory_bytes
 
     measured, kind = peak_memory_bytes(device)
@@ -82,7 +83,7 @@ def out_of_memory(exc: BaseException, recipe: Recipe, step: int, device: str) ->
     of = f" of {capacity / 2**30:.1f} GiB" if capacity else ""
     planned, fix = _plan_and_fix(recipe)
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
-    return UserError(f"out of memory at step {step + 1} ({first_line[:160]}); planned {planned}, measured peak "
+    return UserError(f"out of memory {where} step {step + 1} ({first_line[:160]}); planned {planned}, measured peak "
                      f"{measured / 2**30:.2f} GiB{of} ({kind}). {last_checkpoint_text(recipe.run_dir)}",
                      where=str(recipe.run_dir), fix=fix)
 

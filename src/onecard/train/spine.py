@@ -267,7 +267,13 @@ def run_steps(step: Step, schedule: Schedule, state, console):
             account_step(state, record, schedule, recipe, rate, step.device, logger)
             progress.update(state.global_step, record["loss"], record["tokens_per_s"], record["peak_memory_bytes"],
                             step.progress_text(record))
-            step.after_step(state.global_step, logger)
+            try:
+                step.after_step(state.global_step, logger)
+            except Exception as exc:  # the eval between steps ran out of memory: the same clean stop
+                if not is_out_of_memory(exc):
+                    raise
+                raise out_of_memory(exc, recipe, state.global_step - 1, step.device,
+                                    where="in the eval after") from None
             if steady is None:  # the first step pays compilation and warm-up: the steady rate starts after it
                 steady = (time.perf_counter(), rate.tokens)
             checkpoint_if_due(step, state, schedule, logger, clock, stop, console)
