@@ -1,6 +1,7 @@
 """The benchmark page's sections that are not ``onecard bench`` rows: data preparation on this 2-core CPU machine
 (bench/data_prep.py), ``onecard train`` with streamed weights killed and resumed on the GPU
-(bench/stream_train_gpu.py), the FP8 base's speed targets per run (the F19 suite parts) and its quality protocol
+(bench/stream_train_gpu.py), ``onecard train`` of the 14B workload with an FP8 base under a 24 GiB cap
+(bench/train_gpu_e2e.py), the FP8 base's speed targets per run (the F19 suite parts) and its quality protocol
 (bench/fp8_quality_gpu.py). Each reads its raw
 files in bench/results/ and says what it measured; nothing here is typed in by hand.
 """
@@ -17,9 +18,9 @@ from onecard.bench.report_md import fmt, table
 
 def render_extra(results_dir: Path) -> str:
     return (data_prep_section(results_dir) + stream_train_section(results_dir) + stream_preference_section(results_dir)
-            + stream_probe_section(results_dir) + accelerate_offload_section(results_dir)
-            + deepspeed_offload_section(results_dir) + fp8_speed_section(results_dir)
-            + fp8_quality_section(results_dir))
+            + stream_probe_section(results_dir) + fp8_train_section(results_dir)
+            + accelerate_offload_section(results_dir) + deepspeed_offload_section(results_dir)
+            + fp8_speed_section(results_dir) + fp8_quality_section(results_dir))
 
 
 def _results(results_dir: Path, pattern: str) -> list[tuple[str, dict]]:
@@ -181,6 +182,41 @@ def stream_train_section(results_dir: Path) -> str:
               "`training.offload_weights: true`, offloaded checkpoints and `training.deterministic: true`; A and A2 "
               "run uninterrupted, B is killed with SIGKILL after step 6 and resumed from its step-4 checkpoint.\n\n")
     return _section(found, header, part)
+
+
+def fp8_train_section(results_dir: Path) -> str:
+    """bench/train_gpu_e2e.py's 14B cases: ``onecard train`` itself (load, FP8 quantisation, steps, held-out evals,
+    adapter save) of Qwen 2.5 14B under ``--memory-cap-gib 24``, eager and replayed from a CUDA graph."""
+    def part(name: str, r: dict) -> str:
+        line = _run_line(name, r, ("torch", "transformers", "peft"))
+        head = line.replace(":\n\n", f", {r['gpu']} ({r['code']}):\n\n")
+        rows = []
+        for run in r["runs"]:
+            pvm = run.get("plan_vs_measured") or {}
+            evals = ", ".join(f"{e['eval_loss']:.3f}" for e in run.get("evals", []))
+            steps = str(len(run["losses"])) if "losses" in run else "-"
+            rows.append([run["name"], str(run["rc"]), steps, evals or "-",
+                         fmt(run.get("first_step_s"), ".2f"), fmt(run.get("steady_tokens_per_s_measured")),
+                         fmt(pvm.get("predicted_tokens_per_s")), fmt(pvm.get("measured_peak_reserved_gib"), ".2f"),
+                         fmt(pvm.get("predicted_peak_reserved_gib"), ".2f")])
+        errors = [f"{run['name']}: `{_error_line(run['tail'])}`" for run in r["runs"] if run["rc"]]
+        return head + table(["run", "exit", "steps", "held-out loss (evals)", "first step s", "tokens/s (steady)",
+                             "planned tokens/s", "peak reserved GiB", "planned GiB"], rows) + "\n" + (
+            "\nFailed: " + "; ".join(errors) + "\n" if errors else "")
+
+    header = ("\n## `onecard train` of Qwen 2.5 14B with an FP8 base under a 24 GiB cap - measured\n\n"
+              "A random Qwen 2.5 14B saved as a safetensors checkpoint, trained through the CLI (task pretrain, "
+              "2,048-token rows, micro-batch 2, two micro-batches a step, checkpoints on the card, 12 steps, the "
+              "held-out loss every 6 steps) with `--memory-cap-gib 24`, eager and with `training.cuda_graph`. The "
+              "steady tokens/s counts the steps after the first, evals included; the first step pays the warm-up "
+              "passes and (graphed) the capture, with Triton's cache already warm from the eager run.\n\n")
+    return _section(_results(Path(results_dir) / "e2e", "train_e2e_14b_*.json"), header, part)
+
+
+def _error_line(tail: str) -> str:
+    """The exception line of a run's output tail, cut at 160 characters."""
+    lines = [line for line in tail.splitlines() if "Error" in line or "error" in line]
+    return (lines[-1] if lines else tail.strip().splitlines()[-1])[:160]
 
 
 FP8_SPEED_TARGETS = {"llama-3-8b": 1.4, "mistral-7b": 1.35, "qwen2.5-7b": 1.35, "qwen2.5-14b": 1.3}  # the issue's
