@@ -137,8 +137,8 @@ class BenchConfig:
             "training": {"micro_batch_size": self.micro_batch, "grad_accum": 1, "grad_ckpt": self.grad_ckpt,
                          "uncheckpointed_layers": self.uncheckpointed_layers,
                          "offload_activations": self.offload_activations,
-                         "offload_weights": self.offload_weights, "kernels": self.kernels, "fused_ce": fused, "optimizer": "adamw_torch_fused",
-                         "cuda_graph": self.cuda_graph},
+                         "offload_weights": self.offload_weights, "kernels": self.kernels, "fused_ce": fused,
+                         "optimizer": "adamw_torch_fused", "cuda_graph": self.cuda_graph},
             "plan": {"gpu": self.gpu},
         }
 
