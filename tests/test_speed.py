@@ -197,3 +197,32 @@ def test_fp8_rows_are_planned_within_4_percent():
     assert fitted == {"llama-3-8b", "mistral-7b", "qwen2.5-7b"} and len(held_out) >= 6
     for r in rows:
         assert abs(r["planned_speed_error_pct"]) < 4, (r["model"], r["recipe"], r["planned_speed_error_pct"])
+
+
+def test_a_graphed_step_computes_padded_rows():
+    """Unpacked rows shorter than data.seq_len: eager runs each micro-batch at its rows' length, a recorded step at
+    data.seq_len, so its real tokens/s is the padded rows' rate times the real share."""
+    inp = _inp(gpu="h200", micro_batch=2, seq_len=2048, cuda_graph=True)
+    padded = estimate_throughput(inp)
+    short = estimate_throughput(inp, seq_len=1024)
+    assert short.estimate_tokens_per_s == pytest.approx(padded.estimate_tokens_per_s / 2)
+    assert any("pads every row" in n for n in short.notes)
+
+
+def test_plan_says_when_a_graph_would_take_the_host_off_the_step():
+    """A host-bound plan a graph can hold gets the graphed speed as a note; packing (which a graph refuses), a
+    compute-bound card, or a recipe that already graphs gets none."""
+    from onecard.plan.timecost import time_and_cost
+    from onecard.recipe import load_recipe
+
+    sets = ["model.name_or_path=llama-3-8b", "data.seq_len=512", "training.micro_batch_size=1", "plan.gpu=h200",
+            "training.kernels=onecard"]
+
+    def hint(*more):
+        notes = time_and_cost(load_recipe(None, sets + list(more)))["speed"]["notes"]
+        return [n for n in notes if n.startswith("training.cuda_graph: true would")]
+
+    [line] = hint()
+    assert "tokens/s planned" in line and "x;" in line
+    assert hint("data.packing=true") == [] and hint("training.cuda_graph=true") == []
+    assert hint("plan.gpu=rtx4090", "data.seq_len=4096", "training.micro_batch_size=8") == []  # compute-bound

@@ -28,7 +28,7 @@ looked up in this order, and the label says which:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from onecard.calibration import Measurement, Profile, load_profile
 from onecard.catalog.gpus import GPU
@@ -236,6 +236,11 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     gpu, shape, method = inp.gpu, inp.shape, inp.method
     ckpt = inp.grad_ckpt if grad_ckpt is None else grad_ckpt
     seq = seq_len or inp.seq_len
+    if inp.cuda_graph and seq < inp.seq_len:  # a recorded step's rows are padded to data.seq_len (graphed_sft.py)
+        full = estimate_throughput(inp, memory_plan=memory_plan, profile=profile, grad_ckpt=grad_ckpt)
+        return replace(full, estimate_tokens_per_s=full.estimate_tokens_per_s * seq / inp.seq_len,
+                       notes=[*full.notes, f"training.cuda_graph pads every row to data.seq_len: {seq:,} real tokens "
+                              f"of {inp.seq_len:,} a row"])
     fl_span = varlen_span(inp.packed_example_tokens, inp.kernels)
     fl = flops_for_inputs(inp, seq_len=seq, grad_ckpt=ckpt)
     layers = shape.num_hidden_layers
