@@ -89,8 +89,7 @@ def test_loss_matches_hf_loss_on_the_training_masking(trained):
     batch = collate(examples, loaded.tokenizer.pad_token_id)
     with torch.no_grad():  # HF's loss: token-weighted mean over the whole batch
         hf = loaded.model(**model_inputs(batch), labels=batch["labels"]).loss
-    # the chunked head + CE (lse - z_y per row) rounds apart from F.cross_entropy's log_softmax in fp32
-    assert ours["loss"] == pytest.approx(float(hf), rel=1e-4)
+    assert ours["loss"] == pytest.approx(float(hf), rel=1e-5)
     assert ours["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
 
 
@@ -145,53 +144,57 @@ def test_cli_model_and_adapter_dirs_match_run_dir(trained, tmp_path, capsys):
     assert a["tuned"]["loss"] == pytest.approx(b["tuned"]["loss"], rel=1e-6)
 
 
-def test_heldout_loss_never_builds_the_full_logits():
-    """A decoder + linear head is scored through the chunked head + CE: the head module itself is never called
-    (that call is the (tokens x vocab) logits), and the loss equals the full-logits one. A head the fused op does
-    not model (logit scaling) takes the full logits."""
+def _loss_setup(vocab: int, device: str, dtype):
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from onecard.eval.loss import heldout_loss
     from onecard.tiny import tiny_config
 
     torch.manual_seed(0)
-    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300)),
-                           LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
-    gen = torch.Generator().manual_seed(1)
-    examples = [{"input_ids": (ids := torch.randint(0, 300, (n,), generator=gen).tolist()),
-                 "labels": [-100] * 3 + ids[3:]} for n in (9, 14, 6)]
-    head = model.get_base_model().lm_head
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=vocab)).to(device, dtype)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    gen = torch.Generator().manual_seed(2)
+    examples = [{"input_ids": (ids := torch.randint(0, vocab, (n,), generator=gen).tolist()),
+                 "labels": [-100] * 5 + ids[5:]} for n in (200, 333, 64, 500)]
     calls = []
-    hook = head.register_forward_hook(lambda *a: calls.append(1))
-    fused = heldout_loss(model, examples, pad_id=0, batch_size=2)
-    assert calls == [] and fused["tokens"] == sum(len(e["input_ids"]) - 3 for e in examples)
-    model.get_base_model().config.logit_scale = 0.5  # a scaled head: the full logits, through the module
-    full = heldout_loss(model, examples, pad_id=0, batch_size=2)
-    assert len(calls) == 2
-    hook.remove()
-    assert fused["loss"] == pytest.approx(full["loss"], rel=1e-5)  # llama's forward ignores logit_scale
+    model.get_base_model().lm_head.register_forward_hook(lambda *a: calls.append(1))
+    return model, examples, calls
+
+
+def test_heldout_loss_on_the_cpu_takes_the_full_logits():
+    """On the CPU the head runs and F.cross_entropy scores the full logits (faster there than the chunked
+    reference); the token count skips the ignored labels."""
+    import torch
+
+    from onecard.data import collate, model_inputs
+    from onecard.eval.loss import heldout_loss
+
+    model, examples, calls = _loss_setup(300, "cpu", torch.float32)
+    got = heldout_loss(model, examples, pad_id=0, batch_size=3)
+    assert calls == [1, 1] and got["tokens"] == sum(len(e["input_ids"]) - 5 for e in examples)
+    with torch.no_grad():  # transformers' own token-mean loss over the whole batch
+        batch = collate(examples, 0)
+        want = model(**model_inputs(batch), labels=batch["labels"]).loss
+    assert got["loss"] == pytest.approx(float(want), rel=1e-5)
 
 
 @pytest.mark.gpu
-def test_heldout_loss_on_cuda_matches_the_full_logits():
-    """On CUDA the chunked head + CE runs its Triton row kernel under inference mode: the loss of a bf16 model
-    within bf16 rounding of the full fp32 logits' (a wrong row or a missed ignore index moves it by far more)."""
+def test_heldout_loss_on_cuda_never_builds_the_full_logits():
+    """On CUDA a decoder + linear head is scored through the chunked head + CE (its Triton row kernel under
+    inference mode): the head module never runs (that call is the (tokens x vocab) logits), and the loss of a bf16
+    model is within bf16 rounding of the full logits' (a wrong row or a missed ignore index moves it far more).
+    A head the fused op does not model (logit scaling) takes the full logits."""
     import torch
-    import transformers
 
     from onecard.eval.loss import heldout_loss
-    from onecard.tiny import tiny_config
 
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=5000))
-    model = model.to("cuda", torch.bfloat16)
-    gen = torch.Generator().manual_seed(2)
-    examples = [{"input_ids": (ids := torch.randint(0, 5000, (n,), generator=gen).tolist()),
-                 "labels": [-100] * 5 + ids[5:]} for n in (200, 333, 64, 500)]
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model, examples, calls = _loss_setup(5000, "cuda", torch.bfloat16)
     fused = heldout_loss(model, examples, pad_id=0, batch_size=3)
-    model.config.logit_scale = 0.5  # onecard's loss then takes the full logits (llama's forward ignores the field)
+    assert calls == [] and fused["tokens"] == sum(len(e["input_ids"]) - 5 for e in examples)
+    model.get_base_model().config.logit_scale = 0.5  # the full logits (llama's forward ignores the field)
     full = heldout_loss(model, examples, pad_id=0, batch_size=3)
-    assert fused["tokens"] == full["tokens"] == sum(len(e["input_ids"]) - 5 for e in examples)
+    assert calls == [1, 1] and full["tokens"] == fused["tokens"]
     assert fused["loss"] == pytest.approx(full["loss"], rel=2e-3)

@@ -75,10 +75,11 @@ def reference_pairs(recipe, max_examples: int | None) -> list[tuple[list[dict], 
 
 def evaluate(model, tokenizer, recipe, data_path: str | None = None, *, baseline: bool = False,
              max_new_tokens: int | None = None, max_examples: int | None = None, batch_size: int = 8,
-             seed: int = 0, progress=None) -> dict[str, Any]:
+             loss_batch_size: int | None = None, seed: int = 0, progress=None) -> dict[str, Any]:
     """Metrics of ``model`` (``"tuned"``) and, with ``baseline``, of the same object with its adapter disabled.
 
-    ``progress``: a rich ``Progress`` (or anything with ``add_task``/``advance``), or None.
+    ``batch_size``: prompts per generation call; ``loss_batch_size``: rows per held-out loss forward (default
+    ``batch_size``). ``progress``: a rich ``Progress`` (or anything with ``add_task``/``advance``), or None.
     Returns ``{"data", "examples", "decoding", "tuned", "baseline"?, "delta"?, "samples"}``; metrics are
     loss, perplexity, tokens, exact_match, token_f1, rouge_l (the last three in [0, 1], absent without references).
     """
@@ -97,7 +98,7 @@ def evaluate(model, tokenizer, recipe, data_path: str | None = None, *, baseline
 
     def one_pass(label: str) -> tuple[dict, list[str]]:
         on_step = _progress_task(progress, f"{label}: loss", len(examples))
-        metrics = heldout_loss(model, examples, pad_token_id(tokenizer), batch_size, on_step)
+        metrics = heldout_loss(model, examples, pad_token_id(tokenizer), loss_batch_size or batch_size, on_step)
         answers: list[str] = []
         if pairs:
             on_gen = _progress_task(progress, f"{label}: generate", len(pairs))

@@ -94,16 +94,16 @@ def has_eval_data(recipe: Recipe) -> bool:
 
 
 def eval_if_due(model, tokenizer, recipe: Recipe, step: int, logger) -> None:
-    """Held-out loss (and generation metrics where references exist) every ``eval.every_steps``, into metrics.jsonl,
-    in batches of the training micro-batch: never more rows at once than the run already fit beside its model (a
-    CUDA graph's pool stays reserved through the eval)."""
+    """Held-out loss (and generation metrics where references exist) every ``eval.every_steps``, into metrics.jsonl;
+    the loss in batches of the training micro-batch: never more rows at once than the run already fit beside its
+    model (a CUDA graph's pool stays reserved through the eval)."""
     every = recipe.eval.every_steps
     if not every or step % every or not has_eval_data(recipe):
         return
     from onecard.eval import evaluate
 
     tuned = evaluate(model, tokenizer, recipe, recipe.eval.path,
-                     batch_size=recipe.training.micro_batch_size)["tuned"]
+                     loss_batch_size=recipe.training.micro_batch_size)["tuned"]
     logger.log({"step": step, **{f"eval_{k}": v for k, v in tuned.items() if isinstance(v, (int, float))}})
 
 
@@ -113,7 +113,7 @@ def evaluate_and_save(model, tokenizer, recipe: Recipe, summary: dict) -> dict:
     from onecard.train.rundir import write_json_atomic
 
     result = evaluate(model, tokenizer, recipe, recipe.eval.path, baseline=recipe.is_adapter,
-                      batch_size=recipe.training.micro_batch_size)  # as eval_if_due
+                      loss_batch_size=recipe.training.micro_batch_size)  # as eval_if_due
     write_json_atomic(recipe.run_dir / "eval.json", result)
     summary["eval"] = {k: result[k] for k in ("tuned", "baseline", "delta") if k in result}
     write_json_atomic(recipe.run_dir / "summary.json", summary)
