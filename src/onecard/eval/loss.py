@@ -20,6 +20,7 @@ def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8,
     if not examples:
         return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}
     device = next(model.parameters()).device
+    lm = _chunked_head_model(model)
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
@@ -28,7 +29,7 @@ def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8,
             chunk = examples[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
             with torch.inference_mode():
-                nll, count = _nll_sum(model, model_inputs(batch), batch["labels"][:, 1:])
+                nll, count = _nll_sum(model, lm, model_inputs(batch), batch["labels"][:, 1:])
             total_nll += float(nll)
             total_tokens += int(count)
             if progress is not None:
@@ -39,9 +40,26 @@ def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8,
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens}
 
 
-def _nll_sum(model, inputs: dict, labels):
-    """(sum of next-token NLL over ``labels`` != -100, their count) for one batch, on a GPU without its
-    (tokens x vocab) logits where the model is a decoder + linear head: the hidden states go through the chunked
+def _chunked_head_model(model):
+    """The transformers CausalLM whose decoder + linear head the chunked head + CE scores (see :func:`_nll_sum`), or
+    None for full logits: heads the fused op does not model, and the CPU, where host RAM holds the logits and
+    F.cross_entropy runs ~5x faster than the chunked torch reference (24 rows x 120 tokens, vocabulary 49,152:
+    0.93 s against 4.7 s, this 2-core machine)."""
+    import torch
+
+    from onecard.patch import base_causal_lm
+
+    lm = base_causal_lm(model)
+    head = getattr(lm, "lm_head", None)
+    scaled = any(getattr(lm.config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
+    if type(head) is not torch.nn.Linear or not hasattr(lm, "model") or scaled or not head.weight.is_cuda:
+        return None
+    return lm
+
+
+def _nll_sum(model, lm, inputs: dict, labels):
+    """(sum of next-token NLL over ``labels`` != -100, their count) for one batch; with ``lm`` (a GPU decoder + linear
+    head, :func:`_chunked_head_model`) without its (tokens x vocab) logits: the hidden states go through the chunked
     head + CE of kernels/fused_ce.py, whose peak is one chunk of logits. The trap it avoids: at Qwen 2.5 14B's
     vocabulary a batch of 8 x 2048 tokens holds 4.6 GiB of bf16 logits and 9.3 GiB of fp32 ones, which ran out of
     memory beside an FP8 14B training run under a 24 GiB cap though training itself fit
@@ -49,19 +67,12 @@ def _nll_sum(model, inputs: dict, labels):
     import torch
 
     from onecard.kernels.fused_ce import fused_linear_cross_entropy
-    from onecard.patch import base_causal_lm
 
-    lm = base_causal_lm(model)
-    head = getattr(lm, "lm_head", None)
-    scaled = any(getattr(lm.config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
-    # Full logits for heads the fused op does not model, and on the CPU: host RAM holds them, and F.cross_entropy
-    # runs ~5x faster there than the chunked torch reference (24 rows x 120 tokens, vocabulary 49,152: 0.93 s
-    # against 4.7 s, this 2-core machine).
-    if type(head) is not torch.nn.Linear or not hasattr(lm, "model") or scaled or not head.weight.is_cuda:
+    if lm is None:
         logits = model(**inputs).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                 ignore_index=-100, reduction="sum")
         return nll, (labels != -100).sum()
     hidden = lm.model(**inputs).last_hidden_state[:, :-1]
-    return fused_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
+    return fused_linear_cross_entropy(hidden, lm.lm_head.weight, labels, bias=lm.lm_head.bias,
                                       softcap=getattr(lm.config, "final_logit_softcapping", None))
