@@ -83,17 +83,10 @@ def big_cases() -> list[tuple[str, Path, list[str]]]:
     cases = []
     for name, graph in (("e2e-14b-fp8-eager", False), ("e2e-14b-fp8-graph", True)):
         tree_extra = {"task": "pretrain", "format": "text", "seq_len": 2048, "quant": {"base": "fp8"},
-                      "eval": {"every_steps": 6},
-                      "training": {"micro_batch_size": 2, "grad_accum": 2, "kernels": "onecard",
+                      "eval": {"every_steps": 6}, "eval_path": str(heldout),
+                      "training": {"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "kernels": "onecard",
                                    "offload_weights": False, "cuda_graph": graph}}
-        path = recipe(name, model_dir, docs, **tree_extra)
-        import yaml
-
-        tree = yaml.safe_load(path.read_text())
-        tree["data"]["eval_path"] = str(heldout)
-        tree["training"]["max_steps"] = 12
-        path.write_text(yaml.safe_dump(tree))
-        cases.append((name, path, ["--memory-cap-gib", "24"]))
+        cases.append((name, recipe(name, model_dir, docs, **tree_extra), ["--memory-cap-gib", "24"]))
     return cases
 
 
@@ -103,7 +96,7 @@ def recipe(name: str, model_dir: Path, data: Path, **extra) -> Path:
     tree = {"name": name, "model": {"name_or_path": str(model_dir)}, "method": extra.pop("method", "lora"),
             "task": extra.pop("task", "sft"), "adapter": {"rank": 16},
             "data": {"path": str(data), "format": extra.pop("format", "chat"), "seq_len": extra.pop("seq_len", 512),
-                     "packing": extra.pop("packing", False)},
+                     "packing": extra.pop("packing", False), "eval_path": extra.pop("eval_path", None)},
             "training": {"max_steps": STEPS, "micro_batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3,
                          "grad_ckpt": True, "log_every_steps": 1, "save_every_steps": 0, **extra.pop("training", {})},
             "output_dir": str(ROOT / "runs" / "{name}"), "plan": {"gpu": "h200"}, **extra}
