@@ -106,7 +106,8 @@ def test_out_of_memory_mid_run_names_step_plan_and_fix(tmp_path, tiny_llama_dir,
 def test_out_of_memory_in_the_eval_between_steps_is_the_same_clean_stop(tmp_path, tiny_llama_dir, capsys,
                                                                         monkeypatch):
     """The held-out eval runs in batches of the training micro-batch; if it still runs out of memory, the run
-    stops with the same message as a step's OOM, naming the eval and the checkpoint kept."""
+    stops with the same message as a step's OOM, naming the eval. The step before the eval was applied, so it is
+    checkpointed (step 6, between the saves of steps 4 and 8) and --resume goes on from it."""
     import torch
 
     from onecard.eval import harness
@@ -119,17 +120,23 @@ def test_out_of_memory_in_the_eval_between_steps_is_the_same_clean_stop(tmp_path
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.28 GiB")
         return real(model, examples, pad_id, batch_size, progress)
 
-    recipe = write_recipe(tmp_path, tiny_llama_dir, "evaloom", save_every_steps=2, micro_batch_size=3)
+    recipe = write_recipe(tmp_path, tiny_llama_dir, "evaloom", save_every_steps=4, micro_batch_size=3,
+                          max_steps=8)
     tree = yaml.safe_load(recipe.read_text())
     tree["data"]["eval_path"] = tree["data"]["path"]
-    tree["eval"] = {"every_steps": 2}
+    tree["eval"] = {"every_steps": 3}
     recipe.write_text(yaml.safe_dump(tree))
     monkeypatch.setattr(harness, "heldout_loss", heldout_loss)
     code, _, err = run_cli(["train", recipe], capsys)
     text = one_line(err)
+    run_dir = tmp_path / "runs" / "evaloom"
     assert code == 2 and "Traceback" not in err, err
-    assert "out of memory in the eval after step 4" in text and "Tried to allocate 9.28 GiB" in text
-    assert batch_sizes == [3, 3] and latest(tmp_path / "runs" / "evaloom") == "step-2"
+    assert "out of memory in the eval after step 6" in text and "Tried to allocate 9.28 GiB" in text
+    assert f"The last checkpoint, {run_dir / 'checkpoints' / 'step-6'}, is kept" in text
+    assert batch_sizes == [3, 3] and latest(run_dir) == "step-6"
+    code, _, err = run_cli(["train", recipe, "--resume"], capsys)
+    assert code == 0, err
+    assert summary(run_dir)["resumed_from_step"] == 6 and latest(run_dir) == "step-8"
 
 
 def test_disk_full_during_checkpoint_keeps_previous_and_resumes(tmp_path, tiny_llama_dir, capsys, monkeypatch,

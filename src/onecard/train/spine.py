@@ -272,8 +272,7 @@ def run_steps(step: Step, schedule: Schedule, state, console):
             except Exception as exc:  # the eval between steps ran out of memory: the same clean stop
                 if not is_out_of_memory(exc):
                     raise
-                raise out_of_memory(exc, recipe, state.global_step - 1, step.device,
-                                    where="in the eval after") from None
+                raise stop_after_eval_oom(exc, step, state, schedule, logger, console) from None
             if steady is None:  # the first step pays compilation and warm-up: the steady rate starts after it
                 steady = (time.perf_counter(), rate.tokens)
             checkpoint_if_due(step, state, schedule, logger, clock, stop, console)
@@ -334,20 +333,42 @@ def account_step(state, record: dict, schedule: Schedule, recipe: Recipe, rate: 
 def checkpoint_if_due(step: Step, state, schedule: Schedule, logger, clock=None, stop=None, console=None) -> None:
     """Save when ``clock`` (save_policy.SaveClock; None: the step interval only) says so or a signal asked
     (``stop``: signals.StopSignals), then stop with RunInterrupted if one did."""
-    from onecard.train.save_policy import save_or_stop
 
     every = step.recipe.training.save_every_steps
     stopping = stop is not None and stop.requested
     due = clock.due(state.global_step) if clock is not None else bool(every) and state.global_step % every == 0
     if not (due or stopping):
         return
-    state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
-    if logger is not None:
-        state.metrics = list(logger.records)
-    path = save_or_stop(step.recipe.run_dir, lambda: step.save(state), state.global_step, console)
+    path = save_now(step, state, schedule, logger, console)
     if clock is not None:
         clock.saved()
     if stop is not None and stop.requested:  # also a signal that arrived during this very save
         raise stop.interrupted(state.global_step, path)
     if int(os.environ.get(CRASH_ENV, "0") or 0) == state.global_step:
         os._exit(17)  # simulate a killed process (tests only): no cleanup, no flush; every rank alike
+
+
+def save_now(step: Step, state, schedule: Schedule, logger, console=None) -> Path:
+    """Checkpoint the state after ``state.global_step`` steps, with its place in the epoch and the metrics so far."""
+    from onecard.train.save_policy import save_or_stop
+
+    state.epoch, state.step_in_epoch = divmod(state.global_step, schedule.steps_per_epoch)
+    if logger is not None:
+        state.metrics = list(logger.records)
+    return save_or_stop(step.recipe.run_dir, lambda: step.save(state), state.global_step, console)
+
+
+def stop_after_eval_oom(exc: BaseException, step: Step, state, schedule: Schedule, logger, console) -> UserError:
+    """The clean stop for an out-of-memory eval between steps. The step before it was applied and is good, so in
+    one process it is checkpointed first and nothing trained is lost (``--resume`` goes on after it, without
+    that eval). Several processes save together or not at all, so a multi-GPU rank keeps the last checkpoint."""
+    import torch
+
+    from onecard.train.guards import out_of_memory
+
+    exc.__traceback__ = None  # its frames hold the eval's activations: free them before the save needs memory
+    if step.one_process:
+        if step.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        save_now(step, state, schedule, logger, console)
+    return out_of_memory(exc, step.recipe, state.global_step - 1, step.device, where="in the eval after")
