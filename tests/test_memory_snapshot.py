@@ -165,3 +165,17 @@ def test_probe_steps_record_snapshots(monkeypatch):
     assert out["memory_snapshot"]["total"]["inactive_bytes"] == MIB
     assert out["memory_snapshot_s_in_steps"] >= 0
     assert "memory_snapshot" not in _steps(dist, model, optimizer, cfg, 1)
+
+
+def test_a_graphs_private_pool_is_summed_apart_from_the_default_pool():
+    """A graphed step's memory is two pools side by side: the graph's private one (``segment_pool_id`` != (0, 0))
+    and the eager one, both on the default stream."""
+    graph = [dict(seg(0, [(300 * MIB, "active_allocated"), (100 * MIB, "inactive")]), segment_pool_id=[1, 4]),
+             dict(seg(0, [(50 * MIB, "inactive")]), segment_pool_id=(1, 4))]
+    eager = [dict(SNAPSHOT[1], segment_pool_id=(0, 0)), SNAPSHOT[0]]  # an old snapshot's segments carry no pool id
+    out = summarize_snapshot(graph + eager, device=0)
+    assert sorted(out["pools"]) == ["default", "graph:1,4"]
+    assert out["pools"]["graph:1,4"]["reserved_bytes"] == 450 * MIB
+    assert out["pools"]["graph:1,4"]["idle_segments"] == 1 and out["pools"]["default"]["reserved_bytes"] == 102 * MIB
+    assert out["streams"]["0"]["reserved_bytes"] == out["total"]["reserved_bytes"] == 552 * MIB
+    assert gib_view(out)["pool_graph:1,4_allocated_gib"] == round(300 / 1024, 3)

@@ -89,27 +89,38 @@ def _merge(into: dict[str, Any], part: dict[str, Any]) -> None:
             into[key] += value
 
 
+def pool_name(seg: dict[str, Any]) -> str:
+    """"default" for the caching allocator's own pool, "graph:<a>,<b>" for a CUDA graph's private pool (or a
+    ``torch.cuda.MemPool``): its ``segment_pool_id``. The eager pool's cached blocks never serve a graph's
+    allocations nor the other way round, so a graphed step reserves the sum of the two pools' peaks."""
+    pool = tuple(seg.get("segment_pool_id") or (0, 0))
+    return "default" if all(int(x) == 0 for x in pool) else "graph:" + ",".join(str(int(x)) for x in pool)
+
+
 def summarize_snapshot(snapshot: list[dict[str, Any]], device: int | None = None) -> dict[str, Any]:
-    """Per CUDA stream (keyed by the stream handle as a string; "0" is the default stream) and in total: segment
-    count, reserved / allocated / pending-free / inactive bytes, whole idle segments, the largest inactive block and
-    a histogram of inactive block sizes (``BUCKETS_BYTES``). ``device`` keeps one device's segments (a snapshot
-    covers every device the process touched)."""
+    """Per CUDA stream (keyed by the stream handle as a string; "0" is the default stream), per memory pool
+    (:func:`pool_name`) and in total: segment count, reserved / allocated / pending-free / inactive bytes, whole idle
+    segments, the largest inactive block and a histogram of inactive block sizes (``BUCKETS_BYTES``). ``device``
+    keeps one device's segments (a snapshot covers every device the process touched)."""
     streams: dict[str, dict[str, Any]] = {}
+    pools: dict[str, dict[str, Any]] = {}
     for seg in snapshot:
         if device is not None and int(seg.get("device", device)) != device:
             continue
         _add_segment(streams.setdefault(str(seg.get("stream", 0)), _empty()), seg)
+        _add_segment(pools.setdefault(pool_name(seg), _empty()), seg)
     total = _empty()
     for part in streams.values():
         _merge(total, part)
-    return {"streams": dict(sorted(streams.items())), "total": total}
+    return {"streams": dict(sorted(streams.items())), "pools": dict(sorted(pools.items())), "total": total}
 
 
 def gib_view(summary: dict[str, Any]) -> dict[str, float]:
     """The headline numbers in GiB (rounded), for a human reading a JSON row: reserved, allocated, inactive per
-    stream."""
+    stream and per pool."""
     out = {}
-    for stream, acc in summary["streams"].items():
-        for key in ("reserved_bytes", "allocated_bytes", "inactive_bytes", "idle_segment_bytes"):
-            out[f"stream_{stream}_{key[:-len('_bytes')]}_gib"] = round(acc[key] / 2**30, 3)
+    for kind, parts in (("stream", summary["streams"]), ("pool", summary["pools"])):
+        for name, acc in parts.items():
+            for key in ("reserved_bytes", "allocated_bytes", "inactive_bytes", "idle_segment_bytes"):
+                out[f"{kind}_{name}_{key[:-len('_bytes')]}_gib"] = round(acc[key] / 2**30, 3)
     return out
