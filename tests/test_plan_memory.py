@@ -228,3 +228,39 @@ def test_adapter_copies_are_planned_only_where_the_fused_layers_make_them():
     assert inputs_from_recipe(rec).lora_dropout == 0.05
     assert inputs_from_recipe(load_recipe(None, ["model.name_or_path=llama-3-8b", "method=full",
                                                   "adapter.dropout=0.05"])).lora_dropout == 0.0
+
+
+def test_a_graphed_step_holds_every_gradient_and_an_eval_beside_its_pool():
+    """Replayed from a CUDA graph, a step keeps all adapter gradients between replays, and a held-out eval between
+    steps cannot reuse the graph's pool: both add to the eager plan; eager runs fit the eval inside the step."""
+    eager = inputs(micro_batch=8, gpu="h200")
+    graphed = inputs(micro_batch=8, gpu="h200", cuda_graph=True)
+    grads = plan_memory(eager).component("gradients").bytes
+    assert plan_memory(eager).component("gradients_at_peak").bytes == 0  # LoRA: freed activations outweigh them
+    assert plan_memory(graphed).component("gradients_at_peak").bytes == grads > 0
+    with_eval = plan_memory(inputs(micro_batch=8, gpu="h200", cuda_graph=True, heldout_loss=True))
+    eval_bytes = with_eval.component("eval_beside_graph").bytes
+    assert 1.5 * GIB < eval_bytes < 3 * GIB  # one 8 x 2,048-token no-grad forward of an 8B
+    assert with_eval.allocator_bytes == pytest.approx(plan_memory(graphed).allocator_bytes + 1.05 * eval_bytes, rel=1e-3)
+    assert plan_memory(inputs(micro_batch=8, gpu="h200", heldout_loss=True)).allocator_bytes == \
+        plan_memory(eager).allocator_bytes
+
+
+def test_graphed_steps_are_planned_within_2_percent_of_their_pools():
+    """bench/graph_memory_gpu.py's rows (one process each: eager and graphed, then an eval between steps): peak
+    reserved after the steps and after the eval, against today's plan of each row's configuration."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from onecard.bench.config import BenchConfig
+
+    files = sorted((Path(__file__).parents[1] / "bench" / "results").rglob("graph_memory_*.jsonl"))
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "error" not in r]
+    assert {r["mode"] for r in rows} == {"eager", "graph"} and len(rows) >= 4
+    for r in rows:
+        plan = inputs_from_recipe(BenchConfig(**r["config"]).to_recipe(), gpu=r["config"]["gpu"])
+        for measured, eval_between in ((r["steps_max_reserved_gib"], False), (r["eval_max_reserved_gib"], True)):
+            planned = plan_memory(dataclasses.replace(plan, heldout_loss=eval_between)).allocator_bytes / GIB
+            assert abs(planned / measured - 1) < 0.02, (r["case"], r["mode"], eval_between, planned, measured)

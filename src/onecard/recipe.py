@@ -246,6 +246,11 @@ class Recipe(_Strict):
         return self.method in ("lora", "qlora", "dora")
 
     @property
+    def has_eval_data(self) -> bool:
+        """A held-out split exists: its own file (eval.path, data.eval_path) or a fraction of the training data."""
+        return bool(self.eval.path or self.data.eval_path or self.data.eval_fraction > 0)
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
 

@@ -1,7 +1,7 @@
 """The benchmark page's sections that are not ``onecard bench`` rows: data preparation on this 2-core CPU machine
 (bench/data_prep.py), ``onecard train`` with streamed weights killed and resumed on the GPU
 (bench/stream_train_gpu.py), ``onecard train`` of the 14B workload with an FP8 base under a 24 GiB cap
-(bench/train_gpu_e2e.py), the FP8 base's speed targets per run (the F19 suite parts) and its quality protocol
+(bench/train_gpu_e2e.py), a CUDA-graphed step's memory pool by pool (bench/graph_memory_gpu.py), the FP8 base's speed targets per run (the F19 suite parts) and its quality protocol
 (bench/fp8_quality_gpu.py). Each reads its raw
 files in bench/results/ and says what it measured; nothing here is typed in by hand.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from onecard.bench.calibrate import load_records, superseded_reason
@@ -18,7 +19,7 @@ from onecard.bench.report_md import fmt, table
 
 def render_extra(results_dir: Path) -> str:
     return (data_prep_section(results_dir) + stream_train_section(results_dir) + stream_preference_section(results_dir)
-            + stream_probe_section(results_dir) + fp8_train_section(results_dir)
+            + stream_probe_section(results_dir) + fp8_train_section(results_dir) + graph_memory_section(results_dir)
             + accelerate_offload_section(results_dir) + deepspeed_offload_section(results_dir)
             + fp8_speed_section(results_dir) + fp8_quality_section(results_dir))
 
@@ -211,6 +212,43 @@ def fp8_train_section(results_dir: Path) -> str:
               "steady tokens/s counts the steps after the first, evals included; the first step pays the warm-up "
               "passes and (graphed) the capture, with Triton's cache already warm from the eager run.\n\n")
     return _section(_results(Path(results_dir) / "e2e", "train_e2e_14b_*.json"), header, part)
+
+
+def graph_memory_section(results_dir: Path) -> str:
+    """bench/graph_memory_gpu.py: where a graphed step's memory goes (the graph's private pool and the eager pool),
+    against the same step run eagerly, with today's plan for each row's configuration beside it."""
+    from onecard.bench.config import BenchConfig
+    from onecard.plan.inputs import inputs_from_recipe
+    from onecard.plan.memory import GIB, plan_memory
+
+    results = Path(results_dir)
+    out = []
+    for path in sorted(results.glob("graph_memory_*.jsonl")) + sorted(results.glob("h100/graph_memory_*.jsonl")):
+        for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()):
+            if "error" in r:
+                out.append([path.name, r["case"], r["mode"], r["error"]] + [""] * 7)
+                continue
+            inputs = inputs_from_recipe(BenchConfig(**r["config"]).to_recipe(), gpu=r["config"]["gpu"])
+            planned = [plan_memory(replace(inputs, heldout_loss=e)).allocator_bytes / GIB for e in (False, True)]
+            graph_gib = sum(v for k, v in r.items() if k.startswith("steps_graph:") and k.endswith("_reserved_gib"))
+            out.append([path.name, r["case"], r["mode"], r["versions"]["gpu"].removeprefix("NVIDIA "),
+                        f"{r['steps_default_reserved_gib']:.2f}", f"{graph_gib:.2f}",
+                        f"{r['steps_max_reserved_gib']:.2f}", f"{planned[0]:.2f}",
+                        f"{r['eval_default_reserved_gib']:.2f}", f"{r['eval_max_reserved_gib']:.2f}",
+                        f"{planned[1]:.2f}"])
+    if not out:
+        return ""
+    return ("\n## A CUDA-graphed step's memory, pool by pool - measured\n\n"
+            "`PYTHONPATH=src:.whl/site python bench/graph_memory_gpu.py` (torch 2.11, transformers 5.17, one process): "
+            "5 optimizer steps, then the held-out loss of one micro-batch (eval/loss.py, as `onecard train` runs it "
+            "between steps), then one more step; pool sizes from `torch.cuda.memory_snapshot()` "
+            "(bench/memory_snapshot.py). A graph's private pool serves only the graph, so the eager work around it "
+            "(the optimizer's first state, the eval) takes blocks of its own, and the graph keeps every gradient "
+            "between replays. Planned: today's planner for the row's configuration, without and with a held-out "
+            "loss between steps (plan/memory.py). A graph pool beside an eager row is an earlier row's graph, still alive in "
+            "the process.\n\n"
+            + table(["file", "case", "mode", "card", "eager pool GiB", "graph pool GiB", "peak reserved GiB",
+                     "planned GiB", "eager pool after eval", "peak reserved with eval", "planned with eval"], out))
 
 
 def _error_line(tail: str) -> str:

@@ -51,6 +51,7 @@ class PlanInputs:
     offload_weights: str | bool = "auto"  # streamed base weights (plan/streaming.py): auto | True | False
     host_ram_gib: float | None = None  # host RAM planned for; None: plan/streaming.py DEFAULT_HOST_RAM_GIB
     cuda_graph: bool = False          # forward + backward replayed from one CUDA graph (training.cuda_graph)
+    heldout_loss: bool = False        # the run scores a held-out split (eval.every_steps or eval.at_end)
 
     def __post_init__(self) -> None:
         # num_gpus > 1 is FSDP here, and onecard trains FSDP without its kernels (train/distributed_loop.py
@@ -172,6 +173,7 @@ def inputs_from_recipe(recipe, gpu: str | None = None, shape: ModelShape | None 
         packed_example_tokens=packed_example_tokens(recipe), quant_base=recipe.quant.base,
         offload_weights=t.offload_weights,
         host_ram_gib=recipe.plan.host_ram_gib, cuda_graph=t.cuda_graph,
+        heldout_loss=bool(recipe.eval.every_steps or recipe.eval.at_end) and recipe.has_eval_data,
     )
 
 

@@ -189,13 +189,16 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     # minus the saved activations already freed). After backward the optimizer step holds every gradient.
     grads_total = _component_bytes(comps, "gradients")
     head_grad = _head_grad_bytes(p)
+    # A graphed step's gradients keep their addresses from one replay to the next (train/graphed_step.py zeroes them
+    # in place), so every one of them sits beside the backward's peak.
+    grads_in_backward = grads_total if p.cuda_graph else max(head_grad, grads_total - saved_device)
     phases = {"logits + cross-entropy": ce + head_grad,
-              "block backward": block + max(head_grad, grads_total - saved_device),
+              "block backward": block + grads_in_backward,
               "optimizer step": grads_total - saved_device}
     if p.task in ("dpo", "kto"):
-        phases["reference pass"] = _reference_pass_bytes(p, layer_tok, logits_bytes)
+        phases["reference pass"] = _no_grad_forward_bytes(p, layer_tok, logits_bytes)
     peak_phase = max(phases, key=phases.get)
-    grads_at_peak = {"logits + cross-entropy": head_grad, "block backward": max(head_grad, grads_total - saved_device),
+    grads_at_peak = {"logits + cross-entropy": head_grad, "block backward": grads_in_backward,
                      "optimizer step": grads_total}.get(peak_phase, grads_total)
     for c in comps:
         if c.key == "gradients":
@@ -215,6 +218,11 @@ def plan_memory(p: PlanInputs) -> MemoryPlan:
     if "reference pass" in phases:
         comps.append(Component("reference_pass", "reference forward (no grad)", phases["reference pass"],
                                at_peak=peak_phase == "reference pass", kind="estimated"))
+    if p.cuda_graph and p.heldout_loss:
+        comps.append(Component("eval_beside_graph", "held-out eval's forward (no grad), beside the graph's pool",
+                               _no_grad_forward_bytes(p, layer_tok, logits_bytes), kind="estimated",
+                               note="the eval runs eagerly between replays; the caching allocator never lends a "
+                               "graph's private pool to eager work, so its blocks add to the step's"))
     comps.append(Component("workspace", "cuBLAS workspace + temporaries", _workspace(p), kind="estimated"))
     allocated = sum(c.bytes for c in comps if c.at_peak and c.where == "device" and c.in_allocator)
     slack = max(int(allocated * ALLOCATOR_SLACK_FRACTION), _freed_logits_blocks_bytes(p, logits_bytes))
@@ -263,11 +271,15 @@ def _freed_logits_blocks_bytes(p: PlanInputs, logits_bytes: int) -> int:
     return copies * block
 
 
-def _reference_pass_bytes(p: PlanInputs, layer_tok: int, logits_bytes: int) -> int:
-    """DPO/KTO reference log-probs under no_grad: nothing is saved, so the pass holds one block's activations
-    (freed as it goes) and the logits plus their fp32 log-softmax for the gathered log-probs (or one chunk, fused).
-    KTO also runs its KL pass (mismatched completions) under no_grad; it is no larger. A LoRA reference is the base
-    with adapters disabled -- no second copy of the weights."""
+def _no_grad_forward_bytes(p: PlanInputs, layer_tok: int, logits_bytes: int) -> int:
+    """A forward of one micro-batch under no_grad: nothing is saved, so the pass holds one block's activations
+    (freed as it goes) and the logits plus their fp32 log-softmax (or one chunk, fused).
+
+    DPO/KTO's reference log-probs are such a pass (KTO's KL pass over mismatched completions is no larger; a LoRA
+    reference is the base with adapters disabled, no second copy of the weights), and so is the held-out loss
+    between graphed steps, which runs in batches of the training micro-batch. Measured there (H100, torch 2.11,
+    bench/results/h100/graph_memory_2026-12-07.jsonl): the eager pool grew by 0.63 GiB for Qwen 2.5 14B FP8 at
+    2 x 2,048 tokens (this: 0.72) and by 2.16 GiB for Llama 3 8B at 8 x 2,048 (this: 2.18)."""
     tokens = p.tokens_per_micro_batch
     v = p.shape.vocab_size
     if p.fused_ce:

@@ -21,7 +21,7 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
     from onecard.train.model import load_model_and_tokenizer, resolve_device
     from onecard.train.preflight import say_before_training
     from onecard.train.rundir import check_run_dir
-    from onecard.train.summary import evaluate_and_save, finish, has_eval_data, reset_peak_after_setup
+    from onecard.train.summary import evaluate_and_save, finish, reset_peak_after_setup
 
     run_dir = recipe.run_dir
     check_run_dir(run_dir, resume, overwrite)
@@ -54,7 +54,7 @@ def train_sft_model(recipe: Recipe, resume: bool = False, console=None, overwrit
     summary = finish(run_dir, recipe, model, tokenizer, state, timing, dataset, device, started,
                      extra={"kernels": kernels.name, **ran, **setup, "data_summary": dataset.summary,
                             **streaming.summary()})
-    if recipe.eval.at_end and has_eval_data(recipe):
+    if recipe.eval.at_end and recipe.has_eval_data:
         summary["eval"] = evaluate_and_save(model, tokenizer, recipe, summary)
     model.eval()
     return model, tokenizer, summary

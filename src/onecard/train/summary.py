@@ -89,16 +89,12 @@ def planned_memory(recipe: Recipe) -> dict[str, Any] | None:
             "components": {c.label: int(c.bytes) for c in plan.components if c.at_peak}}
 
 
-def has_eval_data(recipe: Recipe) -> bool:
-    return bool(recipe.eval.path or recipe.data.eval_path or recipe.data.eval_fraction > 0)
-
-
 def eval_if_due(model, tokenizer, recipe: Recipe, step: int, logger) -> None:
     """Held-out loss (and generation metrics where references exist) every ``eval.every_steps``, into metrics.jsonl;
     the loss in batches of the training micro-batch: never more rows at once than the run already fit beside its
     model (a CUDA graph's pool stays reserved through the eval)."""
     every = recipe.eval.every_steps
-    if not every or step % every or not has_eval_data(recipe):
+    if not every or step % every or not recipe.has_eval_data:
         return
     from onecard.eval import evaluate
 
