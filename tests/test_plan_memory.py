@@ -264,3 +264,22 @@ def test_graphed_steps_are_planned_within_2_percent_of_their_pools():
         for measured, eval_between in ((r["steps_max_reserved_gib"], False), (r["eval_max_reserved_gib"], True)):
             planned = plan_memory(dataclasses.replace(plan, heldout_loss=eval_between)).allocator_bytes / GIB
             assert abs(planned / measured - 1) < 0.02, (r["case"], r["mode"], eval_between, planned, measured)
+
+
+def test_a_graphed_recipe_is_not_told_to_offload_without_losing_the_graph():
+    """A CUDA graph cannot hold host copies: for a graphed plan that fits, offloaded checkpoints are not 'also worth
+    it'; for one that does not fit, every fix that offloads or streams also turns the graph off, and says so."""
+    from onecard.plan.suggest import also_worth_it
+
+    fits = inputs("qwen2.5-14b", gpu="rtx4090", micro_batch=1, quant_base="fp8")
+    offload = {"training.offload_activations": True}
+    assert any(s.set == offload for s in also_worth_it(plan_memory(fits)))  # eager: offloading is worth it
+    assert not [s for s in also_worth_it(plan_memory(fits.with_(cuda_graph=True)))
+                if s.set.get("training.offload_activations")]
+    tight = fits.with_(micro_batch=8, cuda_graph=True)
+    fixes = suggest_fixes(plan_memory(tight))
+    host_fixes = [s for s in fixes if s.set.get("training.offload_activations") or s.set.get("training.offload_weights")]
+    assert host_fixes, [s.change for s in fixes]
+    for s in host_fixes:
+        assert s.set["training.cuda_graph"] is False and "without the CUDA graph" in s.change
+    assert all("training.cuda_graph" not in s.set for s in suggest_fixes(plan_memory(tight.with_(cuda_graph=False))))

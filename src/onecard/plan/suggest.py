@@ -70,12 +70,22 @@ def _candidates(p: PlanInputs) -> list[tuple[str, dict, PlanInputs]]:
         out.append(("optimizer state offloaded to CPU", {"training.optimizer": "adamw_cpu_offload"},
                     p.with_(optimizer="adamw_cpu_offload")))
     if not p.offload_activations:
-        out.append(("offload activation checkpoints to host", {"training.offload_activations": True,
-                                                               "training.grad_ckpt": True},
-                    p.with_(offload_activations=True, grad_ckpt=True)))
+        out.append((_without_graph(p, "offload activation checkpoints to host"),
+                    {"training.offload_activations": True, "training.grad_ckpt": True, **_graph_off(p)},
+                    p.with_(offload_activations=True, grad_ckpt=True, cuda_graph=False)))
     if p.method in ("lora", "dora"):
         out.append(("QLoRA (NF4 base weights)", {"method": "qlora"}, p.with_(method="qlora")))
     return out
+
+
+def _graph_off(p: PlanInputs) -> dict:
+    """The override a change that copies to or from host memory inside the step adds to a graphed recipe: a CUDA
+    graph cannot hold host copies (plan/cuda_graph.py), so the change costs the graph."""
+    return {"training.cuda_graph": False} if p.cuda_graph else {}
+
+
+def _without_graph(p: PlanInputs, change: str) -> str:
+    return change + " (without the CUDA graph, which cannot hold host copies)" if p.cuda_graph else change
 
 
 def _combined(p: PlanInputs, singles: list[tuple[str, dict, PlanInputs]]) -> tuple[str, dict, PlanInputs] | None:
@@ -101,7 +111,7 @@ def _combined(p: PlanInputs, singles: list[tuple[str, dict, PlanInputs]]) -> tup
 def _apply(p: PlanInputs, overrides: dict) -> PlanInputs:
     keys = {"training.grad_ckpt": "grad_ckpt", "training.optimizer": "optimizer", "method": "method",
             "training.offload_activations": "offload_activations",
-            "training.uncheckpointed_layers": "uncheckpointed_layers"}
+            "training.uncheckpointed_layers": "uncheckpointed_layers", "training.cuda_graph": "cuda_graph"}
     changes = {keys[k]: v for k, v in overrides.items() if k in keys}
     if overrides.get("training.kernels") == "onecard":
         changes.update(kernels="onecard", fused_ce=True)
@@ -157,7 +167,8 @@ def streaming_fix(plan: MemoryPlan) -> Suggestion | None:
     change = (f"stream the base weights of {sp.streamed_layers} of {p.shape.num_hidden_layers} layers from "
               f"{sp.host_total_bytes / GIB:.1f} GiB pinned host memory" + (" (more than the host RAM!)" if sp.host_short
                                                                          else ""))
-    return Suggestion(change, {"training.offload_weights": True}, sp.device_bytes, sp.verdict)
+    return Suggestion(_without_graph(p, change), {"training.offload_weights": True, **_graph_off(p)}, sp.device_bytes,
+                      sp.verdict)
 
 
 def also_worth_it(plan: MemoryPlan) -> list[Suggestion]:
@@ -178,7 +189,7 @@ def also_worth_it(plan: MemoryPlan) -> list[Suggestion]:
                                     "training.uncheckpointed_layers": 0}, off.total_bytes, off.verdict)]
     out = []
     offloaded = p.with_(offload_activations=True)
-    if not p.offload_activations and offloaded.split_halves:
+    if not p.offload_activations and offloaded.split_halves and not p.cuda_graph:  # it would cost the graph
         new = plan_memory(offloaded)
         saved_gib = (plan.total_bytes - new.total_bytes) / GIB
         change = (f"offload activation checkpoints to host ({saved_gib:.1f} GiB less on the GPU, "
