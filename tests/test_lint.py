@@ -54,6 +54,16 @@ def test_fp8_base_needs_an_fp8_card():
     assert "fp8-base-gpu" not in ids(recipe("plan.gpu=rtx3090", "training.micro_batch_size=1"))
 
 
+def test_fp8_base_says_what_its_quality_is_known_to_be():
+    """Under 1B parameters (the size the protocol measured, SmolLM2-135M) a warning with the measured gap; above, an
+    info that says nothing larger is measured; none without an FP8 base."""
+    small = ids(recipe("quant.base=fp8", "plan.gpu=rtx4090", model="qwen2.5-0.5b"))["fp8-base-quality"]
+    assert small.severity == "warning" and "4.33%" in small.why and "0.49B" in small.message
+    large = ids(recipe("quant.base=fp8", "plan.gpu=rtx4090"))["fp8-base-quality"]
+    assert large.severity == "info" and "not measured" in large.why and "quant.base: none" in large.fix
+    assert "fp8-base-quality" not in ids(recipe("plan.gpu=rtx4090", model="qwen2.5-0.5b"))
+
+
 def test_lora_dropout_leaves_the_fused_layers():
     found = ids(recipe("adapter.dropout=0.05"))["lora-dropout-unfused"]
     assert found.severity == "warning" and "0.05" in found.message and "adapter.dropout: 0" in found.fix

@@ -7,6 +7,7 @@ from pathlib import Path
 from onecard.catalog.families import FAMILIES, family_for, is_llama3
 from onecard.lint.context import LintContext
 from onecard.lint.cuda_graph import cuda_graph
+from onecard.lint.fp8 import fp8_base_gpu, fp8_base_quality
 from onecard.lint.findings import FLASH_ATTN_MIN, Finding
 from onecard.versions import version_tuple
 
@@ -91,24 +92,6 @@ def uncheckpointed_layers(ctx: LintContext) -> list[Finding]:
                            "training.offload_weights: true", "a layer whose base weights stream must be checkpointed",
                            "set training.uncheckpointed_layers: 0, or training.offload_weights: auto"))
     return out
-
-
-def fp8_base_gpu(ctx: LintContext) -> list[Finding]:
-    """An FP8 base needs e4m3 tensor cores on the card the recipe is planned for (the loader refuses it elsewhere)."""
-    from onecard.catalog.gpus import get_gpu
-    from onecard.errors import UserError
-
-    if ctx.recipe.quant.base != "fp8":
-        return []
-    try:
-        gpu = get_gpu(ctx.recipe.plan.gpu)
-    except UserError:
-        return []
-    if gpu.fp8_dense_tflops is not None:
-        return []
-    return [Finding("fp8-base-gpu", "error", f"quant.base fp8 on {gpu.id}, which has no FP8 tensor cores",
-                    "FP8 GEMMs need compute capability 8.9+ (Ada, Hopper, Blackwell): training would be refused",
-                    "set quant.base: none (bf16 base) or method: qlora, or plan for an FP8 card (plan.gpu)")]
 
 
 def fp16(ctx: LintContext) -> list[Finding]:
@@ -368,6 +351,6 @@ def data_files(ctx: LintContext) -> list[Finding]:
 
 
 RULES = [model_unknown, gpu_unknown, data_files, memory_not_checked, does_not_fit, qlora_optimizer, grad_ckpt_off,
-         offload_without_ckpt, uncheckpointed_layers, fp8_base_gpu, fp16, lora_targets, lora_dropout_unfused,
+         offload_without_ckpt, uncheckpointed_layers, fp8_base_gpu, fp8_base_quality, fp16, lora_targets, lora_dropout_unfused,
          flash_attn, lr_and_rank, qlora_grad_norm, seq_above_context, template_masking, template_mismatch, power_limit,
          cuda_graph]
