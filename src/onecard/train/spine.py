@@ -333,7 +333,6 @@ def account_step(state, record: dict, schedule: Schedule, recipe: Recipe, rate: 
 def checkpoint_if_due(step: Step, state, schedule: Schedule, logger, clock=None, stop=None, console=None) -> None:
     """Save when ``clock`` (save_policy.SaveClock; None: the step interval only) says so or a signal asked
     (``stop``: signals.StopSignals), then stop with RunInterrupted if one did."""
-
     every = step.recipe.training.save_every_steps
     stopping = stop is not None and stop.requested
     due = clock.due(state.global_step) if clock is not None else bool(every) and state.global_step % every == 0
