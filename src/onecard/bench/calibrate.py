@@ -173,12 +173,49 @@ def split(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[s
     return [r for key in groups for r in calib.get(key, [])], held
 
 
-def write_profile(rows: list[dict[str, Any]], profile_path: str | Path) -> dict[str, Any]:
+PAIR_KEYS = ("model", "method", "rank", "seq_len", "micro_batch", "grad_ckpt", "kernels", "offload_activations")
+
+
+def memory_bound_shares(card_rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per kernel class, the share ``m`` of a step that scales with memory bandwidth (the rest with tensor FLOP/s),
+    from configurations measured on a second card (``card_rows``, measurement_rows of another card's records) that
+    the profile holds for its own (``reference_rows``). Each pair gives m from the planner's own extrapolation
+    (plan/speed.py): e_ref / e_card = (1 - m) + m x r, r = (bw_ref / bw_card) x (peak_card / peak_ref), so
+    m = (e_ref / e_card - 1) / (r - 1). A class's share is its pairs' median, clamped to [0, 1]: an H100 against
+    the H200 has the same bf16 peak and 0.70x the bandwidth, so the pair isolates the bandwidth-bound part (the
+    hosts differ too, which host-bound rows would carry into m)."""
+    import statistics
+
+    from onecard.catalog.gpus import get_gpu
+
+    by_config = {tuple(r[k] for k in PAIR_KEYS): r for r in reference_rows}
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    for row in card_rows:
+        ref_row = by_config.get(tuple(row[k] for k in PAIR_KEYS))
+        if ref_row is None or ref_row["gpu"] == row["gpu"]:
+            continue
+        ref, card = get_gpu(ref_row["gpu"]), get_gpu(row["gpu"])
+        r = (ref.bandwidth_gb_s / card.bandwidth_gb_s) * (card.bf16_dense_tflops / ref.bf16_dense_tflops)
+        if abs(r - 1) < 0.1:
+            continue  # cards of one balance: the pair says nothing about bandwidth
+        eff_ratio = (ref_row["tokens_per_s"] / ref.bf16_dense_tflops) / (row["tokens_per_s"] / card.bf16_dense_tflops)
+        pairs.setdefault(row["kernels"], []).append(
+            {"card_row": row["id"], "reference_row": ref_row["id"], "tokens_per_s_ratio": round(
+                row["tokens_per_s"] / ref_row["tokens_per_s"], 4), "share": round((eff_ratio - 1) / (r - 1), 4)})
+    return {kernels: {"value": round(min(1.0, max(0.0, statistics.median(p["share"] for p in found))), 3),
+                      "pairs": found} for kernels, found in sorted(pairs.items())}
+
+
+def write_profile(rows: list[dict[str, Any]], profile_path: str | Path,
+                  shares: dict[str, Any] | None = None) -> dict[str, Any]:
     """Replace our rows (ids ``bench-*``) in the profile: calibration rows into ``measurements``, the rest into
-    ``held_out``; every other key and row of the file is kept as it is."""
+    ``held_out``, and ``shares`` (memory_bound_shares) as the memory-bound share's ``by_kernels``; every other key
+    and row of the file is kept as it is."""
     path = Path(profile_path)
     data = json.loads(path.read_text(encoding="utf-8"))
     calib, held = split(rows)
+    if shares is not None:
+        data["memory_bound_share"]["by_kernels"] = shares
     kept = [m for m in data.get("measurements", []) if not str(m.get("id", "")).startswith("bench-")]
     data["measurements"] = kept + calib
     data["held_out"] = {
@@ -196,7 +233,10 @@ def main() -> None:  # python -m onecard.bench.calibrate [PROFILE]
     from onecard.calibration import PROFILE_PATH
 
     target = sys.argv[1] if len(sys.argv) > 1 else PROFILE_PATH
-    print(write_profile(measurement_rows(load_records()), target))
+    rows = measurement_rows(load_records())
+    # H100 rows live apart (RESULTS_DIR / "h100"): they never calibrate the H200's efficiencies, only the shares
+    shares = memory_bound_shares(measurement_rows(load_records(results_dir=RESULTS_DIR / "h100")), split(rows)[0])
+    print(write_profile(rows, target, shares))
 
 
 if __name__ == "__main__":

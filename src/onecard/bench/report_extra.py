@@ -1,7 +1,7 @@
 """The benchmark page's sections that are not ``onecard bench`` rows: data preparation on this 2-core CPU machine
 (bench/data_prep.py), ``onecard train`` with streamed weights killed and resumed on the GPU
 (bench/stream_train_gpu.py), ``onecard train`` of the 14B workload with an FP8 base under a 24 GiB cap
-(bench/train_gpu_e2e.py), a CUDA-graphed step's memory pool by pool (bench/graph_memory_gpu.py), the FP8 base's speed targets per run (the F19 suite parts) and its quality protocol
+(bench/train_gpu_e2e.py), a CUDA-graphed step's memory pool by pool (bench/graph_memory_gpu.py), the memory-bound shares fitted from H100 and H200 rows, the FP8 base's speed targets per run (the F19 suite parts) and its quality protocol
 (bench/fp8_quality_gpu.py). Each reads its raw
 files in bench/results/ and says what it measured; nothing here is typed in by hand.
 """
@@ -20,6 +20,7 @@ from onecard.bench.report_md import fmt, table
 def render_extra(results_dir: Path) -> str:
     return (data_prep_section(results_dir) + stream_train_section(results_dir) + stream_preference_section(results_dir)
             + stream_probe_section(results_dir) + fp8_train_section(results_dir) + graph_memory_section(results_dir)
+            + memory_bound_section(results_dir)
             + accelerate_offload_section(results_dir) + deepspeed_offload_section(results_dir)
             + fp8_speed_section(results_dir) + fp8_quality_section(results_dir))
 
@@ -249,6 +250,36 @@ def graph_memory_section(results_dir: Path) -> str:
             "the process.\n\n"
             + table(["file", "case", "mode", "card", "eager pool GiB", "graph pool GiB", "peak reserved GiB",
                      "planned GiB", "eager pool after eval", "peak reserved with eval", "planned with eval"], out))
+
+
+def memory_bound_section(results_dir: Path) -> str:
+    """The per-kernel memory-bound shares the planner extrapolates with (bench/calibrate.py memory_bound_shares): each
+    H100 row against the H200 calibration row of its configuration."""
+    from onecard.bench.calibrate import measurement_rows, memory_bound_shares, split
+
+    results = Path(results_dir)
+    card_rows = measurement_rows(load_records(results_dir=results / "h100"))
+    shares = memory_bound_shares(card_rows, split(measurement_rows(load_records(results_dir=results)))[0])
+    by_id = {r["id"]: r for r in card_rows}
+    out = []
+    for kernels, fit in shares.items():
+        for pair in fit["pairs"]:
+            row = by_id[pair["card_row"]]
+            out.append([kernels, pair["card_row"].removeprefix("bench-h100-sxm-"), row["date"], fmt(row["tokens_per_s"]),
+                        pair["reference_row"], f"{pair['tokens_per_s_ratio']:.3f}", f"{pair['share']:+.3f}",
+                        f"{fit['value']:g}"])
+    if not out:
+        return ""
+    return ("\n## Memory-bound share per kernel class, from H100 and H200 rows - measured\n\n"
+            "The planner moves an efficiency measured on one card to another with the share m of the step that "
+            "scales with memory bandwidth (plan/speed.py). An H100 SXM has the H200's bf16 peak and 0.70x its "
+            "bandwidth, so a configuration run on both gives m = (e_H200 / e_H100 - 1) / (4800/3350 - 1); a class's m "
+            "is its pairs' median, clamped to [0, 1] (`python -m onecard.bench.calibrate` writes it into "
+            "calibration/measurements.json). H100 rows: bench/results/h100 (`OUT=$OUT bash bench/gpu_suite.sh 0 "
+            "H100P:400` and the F19 parts; torch 2.11, transformers 5.17); the H200 rows are the calibration's own, "
+            "measured on earlier code and another host. Classes without a pair keep the profile's 0.35.\n\n"
+            + table(["kernels", "H100 row", "date", "H100 tokens/s", "H200 row", "H100 / H200", "m of the pair",
+                     "class m"], out))
 
 
 def _error_line(tail: str) -> str:

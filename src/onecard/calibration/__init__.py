@@ -37,9 +37,13 @@ class Measurement:
 @dataclass(frozen=True)
 class Profile:
     measurements: tuple[Measurement, ...]
-    memory_bound_share: float
+    memory_bound_share: float        # for a kernel class without a fitted share of its own
     memory_bound_why: str
     path: str
+    memory_bound_by_kernels: dict = field(default_factory=dict)  # kernel class -> share fitted from card pairs
+
+    def memory_bound_share_for(self, kernel_class: str) -> float:
+        return self.memory_bound_by_kernels.get(kernel_class, self.memory_bound_share)
 
 
 _FIELDS = ("id", "gpu", "model", "method", "rank", "seq_len", "micro_batch", "grad_ckpt", "kernels", "tokens_per_s",
@@ -57,7 +61,8 @@ def load_profile(path: str | None = None) -> Profile:
         rows = tuple(Measurement(**{k: r[k] for k in _FIELDS if k in r},
                                  extra={k: v for k, v in r.items() if k not in _FIELDS}) for r in raw["measurements"])
         share = raw["memory_bound_share"]
-        return Profile(rows, float(share["value"]), str(share.get("why", "")), str(src))
+        fitted = {k: float(v["value"]) for k, v in share.get("by_kernels", {}).items()}
+        return Profile(rows, float(share["value"]), str(share.get("why", "")), str(src), fitted)
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise UserError(f"cannot read calibration profile: {exc}", where=str(src),
                         fix="restore the shipped file or fix its JSON (schema: see measurements.json)") from None

@@ -21,7 +21,8 @@ looked up in this order, and the label says which:
   measured      the exact configuration was measured on this card: the estimate *is* the measurement;
   calibrated    same card, same method and kernels, another configuration: that row's efficiency;
   extrapolated  a measurement on another card: its efficiency moved to this card with the profile's
-                memory-bound share m: e_card = e_ref / ((1 - m) + m x (bw_ref / bw_card) x (peak_card / peak_ref));
+                memory-bound share m: e_card = e_ref / ((1 - m) + m x (bw_ref / bw_card) x (peak_card / peak_ref)),
+                m per kernel class where one configuration measured on two cards fits it (bench/calibrate.py);
   estimated     no usable row: DEFAULT_EFFICIENCY, or a LoRA row's matmul efficiency for qlora/dora/full
                 (their extra work is then added from bytes, as above).
 """
@@ -216,10 +217,11 @@ def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str
         ref = get_gpu(best.gpu)
         eff = measurement_efficiency(best, ref)
         borrowed = "" if same_method else f" (matmul efficiency of a {best.method} row; {cfg['method']}'s extra work added from bytes)"
+        share = profile.memory_bound_share_for(kclass)
         if best.gpu != gpu.id:
-            eff = extrapolate(eff, ref, gpu, profile.memory_bound_share)
+            eff = extrapolate(eff, ref, gpu, share)
         label = "extrapolated" if same_method else "estimated"
-        how = f"from {best.id} on {best.gpu}, moved to {gpu.id} (memory-bound share {profile.memory_bound_share:g})" \
+        how = f"from {best.id} on {best.gpu}, moved to {gpu.id} (memory-bound share {share:g})" \
             if best.gpu != gpu.id else f"from {best.id}"
         return eff, label, how + borrowed, None
     return DEFAULT_EFFICIENCY, "estimated", f"default efficiency {DEFAULT_EFFICIENCY:g} (no measurement)", None
