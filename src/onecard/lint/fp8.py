@@ -9,8 +9,8 @@ from onecard.lint.findings import Finding
 # SmolLM2-135M, LoRA r16, 200 steps at lr 2e-5, FP8 base against bf16.
 MEASURED_LOSS_GAP_PCT = 4.33     # mean training loss of steps 151-200, FP8 over bf16
 MEASURED_WORST_GRAD_COSINE = 0.804  # step-0 adapter gradients, FP8 against bf16, the worst of 420 tensors
-# The measurement speaks for models of its size; under this many parameters the rule warns, above it it informs
-# (larger models average more products per output, which is expected to help, but nothing above 135M is measured).
+# The measurement speaks for models of its size: under this many parameters the rule warns, above it it informs
+# (nothing larger is measured, so how the gap moves with size is not known here).
 WARN_BELOW_PARAMS = 1_000_000_000
 
 
