@@ -138,7 +138,7 @@ def measurement_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "id": rid, "gpu": rec.get("gpu", "h200"), "model": rec["model"], "method": rec["method"],
                 "rank": rec["rank"], "targets": "all-linear", "seq_len": rec["seq"],
                 "micro_batch": rec["micro_batch"], "grad_ckpt": rec["grad_ckpt"], "kernels": kernels,
-                "offload_activations": offloaded(rec, prefix),
+                "offload_activations": offloaded(rec, prefix), "kbit_upcast": kbit_upcast(rec, prefix),
                 "attn": "sdpa", "loss_path": rec.get(f"{prefix}loss_path"), "samples": [],
                 "peak_reserved_gib": rec.get(f"{prefix}peak_reserved_gib"), "date": rec["date"][:10],
                 "versions": {k: rec["versions"].get(k) for k in ("torch", "transformers", "peft", "bitsandbytes",
@@ -173,7 +173,8 @@ def split(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[s
     return [r for key in groups for r in calib.get(key, [])], held
 
 
-PAIR_KEYS = ("model", "method", "rank", "seq_len", "micro_batch", "grad_ckpt", "kernels", "offload_activations")
+PAIR_KEYS = ("model", "method", "rank", "seq_len", "micro_batch", "grad_ckpt", "kernels", "offload_activations",
+             "kbit_upcast")  # QLoRA with peft's fp32 upcast of the non-NF4 parameters runs another step
 
 
 def memory_bound_shares(card_rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]]) -> dict[str, Any]:

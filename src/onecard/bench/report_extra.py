@@ -276,7 +276,7 @@ def memory_bound_section(results_dir: Path) -> str:
             "bandwidth, so a configuration run on both gives m = (e_H200 / e_H100 - 1) / (4800/3350 - 1); a class's m "
             "is its pairs' median, clamped to [0, 1] (`python -m onecard.bench.calibrate` writes it into "
             "calibration/measurements.json). H100 rows: bench/results/h100 (`OUT=$OUT bash bench/gpu_suite.sh 0 "
-            "H100P:400` and the F19 parts; torch 2.11, transformers 5.17); the H200 rows are the calibration's own, "
+            "H100P:400 H100Q:300` and the F19 parts; torch 2.11, transformers 5.17); the H200 rows are the calibration's own, "
             "measured on earlier code and another host. Classes without a pair keep the profile's 0.35.\n\n"
             + table(["kernels", "H100 row", "date", "H100 tokens/s", "H200 row", "H100 / H200", "m of the pair",
                      "class m"], out))

@@ -196,7 +196,10 @@ def lookup_efficiency(cfg: dict, gpu: GPU, profile: Profile) -> tuple[float, str
     rows = [m for m in profile.measurements if KERNEL_CLASS.get(m.kernels, m.kernels) == kclass]
     if not rows and kclass == "onecard":  # no onecard measurement in this profile: plain efficiency
         rows = [m for m in profile.measurements if KERNEL_CLASS.get(m.kernels, m.kernels) == "none"]
-    same_method = [m for m in rows if m.method == cfg["method"]]
+    # QLoRA with peft's fp32 upcast of the non-NF4 parameters (plain transformers + peft) runs another step than
+    # onecard's bf16 cast (train/model.py prepare_kbit): measured 2x apart on Llama 3 8B
+    same_method = [m for m in rows if m.method == cfg["method"]
+                   and bool(m.extra.get("kbit_upcast", False)) == cfg.get("kbit_upcast", False)]
     for m in same_method:
         if (m.gpu == gpu.id and m.kernels == cfg["kernels"] and m.model == cfg["model"] and m.rank == cfg["rank"]
                 and m.seq_len == cfg["seq_len"] and m.micro_batch == cfg["micro_batch"]
@@ -252,7 +255,7 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
            "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7,
-           "offload_activations": inp.offload_activations and ckpt}
+           "offload_activations": inp.offload_activations and ckpt, "kbit_upcast": method == "qlora" and inp.kbit_upcast}
     eff, label, source, exact = lookup_efficiency(cfg, gpu, profile)
     other_work = _unlike_measured_rows(inp, ckpt, fl_span, seq, exact)
     if exact is not None and other_work:  # a measured row of other work: its efficiency, this configuration's FLOPs
