@@ -103,14 +103,26 @@ def test_out_of_memory_mid_run_names_step_plan_and_fix(tmp_path, tiny_llama_dir,
     assert latest(tmp_path / "runs" / "oom") == "step-2"
 
 
+@pytest.mark.parametrize("save_fits", [True, False], ids=["saved", "card-too-full-to-save"])
 def test_out_of_memory_in_the_eval_between_steps_is_the_same_clean_stop(tmp_path, tiny_llama_dir, capsys,
-                                                                        monkeypatch):
+                                                                        monkeypatch, save_fits):
     """The held-out eval runs in batches of the training micro-batch; if it still runs out of memory, the run
     stops with the same message as a step's OOM, naming the eval. The step before the eval was applied, so it is
-    checkpointed (step 6, between the saves of steps 4 and 8) and --resume goes on from it."""
+    checkpointed (step 6, between the saves of steps 4 and 8) and --resume goes on from it; if that save runs out of
+    memory too, the stop is the same, with step 4's checkpoint."""
     import torch
 
     from onecard.eval import harness
+    from onecard.train import checkpoint
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_checkpoint(run_dir, model, optimizer, state, *args, **kwargs):
+        if not save_fits and state.global_step == 6:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return real_save(run_dir, model, optimizer, state, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
 
     real, batch_sizes = harness.heldout_loss, []
 
@@ -132,11 +144,12 @@ def test_out_of_memory_in_the_eval_between_steps_is_the_same_clean_stop(tmp_path
     run_dir = tmp_path / "runs" / "evaloom"
     assert code == 2 and "Traceback" not in err, err
     assert "out of memory in the eval after step 6" in text and "Tried to allocate 9.28 GiB" in text
-    assert f"The last checkpoint, {run_dir / 'checkpoints' / 'step-6'}, is kept" in text
-    assert batch_sizes == [3, 3] and latest(run_dir) == "step-6"
+    kept = "step-6" if save_fits else "step-4"
+    assert f"The last checkpoint, {run_dir / 'checkpoints' / kept}, is kept" in text
+    assert batch_sizes == [3, 3] and latest(run_dir) == kept
     code, _, err = run_cli(["train", recipe, "--resume"], capsys)
     assert code == 0, err
-    assert summary(run_dir)["resumed_from_step"] == 6 and latest(run_dir) == "step-8"
+    assert summary(run_dir)["resumed_from_step"] == int(kept[5:]) and latest(run_dir) == "step-8"
 
 
 def test_disk_full_during_checkpoint_keeps_previous_and_resumes(tmp_path, tiny_llama_dir, capsys, monkeypatch,

@@ -363,11 +363,15 @@ def stop_after_eval_oom(exc: BaseException, step: Step, state, schedule: Schedul
     that eval). Several processes save together or not at all, so a multi-GPU rank keeps the last checkpoint."""
     import torch
 
-    from onecard.train.guards import out_of_memory
+    from onecard.train.guards import is_out_of_memory, out_of_memory
 
     exc.__traceback__ = None  # its frames hold the eval's activations: free them before the save needs memory
     if step.one_process:
         if step.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        save_now(step, state, schedule, logger, console)
+        try:
+            save_now(step, state, schedule, logger, console)
+        except Exception as save_exc:  # the card is still too full to stage the state: the last checkpoint stands
+            if not is_out_of_memory(save_exc):
+                raise
     return out_of_memory(exc, step.recipe, state.global_step - 1, step.device, where="in the eval after")
