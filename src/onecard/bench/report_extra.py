@@ -1,9 +1,10 @@
 """The benchmark page's sections that are not ``onecard bench`` rows: data preparation on this 2-core CPU machine
 (bench/data_prep.py), ``onecard train`` with streamed weights killed and resumed on the GPU
 (bench/stream_train_gpu.py), ``onecard train`` of the 14B workload with an FP8 base under a 24 GiB cap
-(bench/train_gpu_e2e.py), a CUDA-graphed step's memory pool by pool (bench/graph_memory_gpu.py), the memory-bound shares fitted from H100 and H200 rows, the FP8 base's speed targets per run (the F19 suite parts) and its quality protocol
-(bench/fp8_quality_gpu.py). Each reads its raw
-files in bench/results/ and says what it measured; nothing here is typed in by hand.
+(bench/train_gpu_e2e.py), a CUDA-graphed step's memory pool by pool (bench/graph_memory_gpu.py), the memory-bound
+shares fitted from H100 and H200 rows (bench/calibrate.py), the FP8 base's speed targets per run (the F19 suite parts)
+and its quality protocol (bench/fp8_quality_gpu.py). Each reads its raw files in bench/results/ and says what it
+measured; nothing here is typed in by hand.
 """
 
 from __future__ import annotations
@@ -246,8 +247,8 @@ def graph_memory_section(results_dir: Path) -> str:
             "(bench/memory_snapshot.py). A graph's private pool serves only the graph, so the eager work around it "
             "(the optimizer's first state, the eval) takes blocks of its own, and the graph keeps every gradient "
             "between replays. Planned: today's planner for the row's configuration, without and with a held-out "
-            "loss between steps (plan/memory.py). A graph pool beside an eager row is an earlier row's graph, still alive in "
-            "the process.\n\n"
+            "loss between steps (plan/memory.py). A graph pool beside an eager row is an earlier row's graph, still "
+            "alive in the process.\n\n"
             + table(["file", "case", "mode", "card", "eager pool GiB", "graph pool GiB", "peak reserved GiB",
                      "planned GiB", "eager pool after eval", "peak reserved with eval", "planned with eval"], out))
 
@@ -265,8 +266,8 @@ def memory_bound_section(results_dir: Path) -> str:
     for kernels, fit in shares.items():
         for pair in fit["pairs"]:
             row = by_id[pair["card_row"]]
-            out.append([kernels, pair["card_row"].removeprefix("bench-h100-sxm-"), row["date"], fmt(row["tokens_per_s"]),
-                        pair["reference_row"], f"{pair['tokens_per_s_ratio']:.3f}", f"{pair['share']:+.3f}",
+            out.append([kernels, pair["card_row"].removeprefix("bench-h100-sxm-"), row["date"],
+                        fmt(row["tokens_per_s"]), pair["reference_row"], f"{pair['tokens_per_s_ratio']:.3f}", f"{pair['share']:+.3f}",
                         f"{fit['value']:g}"])
     if not out:
         return ""

@@ -7,8 +7,8 @@ from pathlib import Path
 from onecard.catalog.families import FAMILIES, family_for, is_llama3
 from onecard.lint.context import LintContext
 from onecard.lint.cuda_graph import cuda_graph
-from onecard.lint.fp8 import fp8_base_gpu, fp8_base_quality
 from onecard.lint.findings import FLASH_ATTN_MIN, Finding
+from onecard.lint.fp8 import fp8_base_gpu, fp8_base_quality
 from onecard.versions import version_tuple
 
 
@@ -351,6 +351,6 @@ def data_files(ctx: LintContext) -> list[Finding]:
 
 
 RULES = [model_unknown, gpu_unknown, data_files, memory_not_checked, does_not_fit, qlora_optimizer, grad_ckpt_off,
-         offload_without_ckpt, uncheckpointed_layers, fp8_base_gpu, fp8_base_quality, fp16, lora_targets, lora_dropout_unfused,
-         flash_attn, lr_and_rank, qlora_grad_norm, seq_above_context, template_masking, template_mismatch, power_limit,
-         cuda_graph]
+         offload_without_ckpt, uncheckpointed_layers, fp8_base_gpu, fp8_base_quality, fp16, lora_targets,
+         lora_dropout_unfused, flash_attn, lr_and_rank, qlora_grad_norm, seq_above_context, template_masking,
+         template_mismatch, power_limit, cuda_graph]

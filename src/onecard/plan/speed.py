@@ -255,7 +255,8 @@ def estimate_throughput(inp, *, seq_len: int | None = None, memory_plan=None, pr
     ceiling = min(compute_ceiling, memory_ceiling)
     cfg = {"model": shape.id, "method": method, "rank": inp.rank, "seq_len": seq, "micro_batch": inp.micro_batch,
            "grad_ckpt": ckpt, "kernels": inp.kernels, "all_linear": len(inp.targets) == 7,
-           "offload_activations": inp.offload_activations and ckpt, "kbit_upcast": method == "qlora" and inp.kbit_upcast}
+           "offload_activations": inp.offload_activations and ckpt,
+           "kbit_upcast": method == "qlora" and inp.kbit_upcast}
     eff, label, source, exact = lookup_efficiency(cfg, gpu, profile)
     other_work = _unlike_measured_rows(inp, ckpt, fl_span, seq, exact)
     if exact is not None and other_work:  # a measured row of other work: its efficiency, this configuration's FLOPs
